@@ -1,0 +1,92 @@
+"""Data sets as pytrees of tensors that share a leading example axis.
+
+`(x, y)`, `{"input_ids": ..., "labels": ...}` or any nest of those is a data set; its
+examples are the slices along axis 0. Every reduction over a data set walks it in chunks
+(`chunks`, `chunk_sum`), so memory is bounded by the chunk size, never by n.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import optree
+import torch
+
+from . import tree as tr
+
+DEFAULT_CHUNK_SIZE = 1024
+
+__all__ = ["num_examples", "chunks", "chunk_sum", "take", "from_loader", "DEFAULT_CHUNK_SIZE"]
+
+
+def num_examples(data, *, name: str = "data", where: str = "ti") -> int:
+    """The common leading-axis size n of every tensor leaf of `data`.
+
+    Raises:
+      TypeError: a leaf is not a tensor.
+      ValueError: `data` has no leaves, a 0-d leaf, leaves with different leading sizes, or n = 0.
+    """
+    paths, leaves, _ = optree.tree_flatten_with_path(data, namespace="")
+    if not leaves:
+        raise ValueError(f"{where}: `{name}` has no tensors; expected a pytree of tensors sharing a leading example axis, e.g. (x, y).")
+    sizes = {}
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{where}: `{name}` leaf {path} must be a tensor; got {type(leaf).__name__}.")
+        if leaf.dim() == 0:
+            raise ValueError(f"{where}: `{name}` leaf {path} is 0-d; every leaf needs a leading example axis.")
+        sizes[path] = leaf.shape[0]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{p}: {s}" for p, s in sizes.items())
+        raise ValueError(f"{where}: `{name}` leaves must share one leading (example) axis; got {listed}.")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"{where}: `{name}` is empty (0 examples).")
+    return n
+
+
+def take(data, index) -> object:
+    """The examples at `index` (a slice, an int tensor of ids or a bool mask), as a data set."""
+    return tr.map(lambda leaf: leaf[index], data)
+
+
+def chunks(data, size: int | None = None) -> Iterator:
+    """Consecutive slices of at most `size` examples (default 1024), in order."""
+    size = size or DEFAULT_CHUNK_SIZE
+    if size < 1:
+        raise ValueError(f"ti.data.chunks: `size` must be >= 1; got {size}.")
+    n = num_examples(data)
+    for start in range(0, n, size):
+        yield take(data, slice(start, start + size))
+
+
+def chunk_sum(fn: Callable, data, chunk_size: int | None = None):
+    """Σ over chunks of `fn(chunk)`, a tensor or pytree of tensors.
+
+    The single place where a sum over the training set is reduced; a sharded run
+    reduces the same partial sums across processes.
+    """
+    total = None
+    for chunk in chunks(data, chunk_size):
+        part = fn(chunk)
+        total = part if total is None else tr.add(total, part)
+    return total
+
+
+def from_loader(source) -> object:
+    """Concatenates what a `DataLoader`, a `Dataset` or any iterable of batches yields.
+
+    A `Dataset` (has `__getitem__` and `__len__`) is read through a DataLoader with
+    batch size 256 and no shuffling. Every batch must be a pytree of tensors of one
+    structure; the result is one data set with the leading axes concatenated.
+    """
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, torch.utils.data.DataLoader):
+        source = torch.utils.data.DataLoader(source, batch_size=256, shuffle=False)
+    batches = list(source)
+    if not batches:
+        raise ValueError("ti.from_loader: `source` yielded no batches.")
+    spec = optree.tree_structure(batches[0], namespace="")
+    for i, b in enumerate(batches):
+        if optree.tree_structure(b, namespace="") != spec:
+            raise ValueError(f"ti.from_loader: batch {i} has structure {optree.tree_structure(b, namespace='')}; batch 0 has {spec}.")
+    return optree.tree_map(lambda *leaves: torch.cat([torch.as_tensor(l) for l in leaves]), *batches, namespace="")

@@ -1,0 +1,79 @@
+"""Per-example losses and the training objective R(θ) = mean loss + l2/2·‖θ‖²."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import data as D
+from . import tree as tr
+
+__all__ = ["objective", "Objective", "per_example"]
+
+LossFn = Callable  # (params, batch) -> Tensor[B], one value per example
+
+
+def per_example(loss: LossFn, params, batch, *, where: str = "ti", name: str = "loss") -> torch.Tensor:
+    """`loss(params, batch)`, checked to be a floating tensor of shape [B] (B = examples in `batch`)."""
+    out = loss(params, batch)
+    b = D.num_examples(batch, name="batch", where=where)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b,):
+        got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"{where}: `{name}` must return one value per example, shape [{b}] (the leading axis of the batch); "
+            f'it returned {got}. Use reduction="none" (e.g. F.cross_entropy(logits, y, reduction="none")) '
+            "or return the per-example vector before .mean()."
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Objective:
+    """R(θ) = (1/n) Σ_i loss(θ, z_i) + (l2/2)·‖θ‖², a pure function of the parameters.
+
+    Calling it reduces the data chunk by chunk. `hvp`, `hessian` and the solvers read its
+    fields to apply curvature chunk by chunk too, so memory stays bounded by `chunk_size`.
+    """
+
+    loss: LossFn
+    data: object
+    l2: float
+    chunk_size: int | None
+    n: int
+
+    def data_term(self, params, chunk) -> torch.Tensor:
+        """(1/n) Σ_{i in chunk} loss(θ, z_i): this chunk's share of the mean loss, 0-d."""
+        return per_example(self.loss, params, chunk, where="ti.objective").sum() / self.n
+
+    def regularizer(self, params) -> torch.Tensor:
+        """(l2/2)·‖θ‖², 0-d."""
+        return 0.5 * self.l2 * tr.sq_norm(params)
+
+    def __call__(self, params) -> torch.Tensor:
+        """R(θ), a 0-d tensor."""
+        return D.chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size) + self.regularizer(params)
+
+
+def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = None) -> Objective:
+    """Returns the training objective θ ↦ (1/n) Σ_i loss(θ, z_i) + (l2/2)·‖θ‖².
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example (reduction="none").
+      data: the training set, a pytree of tensors with a common leading axis n.
+      l2: weight decay coefficient λ₂ >= 0 (the ½ is included, so ∇ adds l2·θ).
+      chunk_size: examples per chunk in every reduction (default 1024).
+
+    Returns:
+      An `Objective`: call it on parameters for a 0-d tensor; pass it to `ti.hvp`,
+      `ti.hessian` or `ti.cg` for curvature.
+    """
+    if l2 < 0:
+        raise ValueError(f"ti.objective: `l2` must be >= 0; got {l2}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"ti.objective: `chunk_size` must be >= 1; got {chunk_size}.")
+    if not callable(loss):
+        raise TypeError(f"ti.objective: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
+    n = D.num_examples(data, name="data", where="ti.objective")
+    return Objective(loss=loss, data=data, l2=float(l2), chunk_size=chunk_size, n=n)

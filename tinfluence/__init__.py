@@ -23,3 +23,21 @@ __all__ = [
     "ggn_vp", "hessian", "hvp", "per_example_grad_fn", "per_example_grads", "to_dense",
     "ravel", "unravel", "vdot",
 ]
+
+from .checkpoints import load_checkpoints  # noqa: E402
+from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check  # noqa: E402
+from .methods.similarity import grad_cos, grad_dot  # noqa: E402
+from .methods.tracin import tracin, tracin_self_influence  # noqa: E402
+__all__ += ["load_checkpoints", "ReverseCheck", "empirical_if", "reverse_check", "grad_cos", "grad_dot",
+            "tracin", "tracin_self_influence"]
+
+from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, pearson, sign_agreement,  # noqa: E402
+                       spearman, topk_overlap)
+__all__ += ["LDSResult", "lbfgs_trainer", "lds", "leave_one_out", "pearson", "sign_agreement", "spearman",
+            "topk_overlap"]
+
+from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve  # noqa: E402
+from .methods.influence import influence, self_influence  # noqa: E402
+
+__all__ += ["direct", "cg", "cg_solve", "lissa", "lissa_solve", "SolveInfo", "CGState", "LissaState",
+            "influence", "self_influence"]

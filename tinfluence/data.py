@@ -52,7 +52,7 @@ def take(data, index) -> object:
 
 def chunks(data, size: int | None = None) -> Iterator:
     """Consecutive slices of at most `size` examples (default 1024), in order."""
-    size = size or DEFAULT_CHUNK_SIZE
+    size = DEFAULT_CHUNK_SIZE if size is None else size
     if size < 1:
         raise ValueError(f"ti.data.chunks: `size` must be >= 1; got {size}.")
     n = num_examples(data)

@@ -68,9 +68,10 @@ def _accepting_stacks(apply_one: Callable, params) -> Callable:
 
 
 def _linearize(fn: Callable, primal):
-    """`torch.func.linearize`, without the tracer's harmless internal warning."""
+    """`torch.func.linearize`, without the tracer's harmless internal warnings."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated")
         return linearize(fn, primal)
 
 
@@ -147,12 +148,19 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
 
     def chunk_term(chunk):
         forward = lambda p: predict(p, chunk)  # noqa: E731
-        outputs, pullback = vjp(forward, params)
-        push = _tangent_map(forward, params, cache)
-        output_hvp = _tangent_map(
-            grad(lambda o: per_example(lambda o_, b: output_loss(o_, b), o, chunk, where="ti.ggn_vp", name="output_loss").sum()),
-            outputs.detach(), cache)
-        return lambda v: tr.scale(1.0 / n, pullback(output_hvp(push(v)))[0])
+        output_grad = grad(lambda o: per_example(output_loss, o, chunk, where="ti.ggn_vp", name="output_loss").sum())
+        if cache:
+            outputs, pullback = vjp(forward, params)
+            push = _linearize(forward, params)[1]
+            output_hvp = _linearize(output_grad, outputs.detach())[1]
+            return lambda v: tr.scale(1.0 / n, pullback(output_hvp(push(v)))[0])
+
+        def term(v):
+            outputs, Jv = jvp(forward, (params,), (v,))
+            HJv = jvp(output_grad, (outputs,), (Jv,))[1]
+            return tr.scale(1.0 / n, vjp(forward, params)[1](HJv)[0])
+
+        return term
 
     terms = [chunk_term(chunk) for chunk in D.chunks(data, chunk_size)]
 

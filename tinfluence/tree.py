@@ -102,13 +102,13 @@ def random_like(x: PyTree, *, generator: torch.Generator, kind: str = "normal", 
         raise ValueError(f'ti.tree.random_like: `kind` must be "normal" or "sphere"; got {kind!r}.')
     leaves, spec = optree.tree_flatten(x, namespace="")
     draws = [
-        torch.randn(*batch, *leaf.shape, generator=generator, dtype=leaf.dtype, device=generator.device).to(leaf.device)
+        torch.randn((*batch, *leaf.shape), generator=generator, dtype=leaf.dtype, device=generator.device).to(leaf.device)
         for leaf in leaves
     ]
     tree = optree.tree_unflatten(spec, draws)
     if kind == "sphere":
         norms = torch.sqrt(sum(d.reshape(*batch, -1).pow(2).sum(-1) for d in draws))
-        tree = map(lambda d: d / norms.reshape(*batch, *([1] * (d.dim() - len(batch)))), tree)
+        tree = map(lambda d: d / norms.reshape((*batch, *([1] * (d.dim() - len(batch))))), tree)
     return tree
 
 
@@ -136,7 +136,7 @@ def unravel(flat: torch.Tensor, like: PyTree) -> PyTree:
         raise ValueError(f"ti.tree.unravel: `flat` must have last dimension P={sum(sizes)} (the size of `like`); got shape {tuple(flat.shape)}.")
     batch = flat.shape[:-1]
     parts = torch.split(flat, sizes, dim=-1)
-    return optree.tree_unflatten(spec, [p.reshape(*batch, *leaf.shape) for p, leaf in zip(parts, leaves)])
+    return optree.tree_unflatten(spec, [p.reshape((*batch, *leaf.shape)) for p, leaf in zip(parts, leaves)])
 
 
 def select(params: dict, predicate: Callable[[str, torch.Tensor], bool]) -> dict:

@@ -1,0 +1,210 @@
+"""EmpiricalIF: influence from loss changes under small parameter perturbations (Liu et al. 2022),
+and the reverse check that perturbs along training gradients instead."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch.func import vmap
+
+from .. import data as D
+from .. import tree as tr
+from ..errors import check_params
+from ..objective import per_example
+from .similarity import check_chunk_size, row_sq_norms, stacked_grads
+
+__all__ = ["empirical_if", "reverse_check", "ReverseCheck"]
+
+
+def _example_loss(loss: Callable) -> Callable:
+    """`(params, example) -> 0-d`: the loss of one example (no leading axis)."""
+    return lambda params, example: loss(params, tr.map(lambda leaf: leaf.unsqueeze(0), example))[0]
+
+
+def _unit_rows(G):
+    """Each row of a stack scaled to unit norm; a zero row stays zero."""
+    norms = row_sq_norms(G).sqrt()
+    norms = norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    return tr.map(lambda leaf: leaf / norms.reshape(-1, *([1] * (leaf.dim() - 1))), G)
+
+
+def _plus_minus(params, radius: float, V):
+    """Stack of 2k parameter sets: θ + r·V[i] for i < k, then θ − r·V[i]."""
+    return tr.map(lambda p, v: torch.cat([p + radius * v, p - radius * v]), params, V)
+
+
+def _paired_products(d_a: torch.Tensor, d_b: torch.Tensor) -> torch.Tensor:
+    """½ (d_a⁺·d_b⁺ + d_a⁻·d_b⁻) per direction: `d_a` `[2k]`, `d_b` `[2k, c]` -> `[k, c]`."""
+    k = d_a.shape[0] // 2
+    return 0.5 * (d_a[:k, None] * d_b[:k] + d_a[k:, None] * d_b[k:])
+
+
+def _averaged_products(d_a: torch.Tensor, d_b: torch.Tensor) -> torch.Tensor:
+    """(1/2m) Σ_k Σ_± d_a±_k·d_b±_k: `d_a` `[2m, n_test]`, `d_b` `[2m, c]` -> `[n_test, c]`."""
+    return d_a.T @ d_b / d_a.shape[0]
+
+
+def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, directions: int | None = None,
+                 generator: torch.Generator | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """Returns EmpiricalIF scores from loss changes under perturbations of θ, `[n_test, n_train]`.
+
+    Ascent/descent (default): for each test point, u = g_test/‖g_test‖ and θ± = θ ± r·u.
+    With ΔL± = L_test(θ±) − L_test(θ) and Δℓ±(z) = ℓ(z; θ±) − ℓ(z; θ),
+
+        score(z_test, z) = ½ (ΔL⁺·Δℓ⁺(z) + ΔL⁻·Δℓ⁻(z)).
+
+    Sphere (`directions=m`): the same with m random unit directions v_k shared by all test
+    points, averaged: score = (1/2m) Σ_k Σ_± ΔL±_k·Δℓ±_k(z).
+
+    Sign: positive = helpful: z is a proponent when moving θ changes its loss the same
+    way as the test loss, so fitting z fits the test point (DESIGN.md's sign).
+    Scale: the odd orders in r cancel between + and −, so for small r
+    score = r²·⟨g_test, g_z⟩ + O(r⁴) (ascent/descent) and, averaged over directions,
+    E[score] = (r²/P)·⟨g_test, g_z⟩ + O(r⁴) (sphere, P = number of parameters). It is thus
+    `ti.grad_dot` rescaled, plus the nonlinear response of the losses for larger r; it
+    predicts the change of the test loss when z is removed only up to scale.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      params: `dict[str, Tensor]`, usually the trained θ̂.
+      train: training set, leading axis n_train.
+      test: test set, leading axis n_test.
+      radius: step length r > 0 of every perturbation (‖θ± − θ‖ = r).
+      directions: m >= 1 random directions (sphere variant); None for ascent/descent.
+      generator: required with `directions`; its state is copied, not advanced.
+      chunk_size: training examples per forward pass (default 1024).
+
+    Returns:
+      `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
+
+    Raises:
+      ValueError: radius <= 0, directions < 1, a `generator` missing with (or given
+        without) `directions`; bad parameters, data or loss.
+
+    Notes:
+      Cost: ascent/descent: one per-example gradient pass over test, then one forward pass
+      over the training data per perturbed parameter set (2·n_test of them, vmapped
+      together, chunk by chunk). Sphere: 2m forward passes over train and test, independent
+      of n_test. Memory: 2k parameter sets (k = n_test or m) and 2k × chunk_size activations.
+
+    References:
+      Liu et al., NeurIPS 2022 (EmpiricalIF), and its reverse check (`ti.reverse_check`).
+    """
+    where = "ti.empirical_if"
+    check_params(where, params)
+    D.num_examples(train, name="train", where=where)
+    D.num_examples(test, name="test", where=where)
+    check_chunk_size(where, chunk_size)
+    _check_radius(where, radius)
+    base_test = per_example(loss, params, test, where=where)  # [n_test]
+    if directions is None:
+        if generator is not None:
+            raise ValueError(f"{where}: `generator` is only used with `directions`; pass directions=... or drop generator.")
+        V = _unit_rows(stacked_grads(loss, params, test, chunk_size=chunk_size, where=where))  # [n_test, ...]
+        thetas = _plus_minus(params, radius, V)
+        doubled = tr.map(lambda leaf: torch.cat([leaf, leaf]), test)
+        d_test = vmap(_example_loss(loss))(thetas, doubled) - base_test.repeat(2)  # [2 n_test]
+        combine = _paired_products
+    else:
+        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+            raise ValueError(f"{where}: `directions` must be an int >= 1 (or None for ascent/descent); got {directions!r}.")
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"{where}: `directions` needs an explicit `generator`, "
+                             f"e.g. generator=torch.Generator().manual_seed(0); got {type(generator).__name__}.")
+        local = torch.Generator(device=generator.device)
+        local.set_state(generator.get_state())
+        V = tr.random_like(params, generator=local, kind="sphere", batch=(directions,))  # [m, ...]
+        thetas = _plus_minus(params, radius, V)
+        d_test = vmap(loss, in_dims=(0, None))(thetas, test) - base_test  # [2m, n_test]
+        combine = _averaged_products
+
+    def chunk_scores(chunk):
+        d_train = vmap(loss, in_dims=(0, None))(thetas, chunk) - per_example(loss, params, chunk, where=where)  # [2k, c]
+        return combine(d_test, d_train)
+
+    return torch.cat([chunk_scores(chunk) for chunk in D.chunks(train, chunk_size)], dim=1)
+
+
+def _check_radius(where: str, radius) -> None:
+    if not (isinstance(radius, (int, float)) and not isinstance(radius, bool) and math.isfinite(radius) and radius > 0):
+        raise ValueError(f"{where}: `radius` must be a finite number > 0; got {radius!r}.")
+
+
+class ReverseCheck(NamedTuple):
+    """Result of `ti.reverse_check` for one test point.
+
+    indices: `[2k]` training indices, the k highest scores (descending) then the k lowest (ascending).
+    scores: `[2k]` the given scores at `indices`.
+    reverse_scores: `[2k]` ½ Σ_± ΔL_test±·Δℓ_z± with θ± = θ ± r·g_z/‖g_z‖ (z's own gradient).
+    correlation: 0-d Pearson correlation of `scores` and `reverse_scores`.
+    sign_agreement: 0-d fraction of the 2k points where both have the same sign.
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    reverse_scores: torch.Tensor
+    correlation: torch.Tensor
+    sign_agreement: torch.Tensor
+
+
+def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tensor, *, ratio: float = 0.01,
+                  radius: float = 1e-3) -> ReverseCheck:
+    """Returns a `ReverseCheck`: do the top and bottom scores hold when perturbing along training gradients?
+
+    For the k = max(1, round(ratio·n_train)) training points with the highest and the k with
+    the lowest `scores`, θ is moved along each point's own gradient, θ± = θ ± r·g_z/‖g_z‖,
+    and the reverse score ½ (ΔL_test⁺·Δℓ_z⁺ + ΔL_test⁻·Δℓ_z⁻) is measured (ΔL_test: the
+    test point's loss change; Δℓ_z: z's own). For small r it is r²·⟨g_test, g_z⟩ + O(r⁴),
+    the same limit as ascent/descent `ti.empirical_if`, so for scores from that method the
+    two should agree in sign and correlate strongly; a weak correlation says the scores
+    are not explained by the local loss landscape.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      params: `dict[str, Tensor]`, usually the trained θ̂.
+      train: training set, leading axis n_train.
+      test_point: a data set holding one test example (leading axis 1).
+      scores: `[n_train]` or `[1, n_train]` scores of `test_point`, from any method.
+      ratio: fraction of the training set checked at each end, 0 < ratio <= 0.5.
+      radius: step length r > 0.
+
+    Returns:
+      `ReverseCheck(indices, scores, reverse_scores, correlation, sign_agreement)`.
+
+    Raises:
+      ValueError: `test_point` does not hold exactly one example, `scores` does not have
+        n_train entries, or `ratio`/`radius` are out of range.
+
+    Notes:
+      Cost: one per-example gradient pass over the 2k checked points and 4k forward passes
+      of one example each (vmapped).
+    """
+    where = "ti.reverse_check"
+    check_params(where, params)
+    n = D.num_examples(train, name="train", where=where)
+    if D.num_examples(test_point, name="test_point", where=where) != 1:
+        raise ValueError(f"{where}: `test_point` must hold exactly one example (leading axis 1); "
+                         f"got {D.num_examples(test_point)}. Use ti.take(test, slice(j, j + 1)).")
+    if not isinstance(scores, torch.Tensor) or scores.reshape(-1).shape != (n,) or scores.dim() > 2:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"{where}: `scores` must have shape [n_train] = [{n}] (or [1, {n}]); got {got}.")
+    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 0.5):
+        raise ValueError(f"{where}: `ratio` must be in (0, 0.5]; got {ratio!r}.")
+    _check_radius(where, radius)
+    scores = scores.reshape(-1)
+    k = max(1, round(ratio * n))
+    order = torch.argsort(scores, descending=True)
+    indices = torch.cat([order[:k], order.flip(0)[:k]])  # [2k]
+    picked = D.take(train, indices)
+    V = _unit_rows(stacked_grads(loss, params, picked, where=where))  # [2k, ...]
+    thetas = _plus_minus(params, radius, V)  # [4k, ...]
+    one = _example_loss(loss)
+    d_own = vmap(one)(thetas, tr.map(lambda leaf: torch.cat([leaf, leaf]), picked)) - per_example(loss, params, picked, where=where).repeat(2)
+    d_test = vmap(loss, in_dims=(0, None))(thetas, test_point)[:, 0] - per_example(loss, params, test_point, where=where)
+    reverse = _paired_products(d_test, d_own[:, None])[:, 0]  # [2k]
+    chosen = scores[indices]
+    correlation = torch.corrcoef(torch.stack([chosen, reverse.to(chosen.dtype)]))[0, 1]
+    agreement = (torch.sign(chosen) == torch.sign(reverse)).to(reverse.dtype).mean()
+    return ReverseCheck(indices, chosen, reverse, correlation, agreement)

@@ -1,0 +1,137 @@
+"""Gradient similarity: dot product and cosine between test and training gradients.
+
+Also holds the two chunked reductions the Hessian-free estimators share: the stacked
+gradients of a (small) data set, and a function of each training chunk's gradients
+concatenated over the training set, so training gradients are computed once, one chunk
+at a time, and never held for all n examples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optree
+import torch
+
+from .. import data as D
+from .. import tree as tr
+from ..errors import check_params
+from ..transforms import per_example_grad_fn
+
+__all__ = ["grad_dot", "grad_cos", "stacked_grads", "over_train", "row_sq_norms", "check_chunk_size"]
+
+
+def check_chunk_size(where: str, chunk_size) -> None:
+    """Raises ValueError unless `chunk_size` is None or an int >= 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{where}: `chunk_size` must be None or an int >= 1; got {chunk_size!r}.")
+
+
+def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: Callable = lambda G: G, where: str):
+    """Returns `transform(G)` for the per-example gradients G of `data`, computed chunk by chunk.
+
+    `transform` maps a chunk's gradients (leaves `[c, *shape]`) to a stack with leading
+    axis c (a pytree, or a `[c, d]` projection); the chunks are concatenated.
+    """
+    kernel = per_example_grad_fn(loss, where=where)
+    parts = [transform(kernel(params, chunk)) for chunk in D.chunks(data, chunk_size)]
+    return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves), *parts)
+
+
+def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str) -> torch.Tensor:
+    """Returns `fn(G_chunk)` concatenated along the last axis over the training chunks.
+
+    `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`) to a tensor whose last
+    axis is c (e.g. `[n_test, c]` or `[c]`); the result's last axis is n_train.
+    """
+    kernel = per_example_grad_fn(loss, where=where)
+    return torch.cat([fn(kernel(params, chunk)) for chunk in D.chunks(train, chunk_size)], dim=-1)
+
+
+def row_sq_norms(G) -> torch.Tensor:
+    """‖G[i]‖² for each row of a stack (pytree with leaves `[c, ...]`): `[c]`."""
+    leaves = optree.tree_leaves(G, namespace="")
+    return sum(leaf.reshape(leaf.shape[0], -1).pow(2).sum(1) for leaf in leaves)
+
+
+def _check_inputs(where: str, loss, params, train, test) -> None:
+    if not callable(loss):
+        raise TypeError(f"{where}: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
+    check_params(where, params)
+    D.num_examples(train, name="train", where=where)
+    D.num_examples(test, name="test", where=where)
+
+
+def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = None) -> torch.Tensor:
+    """Returns the gradient dot products ⟨∇ℓ(z_test; θ), ∇ℓ(z; θ)⟩, `[n_test, n_train]`.
+
+    Sign: positive = helpful (a gradient step on z lowers the test loss to first order).
+    Scale: this is the classic influence `(1/n) g_testᵀ H⁻¹ g_z` with the Hessian replaced
+    by the identity and without the 1/n, so it predicts the change of the test loss when z
+    is removed only up to scale (and ignores curvature entirely); compare rankings or
+    correlations, not magnitudes.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      params: `dict[str, Tensor]` at which the gradients are taken.
+      train: training set, leading axis n_train.
+      test: test set, leading axis n_test.
+      chunk_size: training (and test) examples per vectorized backward (default 1024).
+
+    Returns:
+      `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
+
+    Raises:
+      TypeError / ValueError: a non-callable `loss`, bad parameters, data sets without a
+        common leading axis, a loss that is not per-example, or a bad `chunk_size`.
+
+    Notes:
+      Cost: one per-example gradient pass over test and one over train; one matrix product
+      per chunk. Memory: n_test × P for the test gradients plus chunk_size × P.
+    """
+    where = "ti.grad_dot"
+    _check_inputs(where, loss, params, train, test)
+    check_chunk_size(where, chunk_size)
+    G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where)
+    return over_train(lambda G: tr.pairwise_vdot(G_test, G), loss, params, train, chunk_size=chunk_size, where=where)
+
+
+def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = None) -> torch.Tensor:
+    """Returns the cosine similarities of test and training gradients, `[n_test, n_train]`.
+
+    `⟨g_test, g_z⟩ / (‖g_test‖ ‖g_z‖)`, in [-1, 1]; a zero gradient gives 0. Normalizing
+    the training gradient (as RelatIF does with its influence vector) keeps examples with
+    large gradients (outliers, mislabeled points) from dominating every test point's
+    ranking; normalizing the test gradient only rescales each row.
+
+    Sign: positive = helpful. Scale: a cosine, unrelated to the change in test loss when z
+    is removed except for sign; use it for rankings.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      params: `dict[str, Tensor]` at which the gradients are taken.
+      train: training set, leading axis n_train.
+      test: test set, leading axis n_test.
+      chunk_size: examples per vectorized backward (default 1024).
+
+    Returns:
+      `[n_test, n_train]` tensor in [-1, 1], dtype and device of the parameters.
+
+    Raises:
+      TypeError / ValueError: as `ti.grad_dot`.
+
+    Notes:
+      Cost: as `ti.grad_dot` (the norms come from the same gradient chunks).
+    """
+    where = "ti.grad_cos"
+    _check_inputs(where, loss, params, train, test)
+    check_chunk_size(where, chunk_size)
+    G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where)
+    test_sq = row_sq_norms(G_test)  # [n_test]
+    tiny = torch.finfo(test_sq.dtype).tiny
+    test_norms = test_sq.sqrt().clamp_min(tiny)
+
+    def cosines(G):
+        return tr.pairwise_vdot(G_test, G) / test_norms[:, None] / row_sq_norms(G).sqrt().clamp_min(tiny)[None, :]
+
+    return over_train(cosines, loss, params, train, chunk_size=chunk_size, where=where)

@@ -1,0 +1,168 @@
+"""TracIn: gradient dot products summed over checkpoints saved along training (Pruthi et al. 2020)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import optree
+import torch
+
+from .. import data as D
+from .. import tree as tr
+from ..errors import check_params
+from .similarity import check_chunk_size, over_train, row_sq_norms, stacked_grads
+
+__all__ = ["tracin", "tracin_self_influence"]
+
+
+def _check_checkpoints(where: str, checkpoints) -> list:
+    """The checkpoints as a list of (params, float lr), all with the structure and shapes of the first."""
+    if isinstance(checkpoints, dict) or not isinstance(checkpoints, (list, tuple)) or not checkpoints:
+        raise ValueError(
+            f"{where}: `checkpoints` must be a non-empty list of (params, lr) pairs, e.g. [(params_t, 0.1), ...]; "
+            f"got {type(checkpoints).__name__}{' (empty)' if isinstance(checkpoints, (list, tuple)) else ''}.")
+    out = []
+    for t, item in enumerate(checkpoints):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"{where}: `checkpoints[{t}]` must be a (params, lr) pair; got {type(item).__name__}.")
+        params, lr = item
+        check_params(f"{where}: checkpoint {t}", params)
+        lr = float(lr)
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{where}: the learning rate of checkpoint {t} must be finite and > 0; got {lr}.")
+        out.append((params, lr))
+    first = out[0][0]
+    shapes = [tuple(leaf.shape) for leaf in optree.tree_leaves(first, namespace="")]
+    for t, (params, _) in enumerate(out[1:], start=1):
+        if optree.tree_structure(params, namespace="") != optree.tree_structure(first, namespace="") or \
+                [tuple(leaf.shape) for leaf in optree.tree_leaves(params, namespace="")] != shapes:
+            raise ValueError(f"{where}: checkpoint {t} does not have the parameter names and shapes of checkpoint 0; "
+                             "every checkpoint must hold the same parameters.")
+    return out
+
+
+def _projection(params, dim: int, generator: torch.Generator) -> Callable:
+    """Returns `G -> [c, dim]`: a Gaussian random projection, entries N(0, 1/dim), drawn once.
+
+    One `[numel, dim]` block per parameter leaf, in optree order, from a copy of
+    `generator` (not advanced), so E[proj(g)·proj(h)] = ⟨g, h⟩ exactly (unbiased).
+    """
+    local = torch.Generator(device=generator.device)
+    local.set_state(generator.get_state())
+    blocks = [
+        torch.randn(leaf.numel(), dim, generator=local, dtype=leaf.dtype, device=generator.device).to(leaf.device) / math.sqrt(dim)
+        for leaf in optree.tree_leaves(params, namespace="")
+    ]
+
+    def project(G):
+        leaves = optree.tree_leaves(G, namespace="")
+        return sum(leaf.reshape(leaf.shape[0], -1) @ block for leaf, block in zip(leaves, blocks))
+
+    return project
+
+
+def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | None = None,
+           generator: torch.Generator | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """Returns TracIn scores Σ_t lr_t ⟨∇ℓ(z_test; θ_t), ∇ℓ(z; θ_t)⟩, `[n_test, n_train]`.
+
+    The TracInCP form: at each saved checkpoint θ_t the test and training gradients meet
+    in one matrix product, weighted by the learning rate in force after that checkpoint.
+    Training gradients are computed once per checkpoint, chunk by chunk, and reused for
+    every test point.
+
+    Sign: positive = proponent (helpful): a gradient step on z lowers the test loss to first
+    order, so removing z would raise it, as in DESIGN.md; TracIn's own sign is the same.
+    Scale: for full-batch gradient descent on the mean loss with a checkpoint at every step,
+    `tracin / n` is the first-order change of the test loss that z's share of the steps
+    caused; it ignores how removing z changes the later trajectory, so it predicts the
+    leave-one-out change only up to scale (and only roughly); compare rankings.
+
+    With `projection_dim=d`, every gradient is multiplied by one Gaussian matrix with
+    N(0, 1/d) entries (Johnson–Lindenstrauss), the same for test, train and every
+    checkpoint; each product is then an unbiased estimate of the exact one, with error
+    about ‖g_test‖‖g_z‖/√d. Gradients are projected chunk by chunk, so memory is
+    n_test·d + chunk_size·P + P·d instead of n_test·P.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      checkpoints: list of `(params_t, lr_t)`; `params_t` dicts of one structure, lr_t > 0.
+      train: training set, leading axis n_train.
+      test: test set, leading axis n_test.
+      projection_dim: d for the random-projection variant; None for exact products.
+      generator: required with `projection_dim`; its state is copied, not advanced.
+      chunk_size: examples per vectorized backward (default 1024).
+
+    Returns:
+      `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
+
+    Raises:
+      ValueError: empty or inconsistent `checkpoints`, lr <= 0, `projection_dim` < 1, or a
+        `generator` missing with (or given without) `projection_dim`; bad data or loss.
+
+    Notes:
+      Cost: per checkpoint, one per-example gradient pass over test and one over train, and
+      one matrix product per training chunk.
+
+    References:
+      Pruthi, Liu, Kale & Sundararajan, Estimating Training Data Influence by Tracing
+      Gradient Descent, NeurIPS 2020.
+    """
+    where = "ti.tracin"
+    ckpts = _check_checkpoints(where, checkpoints)
+    D.num_examples(train, name="train", where=where)
+    D.num_examples(test, name="test", where=where)
+    check_chunk_size(where, chunk_size)
+    project = _projection_or_identity(where, ckpts[0][0], projection_dim, generator)
+    total = None
+    for params, lr in ckpts:
+        U = stacked_grads(loss, params, test, chunk_size=chunk_size, transform=project, where=where)  # [n_test, ...]
+        scores = over_train(lambda G: tr.pairwise_vdot(U, project(G)), loss, params, train, chunk_size=chunk_size, where=where)
+        total = lr * scores if total is None else total + lr * scores
+    return total
+
+
+def _projection_or_identity(where: str, params, projection_dim, generator) -> Callable:
+    if projection_dim is None:
+        if generator is not None:
+            raise ValueError(f"{where}: `generator` is only used with `projection_dim`; pass projection_dim=... or drop generator.")
+        return lambda G: G
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+        raise ValueError(f"{where}: `projection_dim` must be an int >= 1; got {projection_dim!r}.")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"{where}: `projection_dim` needs an explicit `generator`, "
+                         f"e.g. generator=torch.Generator().manual_seed(0); got {type(generator).__name__}.")
+    return _projection(params, projection_dim, generator)
+
+
+def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int | None = None) -> torch.Tensor:
+    """Returns TracIn self-influence Σ_t lr_t ‖∇ℓ(z; θ_t)‖² for every training example, `[n_train]`.
+
+    The diagonal of `ti.tracin(loss, checkpoints, train, train)`, without the n² matrix.
+    Large values flag examples the model keeps having to fit (mislabeled or atypical).
+    Always >= 0; its scale is that of `ti.tracin` (see there).
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      checkpoints: list of `(params_t, lr_t)`, as for `ti.tracin`.
+      train: training set, leading axis n_train.
+      chunk_size: examples per vectorized backward (default 1024).
+
+    Returns:
+      `[n_train]` tensor, dtype and device of the parameters.
+
+    Raises:
+      ValueError: as `ti.tracin`.
+
+    Notes:
+      Cost: one per-example gradient pass over train per checkpoint.
+    """
+    where = "ti.tracin_self_influence"
+    ckpts = _check_checkpoints(where, checkpoints)
+    D.num_examples(train, name="train", where=where)
+    check_chunk_size(where, chunk_size)
+    total = None
+    for params, lr in ckpts:
+        sq = over_train(row_sq_norms, loss, params, train, chunk_size=chunk_size, where=where)
+        total = lr * sq if total is None else total + lr * sq
+    return total

@@ -1,0 +1,13 @@
+"""Inverse-curvature products v ↦ (H + λI)⁻¹ v: dense (`direct`), conjugate gradients
+(`cg`, many right-hand sides together) and the stochastic LiSSA recursion (`lissa`).
+
+Each factory returns a pure `ihvp(v)` on parameter pytrees; a leading axis k on `v`
+means k right-hand sides solved together.
+"""
+
+from ..errors import ConvergenceError, DivergenceError
+from ._cg import CGState, SolveInfo, cg, cg_solve
+from ._direct import direct
+from ._lissa import LissaState, lissa, lissa_solve
+
+__all__ = ["direct", "cg", "cg_solve", "SolveInfo", "CGState", "lissa", "lissa_solve", "LissaState", "ConvergenceError", "DivergenceError"]

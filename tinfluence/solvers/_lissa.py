@@ -1,0 +1,225 @@
+"""LiSSA (Agarwal, Bullins & Hazan, 2017): a stochastic Neumann-series recursion for (H + λI)⁻¹ v."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch.func import grad, jvp, vmap
+from tqdm.auto import tqdm
+
+from .. import data as D
+from .. import tree as tr
+from ..errors import DivergenceError, check_params, check_positive
+from ..objective import objective, per_example
+from ..transforms import hvp
+from ._cg import SolveInfo, _dots
+
+__all__ = ["lissa", "lissa_solve", "LissaState"]
+
+POWER_ITERATIONS = 20
+SAFETY = 2.0          # scale = SAFETY × (estimated largest eigenvalue of H + λI)
+CHECK_EVERY = 10      # depth steps between divergence / tolerance checks (one host sync each)
+GROWTH = 10.0         # ‖h_j‖ > GROWTH·(j+1)·‖v‖ means divergence (a contraction keeps ‖h_j‖ ≤ (j+1)‖v‖)
+
+
+class LissaState(NamedTuple):
+    """The recursion's iterate for k right-hand sides (leaves `[k, ...]`) and its depth."""
+
+    h: object
+    depth: int
+
+
+def _batch_hvp(loss: Callable, params) -> Callable:
+    """`(batch, U) -> ∇²(mean loss on batch) U` for a stack U (leading axis k), one vmapped call."""
+
+    def one(batch, u):
+        return jvp(grad(lambda p: loss(p, batch).mean()), (params,), (u,))[1]
+
+    return vmap(one, in_dims=(None, 0))
+
+
+def _lissa_step(batch_hvp: Callable, v, shift: float, scale: float, state: LissaState, batch) -> LissaState:
+    """h ← v + h − (H_batch + shift·I) h / scale; pure."""
+    Ah = tr.add_scaled(batch_hvp(batch, state.h), shift, state.h)
+    return LissaState(tr.sub(tr.add(v, state.h), tr.scale(1.0 / scale, Ah)), state.depth + 1)
+
+
+def _largest_eigenvalue(loss, params, train, l2, damping, chunk_size, generator) -> float:
+    """Power-iteration estimate of the largest |eigenvalue| of H + λI on the full data."""
+    Hv = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size), params, cache=False)
+    u = tr.random_like(params, generator=generator, kind="sphere")
+    estimate = torch.zeros(())
+    for _ in range(POWER_ITERATIONS):
+        Au = tr.add_scaled(Hv(u), damping, u)
+        estimate = tr.norm(Au)
+        u = tr.scale(1.0 / estimate, Au)
+    return float(estimate)
+
+
+def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, batch_size, generator, tol, chunk_size):
+    """Checks the options, draws every mini-batch index up front and resolves `scale`."""
+    check_params(where, params)
+    n = D.num_examples(train, name="train", where=where)
+    check_positive(where, "l2", l2, allow_zero=True)
+    check_positive(where, "damping", damping, allow_zero=True)
+    for name, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{where}: `{name}` must be an int >= 1; got {value!r}.")
+    if tol is not None:
+        check_positive(where, "tol", tol)
+    if not (scale == "auto" or (isinstance(scale, (int, float)) and scale > 0)):
+        raise ValueError(f'{where}: `scale` must be "auto" or a number > 0 (above the largest eigenvalue of H + λI); got {scale!r}.')
+    local = torch.Generator(device=generator.device) if generator is not None else torch.Generator()
+    if generator is not None:
+        local.set_state(generator.get_state())
+    else:
+        local.manual_seed(0)
+    device = tr.ravel(params).device
+    idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
+    per_example(loss, params, D.take(train, idx[0, 0]), where=where)
+    if scale == "auto":
+        scale = SAFETY * _largest_eigenvalue(loss, params, train, l2, damping, chunk_size, local)
+    return idx, float(scale)
+
+
+def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress):
+    """Runs every repeat of the recursion on the stack `v`; returns (x, SolveInfo)."""
+    repeats, depth = idx.shape[:2]
+    batch_hvp = _batch_hvp(loss, params)
+    v_norm = torch.sqrt(_dots(v, v))                                    # [k]
+    total = tr.zeros_like(v)
+    change = torch.zeros_like(v_norm)
+    steps = torch.zeros_like(v_norm, dtype=torch.long)
+    bar = tqdm(total=repeats * depth, desc="ti.lissa", disable=not progress)
+    for r in range(repeats):
+        state = LissaState(v, 0)
+        for j in range(depth):
+            previous = state.h
+            state = _lissa_step(batch_hvp, v, l2 + damping, scale, state, D.take(train, idx[r, j]))
+            bar.update(1)
+            if (j + 1) % CHECK_EVERY and j + 1 < depth:
+                continue
+            h_norm = torch.sqrt(_dots(state.h, state.h))
+            _check_divergence(h_norm, v_norm, j + 1, scale)
+            diff = tr.sub(state.h, previous)
+            change = torch.sqrt(_dots(diff, diff)) / h_norm.clamp_min(torch.finfo(h_norm.dtype).tiny)
+            if tol is not None and bool((change <= tol).all()):
+                break
+        steps = steps + state.depth
+        total = tr.add(total, state.h)
+    bar.close()
+    converged = torch.ones_like(change, dtype=torch.bool) if tol is None else change <= tol
+    return tr.scale(1.0 / (repeats * scale), total), SolveInfo(steps, change, converged)
+
+
+def _check_divergence(h_norm, v_norm, depth, scale) -> None:
+    bad = ~torch.isfinite(h_norm) | (h_norm > GROWTH * (depth + 1) * v_norm)
+    if bool(bad.any()):
+        j = int(torch.nonzero(bad)[0])
+        raise DivergenceError(
+            f"ti.lissa: the recursion diverged at depth {depth} (‖h‖ grew from {float(v_norm[j]):.1e} to "
+            f"{float(h_norm[j]):.1e}, right-hand side {j}). `scale`={scale:g} must exceed the largest eigenvalue of "
+            "H + λI on every mini-batch; raise `scale` (or use scale=\"auto\").",
+            info={"depth": depth, "norm": h_norm})
+
+
+def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: float = 0.0, scale="auto",
+                depth: int = 1000, repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None,
+                tol: float | None = None, chunk_size: int | None = None, progress: bool = False):
+    """Returns `(x, info)`: x ≈ (H + λI)⁻¹ v by LiSSA, and per-right-hand-side diagnostics.
+
+    The same computation as `ti.lissa(...)(v)`; `info = SolveInfo(iterations, residual,
+    converged)` holds, per right-hand side, the recursion steps run (summed over
+    repeats), the last relative change ‖h_j − h_{j−1}‖ / ‖h_j‖ and whether it met `tol`
+    (always True when `tol` is None). Arguments as in `ti.lissa`.
+    """
+    idx, scale = _prepare("ti.lissa_solve", loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
+                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size)
+    return _solve_any(loss, params, train, v, idx, l2=l2, damping=damping, scale=scale, tol=tol, progress=progress,
+                      where="ti.lissa_solve")
+
+
+def _solve_any(loss, params, train, v, idx, *, where, **options):
+    """Single vector or stack: runs the recursion on a stack and returns `v`'s form."""
+    try:
+        stacked = tr.has_leading_axis(v, params)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
+    x, info = _run(loss, params, train, V, idx, **options)
+    if stacked:
+        return x, info
+    return tr.map(lambda leaf: leaf[0], x), SolveInfo(*(t[0] for t in info))
+
+
+def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
+          repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
+          chunk_size: int | None = None, progress: bool = False) -> Callable:
+    """Returns a function that applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
+
+    With A = H + λI, H the Hessian of R(θ) = mean loss + (l2/2)‖θ‖² at `params`, and a
+    fresh mini-batch B_j of `batch_size` training examples at every step,
+
+        h₀ = v,   h_j = v + (I − A_{B_j} / scale) h_{j−1},   x = h_depth / scale,
+
+    averaged over `repeats` independent runs. In expectation h_j / scale is the Neumann
+    series Σ_{i<j+1} (I − A/scale)^i v / scale → A⁻¹ v, with error shrinking like
+    (1 − λ_min(A)/scale)^depth: damping (raising λ_min) and a tight `scale` both speed it up.
+
+    scale: the recursion contracts only if `scale` exceeds (half of) the largest
+    eigenvalue of every mini-batch's A_B. `scale="auto"` runs 20 power iterations of the
+    full-data A (20 Hessian-vector products over the training set, `chunk_size` examples
+    at a time, from a start drawn from `generator`) and takes 2 × the estimate: the
+    factor covers the estimate's shortfall and mini-batches whose curvature exceeds the
+    mean. A recursion that still blows up (non-finite, or ‖h_j‖ > 10·(j+1)·‖v‖) raises
+    `DivergenceError` asking to raise `scale`; a NaN is never returned.
+
+    Randomness: all mini-batch indices `[repeats, depth, batch_size]` (then the power
+    iteration's start) are drawn here, at construction, from a COPY of `generator`, so
+    the returned function is deterministic, the same generator state gives the same
+    numbers, and the caller's generator is not advanced. `generator=None` uses a
+    generator seeded with 0.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
+      params: `dict[str, Tensor]` at which H is taken.
+      train: training set, leading axis n; mini-batches are drawn from it with replacement.
+      l2: the objective's weight decay (its Hessian adds l2·I), as in `ti.objective`.
+      damping: λ ≥ 0.
+      scale: "auto" or a number > 0.
+      depth: recursion steps per repeat (each one mini-batch HVP for all right-hand sides).
+      repeats: independent runs averaged (variance falls like 1/repeats).
+      batch_size: examples per mini-batch.
+      generator: source of the mini-batch indices (copied, not advanced).
+      tol: stop a repeat once every right-hand side's relative change
+        ‖h_j − h_{j−1}‖/‖h_j‖ ≤ tol (checked every 10 steps); None runs the full depth.
+      chunk_size: examples per chunk in the power iteration.
+      progress: show a tqdm bar over the recursion steps.
+
+    Returns:
+      `ihvp(v) -> x`, deterministic; `v` shaped like `params` or a stack (leading axis k,
+      solved together: one vmapped mini-batch HVP per step for all k); `x` like `v`.
+
+    Raises:
+      ValueError: at construction, for invalid options; at call time, for `v` shaped
+        neither like `params` nor a stack of them.
+      DivergenceError: at call time, if the recursion blows up (raise `scale`).
+
+    Notes:
+      Cost: repeats × depth mini-batch HVPs (each ≈ a few gradients on `batch_size`
+      examples, batched over k) plus 20 full-data HVPs for `scale="auto"`. Not vmappable
+      (divergence checks synchronize every 10 steps).
+
+    References:
+      Agarwal, Bullins & Hazan, Second-order stochastic optimization for machine learning
+      in linear time, JMLR 2017; Koh & Liang, ICML 2017 (its use for influence).
+    """
+    idx, scale = _prepare("ti.lissa", loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
+                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size)
+
+    def ihvp(v):
+        return _solve_any(loss, params, train, v, idx, l2=l2, damping=damping, scale=scale, tol=tol,
+                          progress=progress, where="ti.lissa")[0]
+
+    return ihvp

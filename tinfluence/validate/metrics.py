@@ -1,0 +1,225 @@
+"""How well predicted scores agree with what retraining actually does.
+
+Every comparison reduces along the last axis, so `[n_test, k]` scores against `[n_test, k]`
+actual changes give one number per test point (`[n_test]`), and `[k]` against `[k]` gives a
+0-d tensor. Pearson correlation is invariant to the scale (and offset) of the scores, which
+is why it compares methods that live on their own scale (TracIn, EmpiricalIF) with actual
+leave-one-out changes as fairly as it compares influence functions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import optree
+import torch
+from tqdm.auto import tqdm
+
+from .. import data as D
+from .loo import measure_all
+
+__all__ = ["pearson", "spearman", "topk_overlap", "sign_agreement", "lds", "LDSResult"]
+
+
+def _as_pair(where: str, scores, actual) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both arguments as floating tensors of one shape with at least 2 values on the last axis."""
+    x, y = torch.as_tensor(scores), torch.as_tensor(actual)
+    if x.shape != y.shape:
+        raise ValueError(f"{where}: `scores` and `actual` must have the same shape; got {list(x.shape)} and {list(y.shape)}.")
+    if x.dim() == 0 or x.shape[-1] < 2:
+        raise ValueError(f"{where}: needs at least 2 values along the last axis; got shape {list(x.shape)}.")
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    x, y = x.to(dtype), y.to(dtype=dtype, device=x.device)
+    for name, t in (("scores", x), ("actual", y)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: `{name}` has non-finite values (nan or inf); drop them before comparing.")
+    return x, y
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    xc, yc = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    return (xc * yc).sum(-1) / torch.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks along the last axis; tied values share the average of their ranks."""
+    ordered = x.sort(dim=-1).values.contiguous()
+    below = torch.searchsorted(ordered, x.contiguous(), right=False)
+    through = torch.searchsorted(ordered, x.contiguous(), right=True)
+    return (below + through + 1).to(x.dtype) / 2
+
+
+def pearson(scores, actual) -> torch.Tensor:
+    """Returns Pearson's correlation between `scores` and `actual` along the last axis.
+
+    Matches `scipy.stats.pearsonr`. Invariant to a positive scale and any offset of either
+    argument. A constant row has no correlation and gives nan.
+
+    Args:
+      scores: predicted changes, e.g. `[n_test, k]` influence scores.
+      actual: the measured changes, same shape (e.g. from `ti.leave_one_out`).
+
+    Returns:
+      `[...]`: one correlation in [-1, 1] per row (0-d for 1-d inputs).
+
+    Raises:
+      ValueError: shapes differ, fewer than 2 values per row, or non-finite values.
+    """
+    return _pearson(*_as_pair("ti.pearson", scores, actual))
+
+
+def spearman(scores, actual) -> torch.Tensor:
+    """Returns Spearman's rank correlation between `scores` and `actual` along the last axis.
+
+    The Pearson correlation of the ranks, tied values taking the average of their ranks;
+    matches `scipy.stats.spearmanr`. Invariant to any increasing transform of either argument.
+
+    Args:
+      scores: predicted changes, `[..., k]`.
+      actual: measured changes, same shape.
+
+    Returns:
+      `[...]`: one rank correlation in [-1, 1] per row.
+
+    Raises:
+      ValueError: shapes differ, fewer than 2 values per row, or non-finite values.
+    """
+    x, y = _as_pair("ti.spearman", scores, actual)
+    return _pearson(_ranks(x), _ranks(y))
+
+
+def _check_k(where: str, k: int, size: int) -> None:
+    if not 1 <= k <= size:
+        raise ValueError(f"{where}: `k` must be between 1 and the number of values per row ({size}); got {k}.")
+
+
+def topk_overlap(scores, actual, k: int) -> torch.Tensor:
+    """Returns the fraction of the k largest |actual| that are also among the k largest |scores|.
+
+    Compares which training points matter most, regardless of sign and scale: 1 when the
+    two top-k sets by magnitude coincide. Ties at the k-th place are broken by position.
+
+    Args:
+      scores: predicted changes, `[..., m]`.
+      actual: measured changes, same shape.
+      k: size of the top sets, 1 <= k <= m.
+
+    Returns:
+      `[...]`: overlap in [0, 1] per row.
+
+    Raises:
+      ValueError: shapes differ, k out of range, or non-finite values.
+    """
+    x, y = _as_pair("ti.topk_overlap", scores, actual)
+    _check_k("ti.topk_overlap", k, x.shape[-1])
+    in_actual = torch.zeros_like(y).scatter(-1, y.abs().topk(k, dim=-1).indices, 1.0)
+    return in_actual.gather(-1, x.abs().topk(k, dim=-1).indices).sum(-1) / k
+
+
+def sign_agreement(scores, actual, *, k: int | None = None) -> torch.Tensor:
+    """Returns the fraction of points where `scores` and `actual` have the same sign.
+
+    With the library's sign (positive = helpful), this asks whether a predicted helpful
+    point really raises the test loss when removed. `k` restricts the count to the k
+    points with the largest |scores| (top-k sign agreement), where the sign matters most.
+    Zero counts as its own sign.
+
+    Args:
+      scores: predicted changes, `[..., m]`.
+      actual: measured changes, same shape.
+      k: if given, only the k largest |scores| per row are counted (1 <= k <= m).
+
+    Returns:
+      `[...]`: agreement in [0, 1] per row.
+
+    Raises:
+      ValueError: shapes differ, k out of range, or non-finite values.
+    """
+    x, y = _as_pair("ti.sign_agreement", scores, actual)
+    same = (torch.sign(x) == torch.sign(y)).to(x.dtype)
+    if k is None:
+        return same.mean(-1)
+    _check_k("ti.sign_agreement", k, x.shape[-1])
+    return same.gather(-1, x.abs().topk(k, dim=-1).indices).mean(-1)
+
+
+class LDSResult(NamedTuple):
+    """Linear datamodeling score: mean over test points and its confidence interval."""
+
+    mean: torch.Tensor        # 0-d: mean over test points of the per-test rank correlation
+    low: torch.Tensor         # 0-d: lower end of the confidence interval
+    high: torch.Tensor        # 0-d: upper end
+    per_test: torch.Tensor    # [n_test]: Spearman over subsets, one per test point
+
+
+def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, subsets: int = 16,
+        fraction: float = 0.5, generator: torch.Generator, confidence: float = 0.95,
+        chunk_size: int | None = None, progress: bool = True) -> LDSResult:
+    """Returns the linear datamodeling score of `scores` (Park et al. 2023), with a confidence interval.
+
+    Draws `subsets` random subsets S_j of the training set, each holding a `fraction` of its
+    points, and retrains on each (`train_fn(params, take(train, S_j))`, warm-started from
+    `params`). For a test point, the scores predict the change of its measure when the points
+    outside S_j are removed, Σ_{i ∉ S_j} scores[t, i] (the library's sign: score ≈ change when
+    removed); the per-test LDS is Spearman's correlation, over the subsets, between that
+    prediction and the measured `measure(θ_{S_j}, z_t)`. The result averages over test points,
+    with a normal-approximation interval `mean ± z·sd/√n_test`.
+
+    Args:
+      train_fn: `(params, data) -> params`, e.g. `ti.lbfgs_trainer(loss, l2=...)`.
+      params: the trained parameters θ̂ (the warm start).
+      train: the training set, leading axis n_train.
+      test: the test set, leading axis n_test.
+      scores: `[n_test, n_train]`, any method's scores.
+      measure: `(params, batch) -> Tensor[B]`, the quantity the scores predict (the loss).
+      subsets: number of random subsets m >= 3 (m retrainings; more narrows each test's LDS).
+      fraction: share of training points kept in each subset, in (0, 1).
+      generator: source of the subsets; its state is copied, never advanced.
+      confidence: level of the interval over test points, in (0, 1).
+      chunk_size: test examples measured at once.
+      progress: show a progress bar over the retrainings.
+
+    Returns:
+      `LDSResult(mean, low, high, per_test)`; `per_test` is `[n_test]`.
+
+    Raises:
+      ValueError: `scores` is not `[n_test, n_train]`, or `subsets`, `fraction` or
+        `confidence` is out of range.
+
+    References:
+      Park et al., TRAK: Attributing Model Behavior at Scale, 2023.
+    """
+    where = "ti.lds"
+    n_train = D.num_examples(train, name="train", where=where)
+    n_test = D.num_examples(test, name="test", where=where)
+    scores = torch.as_tensor(scores)
+    if tuple(scores.shape) != (n_test, n_train):
+        raise ValueError(f"{where}: `scores` must be [n_test, n_train] = [{n_test}, {n_train}]; got {list(scores.shape)}.")
+    if subsets < 3:
+        raise ValueError(f"{where}: `subsets` must be >= 3 to rank subsets against each other; got {subsets}.")
+    if not 0 < fraction < 1:
+        raise ValueError(f"{where}: `fraction` must be in (0, 1); got {fraction}.")
+    if not 0 < confidence < 1:
+        raise ValueError(f"{where}: `confidence` must be in (0, 1); got {confidence}.")
+    keep = max(1, round(fraction * n_train))
+    local = torch.Generator(device=generator.device)
+    local.set_state(generator.get_state())
+    kept = torch.rand(subsets, n_train, generator=local, device=generator.device).argsort(dim=1)[:, :keep].cpu()
+    masks = torch.zeros(subsets, n_train, dtype=torch.bool).scatter(1, kept, True)   # [subsets, n_train]
+    measured = torch.stack([
+        measure_all(measure, train_fn(params, D.take(train, mask.to(_device(train)))), test, chunk_size, where)
+        for mask in tqdm(masks, desc="lds retraining", disable=not progress)
+    ], dim=1)                                                                         # [n_test, subsets]
+    predicted = scores @ (~masks).to(device=scores.device, dtype=scores.dtype).T        # [n_test, subsets]
+    per_test = spearman(predicted, measured.to(predicted))
+    z = torch.special.ndtri(torch.tensor(0.5 + confidence / 2, dtype=per_test.dtype))
+    half = z * per_test.std() / n_test ** 0.5 if n_test > 1 else torch.tensor(float("nan"), dtype=per_test.dtype)
+    mean = per_test.mean()
+    return LDSResult(mean=mean, low=mean - half, high=mean + half, per_test=per_test)
+
+
+def _device(data) -> torch.device:
+    """The device of the first leaf of a data set."""
+    return optree.tree_leaves(data, namespace="")[0].device

@@ -215,12 +215,19 @@ def _newton_params(where, loss, params, train, sets, *, l2, damping, predict, ou
         rhs = G - _group_sum(per_example_grads(loss, params, D.take(train, ids.flatten()), chunk_size=chunk_size),
                              ids.shape) + (n - size) * l2 * theta                    # [g, P]
         J, Omega = _factors(where, loss, params, D.take(train, ids.flatten()), predict, output_loss)
-        steps[pos.to(steps.device)] = -_solve_without(A, eigvals, Q, c, J, Omega, ids.shape, rhs)
+        try:
+            steps[pos.to(steps.device)] = -_solve_without(A, eigvals, Q, c, J, Omega, ids.shape, rhs)
+        except torch.linalg.LinAlgError:
+            raise _singular(where) from None
     if not bool(torch.isfinite(steps).all()):
-        raise ConvergenceError(f"{where}: a Newton step is not finite: the curvature of the objective without the "
-                               "removed examples is singular. Raise `damping`, or pass `predict`/`output_loss` "
-                               "for the positive semi-definite Gauss-Newton curvature.")
+        raise _singular(where)
     return tr.unravel(theta + steps, params)
+
+
+def _singular(where) -> ConvergenceError:
+    return ConvergenceError(f"{where}: a Newton step is not finite: the curvature of the objective without the "
+                            "removed examples is singular. Raise `damping`, or pass `predict`/`output_loss` "
+                            "for the positive semi-definite Gauss-Newton curvature.")
 
 
 def _group_sum(per_example, shape):

@@ -19,7 +19,8 @@ def loop_grads(loss, params, data):
 
 @pytest.fixture(scope="module")
 def run(digits_lr):
-    """A 64-32-10 tanh MLP, three checkpoints from full-batch gradient descent with a decaying step."""
+    """A 64-32-10 tanh MLP (P = 2410), three checkpoints from full-batch gradient descent with a
+    decaying step; each checkpoint is saved where its learning rate starts to apply."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
     apply, params = ti.functionalize(model)
@@ -32,9 +33,9 @@ def run(digits_lr):
     R = ti.objective(loss, train)
     ckpts = []
     for lr in (0.5, 0.3, 0.1):
+        ckpts.append((params, lr))
         for _ in range(10):
             params = ti.tree.add_scaled(params, -lr, torch.func.grad(R)(params))
-        ckpts.append((params, lr))
     return loss, ckpts, train, test
 
 
@@ -65,9 +66,12 @@ def test_self_influence_is_the_diagonal(run):
 def test_projection_correlates_and_is_unbiased(run):
     loss, ckpts, train, test = run
     exact = ti.tracin(loss, ckpts, train, test)
-    one = ti.tracin(loss, ckpts, train, test, projection_dim=300, generator=torch.Generator().manual_seed(1), chunk_size=64)
-    pearson = torch.corrcoef(torch.stack([one.flatten(), exact.flatten()]))[0, 1]
-    print(f"projection d=300: Pearson with exact TracIn {pearson:.4f}")
+    # Each projected product errs by about ‖g_test‖‖g_z‖/√d, so the correlation is set by the
+    # spread of the gradient cosines (std ≈ 0.14 here), not by P: ≈ 0.90 at d = 300, ≈ 0.94 at 500.
+    for d in (300, 768):
+        one = ti.tracin(loss, ckpts, train, test, projection_dim=d, generator=torch.Generator().manual_seed(1), chunk_size=64)
+        pearson = torch.corrcoef(torch.stack([one.flatten(), exact.flatten()]))[0, 1]
+        print(f"projection d={d}: Pearson with exact TracIn {pearson:.4f}")
     assert pearson >= 0.95
     seeds = [ti.tracin(loss, ckpts, train, test, projection_dim=100, generator=torch.Generator().manual_seed(s)) for s in range(16)]
     single = torch.stack([(s - exact).norm() for s in seeds]).mean()
@@ -106,3 +110,58 @@ def test_errors(run):
         ti.tracin(loss, ckpts, train, test, generator=torch.Generator())
     with pytest.raises(ValueError, match=r"ti.tracin_self_influence: `chunk_size` must be None or an int >= 1"):
         ti.tracin_self_influence(loss, ckpts, train, chunk_size=-1)
+
+
+def _mlp():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 10)).eval()
+
+
+def test_load_checkpoints_round_trip(tmp_path):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saved, paths = [], []
+    for t in range(3):
+        other = _mlp()
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(t)
+        saved.append(other.state_dict())
+        paths.append(tmp_path / f"ckpt{t}.pt")
+        torch.save(other.state_dict(), paths[-1])
+    ckpts = ti.load_checkpoints(paths, model, lrs=[0.3, 0.2, 0.1])
+    assert [lr for _, lr in ckpts] == [0.3, 0.2, 0.1]
+    _, reference = ti.functionalize(model)
+    for (params, _), state in zip(ckpts, saved):
+        assert params.keys() == reference.keys()
+        for name in params:
+            assert torch.equal(params[name], state[name]) and params[name].dtype == reference[name].dtype
+    last = ti.load_checkpoints([str(paths[2])], model, lrs=0.5, trainable=lambda name, p: name.startswith("3."))
+    assert list(last[0][0]) == ["3.weight", "3.bias"] and last[0][1] == 0.5
+    assert torch.equal(last[0][0]["3.weight"], saved[2]["3.weight"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_checkpoints_errors(tmp_path):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong_shape = torch.nn.Sequential(torch.nn.Linear(64, 9), torch.nn.BatchNorm1d(9), torch.nn.Tanh(), torch.nn.Linear(9, 10))
+    torch.save(wrong_shape.state_dict(), tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"ti.load_checkpoints: '.*shape.pt' has parameters of other shapes than the model: "
+                                         r"'0.weight': saved \(9, 64\), model \(8, 64\)"):
+        ti.load_checkpoints([tmp_path / "shape.pt"], model, lrs=0.1)
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "names.pt")
+    with pytest.raises(ValueError, match=r"ti.load_checkpoints: '.*names.pt' does not match the model's names: "
+                                         r"missing \['0.bias', .*\], not in the model \['fc.weight'\]"):
+        ti.load_checkpoints([tmp_path / "names.pt"], model, lrs=0.1)
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    with pytest.raises(TypeError, match=r"ti.load_checkpoints: '.*list.pt' must hold a state dict \(name -> tensor\)"):
+        ti.load_checkpoints([tmp_path / "list.pt"], model, lrs=0.1)
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    with pytest.raises(ValueError, match=r"ti.load_checkpoints: `lrs` must be one number or have one entry per path; got 2 for 1 paths"):
+        ti.load_checkpoints([tmp_path / "ok.pt"], model, lrs=[0.1, 0.2])
+    with pytest.raises(ValueError, match=r"ti.load_checkpoints: `lrs\[0\]` must be finite and > 0; got 0"):
+        ti.load_checkpoints([tmp_path / "ok.pt"], model, lrs=[0])
+    with pytest.raises(ValueError, match=r"ti.load_checkpoints: `paths` must be a non-empty list of file paths"):
+        ti.load_checkpoints(str(tmp_path / "ok.pt"), model, lrs=0.1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

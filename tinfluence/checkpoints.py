@@ -43,7 +43,8 @@ def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Calla
     where = "ti.load_checkpoints"
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, Sequence) or not paths:
         raise ValueError(f"{where}: `paths` must be a non-empty list of file paths; got {paths!r}.")
-    rates = [lrs] * len(paths) if isinstance(lrs, (int, float)) else list(lrs)
+    single = isinstance(lrs, (int, float)) or (isinstance(lrs, torch.Tensor) and lrs.dim() == 0)
+    rates = [lrs] * len(paths) if single else list(lrs)
     if len(rates) != len(paths):
         raise ValueError(f"{where}: `lrs` must be one number or have one entry per path; got {len(rates)} for {len(paths)} paths.")
     for t, lr in enumerate(rates):

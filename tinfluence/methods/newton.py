@@ -166,12 +166,12 @@ def _check(where, params, train, l2, damping, predict, output_loss) -> int:
 def _as_ids(where, name, value, n, *, unique) -> torch.Tensor:
     """`value` as a 1-D int64 tensor of training ids, checked against n."""
     ids = torch.as_tensor(value)
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"{where}: `{name}` must hold integer training ids; got dtype {ids.dtype}.")
     if ids.dim() != 1:
         raise ValueError(f"{where}: `{name}` must be 1-D (a list of training ids); got shape {list(ids.shape)}.")
     if ids.numel() == 0:
         raise ValueError(f"{where}: `{name}` is empty; it must hold at least one training id.")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{where}: `{name}` must hold integer training ids; got dtype {ids.dtype}.")
     bad = (ids < 0) | (ids >= n)
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])

@@ -1,0 +1,243 @@
+"""Inverse-HVP solvers against dense linear algebra: direct, cg (batched right-hand sides), lissa."""
+
+import pytest
+import scipy.sparse.linalg
+import torch
+import torch.nn.functional as F
+
+import tinfluence as ti
+
+
+def _spd(P, generator, cond=50.0):
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=generator))
+    return Q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)), P)) @ Q.T
+
+
+def _pearson(a, b):
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+@pytest.fixture(scope="module")
+def digits_H(digits_lr):
+    return ti.hessian(digits_lr.objective(digits_lr.train), digits_lr.params)
+
+
+@pytest.fixture(scope="module")
+def G_test(digits_lr):
+    return ti.per_example_grads(digits_lr.loss, digits_lr.params, ti.take(digits_lr.test, slice(0, 10)))
+
+
+# ---------------------------------------------------------------- direct
+
+def test_direct_equals_linalg_solve_single_and_stacked(digits_lr, digits_H, G_test):
+    ihvp = ti.direct(digits_H, damping=1e-3)
+    A = digits_H + 1e-3 * torch.eye(digits_H.shape[0])
+    B = ti.ravel(G_test, batch_ndim=1)                                   # [10, P]
+    expected = torch.linalg.solve(A, B.T).T
+    X = ihvp(G_test)
+    assert X.keys() == G_test.keys() and X["weight"].shape == G_test["weight"].shape
+    torch.testing.assert_close(ti.ravel(X, batch_ndim=1), expected, rtol=1e-10, atol=1e-14)
+    one = ihvp(ti.tree.map(lambda t: t[3], G_test))
+    torch.testing.assert_close(ti.ravel(one), expected[3], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ihvp(B), expected, rtol=1e-10, atol=1e-14)   # plain [k, P] tensor
+
+
+def test_direct_vmaps():
+    g = torch.Generator().manual_seed(0)
+    A = _spd(6, g)
+    V = torch.randn(4, 6, generator=g)
+    torch.testing.assert_close(torch.func.vmap(ti.direct(A))(V), torch.linalg.solve(A, V.T).T, rtol=1e-10, atol=0)
+
+
+def test_direct_indefinite_warns_and_solves_by_eigh():
+    A = torch.diag(torch.tensor([2.0, -1.0, 4.0]))
+    v = torch.tensor([1.0, 1.0, 1.0])
+    with pytest.warns(UserWarning, match=r"ti.direct: H \+ λI is not positive definite \(smallest eigenvalue -1.000e\+00.*Raise `damping` above 1.000e\+00"):
+        ihvp = ti.direct(A)
+    torch.testing.assert_close(ihvp(v), torch.tensor([0.5, -1.0, 0.25]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("H, kwargs, error, match", [
+    ([[1.0]], {}, TypeError, r"ti.direct: `H` must be a \[P, P\] tensor"),
+    (torch.ones(2, 3), {}, ValueError, r"ti.direct: `H` must be a square \[P, P\] matrix; got shape \(2, 3\)"),
+    (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), {}, ValueError, r"ti.direct: `H` must be symmetric"),
+    (torch.eye(2), {"damping": -1.0}, ValueError, r"ti.direct: `damping` must be >= 0; got -1.0"),
+    (torch.tensor([[float("nan")]]), {}, ValueError, r"ti.direct: `H` has non-finite values"),
+])
+def test_direct_bad_inputs(H, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ti.direct(H, **kwargs)
+
+
+def test_direct_bad_v():
+    with pytest.raises(ValueError, match=r"ti.direct: `v` must hold P=3 numbers .* got leaves \[\(5,\)\]"):
+        ti.direct(torch.eye(3))(torch.ones(5))
+
+
+# ---------------------------------------------------------------- cg
+
+def test_cg_matches_direct_on_digits(digits_lr, digits_H, G_test):
+    Hv = ti.hvp(digits_lr.objective(digits_lr.train), digits_lr.params)
+    x, info = ti.cg_solve(Hv, G_test, damping=1e-3, tol=1e-10, maxiter=300)
+    expected = ti.ravel(ti.direct(digits_H, damping=1e-3)(G_test), batch_ndim=1)
+    got = ti.ravel(x, batch_ndim=1)
+    assert bool(info.converged.all()) and info.iterations.shape == (10,) and bool((info.residual <= 1e-10).all())
+    assert float((got - expected).norm(dim=1).div(expected.norm(dim=1)).max()) < 1e-6
+
+
+def test_cg_iterates_equal_scipy():
+    g = torch.Generator().manual_seed(1)
+    A, v = _spd(8, g), torch.randn(8, generator=g)
+    for iterations in (1, 3):
+        x, _ = ti.cg_solve(lambda u: u @ A.T, v, tol=None, maxiter=iterations)
+        ref, _ = scipy.sparse.linalg.cg(A.numpy(), v.numpy(), x0=torch.zeros(8).numpy(), rtol=0.0, atol=0.0, maxiter=iterations)
+        torch.testing.assert_close(x, torch.as_tensor(ref), rtol=1e-12, atol=1e-12)
+
+
+def test_cg_100_rhs_one_operator_call_per_iteration():
+    g = torch.Generator().manual_seed(2)
+    A, V = _spd(30, g), torch.randn(100, 30, generator=g)
+    calls = []
+
+    def operator(u):
+        calls.append(u.shape)
+        return (u.unsqueeze(-2) * A).sum(-1)       # the same rounding for one row or a stack
+
+    x, info = ti.cg_solve(operator, V, tol=1e-10, maxiter=200, check_every=1)
+    assert len(calls) == int(info.iterations.max()) and all(shape == (100, 30) for shape in calls)
+    separate = torch.stack([ti.cg_solve(operator, v, tol=1e-10, maxiter=200, check_every=1)[0] for v in V])
+    torch.testing.assert_close(x, separate, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x, torch.linalg.solve(A, V.T).T, rtol=1e-8, atol=1e-10)
+
+
+def test_cg_per_rhs_stopping_and_zero_rhs():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    V = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    x, info = ti.cg_solve(lambda u: u @ A, V, tol=1e-12, maxiter=10, check_every=1)
+    assert info.iterations.tolist() == [1, 4, 0] and info.converged.tolist() == [True, True, True]
+    torch.testing.assert_close(x, V / torch.diag(A), rtol=1e-12, atol=0)
+
+
+def _mlp(generator):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    return ti.functionalize(model)
+
+
+def test_cg_on_damped_ggn_of_mlp_matches_direct(digits_lr, generator):
+    apply, params = _mlp(generator)
+    train = ti.take(digits_lr.train, slice(0, 200))
+    GN = ti.ggn_vp(lambda p, b: apply(p, b[0]), params, train,
+                   output_loss=lambda o, b: F.cross_entropy(o, b[1], reduction="none"), l2=1e-3)
+    loss = lambda p, b: F.cross_entropy(apply(p, b[0]), b[1], reduction="none")  # noqa: E731
+    V = ti.per_example_grads(loss, params, ti.take(digits_lr.test, slice(0, 5)))
+    x = ti.cg(GN, damping=1e-2, tol=1e-12, maxiter=500)(V)
+    expected = ti.direct(ti.to_dense(GN, params), damping=1e-2)(V)
+    err = ti.ravel(ti.tree.sub(x, expected), batch_ndim=1).norm(dim=1) / ti.ravel(expected, batch_ndim=1).norm(dim=1)
+    assert float(err.max()) < 1e-6
+
+
+def test_cg_negative_curvature_raises(digits_lr, generator):
+    apply, params = _mlp(generator)
+    loss = lambda p, b: F.cross_entropy(apply(p, b[0]), b[1], reduction="none")  # noqa: E731
+    R = ti.objective(loss, ti.take(digits_lr.train, slice(0, 200)))
+    evals, Q = torch.linalg.eigh(ti.hessian(R, params))
+    assert evals[0] < 0
+    v = ti.unravel(Q[:, 0], params)                                   # most negative direction
+    with pytest.raises(ti.ConvergenceError, match=r"ti.cg: negative curvature pᵀ\(H \+ λI\)p = -.* at iteration 0 \(right-hand side 0\).*Raise `damping`.*ti.ggn_vp") as err:
+        ti.cg(ti.hvp(R, params))(v)
+    assert not bool(err.value.info.converged)
+    with pytest.warns(UserWarning, match="ti.cg: negative curvature"):
+        ti.cg(ti.hvp(R, params), on_failure="warn")(v)
+
+
+def test_cg_nonconvergence_raises_with_info():
+    A = _spd(40, torch.Generator().manual_seed(3), cond=1e4)
+    V = torch.randn(20, 40, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ti.ConvergenceError, match=r"ti.cg: 20 of 20 right-hand sides did not converge in maxiter=3 iterations \(worst relative residual .* > tol=1e-08\). Raise `maxiter` or `damping`") as err:
+        ti.cg(lambda u: u @ A, tol=1e-8, maxiter=3)(V)
+    assert err.value.info.iterations.tolist() == [3] * 20 and err.value.info.residual.shape == (20,)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"damping": -1e-3}, r"ti.cg: `damping` must be >= 0; got -0.001"),
+    ({"tol": -1.0}, r"ti.cg: `tol` must be >= 0; got -1.0"),
+    ({"maxiter": 0}, r"ti.cg: `maxiter` must be an int >= 1; got 0"),
+    ({"check_every": 0}, r"ti.cg: `check_every` must be an int >= 1; got 0"),
+    ({"on_failure": "ignore"}, r'ti.cg: `on_failure` must be "raise" or "warn"; got \'ignore\''),
+])
+def test_cg_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ti.cg(lambda u: u, **kwargs)
+
+
+def test_cg_pytree_needs_parameters():
+    with pytest.raises(TypeError, match=r"ti.cg: cannot tell whether `v` is one vector or a stack.*like=params"):
+        ti.cg(lambda u: u)({"a": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"ti.cg: `v` leaves must have the parameter shapes"):
+        ti.cg(lambda u: u, like={"a": torch.ones(3)})({"a": torch.ones(4)})
+
+
+def test_cg_fixed_iterations_vmap_and_compile_equal_eager(generator):
+    A = _spd(12, generator)
+    V = torch.randn(5, 12, generator=generator)
+    ihvp = ti.cg(lambda u: u @ A, damping=0.1, tol=None, maxiter=8)
+    eager = ihvp(V)
+    torch.testing.assert_close(torch.func.vmap(ihvp)(V), eager, rtol=1e-12, atol=1e-14)
+    compiled = torch.compile(ihvp, fullgraph=True)
+    torch.testing.assert_close(compiled(V), eager, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- lissa
+
+LISSA = dict(damping=0.05, depth=300, batch_size=64)   # converges: error (1 - λmin/scale)^300 < 1e-3
+
+
+def test_lissa_agrees_with_direct(digits_lr, digits_H, G_test):
+    ihvp = ti.lissa(digits_lr.loss, digits_lr.params, digits_lr.train, l2=digits_lr.l2, generator=torch.Generator().manual_seed(0), **LISSA)
+    expected = ti.direct(digits_H, damping=LISSA["damping"])(G_test)
+    got = ihvp(G_test)
+    r = _pearson(ti.ravel(got, batch_ndim=1).flatten(), ti.ravel(expected, batch_ndim=1).flatten())
+    print(f"lissa vs direct Pearson {float(r):.4f}")
+    assert r >= 0.99
+
+
+def test_lissa_same_generator_same_result_and_not_advanced(digits_lr, G_test):
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    V = ti.tree.map(lambda t: t[:2], G_test)
+    make = lambda: ti.lissa(digits_lr.loss, digits_lr.params, digits_lr.train, l2=digits_lr.l2, damping=0.05,  # noqa: E731
+                            scale=2.0, depth=20, batch_size=8, generator=g)
+    a, b = make()(V), make()(V)
+    assert torch.equal(g.get_state(), state)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    single = make()(ti.tree.map(lambda t: t[1], V))
+    torch.testing.assert_close(single, ti.tree.map(lambda t: t[1], a), rtol=1e-12, atol=1e-15)
+
+
+def test_lissa_too_small_scale_diverges(digits_lr, G_test):
+    ihvp = ti.lissa(digits_lr.loss, digits_lr.params, digits_lr.train, l2=digits_lr.l2, scale=0.05, depth=200,
+                    generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ti.DivergenceError, match=r"ti.lissa: the recursion diverged at depth \d+ .*`scale`=0.05 must exceed .*raise `scale`"):
+        ihvp(G_test)
+
+
+def test_lissa_tol_stops_early(digits_lr, G_test):
+    x, info = ti.lissa_solve(digits_lr.loss, digits_lr.params, digits_lr.train, G_test, l2=digits_lr.l2, damping=1.0,
+                             scale=3.0, depth=2000, batch_size=1000, tol=1e-6)
+    assert bool(info.converged.all()) and int(info.iterations.max()) < 2000
+    H = ti.hessian(digits_lr.objective(digits_lr.train), digits_lr.params)
+    torch.testing.assert_close(x, ti.direct(H, damping=1.0)(G_test), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scale": 0.0}, r'ti.lissa: `scale` must be "auto" or a number > 0'),
+    ({"depth": 0}, r"ti.lissa: `depth` must be an int >= 1; got 0"),
+    ({"damping": -1.0}, r"ti.lissa: `damping` must be >= 0; got -1.0"),
+])
+def test_lissa_bad_options(digits_lr, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ti.lissa(digits_lr.loss, digits_lr.params, digits_lr.train, **kwargs)

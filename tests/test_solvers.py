@@ -120,7 +120,7 @@ def test_cg_per_rhs_stopping_and_zero_rhs():
 
 
 def _mlp(generator):
-    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 3), torch.nn.Tanh(), torch.nn.Linear(3, 10))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=generator))
@@ -143,7 +143,7 @@ def test_cg_on_damped_ggn_of_mlp_matches_direct(digits_lr, generator):
 def test_cg_negative_curvature_raises(digits_lr, generator):
     apply, params = _mlp(generator)
     loss = lambda p, b: F.cross_entropy(apply(p, b[0]), b[1], reduction="none")  # noqa: E731
-    R = ti.objective(loss, ti.take(digits_lr.train, slice(0, 200)))
+    R = ti.objective(loss, ti.take(digits_lr.train, slice(0, 50)))
     evals, Q = torch.linalg.eigh(ti.hessian(R, params))
     assert evals[0] < 0
     v = ti.unravel(Q[:, 0], params)                                   # most negative direction
@@ -184,11 +184,12 @@ def test_cg_pytree_needs_parameters():
 def test_cg_fixed_iterations_vmap_and_compile_equal_eager(generator):
     A = _spd(12, generator)
     V = torch.randn(5, 12, generator=generator)
-    ihvp = ti.cg(lambda u: u @ A, damping=0.1, tol=None, maxiter=8)
+    ihvp = ti.cg(lambda u: u @ A, damping=0.1, tol=None, maxiter=5)
     eager = ihvp(V)
     torch.testing.assert_close(torch.func.vmap(ihvp)(V), eager, rtol=1e-12, atol=1e-14)
     compiled = torch.compile(ihvp, fullgraph=True)
-    torch.testing.assert_close(compiled(V), eager, rtol=1e-12, atol=1e-14)
+    # compiled kernels fuse and reorder float64 reductions; CG's recurrences amplify that round-off to ~1e-12
+    torch.testing.assert_close(compiled(V), eager, rtol=1e-10, atol=1e-13)
 
 
 # ---------------------------------------------------------------- lissa
@@ -226,11 +227,12 @@ def test_lissa_too_small_scale_diverges(digits_lr, G_test):
 
 
 def test_lissa_tol_stops_early(digits_lr, G_test):
-    x, info = ti.lissa_solve(digits_lr.loss, digits_lr.params, digits_lr.train, G_test, l2=digits_lr.l2, damping=1.0,
-                             scale=3.0, depth=2000, batch_size=1000, tol=1e-6)
+    one = ti.take(digits_lr.train, slice(0, 1))        # every mini-batch is this example: a deterministic recursion
+    x, info = ti.lissa_solve(digits_lr.loss, digits_lr.params, one, G_test, l2=digits_lr.l2, damping=0.5,
+                             scale=3.0, depth=2000, tol=1e-10)
     assert bool(info.converged.all()) and int(info.iterations.max()) < 2000
-    H = ti.hessian(digits_lr.objective(digits_lr.train), digits_lr.params)
-    torch.testing.assert_close(x, ti.direct(H, damping=1.0)(G_test), rtol=1e-4, atol=1e-7)
+    H = ti.hessian(digits_lr.objective(one), digits_lr.params)
+    torch.testing.assert_close(x, ti.direct(H, damping=0.5)(G_test), rtol=1e-7, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -41,3 +41,6 @@ from .methods.influence import influence, self_influence  # noqa: E402
 
 __all__ += ["direct", "cg", "cg_solve", "lissa", "lissa_solve", "SolveInfo", "CGState", "LissaState",
             "influence", "self_influence"]
+
+from .methods.newton import newton_loo, newton_step_without  # noqa: E402
+__all__ += ["newton_loo", "newton_step_without"]

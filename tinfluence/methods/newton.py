@@ -76,6 +76,7 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
       groups: a list of k 1-D int tensors or lists of training ids, each removed as a whole.
         Give exactly one of `indices` and `groups`.
       measure: `(params, batch) -> Tensor[B]`, the measurement per test example; default `loss`.
+        It is vmapped over the k stacked parameter sets, so it must be `torch.func.vmap`-safe.
       predict: `(params, batch) -> Tensor[B, ...]`, the model outputs; with `output_loss`,
         selects the Gauss-Newton curvature factors (fast for many removals).
       output_loss: `(outputs, batch) -> Tensor[B]` with

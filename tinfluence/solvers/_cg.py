@@ -97,11 +97,12 @@ def _check_options(where, damping, tol, atol, maxiter, check_every, on_failure):
         raise ValueError(f'{where}: `on_failure` must be "raise" or "warn"; got {on_failure!r}.')
 
 
-def _is_stack(v, like) -> bool:
-    """Whether `v` is a stack of k vectors shaped like `like` (the parameters)."""
+def _is_stack(v, like, operator) -> bool:
+    """Whether `v` is a stack of k vectors shaped like `like` (default: the operator's parameters)."""
+    if like is None and isinstance(v, torch.Tensor) and v.dim() in (1, 2):
+        return v.dim() == 2
+    like = like if like is not None else _operator_params(operator)
     if like is None:
-        if isinstance(v, torch.Tensor) and v.dim() in (1, 2):
-            return v.dim() == 2
         raise TypeError(
             "ti.cg: cannot tell whether `v` is one vector or a stack of k vectors: pass `like=params` to ti.cg / "
             "ti.cg_solve (the parameters the operator acts on), or use an operator from ti.hvp or ti.ggn_vp.")
@@ -122,7 +123,7 @@ def _operator_params(operator):
 
 def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like):
     """The CG driver: returns (x, info, state) with the final state for breakdown reports."""
-    stacked = _is_stack(v, like if like is not None else _operator_params(operator))
+    stacked = _is_stack(v, like, operator)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
     op = operator if stacked else (lambda P: tr.map(lambda leaf: leaf.unsqueeze(0), operator(tr.map(lambda leaf: leaf[0], P))))
     apply = (lambda P: tr.add_scaled(op(P), damping, P)) if damping else op

@@ -1,0 +1,304 @@
+"""Adapters: one function per (library, method) that takes a `Task` and returns scores `[n_test, n_train]`.
+
+Every adapter is timed whole: wrapping the model and data in the library's own objects,
+fitting or caching what it caches, and scoring all test points. Each library gets exactly
+the task's model, parameters and data, and its recommended settings (its defaults unless
+noted in `NOTES`). The training objective is mean cross-entropy + (l2/2)‖θ‖²; libraries
+whose loss has no regularizer receive l2 as Hessian damping/regularization, the same matrix.
+Scores are returned as the library computes them; `run.py` normalizes sign and scale
+by a least-squares factor to the method's reference and prints that factor.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+import tinfluence as ti
+from tasks import Task, pure
+
+INSTALL = {
+    "captum": "pip install captum",
+    "dattri": "pip install dattri",
+    "pydvl": "pip install pydvl",
+    "kronfluence": "pip install kronfluence",
+    "pytorch_influence_functions": "pip install pytorch-influence-functions",
+}
+
+# CG tolerance and LiSSA settings of tinfluence, per task kind.
+CG_TOL = {"lr": 1e-5, "mlp": 1e-3}
+LISSA = {"lr": dict(depth=400, batch_size=256, repeats=1), "mlp": dict(depth=300, batch_size=256, repeats=1)}
+
+
+def _ggn(task: Task, apply, params):
+    return ti.ggn_vp(lambda p, b: apply(p, b[0]), params, task.train,
+                     output_loss=lambda o, b: F.cross_entropy(o, b[1], reduction="none"), l2=task.l2)
+
+
+def _checkpoints(task: Task):
+    return [(ti.functionalize(task.make_model(state))[1], lr) for state, lr in task.checkpoints]
+
+
+# ---------------------------------------------------------------- tinfluence
+
+def ti_exact(task: Task):
+    _, params, loss = pure(task)
+    H = ti.hessian(ti.objective(loss, task.train, l2=task.l2), params)
+    return ti.influence(loss, params, task.train, task.test, ihvp=ti.direct(H))
+
+
+def ti_cg(task: Task):
+    apply, params, loss = pure(task)
+    op = ti.hvp(ti.objective(loss, task.train, l2=task.l2), params) if task.kind == "lr" else _ggn(task, apply, params)
+    return ti.influence(loss, params, task.train, task.test, ihvp=ti.cg(op, tol=CG_TOL[task.kind], maxiter=1000))
+
+
+def ti_lissa(task: Task):
+    _, params, loss = pure(task)
+    ihvp = ti.lissa(loss, params, task.train, l2=task.l2, generator=torch.Generator().manual_seed(0), **LISSA[task.kind])
+    return ti.influence(loss, params, task.train, task.test, ihvp=ihvp)
+
+
+def ti_tracin(task: Task):
+    _, _, loss = pure(task)
+    return ti.tracin(loss, _checkpoints(task), task.train, task.test)
+
+
+def ti_tracin_proj(task: Task):
+    _, _, loss = pure(task)
+    return ti.tracin(loss, _checkpoints(task), task.train, task.test, projection_dim=256,
+                     generator=torch.Generator().manual_seed(0))
+
+
+def ti_grad_dot(task: Task):
+    _, params, loss = pure(task)
+    return ti.grad_dot(loss, params, task.train, task.test)
+
+
+def ti_empirical_if(task: Task):
+    _, params, loss = pure(task)
+    return ti.empirical_if(loss, params, task.train, task.test, radius=1e-3)
+
+
+# ---------------------------------------------------------------- dattri
+
+def _dattri_task(task: Task, checkpoints):
+    from dattri.task import AttributionTask
+
+    model = task.make_model()
+
+    def loss_func(params, pair):
+        x, y = pair
+        if x.dim() == 1:                       # dattri vmaps over single examples; its Hessians pass batches
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        return F.cross_entropy(torch.func.functional_call(model, params, x), y)
+
+    return AttributionTask(loss_func=loss_func, model=model, checkpoints=checkpoints)
+
+
+def _loaders(task: Task, train_batch: int | None = None):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train = DataLoader(TensorDataset(*task.train), batch_size=train_batch or task.n_train, shuffle=False)
+    test = DataLoader(TensorDataset(*task.test), batch_size=task.n_test, shuffle=False)
+    return train, test
+
+
+def _dattri_if(task: Task, cls, **kw):
+    attributor = cls(task=_dattri_task(task, task.make_model().state_dict()), device="cpu", **kw)
+    train, test = _loaders(task)
+    attributor.cache(train)
+    return attributor.attribute(train, test).T
+
+
+def dattri_exact(task: Task):
+    from dattri.algorithm.influence_function import IFAttributorExplicit
+    return _dattri_if(task, IFAttributorExplicit, regularization=task.l2)
+
+
+def dattri_cg(task: Task):
+    from dattri.algorithm.influence_function import IFAttributorCG
+    return _dattri_if(task, IFAttributorCG, regularization=task.l2)
+
+
+def dattri_lissa(task: Task):
+    from dattri.algorithm.influence_function import IFAttributorLiSSA
+    return _dattri_if(task, IFAttributorLiSSA, damping=task.l2)
+
+
+def dattri_arnoldi(task: Task):
+    from dattri.algorithm.influence_function import IFAttributorArnoldi
+    return _dattri_if(task, IFAttributorArnoldi, regularization=task.l2)
+
+
+def dattri_tracin(task: Task):
+    from dattri.algorithm.tracin import TracInAttributor
+
+    states = [state for state, _ in task.checkpoints]
+    lrs = torch.tensor([lr for _, lr in task.checkpoints], dtype=torch.float64)
+    attributor = TracInAttributor(task=_dattri_task(task, states), weight_list=lrs, normalized_grad=False, device="cpu")
+    train, test = _loaders(task)
+    return attributor.attribute(train, test).T
+
+
+def dattri_grad_dot(task: Task):
+    from dattri.algorithm.tracin import TracInAttributor
+
+    attributor = TracInAttributor(task=_dattri_task(task, [task.make_model().state_dict()]),
+                                  weight_list=torch.ones(1, dtype=torch.float64), normalized_grad=False, device="cpu")
+    train, test = _loaders(task)
+    return attributor.attribute(train, test).T
+
+
+# ---------------------------------------------------------------- captum
+
+def _captum_checkpoints(task: Task, states):
+    folder = tempfile.mkdtemp(prefix="captum-ckpt-")
+    paths, lrs = [], {}
+    for i, (state, lr) in enumerate(states):
+        path = os.path.join(folder, f"{i}.pt")
+        torch.save(state, path)
+        paths.append(path)
+        lrs[path] = lr
+
+    def load(model, path):
+        model.load_state_dict(torch.load(path))
+        return lrs[path]
+
+    return paths, load
+
+
+def _dataset(task: Task):
+    from torch.utils.data import TensorDataset
+    return TensorDataset(*task.train)
+
+
+def _captum_tracin(task: Task, cls, states, **kw):
+    model = task.make_model()
+    paths, load = _captum_checkpoints(task, states)
+    tracer = cls(model, _dataset(task), paths, checkpoints_load_func=load, batch_size=task.n_train, **kw)
+    return tracer.influence(task.test)
+
+
+def captum_tracin(task: Task):
+    from captum.influence import TracInCP
+    return _captum_tracin(task, TracInCP, task.checkpoints, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+
+
+def _final_fc(model):
+    return model if isinstance(model, torch.nn.Linear) else model[-1]
+
+
+def captum_tracin_fast(task: Task):
+    from captum.influence import TracInCPFast
+
+    model = task.make_model()
+    paths, load = _captum_checkpoints(task, task.checkpoints)
+    tracer = TracInCPFast(model, _final_fc(model), _dataset(task), paths, checkpoints_load_func=load,
+                          loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=task.n_train)
+    return tracer.influence(task.test)
+
+
+def captum_grad_dot(task: Task):
+    from captum.influence import TracInCP
+    return _captum_tracin(task, TracInCP, [(task.make_model().state_dict(), 1.0)],
+                          loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+
+
+def _captum_if(task: Task, cls, **kw):
+    model = task.make_model()
+    paths, load = _captum_checkpoints(task, [(task.make_model().state_dict(), 1.0)])
+    f = cls(model, _dataset(task), paths[0], checkpoints_load_func=load, loss_fn=torch.nn.CrossEntropyLoss(reduction="mean"),
+            batch_size=task.n_train, **kw)
+    return f.influence(task.test)
+
+
+def captum_exact(task: Task):
+    from captum.influence import NaiveInfluenceFunction
+    return _captum_if(task, NaiveInfluenceFunction, hessian_reg=task.l2)
+
+
+def captum_arnoldi(task: Task):
+    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
+    return _captum_if(task, ArnoldiInfluenceFunction, hessian_reg=task.l2)
+
+
+# ---------------------------------------------------------------- pyDVL
+
+def _pydvl(task: Task, cls, **kw):
+    train, _ = _loaders(task, train_batch=task.n_train)
+    model = task.make_model()
+    f = cls(model, F.cross_entropy, regularization=task.l2, **kw).fit(train)
+    return f.influences(*task.test, *task.train, mode="up")
+
+
+def pydvl_exact(task: Task):
+    from pydvl.influence.torch import DirectInfluence
+    return _pydvl(task, DirectInfluence)
+
+
+def pydvl_cg(task: Task):
+    from pydvl.influence.torch import CgInfluence
+    return _pydvl(task, CgInfluence)
+
+
+def pydvl_lissa(task: Task):
+    from pydvl.influence.torch import LissaInfluence
+    return _pydvl(task, LissaInfluence)
+
+
+def pydvl_arnoldi(task: Task):
+    from pydvl.influence.torch import ArnoldiInfluence
+    return _pydvl(task, ArnoldiInfluence)
+
+
+# ---------------------------------------------------------------- registry
+
+ADAPTERS = {
+    "tinfluence": {"exact": ti_exact, "cg": ti_cg, "lissa": ti_lissa, "tracin": ti_tracin, "tracin-proj": ti_tracin_proj,
+                   "grad-dot": ti_grad_dot, "empirical-if": ti_empirical_if},
+    "dattri": {"exact": dattri_exact, "cg": dattri_cg, "lissa": dattri_lissa, "arnoldi": dattri_arnoldi,
+               "tracin": dattri_tracin, "grad-dot": dattri_grad_dot},
+    "captum": {"exact": captum_exact, "arnoldi": captum_arnoldi, "tracin": captum_tracin, "tracin-fast": captum_tracin_fast,
+               "grad-dot": captum_grad_dot},
+    "pydvl": {"exact": pydvl_exact, "cg": pydvl_cg, "lissa": pydvl_lissa, "arnoldi": pydvl_arnoldi},
+}
+
+# (library, method) pairs whose recommended settings approximate the method (no pass/fail check).
+APPROXIMATE = {("dattri", "tracin"), ("dattri", "grad-dot"), ("captum", "tracin-fast")}
+
+# Installed peers without an adapter, and why.
+NOT_WIRED = {
+    "kronfluence": "its factors are (E)K-FAC approximations fitted with its own Analyzer on disk; it has no exact, CG, "
+                   "LiSSA or TracIn method to compare with",
+    "pytorch_influence_functions": "its entry points read a config and loop over test points one at a time, writing "
+                                   "JSON files; it cannot take a given parameter set and score a test set in one call",
+}
+
+# Methods each task runs (tinfluence's reference method for each is the same name).
+TASK_METHODS = {
+    "digits-lr": ["exact", "cg", "lissa", "arnoldi", "tracin", "tracin-fast", "tracin-proj", "grad-dot", "empirical-if"],
+    "digits-mlp": ["cg", "lissa", "arnoldi", "tracin", "tracin-fast", "tracin-proj", "grad-dot", "empirical-if"],
+}
+
+NOTES = {
+    ("tinfluence", "cg"): "tol 1e-5 (LR, exact Hessian) / 1e-3 (MLP, Gauss-Newton), all test points solved together",
+    ("tinfluence", "lissa"): "depth 400 (LR) / 300 (MLP), batch 256, 1 repeat, scale auto",
+    ("tinfluence", "tracin-proj"): "random projection to 256 dims",
+    ("tinfluence", "empirical-if"): "ascent/descent, radius 1e-3",
+    ("dattri", "cg"): "library default: 10 iterations",
+    ("dattri", "lissa"): "library defaults: batch 1, depth 5000, scaling 50",
+    ("dattri", "arnoldi"): "library defaults",
+    ("dattri", "tracin"): "library default: gradients randomly projected to 512 dims",
+    ("dattri", "grad-dot"): "TracInAttributor on the final parameters, weight 1, default 512-dim projection",
+    ("captum", "exact"): "NaiveInfluenceFunction, mean loss, hessian_reg = l2",
+    ("captum", "grad-dot"): "TracInCP on the final parameters, weight 1",
+    ("captum", "tracin-fast"): "last layer only (the whole model for LR)",
+    ("captum", "arnoldi"): "library defaults",
+    ("pydvl", "cg"): "library defaults (rtol 1e-4)",
+    ("pydvl", "lissa"): "library defaults (maxiter 1000, scale 10)",
+    ("pydvl", "arnoldi"): "library defaults (rank 10)",
+}

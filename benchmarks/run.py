@@ -1,0 +1,273 @@
+"""Benchmarks tinfluence, and the peer libraries that are installed, on the same tasks.
+
+    python benchmarks/run.py                       # tinfluence only
+    python benchmarks/run.py --peers               # also every installed peer library
+    python benchmarks/run.py --task digits-mlp --n-train 1000 --n-test 100 --repeats 3
+
+Each (task, library, method) runs in a fresh child process: it loads the task (built once
+by the parent, ground truth included), records its peak RSS, runs the method `--repeats`
+times, checks the scores against the method's reference, and reports wall times and the
+rise of peak RSS (getrusage ru_maxrss) above the level after loading. Results are printed
+and written to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/python")
+
+# Method -> (reference attribute of the task, Pearson with it required by the check).
+CHECKS = {
+    "exact": ("exact", 0.999999), "cg": ("exact", 0.999), "lissa": ("exact", 0.98), "arnoldi": ("exact", None),
+    "tracin": ("exact_tracin", 0.999999), "tracin-fast": ("exact_tracin", None), "tracin-proj": ("exact_tracin", None),
+    "grad-dot": ("grad_dot", 0.999999), "empirical-if": ("grad_dot", 0.99),
+}
+
+
+# ---------------------------------------------------------------- child
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _flat_metrics(scores, reference):
+    import tinfluence as ti
+
+    s, r = scores.reshape(-1), reference.reshape(-1)
+    return float(ti.pearson(s, r)), float(ti.spearman(s, r))
+
+
+def child(spec: dict) -> dict:
+    """Runs one (task, library, method) and returns its measurements."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import peers
+    import tasks
+
+    task = tasks.load(spec["task_file"])
+    fn = peers.ADAPTERS[spec["library"]][spec["method"]]
+    base = _peak_mb()
+    times, scores = [], None
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        scores = fn(task)
+        times.append(time.perf_counter() - start)
+    scores = torch.as_tensor(scores).detach().to(torch.float64).reshape(task.n_test, task.n_train)
+    out = {"times": times, "peak_mb": _peak_mb() - base}
+    ref_name, threshold = CHECKS[spec["method"]]
+    if (spec["library"], spec["method"]) in peers.APPROXIMATE:
+        threshold = None
+    grads = tasks.lr_grads if task.kind == "lr" else tasks.mlp_grads
+    reference = (grads(task.state, task.test) @ grads(task.state, task.train).T) if ref_name == "grad_dot" else getattr(task, ref_name)
+    factor = float((scores * reference).sum() / (scores * scores).sum())       # least-squares scale to the reference
+    out["factor"] = factor
+    normalized = factor * scores
+    out["ref_pearson"], _ = _flat_metrics(normalized, reference)
+    out["check"] = "approx." if threshold is None else ("ok" if out["ref_pearson"] >= threshold else "FAIL")
+    out["exact_pearson"], out["exact_spearman"] = _flat_metrics(normalized, task.exact)
+    if task.loo is not None:
+        out["loo_pearson"], out["loo_spearman"] = _flat_metrics(normalized[:, task.loo_ids], task.loo)
+    return out
+
+
+# ---------------------------------------------------------------- parent
+
+def _run_child(python: str, spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([python, os.path.abspath(__file__), "--child", f.name], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    finally:
+        os.unlink(f.name)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": last[:160]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _peer_python(library: str) -> str | None:
+    """The interpreter that has `library` installed (this one, else the peers' venv), or None."""
+    for python in (sys.executable, PEERS_PYTHON):
+        if os.path.exists(python) and subprocess.run([python, "-c", f"import {library}"], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def machine(threads: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__} with torch.set_num_threads({threads}) "
+            f"in every process (OMP/MKL_NUM_THREADS={threads}); Python {platform.python_version()}; {platform.platform()}")
+
+
+def _fmt_t(x):
+    return f"{x:.3g}" if x is not None else "—"
+
+
+def _table(task_name, rows) -> list[str]:
+    has_loo = any("loo_pearson" in r for r in rows)
+    head = "| method | library | min s | median s | peak RSS MB | ×tinfluence time | check (ρ vs ref) | scale | ρ / rs vs exact |"
+    head += " ρ / rs vs LOO |" if has_loo else ""
+    out = [f"### {task_name}", "", head, "|" + "---|" * (head.count("|") - 1)]
+    base = {r["method"]: min(r["times"]) for r in rows if r["library"] == "tinfluence" and "times" in r}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | {r['library']} | — | — | — | — | {r['error']} | | |" + (" |" if has_loo else ""))
+            continue
+        t = min(r["times"])
+        ratio = f"{t / base[r['method']]:.2f}" if r["method"] in base else "—"
+        line = (f"| {r['method']} | {r['library']} | {_fmt_t(t)} | {_fmt_t(statistics.median(r['times']))} | {r['peak_mb']:.0f} | "
+                f"{ratio} | {r['check']} ({r['ref_pearson']:.6f}) | {r['factor']:.3g} | "
+                f"{r['exact_pearson']:.4f} / {r['exact_spearman']:.4f} |")
+        if has_loo:
+            line += f" {r['loo_pearson']:.4f} / {r['loo_spearman']:.4f} |" if "loo_pearson" in r else " |"
+        out.append(line)
+    return out + [""]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child")
+    parser.add_argument("--task", action="append", choices=["digits-lr", "digits-mlp", "fmnist-lr"])
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--peers", action="store_true", help="also run every installed peer library")
+    parser.add_argument("--methods", help="comma-separated subset of methods")
+    parser.add_argument("--loo", type=int, default=50, help="training ids retrained for leave-one-out (digits-lr)")
+    parser.add_argument("--fmnist-sizes", default="1000,4000,16000,60000")
+    parser.add_argument("--no-micro", action="store_true")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    args = parser.parse_args(argv)
+    if args.child:
+        with open(args.child) as f:
+            spec = json.load(f)
+        print("RESULT " + json.dumps(child(spec)), flush=True)
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import peers
+    import tasks
+
+    chosen = args.task or ["digits-lr", "digits-mlp", "fmnist-lr"]
+    report = ["# tinfluence benchmarks", "", f"Machine: {machine(args.threads)}", "",
+              f"Command: `python benchmarks/{' '.join(['run.py', *sys.argv[1:]])}`", ""]
+    libraries = ["tinfluence"]
+    missing = []
+    pythons = {"tinfluence": sys.executable}
+    if args.peers:
+        for lib in ["dattri", "captum", "pydvl", "kronfluence", "pytorch_influence_functions"]:
+            python = _peer_python(lib)
+            if python is None:
+                missing.append(f"- {lib}: not installed; `{peers.INSTALL[lib]}` (keeping torch {torch.__version__.split('+')[0]})")
+            elif lib not in peers.ADAPTERS:
+                missing.append(f"- {lib}: installed, no adapter: {peers.NOT_WIRED[lib]}")
+            else:
+                libraries.append(lib)
+                pythons[lib] = python
+    report += ["Peers: " + (", ".join(libraries[1:]) or "none") + (" (run with `--peers` to include them)" if not args.peers else ""), ""]
+    report += missing + ([""] if missing else [])
+    for name in chosen:
+        if name == "fmnist-lr":
+            report += fmnist_scaling(args, tasks)
+            continue
+        print(f"building {name} ...", flush=True)
+        task = tasks.build(name, args.n_train, args.n_test, loo=args.loo if name == "digits-lr" else 0)
+        path = os.path.join(tempfile.gettempdir(), f"tinfluence-bench-{name}-{os.getpid()}.pt")
+        tasks.save(task, path)
+        methods = peers.TASK_METHODS[name] if not args.methods else [m for m in args.methods.split(",") if m in peers.TASK_METHODS[name]]
+        rows = []
+        for method in methods:
+            for lib in libraries:
+                if method not in peers.ADAPTERS[lib]:
+                    continue
+                spec = {"task_file": path, "library": lib, "method": method, "repeats": args.repeats, "threads": args.threads}
+                result = _run_child(pythons[lib], spec, args.timeout)
+                result.update(library=lib, method=method)
+                rows.append(result)
+                shown = result.get("error") or f"{min(result['times']):.3f} s, check {result['check']} ({result['ref_pearson']:.6f})"
+                print(f"  {name:10s} {method:13s} {lib:11s} {shown}", flush=True)
+        os.unlink(path)
+        report += [f"{name}: {task.n_train} train × {task.n_test} test, float64, l2={task.l2}" +
+                   (f"; leave-one-out for {len(task.loo_ids)} training ids" if task.loo is not None else ""), ""]
+        report += _table(name, rows)
+        report += notes(rows, peers)
+    if not args.no_micro:
+        import micro
+        report += micro.report(args.threads)
+    text = "\n".join(report) + "\n"
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+def notes(rows, peers) -> list[str]:
+    lines = ["Settings and normalization: `scale` is the least-squares factor c that maps a library's scores onto the "
+             "method's reference (exact influence in tinfluence's sign, positive = helpful, for exact/CG/LiSSA/Arnoldi; "
+             "the closed-form TracIn sum for TracIn; the closed-form gradient dot product for grad-dot and EmpiricalIF); "
+             "correlations are of c × scores. c ≈ 1 means same sign and scale; c ≈ −1/n a library that reports "
+             "−n × (the change of the test loss), i.e. the up-weighting derivative."]
+    seen = {(r["library"], r["method"]) for r in rows}
+    lines += [f"- {lib} {method}: {text}" for (lib, method), text in peers.NOTES.items() if (lib, method) in seen]
+    return lines + [""]
+
+
+def fmnist_scaling(args, tasks) -> list[str]:
+    """Time and peak memory of tinfluence CG influence as n_train grows (10 test points)."""
+    out = ["### fmnist-lr (scaling in n_train)", ""]
+    if tasks.fmnist_files() is None:
+        message = f"skipped: Fashion-MNIST not found; install it with `{tasks.FMNIST_INSTALL}`"
+        print("fmnist-lr " + message)
+        return out + [message, ""]
+    out += ["tinfluence `ti.influence` with `ti.cg(ti.hvp(R, params), tol=1e-5)`, 10 test points, logistic regression "
+            "784→10 (P = 7850), l2=1e-2, float64; checked against textbook CG on the closed-form Hessian.", "",
+            "| n_train | min s | peak RSS MB | s per 1k train | MB per 1k train | check (ρ vs ref) |", "|---|---|---|---|---|---|"]
+    for n in [int(s) for s in args.fmnist_sizes.split(",")]:
+        print(f"building fmnist-lr n_train={n} ...", flush=True)
+        task = tasks.build("fmnist-lr", n, 10)
+        path = os.path.join(tempfile.gettempdir(), f"tinfluence-bench-fmnist-{n}-{os.getpid()}.pt")
+        tasks.save(task, path)
+        spec = {"task_file": path, "library": "tinfluence", "method": "cg", "repeats": 1, "threads": args.threads}
+        r = _run_child(sys.executable, spec, args.timeout)
+        os.unlink(path)
+        if "error" in r:
+            out.append(f"| {n} | {r['error']} | | | | |")
+            continue
+        t = min(r["times"])
+        out.append(f"| {n} | {t:.3g} | {r['peak_mb']:.0f} | {1000 * t / n:.3g} | {1000 * r['peak_mb'] / n:.3g} | "
+                   f"{r['check']} ({r['ref_pearson']:.6f}) |")
+        print("  " + out[-1], flush=True)
+    return out + [""]
+
+
+if __name__ == "__main__":
+    main()

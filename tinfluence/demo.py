@@ -1,0 +1,275 @@
+"""The demo: Koh & Liang's Figure 2 on the digits data that ships with scikit-learn.
+
+A multinomial logistic regression (L2 1e-2, float64, standardized pixels, 1000 training
+points, the remaining 797 for test) is trained to a tight optimum θ̂. Every chosen method
+scores all training points for the chosen test points; the training points with the
+largest |score| under any method (the top k of each method, united per test point) are
+removed one at a time and the model is retrained, warm-started from θ̂. Predicted and
+actual changes of the test loss are then compared per method.
+
+TracIn needs checkpoints of a training run. The demo records its own: a short,
+deterministic full-batch gradient descent from zero (`GD_STEPS` steps of size `GD_LR`),
+one checkpoint per step. TracIn and EmpiricalIF are not on the scale of a leave-one-out
+change; they are compared by correlation, which is scale-invariant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from . import plot
+from . import tree as tr
+from .methods.empirical_if import empirical_if
+from .methods.influence import influence
+from .methods.tracin import tracin
+from .model import functionalize
+from .objective import objective
+from .optimize import minimize
+from .solvers import cg, direct, lissa
+from .transforms import hessian, hvp
+from .validate import lbfgs_trainer, leave_one_out, pearson, sign_agreement, spearman
+
+__all__ = ["METHODS", "N_TRAIN", "L2", "GD_STEPS", "GD_LR", "Problem", "DemoResult", "load_digits_split",
+           "digits_problem", "gd_checkpoints", "run"]
+
+N_TRAIN = 1000
+L2 = 1e-2
+GD_STEPS = 20
+GD_LR = 2.0
+IMAGE_SHAPE = (8, 8)
+
+
+def load_digits_split(n_train: int = N_TRAIN):
+    """Returns `(train, test, images)`: standardized float64 digits, and the raw 8×8 images.
+
+    `train = (x [n_train, 64], y [n_train])`, `test` the rest (797 points for n_train = 1000);
+    pixels are standardized with the training mean and standard deviation (+1e-6, so constant
+    pixels stay 0). `images = (train images, test images)`, `[n, 8, 8]`, for plotting.
+    """
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = torch.tensor(X, dtype=torch.float64), torch.tensor(y)
+    mean, std = X[:n_train].mean(0), X[:n_train].std(0) + 1e-6
+    Z = (X - mean) / std
+    raw = X.reshape(-1, *IMAGE_SHAPE)
+    return (Z[:n_train], y[:n_train]), (Z[n_train:], y[n_train:]), (raw[:n_train], raw[n_train:])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The trained digits model: data, the pure model and θ̂."""
+
+    train: tuple
+    test: tuple
+    images: tuple
+    apply: Callable
+    params: dict
+    l2: float
+
+    def loss(self, params, batch) -> torch.Tensor:
+        """Cross entropy per example, `[B]`."""
+        x, y = batch
+        return F.cross_entropy(self.apply(params, x), y, reduction="none")
+
+    def objective(self):
+        """R(θ) = mean training loss + (l2/2)‖θ‖²."""
+        return objective(self.loss, self.train, l2=self.l2)
+
+
+def digits_problem(n_train: int = N_TRAIN, l2: float = L2) -> Problem:
+    """Returns the digits logistic regression trained from zero to gradient max-norm 1e-12."""
+    train, test, images = load_digits_split(n_train)
+    apply, params = functionalize(torch.nn.Linear(64, 10).double())
+    untrained = Problem(train, test, images, apply, tr.zeros_like(params), l2)
+    params = minimize(untrained.objective(), untrained.params, gtol=1e-12, newton_steps=5)
+    return Problem(train, test, images, apply, params, l2)
+
+
+def gd_checkpoints(problem: Problem, *, steps: int = GD_STEPS, lr: float = GD_LR) -> list:
+    """Returns `[(θ_t, lr), ...]`: full-batch gradient descent on R from θ = 0, one checkpoint per step.
+
+    Deterministic; θ_t is the point at which step t's gradient is taken.
+    """
+    grad_R = torch.func.grad(problem.objective())
+    theta, checkpoints = tr.zeros_like(problem.params), []
+    for _ in range(steps):
+        checkpoints.append((theta, lr))
+        theta = tr.add_scaled(theta, -lr, grad_R(theta))
+    return checkpoints
+
+
+class Method(NamedTuple):
+    """A row of the demo's table: how to score, and whether scores share the leave-one-out scale."""
+
+    label: str
+    scale_free: bool
+    score: Callable   # (problem, test, generator) -> [n_test, n_train]
+
+
+def _direct(problem, test, generator):
+    return influence(problem.loss, problem.params, problem.train, test,
+                     ihvp=direct(hessian(problem.objective(), problem.params)))
+
+
+def _cg(problem, test, generator):
+    return influence(problem.loss, problem.params, problem.train, test,
+                     ihvp=cg(hvp(problem.objective(), problem.params), tol=1e-8, maxiter=300))
+
+
+def _lissa(problem, test, generator):
+    ihvp = lissa(problem.loss, problem.params, problem.train, l2=problem.l2, scale="auto", depth=1000,
+                 repeats=1, batch_size=50, generator=generator)
+    return influence(problem.loss, problem.params, problem.train, test, ihvp=ihvp)
+
+
+def _tracin(problem, test, generator):
+    return tracin(problem.loss, gd_checkpoints(problem), problem.train, test)
+
+
+def _empirical(problem, test, generator):
+    return empirical_if(problem.loss, problem.params, problem.train, test, radius=1e-3)
+
+
+METHODS = {
+    "direct": Method("influence, dense Hessian (Cholesky)", False, _direct),
+    "cg": Method("influence, conjugate gradients (tol 1e-8)", False, _cg),
+    "lissa": Method("influence, LiSSA (depth 1000, batch 50)", False, _lissa),
+    "tracin": Method(f"TracIn ({GD_STEPS} GD checkpoints)", True, _tracin),
+    "empirical": Method("EmpiricalIF (ascent/descent, r=1e-3)", True, _empirical),
+}
+
+
+class DemoResult(NamedTuple):
+    """Everything the demo computed; `table` rows are per method, metrics averaged over test points."""
+
+    test_ids: list
+    scores: dict       # method -> [n_test, n_train]
+    retrained: list    # training ids removed and retrained, sorted
+    actual: torch.Tensor   # [n_test, len(retrained)]: actual change of the test loss
+    table: list        # dicts: method, pearson, spearman, sign, seconds
+
+
+def _retrain_sets(scores: dict, top_k: int) -> list:
+    """Per test point, the union over methods of the top-k training ids by |score| (sorted lists)."""
+    tops = torch.cat([s.abs().topk(top_k, dim=1).indices for s in scores.values()], dim=1)   # [n_test, m·k]
+    return [sorted(set(row.tolist())) for row in tops]
+
+
+def _metrics(name: str, scores: torch.Tensor, actual: torch.Tensor, columns: dict, sets: list, top_k: int) -> dict:
+    """Mean over test points of Pearson/Spearman on each test's retrained set, and top-k sign agreement."""
+    rows = []
+    for t, ids in enumerate(sets):
+        cols = torch.tensor([columns[i] for i in ids])
+        s, a = scores[t, ids], actual[t, cols]
+        rows.append((pearson(s, a), spearman(s, a), sign_agreement(s, a, k=min(top_k, len(ids)))))
+    p, r, g = (torch.stack(col).mean().item() for col in zip(*rows))
+    return {"method": name, "pearson": p, "spearman": r, "sign": g}
+
+
+def _table_text(table: list, top_k: int) -> str:
+    head = f"{'method':<10} {'pearson':>8} {'spearman':>9} {f'sign@{top_k}':>9} {'time [s]':>9}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{r['method']:<10} {r['pearson']:>8.4f} {r['spearman']:>9.4f} {r['sign']:>9.3f} {r['seconds']:>9.2f}"
+              for r in table]
+    return "\n".join(lines)
+
+
+def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: bool = True,
+        echo: Callable = print) -> DemoResult:
+    """Runs the demo and writes its files into `out` (which must exist and be writable).
+
+    Files: `figure2.png` (predicted vs actual change in test loss, one panel per method),
+    `top_examples.png` (most helpful and harmful training images for the first test point),
+    `scores.npz` (scores per method, test and training ids, retrained ids, actual changes),
+    `loo.jsonl` (one record per retrained model, id -1 the base run; resumed if present).
+
+    Args:
+      methods: names from `METHODS`, in table order.
+      test_ids: ids into the 797 test points.
+      top_k: training points per method and test point to retrain without.
+      out: output folder.
+      seed: seed of the generator for the stochastic methods (LiSSA).
+      progress: show tqdm bars (retraining).
+      echo: where the report lines go.
+
+    Returns:
+      A `DemoResult`.
+    """
+    start = time.perf_counter()
+    problem = digits_problem()
+    echo(f"digits: {D.num_examples(problem.train)} training / {D.num_examples(problem.test)} test points; "
+         f"logistic regression, l2={problem.l2:g}, float64, trained in {time.perf_counter() - start:.1f} s")
+    test = D.take(problem.test, torch.tensor(test_ids))
+    generator = torch.Generator().manual_seed(seed)
+    scores, seconds = {}, {}
+    for name in methods:
+        tic = time.perf_counter()
+        scores[name] = METHODS[name].score(problem, test, generator)
+        seconds[name] = time.perf_counter() - tic
+    sets = _retrain_sets(scores, top_k)
+    retrained = sorted(set().union(*sets))
+    echo(f"retraining without each of {len(retrained)} training points (top {top_k} by |score| of each method, "
+         f"united per test point), warm-started from θ̂ ...")
+    tic = time.perf_counter()
+    train_fn = lbfgs_trainer(problem.loss, l2=problem.l2, gtol=1e-9, newton_steps=2)
+    everything = leave_one_out(train_fn, problem.params, problem.train, problem.test, retrained,
+                               measure=problem.loss, out=os.path.join(out, "loo.jsonl"), progress=progress)
+    actual = everything[torch.tensor(test_ids)]                                        # [n_test, len(retrained)]
+    echo(f"leave-one-out: {time.perf_counter() - tic:.1f} s (all {D.num_examples(problem.test)} test losses "
+         "recorded per model in loo.jsonl)")
+    columns = {i: j for j, i in enumerate(retrained)}
+    table = [_metrics(name, scores[name], actual, columns, sets, top_k) | {"seconds": seconds[name]} for name in methods]
+    echo("")
+    echo(f"test ids {list(test_ids)}: predicted vs actual change in test loss when a training point is removed")
+    echo("(pearson/spearman over each test point's retrained set, then averaged over test points; "
+         f"sign@{top_k}: sign agreement on each method's own top {top_k})")
+    echo(_table_text(table, top_k))
+    echo("")
+    for name in methods:
+        echo(f"  {name:<10} {METHODS[name].label}")
+    if "tracin" in methods:
+        echo(f"TracIn checkpoints: recorded by the demo from {GD_STEPS} steps of deterministic full-batch gradient "
+             f"descent from zero, step size {GD_LR:g}.")
+    if any(METHODS[name].scale_free for name in methods):
+        echo("TracIn and EmpiricalIF have their own scale: compare them by correlation (Pearson is scale-invariant), "
+             "not by magnitude.")
+    result = DemoResult(list(test_ids), scores, retrained, actual, table)
+    _write(result, problem, sets, top_k, out)
+    echo(f"wrote {', '.join(FILES)} to {out}  (total {time.perf_counter() - start:.1f} s)")
+    return result
+
+
+FILES = ("figure2.png", "top_examples.png", "scores.npz", "loo.jsonl", "table.json")
+
+
+def _write(result: DemoResult, problem: Problem, sets: list, top_k: int, out: str) -> None:
+    """The figure, the example images, the scores and the table, into `out`."""
+    columns = {i: j for j, i in enumerate(result.retrained)}
+    index = [torch.tensor([columns[i] for i in ids]) for ids in sets]
+    actual = [result.actual[t, cols] for t, cols in enumerate(index)]
+    predicted = {name: [s[t, ids] for t, ids in enumerate(sets)] for name, s in result.scores.items()}
+    scale_free = [name for name in result.scores if METHODS[name].scale_free]
+    plot.loo_scatter(actual, predicted, labels=[f"test {i}" for i in result.test_ids],
+                     scale_free=scale_free, path=os.path.join(out, "figure2.png"))
+    shown = "direct" if "direct" in result.scores else next(iter(result.scores))
+    t0 = result.test_ids[0]
+    plot.top_examples(problem.images[0], result.scores[shown][0], problem.images[1][t0], k=6,
+                      labels=problem.train[1], test_label=int(problem.test[1][t0]),
+                      title=f"test point {t0}: most helpful and harmful training points ({shown})",
+                      path=os.path.join(out, "top_examples.png"))
+    np.savez(os.path.join(out, "scores.npz"), test_ids=np.array(result.test_ids),
+             train_ids=np.arange(D.num_examples(problem.train)), retrained_ids=np.array(result.retrained),
+             actual=result.actual.numpy(), methods=np.array(list(result.scores)),
+             **{f"scores_{name}": s.numpy() for name, s in result.scores.items()})
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump({"test_ids": result.test_ids, "top_k": top_k, "rows": result.table}, f, indent=1)

@@ -211,19 +211,19 @@ def captum_grad_dot(task: Task):
 def _captum_if(task: Task, cls, **kw):
     model = task.make_model()
     paths, load = _captum_checkpoints(task, [(task.make_model().state_dict(), 1.0)])
-    f = cls(model, _dataset(task), paths[0], checkpoints_load_func=load, loss_fn=torch.nn.CrossEntropyLoss(reduction="mean"),
-            batch_size=task.n_train, **kw)
+    f = cls(model, _dataset(task), paths[0], checkpoints_load_func=load, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+            batch_size=task.n_train, hessian_reg=task.l2 * task.n_train, **kw)
     return f.influence(task.test)
 
 
 def captum_exact(task: Task):
     from captum.influence import NaiveInfluenceFunction
-    return _captum_if(task, NaiveInfluenceFunction, hessian_reg=task.l2)
+    return _captum_if(task, NaiveInfluenceFunction)
 
 
 def captum_arnoldi(task: Task):
     from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
-    return _captum_if(task, ArnoldiInfluenceFunction, hessian_reg=task.l2)
+    return _captum_if(task, ArnoldiInfluenceFunction)
 
 
 # ---------------------------------------------------------------- pyDVL
@@ -294,7 +294,7 @@ NOTES = {
     ("dattri", "arnoldi"): "library defaults",
     ("dattri", "tracin"): "library default: gradients randomly projected to 512 dims",
     ("dattri", "grad-dot"): "TracInAttributor on the final parameters, weight 1, default 512-dim projection",
-    ("captum", "exact"): "NaiveInfluenceFunction, mean loss, hessian_reg = l2",
+    ("captum", "exact"): "NaiveInfluenceFunction; its Hessian is of the summed loss, so hessian_reg = n·l2",
     ("captum", "grad-dot"): "TracInCP on the final parameters, weight 1",
     ("captum", "tracin-fast"): "last layer only (the whole model for LR)",
     ("captum", "arnoldi"): "library defaults",

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import tinfluence as ti
 
 torch.set_default_dtype(torch.float64)
+torch.set_num_threads(1)   # the tests are many small ops: one thread is fastest and immune to a busy machine
 
 
 @pytest.fixture

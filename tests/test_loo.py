@@ -18,27 +18,45 @@ def _records(path):
         return [json.loads(line) for line in f]
 
 
-def test_matches_retraining_from_scratch(digits_lr):
-    indices = [7, 512]
-    train_fn = ti.lbfgs_trainer(digits_lr.loss, l2=digits_lr.l2, gtol=1e-12, newton_steps=5)
-    actual = ti.leave_one_out(train_fn, digits_lr.params, digits_lr.train, digits_lr.test, indices,
-                              measure=digits_lr.loss, progress=False)
-    assert actual.shape == (797, 2) and actual.dtype == torch.float64
+INDICES = [7, 512]
+
+
+@pytest.fixture(scope="module")
+def from_scratch(digits_lr):
+    """Actual test-loss changes, each model retrained from zeros to gradient max-norm 1e-12: [797, 2]."""
     zeros = ti.tree.zeros_like(digits_lr.params)
     base = digits_lr.loss(digits_lr.params, digits_lr.test)
-    for j, i in enumerate(indices):
+    columns = []
+    for i in INDICES:
         keep = torch.ones(1000, dtype=torch.bool)
         keep[i] = False
         scratch = ti.minimize(digits_lr.objective(ti.take(digits_lr.train, keep)), zeros, gtol=1e-12, maxiter=100,
-                             newton_steps=10)
-        torch.testing.assert_close(actual[:, j], digits_lr.loss(scratch, digits_lr.test) - base, rtol=0, atol=1e-8)
+                              newton_steps=10)
+        columns.append(digits_lr.loss(scratch, digits_lr.test) - base)
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("trainer", ["lbfgs", "newton"])
+def test_matches_retraining_from_scratch(digits_lr, from_scratch, trainer):
+    train_fn = (ti.lbfgs_trainer(digits_lr.loss, l2=digits_lr.l2, gtol=1e-12, newton_steps=5) if trainer == "lbfgs"
+                else ti.newton_trainer(digits_lr.loss, digits_lr.params, digits_lr.train, l2=digits_lr.l2, gtol=1e-12))
+    actual = ti.leave_one_out(train_fn, digits_lr.params, digits_lr.train, digits_lr.test, INDICES,
+                              measure=digits_lr.loss, progress=False)
+    assert actual.shape == (797, 2) and actual.dtype == torch.float64
+    torch.testing.assert_close(actual, from_scratch, rtol=0, atol=1e-8)
     assert actual.abs().max() > 1e-4   # the removals change the test loss well above the tolerance
+
+
+def test_newton_trainer_reports_failure(digits_lr):
+    train_fn = ti.newton_trainer(digits_lr.loss, digits_lr.params, digits_lr.train, l2=digits_lr.l2, maxiter=1)
+    with pytest.raises(ti.ConvergenceError, match=r"ti.newton_trainer: gradient max-norm .* > gtol=1e-10 after maxiter=1"):
+        train_fn(digits_lr.params, ti.take(digits_lr.train, slice(1, None)))
 
 
 def test_removing_a_point_raises_its_own_loss(digits_lr):
     """The sign: a training point helps its own prediction, so removing it raises its loss (> 0)."""
     indices = [3, 40, 900]
-    train_fn = ti.lbfgs_trainer(digits_lr.loss, l2=digits_lr.l2, gtol=1e-9, newton_steps=2)
+    train_fn = ti.newton_trainer(digits_lr.loss, digits_lr.params, digits_lr.train, l2=digits_lr.l2)
     actual = ti.leave_one_out(train_fn, digits_lr.params, digits_lr.train, ti.take(digits_lr.train, torch.tensor(indices)),
                               indices, measure=digits_lr.loss, progress=False)
     assert bool((actual.diagonal() > 0).all())
@@ -162,6 +180,14 @@ def test_a_file_from_another_run_is_refused(tmp_path):
     out.write_text(json.dumps({"id": -1, "values": [0.0, 1.0]}) + "\n")
     with pytest.raises(ValueError, match=r"line 1 holds 2 test values, but `test` has 3 points: the file belongs to another run"):
         ti.leave_one_out(train_fn, params, train, test, [0], measure=measure, out=out, progress=False)
+    ti.leave_one_out(train_fn, params, train, test, [0], measure=measure, out=out.with_name("a.jsonl"), meta={"ids": (1, 2)},
+                     progress=False)
+    ti.leave_one_out(train_fn, params, train, test, [0], measure=measure, out=out.with_name("a.jsonl"), meta={"ids": [1, 2]},
+                     progress=False)
+    with pytest.raises(ValueError, match=r"was written for another run: its base record has meta=\{'ids': \[1, 2\]\}, "
+                                         r"this call meta=\{'ids': \[3\]\}"):
+        ti.leave_one_out(train_fn, params, train, test, [0], measure=measure, out=out.with_name("a.jsonl"), meta={"ids": [3]},
+                         progress=False)
     out.write_text("not json\n")
     with pytest.raises(ValueError, match=r"ti.leave_one_out: `out` file .* line 1 is not a leave-one-out record"):
         ti.leave_one_out(train_fn, params, train, test, [0], measure=measure, out=out, progress=False)

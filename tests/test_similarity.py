@@ -5,17 +5,12 @@ import torch
 import torch.nn.functional as F
 
 import tinfluence as ti
+from tinfluence.testing import loop_grads as _loop_grads
 
 
 def loop_grads(loss, params, data):
-    """[n, P]: one torch.autograd.grad call per example (the reference, never the library's vmap)."""
-    rows = []
-    for i in range(ti.num_examples(data)):
-        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        example = ti.take(data, slice(i, i + 1))
-        grads = torch.autograd.grad(loss(leaves, example).sum(), list(leaves.values()))
-        rows.append(ti.ravel(dict(zip(leaves.keys(), grads))))
-    return torch.stack(rows)
+    """[n, P] reference gradients from an explicit per-example autograd loop."""
+    return ti.ravel(_loop_grads(loss, params, data), batch_ndim=1)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,8 @@ from torch import nn
 
 import tinfluence as ti
 from tinfluence import tree as tr
+from tinfluence.testing import loop_grads
 from models import build, cases
-
-
-def loop_grads(loss, params, data):
-    """Reference: one torch.autograd.grad per example, stacked."""
-    rows = []
-    for i in range(ti.num_examples(data)):
-        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        example = ti.take(data, slice(i, i + 1))
-        g = torch.autograd.grad(loss(p, example).sum(), list(p.values()), allow_unused=True)
-        rows.append({k: torch.zeros_like(v) if gi is None else gi for (k, v), gi in zip(p.items(), g)})
-    return tr.stack(rows)
 
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c[0])

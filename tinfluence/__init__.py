@@ -44,3 +44,7 @@ __all__ += ["direct", "cg", "cg_solve", "lissa", "lissa_solve", "SolveInfo", "CG
 
 from .methods.newton import newton_loo, newton_step_without  # noqa: E402
 __all__ += ["newton_loo", "newton_step_without"]
+from .validate import newton_trainer  # noqa: E402
+__all__ += ["newton_trainer"]
+from . import plot  # noqa: E402
+__all__ += ["plot"]

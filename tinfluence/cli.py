@@ -14,7 +14,7 @@ import tempfile
 __all__ = ["main"]
 
 DEFAULT_TEST_IDS = (0, 1, 2)
-DEFAULT_TOP_K = 40
+DEFAULT_TOP_K = 100
 DEFAULT_OUT = os.path.join("runs", "demo")
 
 
@@ -43,6 +43,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                       help=f"output folder, created if missing (default: {DEFAULT_OUT})")
     demo.add_argument("--seed", type=int, default=0, help="seed of LiSSA's mini-batch sampling (default: 0)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="CPU threads for torch (default: 1; the demo's matrices are small, and one thread "
+                           "avoids contention on a busy machine)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser, demo
 
@@ -62,6 +65,8 @@ def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None
         demo.error(f"argument --test-ids: each id may appear once; got {' '.join(map(str, args.test_ids))}.")
     if not 1 <= args.top_k <= N_TRAIN:
         demo.error(f"argument --top-k: must be between 1 and {N_TRAIN} (the training set size); got {args.top_k}.")
+    if args.threads < 1:
+        demo.error(f"argument --threads: must be >= 1; got {args.threads}.")
     try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
@@ -76,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser, demo_parser = _parsers()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        import torch
+
         from . import demo
 
         _check_demo(demo_parser, args)
+        torch.set_num_threads(args.threads)
         demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed, progress=not args.no_progress,
                  echo=lambda line: print(line, flush=True))
     return 0

@@ -36,7 +36,7 @@ from .objective import objective
 from .optimize import minimize
 from .solvers import cg, direct, lissa
 from .transforms import hessian, hvp
-from .validate import lbfgs_trainer, leave_one_out, pearson, sign_agreement, spearman
+from .validate import leave_one_out, newton_trainer, pearson, sign_agreement, spearman
 
 __all__ = ["METHODS", "N_TRAIN", "L2", "GD_STEPS", "GD_LR", "Problem", "DemoResult", "load_digits_split",
            "digits_problem", "gd_checkpoints", "run"]
@@ -46,6 +46,7 @@ L2 = 1e-2
 GD_STEPS = 20
 GD_LR = 2.0
 IMAGE_SHAPE = (8, 8)
+FILES = ("figure2.png", "top_examples.png", "scores.npz", "loo.jsonl", "table.json")
 
 
 def load_digits_split(n_train: int = N_TRAIN):
@@ -219,14 +220,15 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
     sets = _retrain_sets(scores, top_k)
     retrained = sorted(set().union(*sets))
     echo(f"retraining without each of {len(retrained)} training points (top {top_k} by |score| of each method, "
-         f"united per test point), warm-started from θ̂ ...")
+         f"united per test point), warm-started from θ̂ (Newton iterations with the full-data Hessian, "
+         "to gradient max-norm 1e-10) ...")
     tic = time.perf_counter()
-    train_fn = lbfgs_trainer(problem.loss, l2=problem.l2, gtol=1e-9, newton_steps=2)
-    everything = leave_one_out(train_fn, problem.params, problem.train, problem.test, retrained,
-                               measure=problem.loss, out=os.path.join(out, "loo.jsonl"), progress=progress)
-    actual = everything[torch.tensor(test_ids)]                                        # [n_test, len(retrained)]
-    echo(f"leave-one-out: {time.perf_counter() - tic:.1f} s (all {D.num_examples(problem.test)} test losses "
-         "recorded per model in loo.jsonl)")
+    train_fn = newton_trainer(problem.loss, problem.params, problem.train, l2=problem.l2, gtol=1e-10)
+    path, meta = os.path.join(out, "loo.jsonl"), {"demo": "digits logistic regression", "test_ids": list(test_ids)}
+    _start_over_if_other_run(path, meta, echo)
+    actual = leave_one_out(train_fn, problem.params, problem.train, test, retrained, measure=problem.loss,
+                           out=path, meta=meta, progress=progress)                     # [n_test, len(retrained)]
+    echo(f"leave-one-out: {time.perf_counter() - tic:.1f} s")
     columns = {i: j for j, i in enumerate(retrained)}
     table = [_metrics(name, scores[name], actual, columns, sets, top_k) | {"seconds": seconds[name]} for name in methods]
     echo("")
@@ -249,7 +251,16 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
     return result
 
 
-FILES = ("figure2.png", "top_examples.png", "scores.npz", "loo.jsonl", "table.json")
+def _start_over_if_other_run(path: str, meta: dict, echo: Callable) -> None:
+    """Removes the demo's own `loo.jsonl` when it was written for other test points (it is resumed otherwise)."""
+    try:
+        with open(path) as f:
+            base = json.loads(f.readline())
+    except (OSError, ValueError):
+        return
+    if isinstance(base, dict) and base.get("meta") != meta:
+        os.remove(path)
+        echo(f"{path} held results for other test points ({base.get('meta')}); starting it afresh.")
 
 
 def _write(result: DemoResult, problem: Problem, sets: list, top_k: int, out: str) -> None:

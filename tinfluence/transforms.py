@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import optree
 import torch
 from torch.func import grad, hessian as _func_hessian, jvp, linearize, vjp, vmap
 
@@ -59,11 +60,16 @@ def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = 
 
 
 def _accepting_stacks(apply_one: Callable, params) -> Callable:
-    """Lifts `v -> C v` to also take a stack of vectors (leading axis k) via vmap."""
+    """Lifts `v -> C v` to also take a stack of vectors (leading axis k) via vmap.
+
+    The operator carries the parameters it acts on as `.params`, so solvers can tell one
+    vector from a stack without being told.
+    """
 
     def operator(v):
         return vmap(apply_one)(v) if tr.has_leading_axis(v, params) else apply_one(v)
 
+    operator.params = params
     return operator
 
 
@@ -82,32 +88,62 @@ def _tangent_map(fn: Callable, primal, cache: bool) -> Callable:
     return lambda v: jvp(fn, (primal,), (v,))[1]
 
 
+def _retained_hvp(f: Callable, params) -> Callable:
+    """`v -> ∇²f(params) v` by reverse over reverse on a gradient graph built once and kept."""
+    leaves, spec = optree.tree_flatten(params, namespace="")
+    primals = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(f(optree.tree_unflatten(spec, primals)), primals, create_graph=True)
+    live = [i for i, g in enumerate(grads) if g.requires_grad]   # a gradient constant in θ has H = 0
+
+    def apply_one(v):
+        tangents = spec.flatten_up_to(v)
+        out = [torch.zeros_like(t) for t in tangents]
+        if live:
+            products = torch.autograd.grad([grads[i] for i in live], primals, [tangents[i] for i in live],
+                                           retain_graph=True, allow_unused=True)
+            out = [o if p is None else p for o, p in zip(out, products)]
+        return optree.tree_unflatten(spec, out)
+
+    return apply_one
+
+
 def hvp(f: Callable, params, *, cache: bool = True) -> Callable:
     """Returns the operator v ↦ ∇²f(θ) v at θ = `params`, exact.
 
-    The Hessian is the derivative of the gradient along v (forward over reverse). With
-    `cache=True` the gradient is linearized once here, at construction, and every call
-    replays only the tangent computation: measured on CPU this costs ~0.6 gradient per
-    product instead of ~4.8 for a fresh `jvp(grad(f))`. That is what CG and LiSSA need:
-    hundreds of products at the same parameters. It holds the linearization (the
-    intermediate values of the forward and backward passes) in memory; `cache=False`
-    recomputes per call and holds only one chunk's.
+    With `cache=True` (default) the gradient of f is computed once, here, with its
+    autograd graph kept, and every product is one backward pass through that graph
+    (reverse over reverse). Measured on CPU for digits logistic regression: building costs
+    about 0.3 gradient, one product well under one gradient, and 100 products applied
+    together about 1.3 gradients; a fresh forward-over-reverse product costs ~4.8
+    gradients and `torch.func.linearize` ~8 gradients just to build. That is what CG and
+    LiSSA need: many products at the same parameters. The kept graph holds the
+    intermediate values of f's forward and backward passes over all the data
+    (memory ∝ n for an objective).
 
-    For an `Objective` (from `ti.objective`) the product is reduced chunk by chunk,
-    H v = Σ_chunks ∇²(chunk's share of the mean loss) v + l2·v.
+    With `cache=False` every product is a fresh `jvp(grad(·))` (forward over reverse)
+    and an `Objective` (from `ti.objective`) is reduced chunk by chunk,
+    H v = Σ_chunks ∇²(chunk's share of the mean loss) v + l2·v, holding one chunk's
+    intermediates at a time. This form is a pure torch.func composition: it nests inside
+    other transforms and compiles with `torch.compile(fullgraph=True)`.
 
     Args:
       f: `params -> 0-d tensor`, e.g. `ti.objective(loss, train, l2=...)`.
       params: the point θ at which the Hessian is taken.
-      cache: linearize once (fast, memory ∝ data) or recompute (memory ∝ chunk).
+      cache: keep the gradient graph (fast, memory ∝ data) or recompute per call
+        (memory ∝ chunk, compile-friendly).
 
     Returns:
       `Hv(v)`: `v` shaped like `params` -> H v likewise; `v` with leaves `[k, *shape]`
-      -> leaves `[k, *shape]` (k products in one vmapped call). Pure.
+      -> leaves `[k, *shape]` (k products in one vmapped call). Pure: the same `v` gives
+      the same result, and `params` are never modified.
     """
     check_params("ti.hvp", params)
+    if cache:
+        return _accepting_stacks(_retained_hvp(f, params), params)
     if isinstance(f, Objective):
-        terms = [_tangent_map(grad(lambda p, c=chunk: f.data_term(p, c)), params, cache) for chunk in D.chunks(f.data, f.chunk_size)]
+        terms = [_tangent_map(grad(lambda p, c=chunk: f.data_term(p, c)), params, cache=False)
+                 for chunk in D.chunks(f.data, f.chunk_size)]
 
         def apply_one(v):
             total = terms[0](v)
@@ -115,7 +151,7 @@ def hvp(f: Callable, params, *, cache: bool = True) -> Callable:
                 total = tr.add(total, term(v))
             return tr.add_scaled(total, f.l2, v) if f.l2 else total
     else:
-        apply_one = _tangent_map(grad(f), params, cache)
+        apply_one = _tangent_map(grad(f), params, cache=False)
     return _accepting_stacks(apply_one, params)
 
 

@@ -114,11 +114,7 @@ def _is_stack(v, like, operator) -> bool:
 
 def _operator_params(operator):
     """The parameters an operator from ti.hvp / ti.ggn_vp was built at, or None."""
-    found = getattr(operator, "params", None)
-    if found is None and getattr(operator, "__closure__", None):
-        names = operator.__code__.co_freevars
-        found = dict(zip(names, (c.cell_contents for c in operator.__closure__))).get("params")
-    return found if isinstance(found, dict) else None
+    return getattr(operator, "params", None)
 
 
 def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like):

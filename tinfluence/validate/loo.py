@@ -5,10 +5,11 @@ retrained model is measured on all test points at once. Results go to a JSON-lin
 they are produced, one object per retrained model, so a run killed at any moment resumes
 where it stopped:
 
-    {"id": -1, "values": [m_1, ..., m_n_test]}    the base run: retrained on all of `train`
+    {"id": -1, "values": [m_1, ..., m_n_test], "meta": ...}   the base run: retrained on all of `train`
     {"id": 17, "values": [m_1, ..., m_n_test]}    retrained without training point 17
 
-`values` holds `measure(θ, test)` for every test point, written with full float precision.
+`values` holds `measure(θ, test)` for every test point, written with full float precision;
+`meta` is the caller's description of the run (e.g. which test points), checked on resume.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as D
-from ..errors import check_params
+from .. import tree as tr
+from ..errors import ConvergenceError, check_params
 from ..objective import objective, per_example
 from ..optimize import minimize
+from ..solvers import direct
+from ..transforms import hessian
 
-__all__ = ["leave_one_out", "lbfgs_trainer", "measure_all"]
+__all__ = ["leave_one_out", "lbfgs_trainer", "newton_trainer", "measure_all"]
 
 BASE_ID = -1
 
@@ -62,6 +66,65 @@ def lbfgs_trainer(loss: Callable, *, l2: float = 0.0, gtol: float = 1e-10, maxit
     return train_fn
 
 
+def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: float = 1e-10, maxiter: int = 50,
+                   chunk_size: int | None = None) -> Callable:
+    """Returns `train_fn(params, data) -> params`: Newton iterations with the Hessian of the full training set.
+
+    For leave-one-out retraining of small convex models. The Hessian H₀ of
+    R(θ) = (1/n) Σ loss + (l2/2)‖θ‖² on all of `train` at `params` (θ̂) is computed and
+    factorized once, here; `train_fn` then iterates θ ← θ − H₀⁻¹ ∇R_data(θ) on the objective
+    of the `data` it is given. Removing one point changes the Hessian by O(1/n), so each
+    iteration gains a few digits and a removal reaches `gtol` = 1e-10 in a handful of
+    gradient evaluations, exactly (no L-BFGS stall near 1e-9). When an iteration fails to
+    halve the gradient (a point that bends the curvature a lot), that call switches to exact
+    Newton steps with the Hessian of its own data at the current θ (one dense Hessian each).
+    For data far from `train` (large subsets removed) `lbfgs_trainer` is cheaper.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      params: θ̂, the optimum on `train`; also where H₀ is taken.
+      train: the full training set.
+      l2: weight decay λ₂ >= 0, as in `ti.objective`.
+      gtol: gradient max-norm at which an iteration stops.
+      maxiter: iterations at most, each one gradient over `data` and one solve.
+      chunk_size: examples per chunk in the objective and the Hessian.
+
+    Returns:
+      `train_fn(params, data) -> params`: new, detached parameters.
+
+    Raises:
+      ConvergenceError: from `train_fn`, when the gradient is still above `gtol` after
+        `maxiter` iterations.
+
+    Cost: one dense Hessian (P×P) at construction; per call, iterations × one gradient.
+    """
+    check_params("ti.newton_trainer", params)
+    solve = direct(hessian(objective(loss, train, l2=l2, chunk_size=chunk_size), params))
+
+    def train_fn(start, data):
+        R = objective(loss, data, l2=l2, chunk_size=chunk_size)
+        theta, step, previous = start, solve, float("inf")
+        for _ in range(maxiter):
+            g = _grad(R, theta)
+            worst = max(leaf.abs().max().item() for leaf in optree.tree_leaves(g, namespace=""))
+            if worst <= gtol:
+                return theta
+            if worst > 0.5 * previous:      # the shared Hessian no longer contracts: exact Newton from here on
+                step = direct(hessian(R, theta))
+            theta, previous = tr.sub(theta, step(g)), worst
+        raise ConvergenceError(f"ti.newton_trainer: gradient max-norm {worst:.3e} > gtol={gtol:g} after "
+                               f"maxiter={maxiter} iterations; raise `maxiter`, or use ti.lbfgs_trainer for data "
+                               "far from `train`.", info=theta)
+
+    return train_fn
+
+
+def _grad(f: Callable, params) -> dict:
+    """∇f(θ) by one reverse pass, detached (cheaper than torch.func.grad for a plain gradient)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    return dict(zip(leaves, torch.autograd.grad(f(leaves), list(leaves.values()))))
+
+
 def measure_all(measure: Callable, params, test, chunk_size: int | None, where: str) -> torch.Tensor:
     """`measure(params, z)` for every test point, chunk by chunk: `[n_test]`, detached."""
     with torch.no_grad():
@@ -81,7 +144,7 @@ def _check_indices(indices, n: int, where: str) -> list[int]:
     return ids.tolist()
 
 
-def _read_done(path: str, n_test: int, where: str) -> dict[int, list[float]]:
+def _read_done(path: str, n_test: int, meta, where: str) -> dict[int, list[float]]:
     """Finished records of a JSON-lines file; a partially written last line is cut off the file."""
     if not os.path.exists(path):
         return {}
@@ -104,6 +167,9 @@ def _read_done(path: str, n_test: int, where: str) -> dict[int, list[float]]:
         if len(values) != n_test:
             raise ValueError(f"{where}: `out` file {path!r} line {number} holds {len(values)} test values, but `test` has "
                              f"{n_test} points: the file belongs to another run. Pass a new `out` path or delete the file.")
+        if key == BASE_ID and record.get("meta") != meta:
+            raise ValueError(f"{where}: `out` file {path!r} was written for another run: its base record has "
+                             f"meta={record.get('meta')!r}, this call meta={meta!r}. Pass a new `out` path or delete the file.")
         done.setdefault(key, values)
     return done
 
@@ -115,17 +181,18 @@ def _without(key: int, n: int, device) -> torch.Tensor:
     return keep
 
 
-def _append(f, key: int, values: torch.Tensor) -> list[float]:
-    """Writes one record and forces it to disk; returns the values as written."""
+def _append(f, key: int, values: torch.Tensor, meta) -> list[float]:
+    """Writes one record (the base record with `meta`) and forces it to disk; returns the values as written."""
     record = values.cpu().tolist()
-    f.write((json.dumps({"id": key, "values": record}) + "\n").encode())
+    line = {"id": key, "values": record} | ({"meta": meta} if key == BASE_ID else {})
+    f.write((json.dumps(line) + "\n").encode())
     f.flush()
     os.fsync(f.fileno())
     return record
 
 
 def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: Callable,
-                  out: str | os.PathLike | None = None, chunk_size: int | None = None,
+                  out: str | os.PathLike | None = None, meta=None, chunk_size: int | None = None,
                   progress: bool = True) -> torch.Tensor:
     """Returns the actual change of `measure` on every test point when each training point is removed.
 
@@ -152,6 +219,9 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
         the compared quantity is always explicit).
       out: path of the JSON-lines file (created if missing, resumed if present); None keeps
         results in memory only.
+      meta: JSON-serializable description of the run (which test points, which model),
+        written into the base record; resuming a file whose base record has another `meta`
+        is refused, so results of one setup are never mixed into another.
       chunk_size: test points measured at once.
       progress: show a tqdm progress bar over the retrainings.
 
@@ -160,7 +230,8 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
 
     Raises:
       ValueError: `indices` not distinct integers in range; `measure` not per-example;
-        `out` written for a different number of test points or not a leave-one-out file.
+        `out` written for a different number of test points or another `meta`, or not a
+        leave-one-out file.
       ConvergenceError: from `train_fn`.
 
     Cost: len(indices) + 1 calls of `train_fn` (fewer when resuming), each followed by one
@@ -174,7 +245,8 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
     n_train = D.num_examples(train, name="train", where=where)
     n_test = D.num_examples(test, name="test", where=where)
     ids = _check_indices(indices, n_train, where)
-    done = _read_done(os.fspath(out), n_test, where) if out is not None else {}
+    meta = json.loads(json.dumps(meta))          # as it reads back from the file (tuples become lists)
+    done = _read_done(os.fspath(out), n_test, meta, where) if out is not None else {}
     todo = [key for key in [BASE_ID, *ids] if key not in done]
     device = optree.tree_leaves(train, namespace="")[0].device
     sink = open(out, "ab") if out is not None else None
@@ -184,7 +256,7 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
             retrained = train_fn(params, train if key == BASE_ID else D.take(train, _without(key, n_train, device)))
             check_params(f"{where}: `train_fn` output", retrained)
             values = measure_all(measure, retrained, test, chunk_size, where)
-            done[key] = _append(sink, key, values) if sink is not None else values.cpu().tolist()
+            done[key] = _append(sink, key, values, meta) if sink is not None else values.cpu().tolist()
             bar.update()
         bar.close()
     finally:

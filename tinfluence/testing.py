@@ -1,0 +1,31 @@
+"""Independent references, public so that users can check tinfluence's numbers themselves.
+
+They are deliberately slow and simple: a Python loop over examples with plain
+`torch.autograd`, sharing no code path with the vectorized kernels they check.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import data as D
+from . import tree as tr
+
+__all__ = ["loop_grads"]
+
+
+def loop_grads(loss: Callable, params: dict, data) -> dict:
+    """Per-example gradients by one `torch.autograd.grad` call per example.
+
+    Returns the structure of `params` with leaves `[n, *param.shape]`, like
+    `ti.per_example_grads`; a parameter that an example's loss does not touch gets zeros.
+    """
+    rows = []
+    for i in range(D.num_examples(data)):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        example = D.take(data, slice(i, i + 1))
+        grads = torch.autograd.grad(loss(leaves, example).sum(), list(leaves.values()), allow_unused=True)
+        rows.append({k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)})
+    return tr.stack(rows)

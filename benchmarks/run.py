@@ -7,7 +7,8 @@
 Each (task, library, method) runs in a fresh child process: it loads the task (built once
 by the parent, ground truth included), records its peak RSS, runs the method `--repeats`
 times, checks the scores against the method's reference, and reports wall times and the
-rise of peak RSS (getrusage ru_maxrss) above the level after loading. Results are printed
+rise of peak RSS above the RSS after loading (the high-water mark VmHWM is reset through
+/proc/self/clear_refs after loading; elsewhere getrusage's ru_maxrss is used). Results are printed
 and written to benchmarks/RESULTS.md.
 """
 
@@ -39,8 +40,30 @@ CHECKS = {
 
 # ---------------------------------------------------------------- child
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(float(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak() -> float:
+    """Resets the process's RSS high-water mark (Linux: clear_refs 5) and returns the current RSS in MB.
+
+    Without that interface, returns getrusage's ru_maxrss, so the reported rise is above the peak so far.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _flat_metrics(scores, reference):
@@ -60,7 +83,7 @@ def child(spec: dict) -> dict:
 
     task = tasks.load(spec["task_file"])
     fn = peers.ADAPTERS[spec["library"]][spec["method"]]
-    base = _peak_mb()
+    base = _reset_peak()
     times, scores = [], None
     for _ in range(spec["repeats"]):
         start = time.perf_counter()

@@ -48,3 +48,10 @@ from .validate import newton_trainer  # noqa: E402
 __all__ += ["newton_trainer"]
 from . import plot  # noqa: E402
 __all__ += ["plot"]
+from . import distributed  # noqa: E402
+__all__ += ["distributed"]
+from . import io  # noqa: E402
+from .io import influence_to_files  # noqa: E402
+__all__ += ["io", "influence_to_files"]
+from .knn import knn_candidates  # noqa: E402
+__all__ += ["knn_candidates"]

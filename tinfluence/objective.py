@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from . import data as D
+from . import distributed as dd
 from . import tree as tr
 
 __all__ = ["objective", "Objective", "per_example"]
@@ -35,6 +36,9 @@ class Objective:
 
     Calling it reduces the data chunk by chunk. `hvp`, `hessian` and the solvers read its
     fields to apply curvature chunk by chunk too, so memory stays bounded by `chunk_size`.
+
+    With a process `group`, `data` is this rank's shard and n the GLOBAL number of
+    examples: the value is all-reduced, and `ti.hvp` / `ti.hessian` all-reduce curvature.
     """
 
     loss: LossFn
@@ -42,6 +46,7 @@ class Objective:
     l2: float
     chunk_size: int | None
     n: int
+    group: object = None
 
     def data_term(self, params, chunk) -> torch.Tensor:
         """(1/n) Σ_{i in chunk} loss(θ, z_i): this chunk's share of the mean loss, 0-d."""
@@ -51,12 +56,23 @@ class Objective:
         """(l2/2)·‖θ‖², 0-d."""
         return 0.5 * self.l2 * tr.sq_norm(params)
 
+    def local_sum(self, params) -> torch.Tensor:
+        """(1/n) Σ over this process's examples of loss(θ, z_i), 0-d (the whole mean loss without a group)."""
+        return D.chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size)
+
     def __call__(self, params) -> torch.Tensor:
-        """R(θ), a 0-d tensor."""
-        return D.chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size) + self.regularizer(params)
+        """R(θ), a 0-d tensor.
+
+        With a group the value is summed over ranks; its gradient is this rank's share
+        (`ti.hvp` and `ti.hessian` reduce curvature themselves).
+        """
+        local = self.local_sum(params)
+        if self.group is not None:
+            local = local + (dd.all_reduce(local, self.group) - local).detach()
+        return local + self.regularizer(params)
 
 
-def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = None) -> Objective:
+def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = None, group=None) -> Objective:
     """Returns the training objective θ ↦ (1/n) Σ_i loss(θ, z_i) + (l2/2)·‖θ‖².
 
     Args:
@@ -64,6 +80,9 @@ def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = N
       data: the training set, a pytree of tensors with a common leading axis n.
       l2: weight decay coefficient λ₂ >= 0 (the ½ is included, so ∇ adds l2·θ).
       chunk_size: examples per chunk in every reduction (default 1024).
+      group: a `torch.distributed` process group when `data` is this rank's shard
+        (`ti.distributed.shard`); n is then the global number of examples (one
+        all-reduce of the shard sizes, here) and values and curvature are all-reduced.
 
     Returns:
       An `Objective`: call it on parameters for a 0-d tensor; pass it to `ti.hvp`,
@@ -75,5 +94,5 @@ def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = N
         raise ValueError(f"ti.objective: `chunk_size` must be >= 1; got {chunk_size}.")
     if not callable(loss):
         raise TypeError(f"ti.objective: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
-    n = D.num_examples(data, name="data", where="ti.objective")
-    return Objective(loss=loss, data=data, l2=float(l2), chunk_size=chunk_size, n=n)
+    n = dd.global_size(D.num_examples(data, name="data", where="ti.objective"), group)
+    return Objective(loss=loss, data=data, l2=float(l2), chunk_size=chunk_size, n=n, group=group)

@@ -8,6 +8,7 @@ one extra leading axis k) it returns the k products, computed in one vmapped cal
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable
 
@@ -16,6 +17,7 @@ import torch
 from torch.func import grad, hessian as _func_hessian, jvp, linearize, vjp, vmap
 
 from . import data as D
+from . import distributed as dd
 from . import tree as tr
 from .errors import check_params
 from .objective import Objective, per_example
@@ -73,6 +75,17 @@ def _accepting_stacks(apply_one: Callable, params) -> Callable:
     return operator
 
 
+def _all_reducing(local: Callable, l2: float, group) -> Callable:
+    """`v -> Σ_ranks local(v) + l2·v`: ONE all-reduce per application, the l2 term added once."""
+
+    def operator(v):
+        total = dd.all_reduce(local(v), group)
+        return tr.add_scaled(total, l2, v) if l2 else total
+
+    operator.params = local.params
+    return operator
+
+
 def _linearize(fn: Callable, primal):
     """`torch.func.linearize`, without the tracer's harmless internal warnings."""
     with warnings.catch_warnings():
@@ -127,6 +140,10 @@ def hvp(f: Callable, params, *, cache: bool = True) -> Callable:
     intermediates at a time. This form is a pure torch.func composition: it nests inside
     other transforms and compiles with `torch.compile(fullgraph=True)`.
 
+    An `Objective` with a process group (`ti.objective(..., group=)`) applies the
+    curvature of this rank's shard (either form above), then all-reduces the product once
+    per call (one collective for all right-hand sides of a stack) and adds l2·v once.
+
     Args:
       f: `params -> 0-d tensor`, e.g. `ti.objective(loss, train, l2=...)`.
       params: the point θ at which the Hessian is taken.
@@ -139,6 +156,8 @@ def hvp(f: Callable, params, *, cache: bool = True) -> Callable:
       the same result, and `params` are never modified.
     """
     check_params("ti.hvp", params)
+    if isinstance(f, Objective) and f.group is not None:
+        return _all_reducing(hvp(dataclasses.replace(f, l2=0.0, group=None), params, cache=cache), f.l2, f.group)
     if cache:
         return _accepting_stacks(_retained_hvp(f, params), params)
     if isinstance(f, Objective):
@@ -156,7 +175,7 @@ def hvp(f: Callable, params, *, cache: bool = True) -> Callable:
 
 
 def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float = 0.0,
-           chunk_size: int | None = None, cache: bool = True) -> Callable:
+           chunk_size: int | None = None, cache: bool = True, group=None) -> Callable:
     """Returns the Gauss-Newton operator v ↦ (1/n) Σ_i J_iᵀ H_i J_i v + l2·v.
 
     With outputs o_i = predict(θ, z_i) and per-example losses output_loss(o_i, z_i),
@@ -173,6 +192,8 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
       l2: added l2·v, matching `ti.objective(..., l2=)`.
       chunk_size: examples per chunk (default 1024).
       cache: linearize each chunk once (fast, memory ∝ data) or recompute per call.
+      group: a `torch.distributed` process group when `data` is this rank's shard: n is
+        the global number of examples and each product is all-reduced once (l2·v added once).
 
     Returns:
       `GNv(v)` on pytrees shaped like `params`, or on stacks with leading axis k. Pure.
@@ -180,7 +201,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     check_params("ti.ggn_vp", params)
     if l2 < 0:
         raise ValueError(f"ti.ggn_vp: `l2` must be >= 0; got {l2}.")
-    n = D.num_examples(data, name="data", where="ti.ggn_vp")
+    n = dd.global_size(D.num_examples(data, name="data", where="ti.ggn_vp"), group)
 
     def chunk_term(chunk):
         forward = lambda p: predict(p, chunk)  # noqa: E731
@@ -199,14 +220,16 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
         return term
 
     terms = [chunk_term(chunk) for chunk in D.chunks(data, chunk_size)]
+    local_l2 = 0.0 if group is not None else l2
 
     def apply_one(v):
         total = terms[0](v)
         for term in terms[1:]:
             total = tr.add(total, term(v))
-        return tr.add_scaled(total, l2, v) if l2 else total
+        return tr.add_scaled(total, local_l2, v) if local_l2 else total
 
-    return _accepting_stacks(apply_one, params)
+    operator = _accepting_stacks(apply_one, params)
+    return operator if group is None else _all_reducing(operator, l2, group)
 
 
 def hessian(f: Callable, params) -> torch.Tensor:
@@ -214,7 +237,8 @@ def hessian(f: Callable, params) -> torch.Tensor:
 
     For small P only (P² numbers). An `Objective` is reduced chunk by chunk. Computed with
     `torch.func.hessian` (forward over reverse on the raveled parameters), independently
-    of `hvp`'s code path.
+    of `hvp`'s code path. An `Objective` with a process group sums its shards' Hessians
+    (one all-reduce of the `[P, P]` matrix) and adds l2·I once.
     """
     check_params("ti.hessian", params)
     flat = tr.ravel(params)
@@ -224,6 +248,7 @@ def hessian(f: Callable, params) -> torch.Tensor:
 
     if isinstance(f, Objective):
         H = D.chunk_sum(lambda chunk: dense(lambda p: f.data_term(p, chunk)), f.data, f.chunk_size)
+        H = dd.all_reduce(H, f.group)
         return H + f.l2 * torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
     return dense(f)
 

@@ -10,6 +10,7 @@ import torch
 from torch.func import vmap
 
 from .. import data as D
+from .. import distributed as dd
 from .. import tree as tr
 from ..errors import check_params
 from ..objective import per_example
@@ -47,7 +48,7 @@ def _averaged_products(d_a: torch.Tensor, d_b: torch.Tensor) -> torch.Tensor:
 
 
 def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, directions: int | None = None,
-                 generator: torch.Generator | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, chunk_size: int | None = None, group=None) -> torch.Tensor:
     """Returns EmpiricalIF scores from loss changes under perturbations of θ, `[n_test, n_train]`.
 
     Ascent/descent (default): for each test point, u = g_test/‖g_test‖ and θ± = θ ± r·u.
@@ -75,6 +76,9 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
       directions: m >= 1 random directions (sphere variant); None for ascent/descent.
       generator: required with `directions`; its state is copied, not advanced.
       chunk_size: training examples per forward pass (default 1024).
+      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
+        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
+        rank returns the single-process result.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
@@ -124,7 +128,7 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         d_train = vmap(loss, in_dims=(0, None))(thetas, chunk) - per_example(loss, params, chunk, where=where)  # [2k, c]
         return combine(d_test, d_train)
 
-    return torch.cat([chunk_scores(chunk) for chunk in D.chunks(train, chunk_size)], dim=1)
+    return dd.gather_columns(torch.cat([chunk_scores(chunk) for chunk in D.chunks(train, chunk_size)], dim=1), group)
 
 
 def _check_radius(where: str, radius) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch.func import vmap
 
 from .. import data as D
+from .. import distributed as dd
 from .. import tree as tr
 from ..errors import check_params
 from ..transforms import per_example_grad_fn, per_example_grads
@@ -17,7 +18,8 @@ __all__ = ["influence", "self_influence"]
 
 
 def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: Callable | None = None,
-              chunk_size: int | None = None) -> torch.Tensor:
+              chunk_size: int | None = None, candidates: torch.Tensor | None = None, group=None,
+              gather: bool = True) -> torch.Tensor:
     """Returns the influence of every training example on every test example, `[n_test, n_train]`.
 
         score[t, i] = (1/n) ∇_θ m(θ̂, z_t)ᵀ (H + λI)⁻¹ ∇_θ ℓ(θ̂, z_i),
@@ -49,12 +51,28 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
       ihvp: `v ↦ (H + λI)⁻¹ v` accepting a stack (leading axis k): `ti.direct`, `ti.cg`, `ti.lissa`.
       measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`.
       chunk_size: examples per vectorized gradient computation (default 1024).
+      candidates: LongTensor `[n_test, k]` of training ids (e.g. `ti.knn_candidates`):
+        score only these pairs. Only the gradients of the distinct candidate ids are
+        computed (chunk by chunk), and the result is `[n_test, k]` with
+        `result[t, j] = score[t, candidates[t, j]]`, in the order of `candidates`.
+      group: a `torch.distributed` process group when `train` is this rank's contiguous
+        shard (`ti.distributed.shard`, shards in rank order). `test` is replicated on every
+        rank, `ihvp` must reduce over the group (e.g. `ti.cg(ti.hvp(ti.objective(...,
+        group=group), params))`), n is the global training size, and each rank scores
+        its own shard.
+      gather: with a group, all-gather the shards' columns into the full
+        `[n_test, n_train]` matrix on every rank (True, default) or return this rank's
+        block `[n_test, n_local]` (False). With `candidates` (global ids) every rank
+        returns the full `[n_test, k]` result.
 
     Returns:
-      Tensor `[n_test, n_train]`, dtype and device of `params`; positive = helpful.
+      Tensor `[n_test, n_train]` (`[n_test, k]` with `candidates`, `[n_test, n_local]` with
+      `gather=False`), dtype and device of `params`; positive = helpful. With a group the
+      matrix equals a single process's on the concatenated shards.
 
     Raises:
-      ValueError: `test` and `train` differ in structure or in per-example shapes, or either is empty.
+      ValueError: `test` and `train` differ in structure or in per-example shapes, or either
+        is empty; `candidates` is not an integer `[n_test, k]` tensor of ids in [0, n_train).
 
     Example:
       >>> R = ti.objective(loss, train, l2=1e-2)
@@ -64,16 +82,55 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
       Koh & Liang, Understanding black-box predictions via influence functions, ICML 2017.
     """
     check_params("ti.influence", params)
-    n = D.num_examples(train, name="train", where="ti.influence")
-    D.num_examples(test, name="test", where="ti.influence")
+    n_local = D.num_examples(train, name="train", where="ti.influence")
+    n_test = D.num_examples(test, name="test", where="ti.influence")
     _check_alike(train, test)
+    start, n = dd.offset(n_local, group)
+    if candidates is not None:
+        _check_candidates(candidates, n_test, n)
     G_test = per_example_grads(measure or loss, params, test, chunk_size=chunk_size)   # leaves [n_test, ...]
     U = ihvp(G_test)                                                                   # leaves [n_test, ...]
     kernel = per_example_grad_fn(loss, where="ti.influence")
-    return torch.cat([tr.pairwise_vdot(U, kernel(params, chunk)) for chunk in D.chunks(train, chunk_size)], dim=1) / n
+    if candidates is not None:
+        return _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
+    local = torch.cat([tr.pairwise_vdot(U, kernel(params, chunk)) for chunk in D.chunks(train, chunk_size)], dim=1) / n
+    return dd.gather_columns(local, group) if gather else local
 
 
-def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size: int | None = None) -> torch.Tensor:
+def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) -> torch.Tensor:
+    """`[n_test, k]`: U[t]ᵀ ∇ℓ(z_{candidates[t, j]}), from the gradients of the distinct ids held here.
+
+    A rank fills the entries whose ids fall in its shard [start, start + n_local), zero
+    elsewhere, and the ranks' results are summed.
+    """
+    ids = candidates.to(tr.ravel(U).device)
+    distinct = torch.unique(ids)
+    mine = distinct[(distinct >= start) & (distinct < start + n_local)]
+    out = torch.zeros(ids.shape, dtype=tr.ravel(U).dtype, device=ids.device)
+    if mine.numel():
+        picked = D.take(train, mine - start)
+        S = torch.cat([tr.pairwise_vdot(U, kernel(params, chunk)) for chunk in D.chunks(picked, chunk_size)], dim=1)
+        position = torch.searchsorted(mine, ids).clamp_max(mine.numel() - 1)
+        held = mine[position] == ids
+        out = torch.where(held, S.gather(1, position), out)
+    return dd.all_reduce(out, group)
+
+
+def _check_candidates(candidates, n_test: int, n: int) -> None:
+    """`candidates` must be an integer `[n_test, k]` tensor of ids in [0, n)."""
+    if not isinstance(candidates, torch.Tensor) or candidates.is_floating_point() or candidates.dtype == torch.bool \
+            or candidates.dim() != 2 or candidates.shape[0] != n_test:
+        got = f"{candidates.dtype} tensor of shape {list(candidates.shape)}" if isinstance(candidates, torch.Tensor) \
+            else type(candidates).__name__
+        raise ValueError(f"ti.influence: `candidates` must be an integer tensor [n_test={n_test}, k] of training ids "
+                         f"(e.g. from ti.knn_candidates); got {got}.")
+    if candidates.numel() and (int(candidates.min()) < 0 or int(candidates.max()) >= n):
+        raise ValueError(f"ti.influence: `candidates` must hold training ids in [0, {n}); "
+                         f"got values in [{int(candidates.min())}, {int(candidates.max())}].")
+
+
+def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size: int | None = None,
+                   group=None) -> torch.Tensor:
     """Returns each training example's influence on its own loss, `[n_train]`.
 
         score[i] = (1/n) ∇ℓ(θ̂, z_i)ᵀ (H + λI)⁻¹ ∇ℓ(θ̂, z_i)  (≥ 0 when H + λI is positive definite),
@@ -92,12 +149,15 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
       train: training set, leading axis n.
       ihvp: `v ↦ (H + λI)⁻¹ v` accepting a stack.
       chunk_size: examples per chunk, i.e. right-hand sides per `ihvp` call (default 1024).
+      group: a process group when `train` is this rank's shard (see `ti.influence`); the
+        ranks must hold equally many chunks, since every `ihvp` call is collective.
 
     Returns:
-      Tensor `[n_train]`, dtype and device of `params`; positive = helpful to itself.
+      Tensor `[n_train]` (gathered in rank order with a group), dtype and device of
+      `params`; positive = helpful to itself.
     """
     check_params("ti.self_influence", params)
-    n = D.num_examples(train, name="train", where="ti.self_influence")
+    n = dd.global_size(D.num_examples(train, name="train", where="ti.self_influence"), group)
     kernel = per_example_grad_fn(loss, where="ti.self_influence")
     pair = vmap(tr.vdot)
 
@@ -105,7 +165,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
         G = kernel(params, chunk)          # leaves [B, ...]
         return pair(G, ihvp(G))            # [B]
 
-    return torch.cat([chunk_scores(chunk) for chunk in D.chunks(train, chunk_size)]) / n
+    return dd.gather_columns(torch.cat([chunk_scores(chunk) for chunk in D.chunks(train, chunk_size)]) / n, group)
 
 
 def _check_alike(train, test) -> None:

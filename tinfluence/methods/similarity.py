@@ -14,6 +14,7 @@ import optree
 import torch
 
 from .. import data as D
+from .. import distributed as dd
 from .. import tree as tr
 from ..errors import check_params
 from ..transforms import per_example_grad_fn
@@ -38,14 +39,17 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
     return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves), *parts)
 
 
-def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str) -> torch.Tensor:
+def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None) -> torch.Tensor:
     """Returns `fn(G_chunk)` concatenated along the last axis over the training chunks.
 
     `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`) to a tensor whose last
-    axis is c (e.g. `[n_test, c]` or `[c]`); the result's last axis is n_train.
+    axis is c (e.g. `[n_test, c]` or `[c]`); the result's last axis is n_train. With a
+    process group, `train` is this rank's shard and the shards' results are all-gathered
+    in rank order.
     """
     kernel = per_example_grad_fn(loss, where=where)
-    return torch.cat([fn(kernel(params, chunk)) for chunk in D.chunks(train, chunk_size)], dim=-1)
+    local = torch.cat([fn(kernel(params, chunk)) for chunk in D.chunks(train, chunk_size)], dim=-1)
+    return dd.gather_columns(local, group)
 
 
 def row_sq_norms(G) -> torch.Tensor:
@@ -62,7 +66,7 @@ def _check_inputs(where: str, loss, params, train, test) -> None:
     D.num_examples(test, name="test", where=where)
 
 
-def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = None) -> torch.Tensor:
+def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = None, group=None) -> torch.Tensor:
     """Returns the gradient dot products ⟨∇ℓ(z_test; θ), ∇ℓ(z; θ)⟩, `[n_test, n_train]`.
 
     Sign: positive = helpful (a gradient step on z lowers the test loss to first order).
@@ -77,6 +81,9 @@ def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = No
       train: training set, leading axis n_train.
       test: test set, leading axis n_test.
       chunk_size: training (and test) examples per vectorized backward (default 1024).
+      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
+        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
+        rank returns the single-process result.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
@@ -93,10 +100,11 @@ def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = No
     _check_inputs(where, loss, params, train, test)
     check_chunk_size(where, chunk_size)
     G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where)
-    return over_train(lambda G: tr.pairwise_vdot(G_test, G), loss, params, train, chunk_size=chunk_size, where=where)
+    return over_train(lambda G: tr.pairwise_vdot(G_test, G), loss, params, train, chunk_size=chunk_size, where=where,
+                      group=group)
 
 
-def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = None) -> torch.Tensor:
+def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = None, group=None) -> torch.Tensor:
     """Returns the cosine similarities of test and training gradients, `[n_test, n_train]`.
 
     `⟨g_test, g_z⟩ / (‖g_test‖ ‖g_z‖)`, in [-1, 1]; a zero gradient gives 0. Normalizing
@@ -113,6 +121,9 @@ def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = No
       train: training set, leading axis n_train.
       test: test set, leading axis n_test.
       chunk_size: examples per vectorized backward (default 1024).
+      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
+        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
+        rank returns the single-process result.
 
     Returns:
       `[n_test, n_train]` tensor in [-1, 1], dtype and device of the parameters.
@@ -134,4 +145,4 @@ def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = No
     def cosines(G):
         return tr.pairwise_vdot(G_test, G) / test_norms[:, None] / row_sq_norms(G).sqrt().clamp_min(tiny)[None, :]
 
-    return over_train(cosines, loss, params, train, chunk_size=chunk_size, where=where)
+    return over_train(cosines, loss, params, train, chunk_size=chunk_size, where=where, group=group)

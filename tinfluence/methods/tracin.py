@@ -63,7 +63,7 @@ def _projection(params, dim: int, generator: torch.Generator) -> Callable:
 
 
 def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | None = None,
-           generator: torch.Generator | None = None, chunk_size: int | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, chunk_size: int | None = None, group=None) -> torch.Tensor:
     """Returns TracIn scores Σ_t lr_t ⟨∇ℓ(z_test; θ_t), ∇ℓ(z; θ_t)⟩, `[n_test, n_train]`.
 
     The TracInCP form: at each saved checkpoint θ_t the test and training gradients meet
@@ -92,6 +92,9 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
       projection_dim: d for the random-projection variant; None for exact products.
       generator: required with `projection_dim`; its state is copied, not advanced.
       chunk_size: examples per vectorized backward (default 1024).
+      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
+        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
+        rank returns the single-process result.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
@@ -117,7 +120,8 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
     total = None
     for params, lr in ckpts:
         U = stacked_grads(loss, params, test, chunk_size=chunk_size, transform=project, where=where)  # [n_test, ...]
-        scores = over_train(lambda G: tr.pairwise_vdot(U, project(G)), loss, params, train, chunk_size=chunk_size, where=where)
+        scores = over_train(lambda G: tr.pairwise_vdot(U, project(G)), loss, params, train, chunk_size=chunk_size, where=where,
+                            group=group)
         total = lr * scores if total is None else total + lr * scores
     return total
 
@@ -135,7 +139,8 @@ def _projection_or_identity(where: str, params, projection_dim, generator) -> Ca
     return _projection(params, projection_dim, generator)
 
 
-def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int | None = None) -> torch.Tensor:
+def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int | None = None,
+                          group=None) -> torch.Tensor:
     """Returns TracIn self-influence Σ_t lr_t ‖∇ℓ(z; θ_t)‖² for every training example, `[n_train]`.
 
     The diagonal of `ti.tracin(loss, checkpoints, train, train)`, without the n² matrix.
@@ -147,6 +152,9 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
       checkpoints: list of `(params_t, lr_t)`, as for `ti.tracin`.
       train: training set, leading axis n_train.
       chunk_size: examples per vectorized backward (default 1024).
+      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
+        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
+        rank returns the single-process result.
 
     Returns:
       `[n_train]` tensor, dtype and device of the parameters.
@@ -163,6 +171,6 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
     check_chunk_size(where, chunk_size)
     total = None
     for params, lr in ckpts:
-        sq = over_train(row_sq_norms, loss, params, train, chunk_size=chunk_size, where=where)
+        sq = over_train(row_sq_norms, loss, params, train, chunk_size=chunk_size, where=where, group=group)
         total = lr * sq if total is None else total + lr * sq
     return total

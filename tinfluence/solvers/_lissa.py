@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as D
+from .. import distributed as dd
 from .. import tree as tr
 from ..errors import DivergenceError, check_params, check_positive
 from ..objective import objective, per_example
@@ -53,6 +54,27 @@ def _batch_hvp(loss: Callable, params: dict) -> Callable:
     return apply
 
 
+def _ids_hvp(loss: Callable, params: dict, train, group) -> Callable:
+    """`(ids, U) -> ∇²(mean loss on the examples with global ids `ids`) U`, for a stack U.
+
+    With a process group, `train` is this rank's shard: each rank takes the part of the
+    mini-batch it holds (weighted by its share of the batch) and the products are summed
+    over ranks, so every rank gets the product one process would.
+    """
+    batch_hvp = _batch_hvp(loss, params)
+    if group is None:
+        return lambda ids, U: batch_hvp(D.take(train, ids), U)
+    n_local = D.num_examples(train)
+    start, _ = dd.offset(n_local, group)
+
+    def apply(ids, U):
+        held = ids[(ids >= start) & (ids < start + n_local)] - start
+        local = tr.scale(held.numel() / ids.numel(), batch_hvp(D.take(train, held), U)) if held.numel() else tr.zeros_like(U)
+        return dd.all_reduce(local, group)
+
+    return apply
+
+
 def _lissa_step(batch_hvp: Callable, v, shift: float, scale: float, state: LissaState, batch) -> LissaState:
     """h ← v + h − (H_batch + shift·I) h / scale; pure."""
     Ah = tr.add_scaled(batch_hvp(batch, state.h), shift, state.h)
@@ -69,21 +91,23 @@ def _power_iteration(apply: Callable, params, generator) -> float:
     return float(estimate)
 
 
-def _auto_scale(loss, params, train, idx, *, shift, chunk_size, generator) -> float:
+def _auto_scale(loss, params, train, idx, *, shift, chunk_size, generator, group) -> float:
     """SAFETY × the largest eigenvalue estimate of H + λI over the full data and the first
     BATCHES_CHECKED mini-batches the recursion will use."""
-    full = hvp(objective(loss, train, chunk_size=chunk_size), params, cache=False)
-    batch_hvp = _batch_hvp(loss, params)
+    full = hvp(objective(loss, train, chunk_size=chunk_size, group=group), params, cache=False)
+    batch_hvp = _ids_hvp(loss, params, train, group)
     single = lambda f: (lambda u: tr.add_scaled(tr.map(lambda t: t[0], f(tr.map(lambda t: t[None], u))), shift, u))  # noqa: E731
     operators = [lambda u: tr.add_scaled(full(u), shift, u)]
-    operators += [single(lambda U, b=D.take(train, i): batch_hvp(b, U)) for i in idx.reshape(-1, idx.shape[-1])[:BATCHES_CHECKED]]
+    operators += [single(lambda U, i=i: batch_hvp(i, U)) for i in idx.reshape(-1, idx.shape[-1])[:BATCHES_CHECKED]]
     return SAFETY * max(_power_iteration(op, params, generator) for op in operators)
 
 
-def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, batch_size, generator, tol, chunk_size):
-    """Checks the options, draws every mini-batch index up front and resolves `scale`."""
+def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, batch_size, generator, tol, chunk_size,
+             group):
+    """Checks the options, draws every mini-batch index (global ids) up front and resolves `scale`."""
     check_params(where, params)
-    n = D.num_examples(train, name="train", where=where)
+    n_local = D.num_examples(train, name="train", where=where)
+    n = dd.global_size(n_local, group)
     check_positive(where, "l2", l2, allow_zero=True)
     check_positive(where, "damping", damping, allow_zero=True)
     for name, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
@@ -100,16 +124,17 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
         local.manual_seed(0)
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
-    per_example(loss, params, D.take(train, idx[0, 0]), where=where)
+    per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)
     if scale == "auto":
-        scale = _auto_scale(loss, params, train, idx, shift=l2 + damping, chunk_size=chunk_size, generator=local)
+        scale = _auto_scale(loss, params, train, idx, shift=l2 + damping, chunk_size=chunk_size, generator=local,
+                            group=group)
     return idx, float(scale)
 
 
-def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress):
+def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress, group):
     """Runs every repeat of the recursion on the stack `v`; returns (x, SolveInfo)."""
     repeats, depth = idx.shape[:2]
-    batch_hvp = _batch_hvp(loss, params)
+    batch_hvp = _ids_hvp(loss, params, train, group)
     v_norm = torch.sqrt(_dots(v, v))                                    # [k]
     total = tr.zeros_like(v)
     change = torch.zeros_like(v_norm)
@@ -119,7 +144,7 @@ def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress):
         state = LissaState(v, 0)
         for j in range(depth):
             previous = state.h
-            state = _lissa_step(batch_hvp, v, l2 + damping, scale, state, D.take(train, idx[r, j]))
+            state = _lissa_step(batch_hvp, v, l2 + damping, scale, state, idx[r, j])
             bar.update(1)
             if (j + 1) % CHECK_EVERY and j + 1 < depth:
                 continue
@@ -149,7 +174,7 @@ def _check_divergence(h_norm, v_norm, depth, scale) -> None:
 
 def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: float = 0.0, scale="auto",
                 depth: int = 1000, repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None,
-                tol: float | None = None, chunk_size: int | None = None, progress: bool = False):
+                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None):
     """Returns `(x, info)`: x ≈ (H + λI)⁻¹ v by LiSSA, and per-right-hand-side diagnostics.
 
     The same computation as `ti.lissa(...)(v)`; `info = SolveInfo(iterations, residual,
@@ -158,9 +183,10 @@ def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: f
     (always True when `tol` is None). Arguments as in `ti.lissa`.
     """
     idx, scale = _prepare("ti.lissa_solve", loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
-                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size)
+                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size,
+                          group=group)
     return _solve_any(loss, params, train, v, idx, l2=l2, damping=damping, scale=scale, tol=tol, progress=progress,
-                      where="ti.lissa_solve")
+                      where="ti.lissa_solve", group=group)
 
 
 def _solve_any(loss, params, train, v, idx, *, where, **options):
@@ -178,7 +204,7 @@ def _solve_any(loss, params, train, v, idx, *, where, **options):
 
 def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
           repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
-          chunk_size: int | None = None, progress: bool = False) -> Callable:
+          chunk_size: int | None = None, progress: bool = False, group=None) -> Callable:
     """Returns a function that applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
 
     With A = H + λI, H the Hessian of R(θ) = mean loss + (l2/2)‖θ‖² at `params`, and a
@@ -219,6 +245,11 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
         ‖h_j − h_{j−1}‖/‖h_j‖ ≤ tol (checked every 10 steps); None runs the full depth.
       chunk_size: examples per chunk in the power iteration.
       progress: show a tqdm bar over the recursion steps.
+      group: a `torch.distributed` process group when `train` is this rank's contiguous
+        shard (`ti.distributed.shard`). Every rank draws the same global mini-batch ids from
+        the same generator, evaluates the part of each mini-batch it holds, and the
+        mini-batch products are all-reduced (one collective per step), so the result
+        equals one process's with the same generator on the concatenated shards.
 
     Returns:
       `ihvp(v) -> x`, deterministic; `v` shaped like `params` or a stack (leading axis k,
@@ -239,10 +270,11 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
       in linear time, JMLR 2017; Koh & Liang, ICML 2017 (its use for influence).
     """
     idx, scale = _prepare("ti.lissa", loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
-                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size)
+                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size,
+                          group=group)
 
     def ihvp(v):
         return _solve_any(loss, params, train, v, idx, l2=l2, damping=damping, scale=scale, tol=tol,
-                          progress=progress, where="ti.lissa")[0]
+                          progress=progress, where="ti.lissa", group=group)[0]
 
     return ihvp

@@ -106,3 +106,9 @@ def test_shard_rejects_bad_rank_and_tiny_data():
         ti.distributed.shard(torch.zeros(5), 0, 0)
     with pytest.raises(ValueError, match="ti.distributed.shard: `data` has 2 examples, fewer than world=3"):
         ti.distributed.shard(torch.zeros(2), 0, 3)
+
+
+def test_minimize_rejects_a_process_group_objective(digits_lr):
+    grouped = ti.Objective(loss=digits_lr.loss, data=digits_lr.train, l2=0.0, chunk_size=None, n=1000, group=object())
+    with pytest.raises(ValueError, match="ti.minimize: `f` is an objective over a process group"):
+        ti.minimize(grouped, digits_lr.params)

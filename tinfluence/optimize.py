@@ -30,8 +30,12 @@ def minimize(f: Callable, params, *, gtol: float = 1e-10, maxiter: int = 1000, h
     Raises:
       ConvergenceError: the gradient is still above `gtol` after `maxiter` iterations
         (`err.info` = the final parameters); raise `maxiter`, or add `l2` to the objective.
+      ValueError: `f` is an objective over a process group (its gradient is one rank's share).
     """
     check_params("ti.minimize", params)
+    if getattr(f, "group", None) is not None:
+        raise ValueError("ti.minimize: `f` is an objective over a process group, whose autograd gradient is only this "
+                         "rank's share; minimize the full objective in one process (ti.objective without `group`).")
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     opt = torch.optim.LBFGS(list(leaves.values()), lr=1.0, max_iter=maxiter, history_size=history_size,
                             tolerance_grad=gtol, tolerance_change=0.0, line_search_fn="strong_wolfe")

@@ -9,12 +9,11 @@ one extra leading axis k) it returns the k products, computed in one vmapped cal
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Callable
 
 import optree
 import torch
-from torch.func import grad, hessian as _func_hessian, jvp, linearize, vjp, vmap
+from torch.func import grad, hessian as _func_hessian, jvp, vjp, vmap
 
 from . import data as D
 from . import distributed as dd
@@ -86,18 +85,8 @@ def _all_reducing(local: Callable, l2: float, group) -> Callable:
     return operator
 
 
-def _linearize(fn: Callable, primal):
-    """`torch.func.linearize`, without the tracer's harmless internal warnings."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated")
-        return linearize(fn, primal)
-
-
-def _tangent_map(fn: Callable, primal, cache: bool) -> Callable:
-    """`v -> J_fn(primal) v`: linearized once (`cache=True`) or a fresh `jvp` per call."""
-    if cache:
-        return _linearize(fn, primal)[1]
+def _tangent_map(fn: Callable, primal) -> Callable:
+    """`v -> J_fn(primal) v` by a fresh forward-mode `jvp` per call."""
     return lambda v: jvp(fn, (primal,), (v,))[1]
 
 
@@ -161,7 +150,7 @@ def hvp(f: Callable, params, *, cache: bool = True) -> Callable:
     if cache:
         return _accepting_stacks(_retained_hvp(f, params), params)
     if isinstance(f, Objective):
-        terms = [_tangent_map(grad(lambda p, c=chunk: f.data_term(p, c)), params, cache=False)
+        terms = [_tangent_map(grad(lambda p, c=chunk: f.data_term(p, c)), params)
                  for chunk in D.chunks(f.data, f.chunk_size)]
 
         def apply_one(v):
@@ -170,8 +159,34 @@ def hvp(f: Callable, params, *, cache: bool = True) -> Callable:
                 total = tr.add(total, term(v))
             return tr.add_scaled(total, f.l2, v) if f.l2 else total
     else:
-        apply_one = _tangent_map(grad(f), params, cache=False)
+        apply_one = _tangent_map(grad(f), params)
     return _accepting_stacks(apply_one, params)
+
+
+def _retained_ggn_term(forward: Callable, output_grad: Callable, params, n: int) -> Callable:
+    """`v -> (1/n) Jᵀ H_out J v` for one chunk, replaying graphs built once (reverse mode only).
+
+    J v comes from the double-vjp identity: Jᵀu is linear in a dummy cotangent u, so the
+    gradient of ⟨Jᵀu, v⟩ with respect to u is J v.
+    """
+    leaves, spec = optree.tree_flatten(params, namespace="")
+    primals = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
+        outputs = forward(optree.tree_unflatten(spec, primals))
+        u = torch.zeros_like(outputs, requires_grad=True)
+        JTu = torch.autograd.grad(outputs, primals, u, create_graph=True, allow_unused=True)
+        o = outputs.detach().requires_grad_(True)
+        g_out = output_grad(o)
+    live = [i for i, t in enumerate(JTu) if t is not None and t.requires_grad]
+
+    def term(v):
+        tangents = spec.flatten_up_to(v)
+        Jv = torch.autograd.grad([JTu[i] for i in live], u, [tangents[i] for i in live], retain_graph=True)[0]
+        HJv = torch.autograd.grad(g_out, o, Jv, retain_graph=True)[0] if g_out.requires_grad else torch.zeros_like(Jv)
+        pulled = torch.autograd.grad(outputs, primals, HJv, retain_graph=True, allow_unused=True)
+        return optree.tree_unflatten(spec, [torch.zeros_like(t) if g is None else g / n for t, g in zip(tangents, pulled)])
+
+    return term
 
 
 def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float = 0.0,
@@ -191,7 +206,8 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
         `lambda o, b: F.cross_entropy(o, b[1], reduction="none")`.
       l2: added l2·v, matching `ti.objective(..., l2=)`.
       chunk_size: examples per chunk (default 1024).
-      cache: linearize each chunk once (fast, memory ∝ data) or recompute per call.
+      cache: keep each chunk's forward and output-gradient graphs and replay them (fast,
+        memory ∝ data), or recompute per call with `jvp`/`vjp` (memory ∝ chunk, compile-friendly).
       group: a `torch.distributed` process group when `data` is this rank's shard: n is
         the global number of examples and each product is all-reduced once (l2·v added once).
 
@@ -207,10 +223,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
         forward = lambda p: predict(p, chunk)  # noqa: E731
         output_grad = grad(lambda o: per_example(output_loss, o, chunk, where="ti.ggn_vp", name="output_loss").sum())
         if cache:
-            outputs, pullback = vjp(forward, params)
-            push = _linearize(forward, params)[1]
-            output_hvp = _linearize(output_grad, outputs.detach())[1]
-            return lambda v: tr.scale(1.0 / n, pullback(output_hvp(push(v)))[0])
+            return _retained_ggn_term(forward, output_grad, params, n)
 
         def term(v):
             outputs, Jv = jvp(forward, (params,), (v,))

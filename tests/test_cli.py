@@ -31,6 +31,36 @@ def test_demo_writes_every_file_and_direct_influence_tracks_leave_one_out(tmp_pa
     assert ids[0] == -1 and sorted(ids[1:]) == sorted(saved["retrained_ids"].tolist()) and len(set(ids)) == len(ids)
 
 
+def test_distributed_demo_gives_the_single_process_scores(tmp_path):
+    """`torchrun --nproc_per_node=2 -m tinfluence demo --distributed` shards the scoring (gloo on
+    loopback) and writes the same scores and leave-one-out table as one process."""
+    common = ["demo", "--method", "direct", "cg", "tracin", "empirical", "--test-ids", "4", "--top-k", "5", "--no-progress"]
+    runs = {}
+    for name, launcher in [("single", [sys.executable, "-m", "tinfluence"]),
+                           ("sharded", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", "-m", "tinfluence"])]:
+        out = tmp_path / name
+        extra = ["--distributed"] if name == "sharded" else []
+        done = subprocess.run([*launcher, *common, *extra, "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = np.load(out / "scores.npz")
+    one, two = runs["single"], runs["sharded"]
+    for method in ("direct", "tracin", "empirical"):
+        np.testing.assert_allclose(two[f"scores_{method}"], one[f"scores_{method}"], rtol=1e-10, atol=1e-16)
+    # CG stops at relative residual 1e-8; the sharded sums only reorder floating-point additions
+    np.testing.assert_allclose(two["scores_cg"], one["scores_cg"], rtol=0, atol=1e-8 * np.abs(one["scores_cg"]).max())
+    np.testing.assert_array_equal(two["retrained_ids"], one["retrained_ids"])
+    np.testing.assert_allclose(two["actual"], one["actual"], rtol=1e-12, atol=1e-16)
+
+
+def test_distributed_flag_outside_torchrun_is_explained(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--out", str(tmp_path), "--distributed"])
+    assert stop.value.code == 2
+    assert "argument --distributed: start the processes with torchrun" in capsys.readouterr().err
+
+
 def test_help_lists_the_demo(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--help"])

@@ -2,6 +2,7 @@
 
     tinfluence demo                                   # Koh & Liang's Figure 2 on digits, no download
     tinfluence demo --method cg lissa tracin empirical --test-ids 0 1 2 --top-k 100 --out runs/demo
+    torchrun --standalone --nproc_per_node=2 -m tinfluence demo --distributed
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                       help="CPU threads for torch (default: 1; the demo's matrices are small, and one thread "
                            "avoids contention on a busy machine)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--distributed", action="store_true",
+                      help="shard the scoring over the processes started by torchrun (gloo; same numbers as one "
+                           "process); rank 0 retrains, prints and writes")
     return parser, demo
 
 
@@ -65,6 +69,9 @@ def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None
         demo.error(f"argument --test-ids: each id may appear once; got {' '.join(map(str, args.test_ids))}.")
     if not 1 <= args.top_k <= N_TRAIN:
         demo.error(f"argument --top-k: must be between 1 and {N_TRAIN} (the training set size); got {args.top_k}.")
+    if args.distributed and "RANK" not in os.environ:
+        demo.error("argument --distributed: start the processes with torchrun, e.g. "
+                   "`torchrun --standalone --nproc_per_node=2 -m tinfluence demo --distributed`.")
     if args.threads < 1:
         demo.error(f"argument --threads: must be >= 1; got {args.threads}.")
     try:
@@ -87,8 +94,17 @@ def main(argv: list[str] | None = None) -> int:
 
         _check_demo(demo_parser, args)
         torch.set_num_threads(args.threads)
-        demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed, progress=not args.no_progress,
-                 echo=lambda line: print(line, flush=True))
+        group, lead = None, True
+        if args.distributed:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+            group, lead = dist.group.WORLD, dist.get_rank() == 0
+        demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed,
+                 progress=lead and not args.no_progress, group=group,
+                 echo=(lambda line: print(line, flush=True)) if lead else (lambda line: None))
+        if group is not None:
+            dist.destroy_process_group()
     return 0
 
 

@@ -18,16 +18,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import data as D
 from . import plot
 from . import tree as tr
+from .distributed import shard
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
@@ -76,14 +78,24 @@ class Problem:
     apply: Callable
     params: dict
     l2: float
+    group: object = None   # a torch.distributed process group: scoring is sharded over it
+
+    @property
+    def train_part(self) -> tuple:
+        """This process's contiguous shard of `train` in rank order (all of it without a group)."""
+        if self.group is None:
+            return self.train
+        return shard(self.train, dist.get_rank(self.group), dist.get_world_size(self.group))
 
     def loss(self, params, batch) -> torch.Tensor:
         """Cross entropy per example, `[B]`."""
         x, y = batch
         return F.cross_entropy(self.apply(params, x), y, reduction="none")
 
-    def objective(self):
-        """R(θ) = mean training loss + (l2/2)‖θ‖²."""
+    def objective(self, *, sharded: bool = False):
+        """R(θ) = mean training loss + (l2/2)‖θ‖²; `sharded`: over this process's shard, reduced over the group."""
+        if sharded:
+            return objective(self.loss, self.train_part, l2=self.l2, group=self.group)
         return objective(self.loss, self.train, l2=self.l2)
 
 
@@ -117,28 +129,30 @@ class Method(NamedTuple):
     score: Callable   # (problem, test, generator) -> [n_test, n_train]
 
 
+def _influence(problem, test, ihvp):
+    return influence(problem.loss, problem.params, problem.train_part, test, ihvp=ihvp, group=problem.group)
+
+
 def _direct(problem, test, generator):
-    return influence(problem.loss, problem.params, problem.train, test,
-                     ihvp=direct(hessian(problem.objective(), problem.params)))
+    return _influence(problem, test, direct(hessian(problem.objective(sharded=True), problem.params)))
 
 
 def _cg(problem, test, generator):
-    return influence(problem.loss, problem.params, problem.train, test,
-                     ihvp=cg(hvp(problem.objective(), problem.params), tol=1e-8, maxiter=300))
+    return _influence(problem, test, cg(hvp(problem.objective(sharded=True), problem.params), tol=1e-8, maxiter=300))
 
 
 def _lissa(problem, test, generator):
-    ihvp = lissa(problem.loss, problem.params, problem.train, l2=problem.l2, scale="auto", depth=1000,
-                 repeats=1, batch_size=50, generator=generator)
-    return influence(problem.loss, problem.params, problem.train, test, ihvp=ihvp)
+    return _influence(problem, test, lissa(problem.loss, problem.params, problem.train_part, l2=problem.l2,
+                                           scale="auto", depth=1000, repeats=1, batch_size=50,
+                                           generator=generator, group=problem.group))
 
 
 def _tracin(problem, test, generator):
-    return tracin(problem.loss, gd_checkpoints(problem), problem.train, test)
+    return tracin(problem.loss, gd_checkpoints(problem), problem.train_part, test, group=problem.group)
 
 
 def _empirical(problem, test, generator):
-    return empirical_if(problem.loss, problem.params, problem.train, test, radius=1e-3)
+    return empirical_if(problem.loss, problem.params, problem.train_part, test, radius=1e-3, group=problem.group)
 
 
 METHODS = {
@@ -186,7 +200,7 @@ def _table_text(table: list, top_k: int) -> str:
 
 
 def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: bool = True,
-        echo: Callable = print) -> DemoResult:
+        echo: Callable = print, group=None) -> DemoResult | None:
     """Runs the demo and writes its files into `out` (which must exist and be writable).
 
     Files: `figure2.png` (predicted vs actual change in test loss, one panel per method),
@@ -202,12 +216,16 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
       seed: seed of the generator for the stochastic methods (LiSSA).
       progress: show tqdm bars (retraining).
       echo: where the report lines go.
+      group: a `torch.distributed` process group (e.g. under `torchrun`): every process trains
+        the same θ̂, the scoring is sharded over the group's processes (each scores its
+        contiguous shard of the training set; curvature products all-reduce) and gives the
+        single-process scores; rank 0 then retrains, prints and writes, the others return None.
 
     Returns:
-      A `DemoResult`.
+      A `DemoResult` (None on ranks other than 0).
     """
     start = time.perf_counter()
-    problem = digits_problem()
+    problem = replace(digits_problem(), group=group)
     echo(f"digits: {D.num_examples(problem.train)} training / {D.num_examples(problem.test)} test points; "
          f"logistic regression, l2={problem.l2:g}, float64, trained in {time.perf_counter() - start:.1f} s")
     test = D.take(problem.test, torch.tensor(test_ids))
@@ -217,6 +235,8 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
         tic = time.perf_counter()
         scores[name] = METHODS[name].score(problem, test, generator)
         seconds[name] = time.perf_counter() - tic
+    if group is not None and dist.get_rank(group) != 0:
+        return None
     sets = _retrain_sets(scores, top_k)
     retrained = sorted(set().union(*sets))
     echo(f"retraining without each of {len(retrained)} training points (top {top_k} by |score| of each method, "

@@ -3,7 +3,7 @@
 Each process uses one thread; the 2-process run shards the training set, all-reduces every
 Hessian-vector product (one collective per CG iteration) and all-gathers the score columns.
 
-    python benchmarks/distributed.py
+    python benchmarks/processes.py
 """
 
 import os

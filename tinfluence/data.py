@@ -16,7 +16,7 @@ from . import tree as tr
 
 DEFAULT_CHUNK_SIZE = 1024
 
-__all__ = ["num_examples", "chunks", "chunk_sum", "take", "from_loader", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["num_examples", "chunks", "chunk_sum", "chunk_cat", "take", "from_loader", "DEFAULT_CHUNK_SIZE"]
 
 
 def num_examples(data, *, name: str = "data", where: str = "ti") -> int:
@@ -71,6 +71,16 @@ def chunk_sum(fn: Callable, data, chunk_size: int | None = None):
         part = fn(chunk)
         total = part if total is None else tr.add(total, part)
     return total
+
+
+def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0):
+    """`fn(chunk)` for every chunk, concatenated along `dim` (a tensor or a pytree of tensors).
+
+    The single place where per-chunk results over a data set are stitched together, e.g.
+    per-example gradients (`dim=0`) or score columns `[n_test, c]` (`dim=1`).
+    """
+    parts = [fn(chunk) for chunk in chunks(data, chunk_size)]
+    return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves, dim=dim), *parts)
 
 
 def from_loader(source) -> object:

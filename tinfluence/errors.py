@@ -33,6 +33,20 @@ def check_positive(where: str, name: str, value, *, allow_zero: bool = False) ->
         raise ValueError(f"{where}: `{name}` must be {'>= 0' if allow_zero else '> 0'}; got {value}.")
 
 
+def check_chunk_size(where: str, chunk_size) -> None:
+    """Raises ValueError unless `chunk_size` is None or an int >= 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{where}: `chunk_size` must be None or an int >= 1; got {chunk_size!r}.")
+
+
+def fork_generator(generator: torch.Generator) -> torch.Generator:
+    """A new generator in `generator`'s state: it draws what `generator` would, and the caller's
+    generator is not advanced, so the same call with the same generator gives the same numbers."""
+    local = torch.Generator(device=generator.device)
+    local.set_state(generator.get_state())
+    return local
+
+
 def check_params(where: str, params) -> None:
     """Parameters must be floating-point, finite tensors in a pytree."""
     leaves = optree.tree_flatten_with_path(params, namespace="")

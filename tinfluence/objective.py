@@ -10,6 +10,7 @@ import torch
 from . import data as D
 from . import distributed as dd
 from . import tree as tr
+from .errors import check_chunk_size
 
 __all__ = ["objective", "Objective", "per_example"]
 
@@ -90,8 +91,7 @@ def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = N
     """
     if l2 < 0:
         raise ValueError(f"ti.objective: `l2` must be >= 0; got {l2}.")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"ti.objective: `chunk_size` must be >= 1; got {chunk_size}.")
+    check_chunk_size("ti.objective", chunk_size)
     if not callable(loss):
         raise TypeError(f"ti.objective: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
     n = dd.global_size(D.num_examples(data, name="data", where="ti.objective"), group)

@@ -56,8 +56,7 @@ def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = 
     check_params("ti.per_example_grads", params)
     D.num_examples(data, name="data", where="ti.per_example_grads")
     kernel = per_example_grad_fn(loss)
-    parts = [kernel(params, chunk) for chunk in D.chunks(data, chunk_size)]
-    return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves), *parts)
+    return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
 
 def _accepting_stacks(apply_one: Callable, params) -> Callable:

@@ -12,9 +12,9 @@ from torch.func import vmap
 from .. import data as D
 from .. import distributed as dd
 from .. import tree as tr
-from ..errors import check_params
+from ..errors import check_chunk_size, check_params, fork_generator
 from ..objective import per_example
-from .similarity import check_chunk_size, row_sq_norms, stacked_grads
+from .similarity import row_sq_norms, stacked_grads
 
 __all__ = ["empirical_if", "reverse_check", "ReverseCheck"]
 
@@ -117,9 +117,7 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"{where}: `directions` needs an explicit `generator`, "
                              f"e.g. generator=torch.Generator().manual_seed(0); got {type(generator).__name__}.")
-        local = torch.Generator(device=generator.device)
-        local.set_state(generator.get_state())
-        V = tr.random_like(params, generator=local, kind="sphere", batch=(directions,))  # [m, ...]
+        V = tr.random_like(params, generator=fork_generator(generator), kind="sphere", batch=(directions,))  # [m, ...]
         thetas = _plus_minus(params, radius, V)
         d_test = vmap(loss, in_dims=(0, None))(thetas, test) - base_test  # [2m, n_test]
         combine = _averaged_products
@@ -128,7 +126,7 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         d_train = vmap(loss, in_dims=(0, None))(thetas, chunk) - per_example(loss, params, chunk, where=where)  # [2k, c]
         return combine(d_test, d_train)
 
-    return dd.gather_columns(torch.cat([chunk_scores(chunk) for chunk in D.chunks(train, chunk_size)], dim=1), group)
+    return dd.gather_columns(D.chunk_cat(chunk_scores, train, chunk_size, dim=1), group)
 
 
 def _check_radius(where: str, radius) -> None:

@@ -93,7 +93,7 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     kernel = per_example_grad_fn(loss, where="ti.influence")
     if candidates is not None:
         return _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
-    local = torch.cat([tr.pairwise_vdot(U, kernel(params, chunk)) for chunk in D.chunks(train, chunk_size)], dim=1) / n
+    local = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), train, chunk_size, dim=1) / n
     return dd.gather_columns(local, group) if gather else local
 
 
@@ -109,7 +109,7 @@ def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chun
     out = torch.zeros(ids.shape, dtype=tr.ravel(U).dtype, device=ids.device)
     if mine.numel():
         picked = D.take(train, mine - start)
-        S = torch.cat([tr.pairwise_vdot(U, kernel(params, chunk)) for chunk in D.chunks(picked, chunk_size)], dim=1)
+        S = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), picked, chunk_size, dim=1)
         position = torch.searchsorted(mine, ids).clamp_max(mine.numel() - 1)
         held = mine[position] == ids
         out = torch.where(held, S.gather(1, position), out)
@@ -165,7 +165,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
         G = kernel(params, chunk)          # leaves [B, ...]
         return pair(G, ihvp(G))            # [B]
 
-    return dd.gather_columns(torch.cat([chunk_scores(chunk) for chunk in D.chunks(train, chunk_size)]) / n, group)
+    return dd.gather_columns(D.chunk_cat(chunk_scores, train, chunk_size) / n, group)
 
 
 def _check_alike(train, test) -> None:

@@ -16,16 +16,10 @@ import torch
 from .. import data as D
 from .. import distributed as dd
 from .. import tree as tr
-from ..errors import check_params
+from ..errors import check_chunk_size, check_params
 from ..transforms import per_example_grad_fn
 
-__all__ = ["grad_dot", "grad_cos", "stacked_grads", "over_train", "row_sq_norms", "check_chunk_size"]
-
-
-def check_chunk_size(where: str, chunk_size) -> None:
-    """Raises ValueError unless `chunk_size` is None or an int >= 1."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{where}: `chunk_size` must be None or an int >= 1; got {chunk_size!r}.")
+__all__ = ["grad_dot", "grad_cos", "stacked_grads", "over_train", "row_sq_norms"]
 
 
 def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: Callable = lambda G: G, where: str):
@@ -35,8 +29,7 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
     axis c (a pytree, or a `[c, d]` projection); the chunks are concatenated.
     """
     kernel = per_example_grad_fn(loss, where=where)
-    parts = [transform(kernel(params, chunk)) for chunk in D.chunks(data, chunk_size)]
-    return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves), *parts)
+    return D.chunk_cat(lambda chunk: transform(kernel(params, chunk)), data, chunk_size)
 
 
 def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None) -> torch.Tensor:
@@ -48,7 +41,7 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
     in rank order.
     """
     kernel = per_example_grad_fn(loss, where=where)
-    local = torch.cat([fn(kernel(params, chunk)) for chunk in D.chunks(train, chunk_size)], dim=-1)
+    local = D.chunk_cat(lambda chunk: fn(kernel(params, chunk)), train, chunk_size, dim=-1)
     return dd.gather_columns(local, group)
 
 

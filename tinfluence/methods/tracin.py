@@ -10,8 +10,8 @@ import torch
 
 from .. import data as D
 from .. import tree as tr
-from ..errors import check_params
-from .similarity import check_chunk_size, over_train, row_sq_norms, stacked_grads
+from ..errors import check_chunk_size, check_params, fork_generator
+from .similarity import over_train, row_sq_norms, stacked_grads
 
 __all__ = ["tracin", "tracin_self_influence"]
 
@@ -48,8 +48,7 @@ def _projection(params, dim: int, generator: torch.Generator) -> Callable:
     One `[numel, dim]` block per parameter leaf, in optree order, from a copy of
     `generator` (not advanced), so E[proj(g)·proj(h)] = ⟨g, h⟩ exactly (unbiased).
     """
-    local = torch.Generator(device=generator.device)
-    local.set_state(generator.get_state())
+    local = fork_generator(generator)
     blocks = [
         torch.randn(leaf.numel(), dim, generator=local, dtype=leaf.dtype, device=generator.device).to(leaf.device) / math.sqrt(dim)
         for leaf in optree.tree_leaves(params, namespace="")

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .. import data as D
 from .. import distributed as dd
 from .. import tree as tr
-from ..errors import DivergenceError, check_params, check_positive
+from ..errors import DivergenceError, check_params, check_positive, fork_generator
 from ..objective import objective, per_example
 from ..transforms import hvp
 from ._cg import SolveInfo, _dots
@@ -117,11 +117,7 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
         check_positive(where, "tol", tol)
     if not (scale == "auto" or (isinstance(scale, (int, float)) and scale > 0)):
         raise ValueError(f'{where}: `scale` must be "auto" or a number > 0 (above the largest eigenvalue of H + λI); got {scale!r}.')
-    local = torch.Generator(device=generator.device) if generator is not None else torch.Generator()
-    if generator is not None:
-        local.set_state(generator.get_state())
-    else:
-        local.manual_seed(0)
+    local = fork_generator(generator) if generator is not None else torch.Generator().manual_seed(0)
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
     per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)

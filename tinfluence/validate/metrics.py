@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as D
+from ..errors import fork_generator
 from .loo import measure_all
 
 __all__ = ["pearson", "spearman", "topk_overlap", "sign_agreement", "lds", "LDSResult"]
@@ -204,8 +205,7 @@ def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, s
     if not 0 < confidence < 1:
         raise ValueError(f"{where}: `confidence` must be in (0, 1); got {confidence}.")
     keep = max(1, round(fraction * n_train))
-    local = torch.Generator(device=generator.device)
-    local.set_state(generator.get_state())
+    local = fork_generator(generator)
     kept = torch.rand(subsets, n_train, generator=local, device=generator.device).argsort(dim=1)[:, :keep].cpu()
     masks = torch.zeros(subsets, n_train, dtype=torch.bool).scatter(1, kept, True)   # [subsets, n_train]
     measured = torch.stack([

@@ -111,6 +111,21 @@ def test_cg_100_rhs_one_operator_call_per_iteration():
     torch.testing.assert_close(x, torch.linalg.solve(A, V.T).T, rtol=1e-8, atol=1e-10)
 
 
+def test_cg_default_check_every_stops_at_once_on_cpu():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    calls = []
+
+    def operator(u):
+        calls.append(1)
+        return u @ A
+
+    _, info = ti.cg_solve(operator, torch.ones(2, 4), tol=1e-12, maxiter=50)
+    assert len(calls) == int(info.iterations.max()) == 4
+    calls.clear()
+    ti.cg_solve(operator, torch.ones(2, 4), tol=1e-12, maxiter=50, check_every=10)
+    assert len(calls) == 10
+
+
 def test_cg_per_rhs_stopping_and_zero_rhs():
     A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     V = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
@@ -166,7 +181,7 @@ def test_cg_nonconvergence_raises_with_info():
     ({"damping": -1e-3}, r"ti.cg: `damping` must be >= 0; got -0.001"),
     ({"tol": -1.0}, r"ti.cg: `tol` must be >= 0; got -1.0"),
     ({"maxiter": 0}, r"ti.cg: `maxiter` must be an int >= 1; got 0"),
-    ({"check_every": 0}, r"ti.cg: `check_every` must be an int >= 1; got 0"),
+    ({"check_every": 0}, r"ti.cg: `check_every` must be None or an int >= 1; got 0"),
     ({"on_failure": "ignore"}, r'ti.cg: `on_failure` must be "raise" or "warn"; got \'ignore\''),
 ])
 def test_cg_bad_options(kwargs, match):

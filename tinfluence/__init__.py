@@ -55,3 +55,5 @@ from .io import influence_to_files  # noqa: E402
 __all__ += ["io", "influence_to_files"]
 from .knn import knn_candidates  # noqa: E402
 __all__ += ["knn_candidates"]
+from . import factored  # noqa: E402
+__all__ += ["factored"]

@@ -3,7 +3,10 @@
 Also holds the two chunked reductions the Hessian-free estimators share: the stacked
 gradients of a (small) data set, and a function of each training chunk's gradients
 concatenated over the training set, so training gradients are computed once, one chunk
-at a time, and never held for all n examples.
+at a time, and never held for all n examples. Either reduction takes the gradients as a
+pytree (`ti.per_example_grad_fn`) or, with `factored=True`, as `ti.factored.GradFactors`,
+whose inner products (`ti.factored.gram`, `ti.factored.sq_norms`) never form the
+per-example gradients of linear layers.
 """
 
 from __future__ import annotations
@@ -15,32 +18,41 @@ import torch
 
 from .. import data as D
 from .. import distributed as dd
+from .. import factored as fa
 from .. import tree as tr
 from ..errors import check_chunk_size, check_params
 from ..transforms import per_example_grad_fn
 
-__all__ = ["grad_dot", "grad_cos", "stacked_grads", "over_train", "row_sq_norms"]
+__all__ = ["grad_dot", "grad_cos", "stacked_grads", "over_train", "row_sq_norms", "check_factored", "grad_products"]
 
 
-def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: Callable = lambda G: G, where: str):
+def _grad_kernel(loss: Callable, factored: bool, where: str) -> Callable:
+    """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`."""
+    return fa.grad_factor_fn(loss, where=where) if factored else per_example_grad_fn(loss, where=where)
+
+
+def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: Callable = lambda G: G, where: str,
+                  factored: bool = False):
     """Returns `transform(G)` for the per-example gradients G of `data`, computed chunk by chunk.
 
-    `transform` maps a chunk's gradients (leaves `[c, *shape]`) to a stack with leading
-    axis c (a pytree, or a `[c, d]` projection); the chunks are concatenated.
+    `transform` maps a chunk's gradients (leaves `[c, *shape]`, or `GradFactors` when
+    `factored`) to a stack with leading axis c (a pytree, or a `[c, d]` projection); the
+    chunks are concatenated.
     """
-    kernel = per_example_grad_fn(loss, where=where)
+    kernel = _grad_kernel(loss, factored, where)
     return D.chunk_cat(lambda chunk: transform(kernel(params, chunk)), data, chunk_size)
 
 
-def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None) -> torch.Tensor:
+def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None,
+               factored: bool = False) -> torch.Tensor:
     """Returns `fn(G_chunk)` concatenated along the last axis over the training chunks.
 
-    `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`) to a tensor whose last
-    axis is c (e.g. `[n_test, c]` or `[c]`); the result's last axis is n_train. With a
-    process group, `train` is this rank's shard and the shards' results are all-gathered
-    in rank order.
+    `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`, or `GradFactors` when
+    `factored`) to a tensor whose last axis is c (e.g. `[n_test, c]` or `[c]`); the result's
+    last axis is n_train. With a process group, `train` is this rank's shard and the
+    shards' results are all-gathered in rank order.
     """
-    kernel = per_example_grad_fn(loss, where=where)
+    kernel = _grad_kernel(loss, factored, where)
     local = D.chunk_cat(lambda chunk: fn(kernel(params, chunk)), train, chunk_size, dim=-1)
     return dd.gather_columns(local, group)
 
@@ -51,6 +63,18 @@ def row_sq_norms(G) -> torch.Tensor:
     return sum(leaf.reshape(leaf.shape[0], -1).pow(2).sum(1) for leaf in leaves)
 
 
+def grad_products(factored: bool) -> tuple[Callable, Callable]:
+    """`(pairwise, sq_norms)` for stacks of per-example gradients: `(G1, G2) -> [c1, c2]` and
+    `G -> [c]`, on pytrees (`ti.tree.pairwise_vdot`, `row_sq_norms`) or on `GradFactors`."""
+    return (fa.gram, fa.sq_norms) if factored else (tr.pairwise_vdot, row_sq_norms)
+
+
+def check_factored(where: str, factored) -> None:
+    """Raises TypeError unless `factored` is a bool."""
+    if not isinstance(factored, bool):
+        raise TypeError(f"{where}: `factored` must be True or False; got {factored!r}.")
+
+
 def _check_inputs(where: str, loss, params, train, test) -> None:
     if not callable(loss):
         raise TypeError(f"{where}: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
@@ -59,7 +83,8 @@ def _check_inputs(where: str, loss, params, train, test) -> None:
     D.num_examples(test, name="test", where=where)
 
 
-def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = None, group=None) -> torch.Tensor:
+def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = None, group=None,
+             factored: bool = False) -> torch.Tensor:
     """Returns the gradient dot products ⟨∇ℓ(z_test; θ), ∇ℓ(z; θ)⟩, `[n_test, n_train]`.
 
     Sign: positive = helpful (a gradient step on z lowers the test loss to first order).
@@ -77,27 +102,41 @@ def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = No
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
         (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
         rank returns the single-process result.
+      factored: True computes the products of linear-layer gradients from their factors
+        (`ti.factored`: layer inputs and output gradients) without forming per-example
+        gradients, and other parameters' gradients as usual; the same result to round-off.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      TypeError / ValueError: a non-callable `loss`, bad parameters, data sets without a
-        common leading axis, a loss that is not per-example, or a bad `chunk_size`.
+      TypeError / ValueError: a non-callable `loss`, bad parameters (not a dict with
+        `factored=True`), data sets without a common leading axis, a loss that is not
+        per-example, a bad `chunk_size` or a non-bool `factored`.
 
     Notes:
       Cost: one per-example gradient pass over test and one over train; one matrix product
-      per chunk. Memory: n_test × P for the test gradients plus chunk_size × P.
+      per chunk. Memory: n_test × P for the test gradients plus chunk_size × P. With
+      `factored=True` a linear layer applied at T positions per example, where
+      T²·(in + out) < in·out, costs n_test·n_train·T²·(in + out) instead of
+      n_test·n_train·in·out plus forming (n_test + n_train)·in·out numbers, and holds
+      (n_test + chunk_size)·T·(in + out) numbers; other layers cost what they did. Measured
+      (one thread, 1000 training × 100 test digits, float64): 2× faster for logistic
+      regression 64→10, 10× for a 64-128-10 MLP; Fashion-MNIST 60000 × 1000 with a
+      784-128-10 MLP (float32) takes 3.8 s.
     """
     where = "ti.grad_dot"
     _check_inputs(where, loss, params, train, test)
     check_chunk_size(where, chunk_size)
-    G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where)
-    return over_train(lambda G: tr.pairwise_vdot(G_test, G), loss, params, train, chunk_size=chunk_size, where=where,
-                      group=group)
+    check_factored(where, factored)
+    pairwise, _ = grad_products(factored)
+    G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where, factored=factored)
+    return over_train(lambda G: pairwise(G_test, G), loss, params, train, chunk_size=chunk_size, where=where,
+                      group=group, factored=factored)
 
 
-def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = None, group=None) -> torch.Tensor:
+def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = None, group=None,
+             factored: bool = False) -> torch.Tensor:
     """Returns the cosine similarities of test and training gradients, `[n_test, n_train]`.
 
     `⟨g_test, g_z⟩ / (‖g_test‖ ‖g_z‖)`, in [-1, 1]; a zero gradient gives 0. Normalizing
@@ -117,6 +156,9 @@ def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = No
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
         (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
         rank returns the single-process result.
+      factored: True computes the products of linear-layer gradients from their factors
+        (`ti.factored`: layer inputs and output gradients) without forming per-example
+        gradients, and other parameters' gradients as usual; the same result to round-off.
 
     Returns:
       `[n_test, n_train]` tensor in [-1, 1], dtype and device of the parameters.
@@ -125,17 +167,20 @@ def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = No
       TypeError / ValueError: as `ti.grad_dot`.
 
     Notes:
-      Cost: as `ti.grad_dot` (the norms come from the same gradient chunks).
+      Cost: as `ti.grad_dot` (the norms come from the same gradient chunks; factored, a
+      linear layer's squared norms cost n·T²·(in + out)).
     """
     where = "ti.grad_cos"
     _check_inputs(where, loss, params, train, test)
     check_chunk_size(where, chunk_size)
-    G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where)
-    test_sq = row_sq_norms(G_test)  # [n_test]
+    check_factored(where, factored)
+    pairwise, sq_norms = grad_products(factored)
+    G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where, factored=factored)
+    test_sq = sq_norms(G_test)  # [n_test]
     tiny = torch.finfo(test_sq.dtype).tiny
     test_norms = test_sq.sqrt().clamp_min(tiny)
 
     def cosines(G):
-        return tr.pairwise_vdot(G_test, G) / test_norms[:, None] / row_sq_norms(G).sqrt().clamp_min(tiny)[None, :]
+        return pairwise(G_test, G) / test_norms[:, None] / sq_norms(G).sqrt().clamp_min(tiny)[None, :]
 
-    return over_train(cosines, loss, params, train, chunk_size=chunk_size, where=where, group=group)
+    return over_train(cosines, loss, params, train, chunk_size=chunk_size, where=where, group=group, factored=factored)

@@ -9,9 +9,8 @@ import optree
 import torch
 
 from .. import data as D
-from .. import tree as tr
 from ..errors import check_chunk_size, check_params, fork_generator
-from .similarity import over_train, row_sq_norms, stacked_grads
+from .similarity import check_factored, grad_products, over_train, stacked_grads
 
 __all__ = ["tracin", "tracin_self_influence"]
 
@@ -62,7 +61,8 @@ def _projection(params, dim: int, generator: torch.Generator) -> Callable:
 
 
 def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | None = None,
-           generator: torch.Generator | None = None, chunk_size: int | None = None, group=None) -> torch.Tensor:
+           generator: torch.Generator | None = None, chunk_size: int | None = None, group=None,
+           factored: bool = False) -> torch.Tensor:
     """Returns TracIn scores Σ_t lr_t ⟨∇ℓ(z_test; θ_t), ∇ℓ(z; θ_t)⟩, `[n_test, n_train]`.
 
     The TracInCP form: at each saved checkpoint θ_t the test and training gradients meet
@@ -94,17 +94,23 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
         (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
         rank returns the single-process result.
+      factored: True computes the products of linear-layer gradients from their factors
+        (`ti.factored`: layer inputs and output gradients) without forming per-example
+        gradients, and other parameters' gradients as usual; the same result to round-off.
+        Not with `projection_dim`, which needs the formed gradients.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      ValueError: empty or inconsistent `checkpoints`, lr <= 0, `projection_dim` < 1, or a
-        `generator` missing with (or given without) `projection_dim`; bad data or loss.
+      ValueError: empty or inconsistent `checkpoints`, lr <= 0, `projection_dim` < 1, a
+        `generator` missing with (or given without) `projection_dim`, `projection_dim` with
+        `factored=True`; bad data or loss.
+      TypeError: a non-bool `factored`; `params_t` not a dict with `factored=True`.
 
     Notes:
       Cost: per checkpoint, one per-example gradient pass over test and one over train, and
-      one matrix product per training chunk.
+      one matrix product per training chunk (factored: two per linear layer, see `ti.grad_dot`).
 
     References:
       Pruthi, Liu, Kale & Sundararajan, Estimating Training Data Influence by Tracing
@@ -115,12 +121,19 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
     D.num_examples(train, name="train", where=where)
     D.num_examples(test, name="test", where=where)
     check_chunk_size(where, chunk_size)
+    check_factored(where, factored)
+    if factored and projection_dim is not None:
+        raise ValueError(f"{where}: `projection_dim` needs the per-example gradients formed, which `factored=True` avoids; "
+                         "use factored=True without projection_dim (exact, and cheap for linear layers) or "
+                         "projection_dim with factored=False.")
     project = _projection_or_identity(where, ckpts[0][0], projection_dim, generator)
+    pairwise, _ = grad_products(factored)
     total = None
     for params, lr in ckpts:
-        U = stacked_grads(loss, params, test, chunk_size=chunk_size, transform=project, where=where)  # [n_test, ...]
-        scores = over_train(lambda G: tr.pairwise_vdot(U, project(G)), loss, params, train, chunk_size=chunk_size, where=where,
-                            group=group)
+        U = stacked_grads(loss, params, test, chunk_size=chunk_size, transform=project, where=where,
+                          factored=factored)  # [n_test, ...]
+        scores = over_train(lambda G: pairwise(U, project(G)), loss, params, train, chunk_size=chunk_size, where=where,
+                            group=group, factored=factored)
         total = lr * scores if total is None else total + lr * scores
     return total
 
@@ -139,7 +152,7 @@ def _projection_or_identity(where: str, params, projection_dim, generator) -> Ca
 
 
 def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int | None = None,
-                          group=None) -> torch.Tensor:
+                          group=None, factored: bool = False) -> torch.Tensor:
     """Returns TracIn self-influence Σ_t lr_t ‖∇ℓ(z; θ_t)‖² for every training example, `[n_train]`.
 
     The diagonal of `ti.tracin(loss, checkpoints, train, train)`, without the n² matrix.
@@ -154,12 +167,16 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
         (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
         rank returns the single-process result.
+      factored: True computes linear layers' squared gradient norms from their factors
+        (`ti.factored.sq_norms`, n·T²·(in + out) per layer) without forming per-example
+        gradients; the same result to round-off.
 
     Returns:
       `[n_train]` tensor, dtype and device of the parameters.
 
     Raises:
       ValueError: as `ti.tracin`.
+      TypeError: as `ti.tracin`.
 
     Notes:
       Cost: one per-example gradient pass over train per checkpoint.
@@ -168,8 +185,10 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
     ckpts = _check_checkpoints(where, checkpoints)
     D.num_examples(train, name="train", where=where)
     check_chunk_size(where, chunk_size)
+    check_factored(where, factored)
+    _, sq_norms = grad_products(factored)
     total = None
     for params, lr in ckpts:
-        sq = over_train(row_sq_norms, loss, params, train, chunk_size=chunk_size, where=where, group=group)
+        sq = over_train(sq_norms, loss, params, train, chunk_size=chunk_size, where=where, group=group, factored=factored)
         total = lr * sq if total is None else total + lr * sq
     return total

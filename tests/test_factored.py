@@ -1,0 +1,216 @@
+"""Factored per-example gradients of linear layers against per-example gradients from an autograd loop.
+
+Every model checks which parameters came out factored (so a pass cannot come from the
+fallback alone) and that the Gram matrix, the squared norms and the materialized gradients
+equal those of `ti.testing.loop_grads` (one `torch.autograd.grad` call per example).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tinfluence as ti
+from tinfluence import factored as fa
+from tinfluence.testing import loop_grads
+
+from models import build, cases
+
+
+def _close(got, expected):
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _check_against_loop(loss, params, train, test, *, linear, dense):
+    """F_test, F_train factored as named; gram, sq_norms and materialize equal the loop's."""
+    F_train, F_test = fa.grad_factors(loss, params, train), fa.grad_factors(loss, params, test, chunk_size=3)
+    assert (sorted(F_train.linear), sorted(F_train.dense)) == (sorted(linear), sorted(dense))
+    G_train, G_test = loop_grads(loss, params, train), loop_grads(loss, params, test)
+    _close(fa.gram(F_test, F_train), ti.tree.pairwise_vdot(G_test, G_train))
+    _close(fa.sq_norms(F_train), ti.tree.pairwise_vdot(G_train, G_train).diagonal())
+    for name, leaf in fa.materialize(F_train).items():
+        _close(leaf, G_train[name])
+    return F_train, F_test
+
+
+def _cross_entropy(apply):
+    return lambda p, batch: F.cross_entropy(apply(p, batch[0]), batch[1], reduction="none")
+
+
+def test_functional_call_hands_the_parameter_tensors_to_linear():
+    """The capture recognizes parameters by identity: F.linear must receive the very objects of `params`."""
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.linear:
+                seen.append((args[1], args[2]))
+            return func(*args, **(kwargs or {}))
+
+    apply, params = ti.functionalize(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    with Record():
+        apply(params, torch.randn(5, 4))
+    assert [(w is params[f"{i}.weight"], b is params[f"{i}.bias"]) for (w, b), i in zip(seen, (0, 2))] == [(True, True)] * 2
+
+
+def test_digits_lr_gram_equals_per_example_grads(digits_lr):
+    d = digits_lr
+    F_train, F_test = fa.grad_factors(d.loss, d.params, d.train), fa.grad_factors(d.loss, d.params, d.test)
+    assert (sorted(F_train.linear), sorted(F_train.dense)) == (["weight"], ["bias"])
+    assert F_train.linear["weight"][0].shape == (1000, 1, 64) and F_train.linear["weight"][1].shape == (1000, 1, 10)
+    G_train, G_test = ti.per_example_grads(d.loss, d.params, d.train), ti.per_example_grads(d.loss, d.params, d.test)
+    _close(fa.gram(F_test, F_train), ti.tree.pairwise_vdot(G_test, G_train))
+    _close(fa.sq_norms(F_train), ti.tree.pairwise_vdot(G_train, G_train).diagonal())
+    small = ti.take(d.train, slice(0, 20))
+    _close(fa.gram(fa.grad_factors(d.loss, d.params, small), F_test),
+           ti.tree.pairwise_vdot(loop_grads(d.loss, d.params, small), G_test))
+
+
+def test_mlp_with_biases(digits_lr):
+    torch.manual_seed(0)
+    apply, params = ti.functionalize(nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)))
+    train, test = ti.take(digits_lr.train, slice(0, 40)), ti.take(digits_lr.test, slice(0, 7))
+    _check_against_loop(_cross_entropy(apply), params, train, test, linear=["0.weight", "2.weight"], dense=["0.bias", "2.bias"])
+
+
+class Sequence(nn.Module):
+    """Tokens `[B, L, 16]` -> two per-position linear layers -> mean over positions -> linear head.
+
+    With L positions a layer factors when L²·(in + out) < in·out: `mid` (64 -> 64) for L <= 5,
+    `up` (16 -> 64) for L = 2 but not L = 5 (its gradients are formed), the head (T = 1) always.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.mid, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.up(x)))).mean(1))
+
+
+def test_sequence_axis_and_sides_with_other_lengths():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    apply, params = ti.functionalize(Sequence())
+    train = (torch.randn(25, 5, 16, generator=g), torch.randint(0, 3, (25,), generator=g))
+    test = (torch.randn(6, 2, 16, generator=g), torch.randint(0, 3, (6,), generator=g))
+    biases = ["head.bias", "mid.bias", "up.bias"]
+    F_train, F_test = _check_against_loop(_cross_entropy(apply), params, train, test,
+                                          linear=["head.weight", "mid.weight"], dense=biases + ["up.weight"])
+    assert F_train.linear["mid.weight"][0].shape == (25, 5, 64) and F_test.linear["mid.weight"][0].shape == (6, 2, 64)
+    assert sorted(F_test.linear) == ["head.weight", "mid.weight", "up.weight"]   # the mixed pair is formed on one side
+
+
+@pytest.mark.parametrize("name, linear", [("cnn", ["3.weight"]), ("tied", ["proj.weight"]), ("text_dict", ["head.weight"])])
+def test_fallback_leaves_of_models_with_other_layers(name, linear):
+    """Convolutions and embeddings take vmap(grad); the embedding tied to the output layer's
+    weight is used by F.embedding too, so that weight is not factored either."""
+    _, params, loss, data = build(next(c for c in cases(n=10) if c[0] == name))
+    F_all = fa.grad_factors(loss, params, data)
+    assert sorted(F_all.linear) == linear
+    G = loop_grads(loss, params, data)
+    _close(fa.gram(F_all, F_all), ti.tree.pairwise_vdot(G, G))
+    _close(fa.sq_norms(F_all), ti.tree.pairwise_vdot(G, G).diagonal())
+    for key, leaf in fa.materialize(F_all).items():
+        _close(leaf, G[key])
+
+
+class Shared(nn.Module):
+    """`cell` is applied twice (to the input and to a buffer without an example axis); `proj`'s
+    weight is also used transposed; `head`'s weight is read only for its shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.proj, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.register_buffer("h0", torch.randn(16))
+
+    def forward(self, x):
+        h = torch.tanh(self.cell(x) + self.cell(self.h0))
+        h = torch.tanh(self.proj(h)) @ self.proj.weight.t()
+        return self.head(h[:, : self.head.weight.shape[1]])
+
+
+def test_weight_in_two_linear_calls_and_weight_used_otherwise():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    apply, params = ti.functionalize(Shared())
+    data = (torch.randn(20, 16, generator=g), torch.randint(0, 3, (20,), generator=g))
+    F_all, _ = _check_against_loop(_cross_entropy(apply), params, data, ti.take(data, slice(0, 5)),
+                                   linear=["cell.weight", "head.weight"], dense=["cell.bias", "head.bias", "proj.bias", "proj.weight"])
+    assert F_all.linear["cell.weight"][0].shape == (20, 2, 16)   # the two calls, concatenated along T
+
+
+def test_one_tensor_under_two_names_is_not_factored():
+    torch.manual_seed(0)
+    apply, params = ti.functionalize(nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5)))
+    params = {**params, "2.weight": params["0.weight"]}
+    data = (torch.randn(8, 5), torch.randint(0, 5, (8,)))
+    _check_against_loop(_cross_entropy(apply), params, data, data, linear=[], dense=sorted(params))
+
+
+@pytest.fixture(scope="module")
+def mlp(digits_lr):
+    """A 64-32-10 tanh MLP and three checkpoints along full-batch gradient descent."""
+    torch.manual_seed(0)
+    apply, params = ti.functionalize(nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)))
+    loss = _cross_entropy(apply)
+    train, test = ti.take(digits_lr.train, slice(0, 50)), ti.take(digits_lr.test, slice(0, 9))
+    grad = torch.func.grad(ti.objective(loss, train))
+    ckpts = []
+    for lr in (0.5, 0.3, 0.1):
+        ckpts.append((params, lr))
+        params = ti.tree.add_scaled(params, -lr, grad(params))
+    return loss, ckpts, train, test
+
+
+def test_methods_factored_equal_formed(mlp):
+    loss, ckpts, train, test = mlp
+    params = ckpts[-1][0]
+    for method in (ti.grad_dot, ti.grad_cos):
+        _close(method(loss, params, train, test, factored=True, chunk_size=16), method(loss, params, train, test))
+    _close(ti.tracin(loss, ckpts, train, test, factored=True, chunk_size=16), ti.tracin(loss, ckpts, train, test))
+    _close(ti.tracin_self_influence(loss, ckpts, train, factored=True, chunk_size=16), ti.tracin_self_influence(loss, ckpts, train))
+
+
+def test_errors(mlp):
+    loss, ckpts, train, test = mlp
+    params = ckpts[0][0]
+    with pytest.raises(TypeError, match=r"ti.factored.grad_factors: `params` must be a dict\[str, Tensor\] .*; got list"):
+        fa.grad_factors(lambda p, b: loss(dict(zip(params, p)), b), list(params.values()), train)
+    with pytest.raises(ValueError, match=r"ti.factored.grad_factors: `loss` must return one value per example"):
+        fa.grad_factors(lambda p, b: loss(p, b).mean(), params, train)
+    with pytest.raises(TypeError, match=r"ti.factored.grad_factors: `loss` must be a function"):
+        fa.grad_factors(None, params, train)
+    with pytest.raises(ValueError, match=r"ti.factored.grad_factors: `chunk_size` must be None or an int >= 1; got 0"):
+        fa.grad_factors(loss, params, train, chunk_size=0)
+    F_train = fa.grad_factors(loss, params, train)
+    with pytest.raises(TypeError, match=r"ti.factored.gram: `F2` must be a GradFactors \(from ti.factored.grad_factors\); got dict"):
+        fa.gram(F_train, ti.per_example_grads(loss, params, train))
+    with pytest.raises(TypeError, match=r"ti.factored.sq_norms: `factors` must be a GradFactors .*; got dict"):
+        fa.sq_norms({})
+    with pytest.raises(TypeError, match=r"ti.factored.materialize: `factors` must be a GradFactors .*; got tuple"):
+        fa.materialize(tuple(F_train))
+    fewer = fa.GradFactors(F_train.linear, {k: v for k, v in F_train.dense.items() if k != "0.bias"})
+    with pytest.raises(ValueError, match=r"ti.factored.gram: `F1` and `F2` must hold the same parameters; "
+                                         r"only in F1: \[\], only in F2: \['0.bias'\]"):
+        fa.gram(fewer, F_train)
+    with pytest.raises(TypeError, match=r"ti.grad_dot: `factored` must be True or False; got 'yes'"):
+        ti.grad_dot(loss, params, train, test, factored="yes")
+    with pytest.raises(TypeError, match=r"ti.tracin_self_influence: `factored` must be True or False; got 1"):
+        ti.tracin_self_influence(loss, ckpts, train, factored=1)
+    with pytest.raises(ValueError, match=r"ti.tracin: `projection_dim` needs the per-example gradients formed, "
+                                         r"which `factored=True` avoids; use factored=True without projection_dim"):
+        ti.tracin(loss, ckpts, train, test, factored=True, projection_dim=8, generator=torch.Generator())
+
+
+def test_forward_that_changes_between_calls_is_refused(mlp):
+    loss, ckpts, train, _ = mlp
+    calls = []
+
+    def fickle(p, batch):   # the first (plain, one-example) call runs the model twice, later calls once
+        calls.append(1)
+        return loss(p, batch) + (loss(p, batch) if len(calls) == 1 else 0)
+
+    with pytest.raises(RuntimeError, match=r"ti.grad_cos: the forward made other F.linear calls on the parameters under "
+                                           r"vmap than in a plain call on one example \(expected 4 calls"):
+        ti.grad_cos(fickle, ckpts[0][0], train, train, factored=True)

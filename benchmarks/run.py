@@ -1,8 +1,12 @@
 """Benchmarks tinfluence, and the peer libraries that are installed, on the same tasks.
 
-    python benchmarks/run.py                       # tinfluence only
+    python benchmarks/run.py                       # tinfluence only, digits tasks + Fashion-MNIST scaling
     python benchmarks/run.py --peers               # also every installed peer library
     python benchmarks/run.py --task digits-mlp --n-train 1000 --n-test 100 --repeats 3
+    python benchmarks/run.py --peers --task fmnist-lr --task fmnist-mlp --repeats 1   # 60k train × 1000 test
+
+On the Fashion-MNIST tasks a peer is stopped once it has run `--stop-ratio` (10) times as
+long as tinfluence's process for the same method; its row then says so.
 
 Each (task, library, method) runs in a fresh child process: it loads the task (built once
 by the parent, ground truth included), records its peak RSS, runs the method `--repeats`
@@ -15,6 +19,7 @@ and written to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -33,9 +38,12 @@ PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/p
 # Method -> (reference attribute of the task, Pearson with it required by the check).
 CHECKS = {
     "exact": ("exact", 0.999999), "cg": ("exact", 0.999), "lissa": ("exact", 0.98), "arnoldi": ("exact", None),
+    "ekfac": ("exact", None),
     "tracin": ("exact_tracin", 0.999999), "tracin-fast": ("exact_tracin", None), "tracin-proj": ("exact_tracin", None),
     "grad-dot": ("grad_dot", 0.999999), "empirical-if": ("grad_dot", 0.99),
 }
+IHVP_METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
+DEFAULT_SIZES = {"digits-lr": (1000, 100), "digits-mlp": (1000, 100), "fmnist-lr": (60000, 1000), "fmnist-mlp": (60000, 1000)}
 
 
 # ---------------------------------------------------------------- child
@@ -82,6 +90,8 @@ def child(spec: dict) -> dict:
     import tasks
 
     task = tasks.load(spec["task_file"])
+    if spec["method"] in IHVP_METHODS and task.ihvp_test:
+        task.test = tuple(t[:task.ihvp_test] for t in task.test)
     fn = peers.ADAPTERS[spec["library"]][spec["method"]]
     base = _reset_peak()
     times, scores = [], None
@@ -94,14 +104,16 @@ def child(spec: dict) -> dict:
     ref_name, threshold = CHECKS[spec["method"]]
     if (spec["library"], spec["method"]) in peers.APPROXIMATE:
         threshold = None
-    grads = tasks.lr_grads if task.kind == "lr" else tasks.mlp_grads
-    reference = (grads(task.state, task.test) @ grads(task.state, task.train).T) if ref_name == "grad_dot" else getattr(task, ref_name)
+    reference = getattr(task, ref_name)
+    scores = scores[:len(reference)]                                           # references may cover the first rows only
     factor = float((scores * reference).sum() / (scores * scores).sum())       # least-squares scale to the reference
     out["factor"] = factor
     normalized = factor * scores
     out["ref_pearson"], _ = _flat_metrics(normalized, reference)
     out["check"] = "approx." if threshold is None else ("ok" if out["ref_pearson"] >= threshold else "FAIL")
-    out["exact_pearson"], out["exact_spearman"] = _flat_metrics(normalized, task.exact)
+    if task.exact is not None:
+        rows = min(len(task.exact), len(normalized))
+        out["exact_pearson"], out["exact_spearman"] = _flat_metrics(normalized[:rows], task.exact[:rows])
     if task.loo is not None:
         out["loo_pearson"], out["loo_spearman"] = _flat_metrics(normalized[:, task.loo_ids], task.loo)
     return out
@@ -109,22 +121,24 @@ def child(spec: dict) -> dict:
 
 # ---------------------------------------------------------------- parent
 
-def _run_child(python: str, spec: dict, timeout: float) -> dict:
+def _run_child(python: str, spec: dict, timeout: float, stopped: str = "timed out") -> dict:
+    """Runs one measurement in a fresh process; adds its whole wall time (load and all repeats) as `wall`."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
+    start = time.perf_counter()
     try:
         proc = subprocess.run([python, os.path.abspath(__file__), "--child", f.name], capture_output=True, text=True,
                               timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+        return {"error": f"{stopped} after {timeout:.0f} s"}
     finally:
         os.unlink(f.name)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": last[:160]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return dict(json.loads(lines[-1][len("RESULT "):]), wall=time.perf_counter() - start)
 
 
 def _peer_python(library: str) -> str | None:
@@ -164,9 +178,9 @@ def _table(task_name, rows) -> list[str]:
             continue
         t = min(r["times"])
         ratio = f"{t / base[r['method']]:.2f}" if r["method"] in base else "—"
+        vs_exact = f"{r['exact_pearson']:.4f} / {r['exact_spearman']:.4f}" if "exact_pearson" in r else "—"
         line = (f"| {r['method']} | {r['library']} | {_fmt_t(t)} | {_fmt_t(statistics.median(r['times']))} | {r['peak_mb']:.0f} | "
-                f"{ratio} | {r['check']} ({r['ref_pearson']:.6f}) | {r['factor']:.3g} | "
-                f"{r['exact_pearson']:.4f} / {r['exact_spearman']:.4f} |")
+                f"{ratio} | {r['check']} ({r['ref_pearson']:.6f}) | {r['factor']:.3g} | {vs_exact} |")
         if has_loo:
             line += f" {r['loo_pearson']:.4f} / {r['loo_spearman']:.4f} |" if "loo_pearson" in r else " |"
         out.append(line)
@@ -176,10 +190,11 @@ def _table(task_name, rows) -> list[str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child")
-    parser.add_argument("--task", action="append", choices=["digits-lr", "digits-mlp", "fmnist-lr"])
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--task", action="append", choices=[*DEFAULT_SIZES, "fmnist-scaling"],
+                        help="default: digits-lr, digits-mlp, fmnist-scaling")
+    parser.add_argument("--n-train", type=int, help="default per task: digits 1000, fmnist 60000")
+    parser.add_argument("--n-test", type=int, help="default per task: digits 100, fmnist 1000")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--peers", action="store_true", help="also run every installed peer library")
     parser.add_argument("--methods", help="comma-separated subset of methods")
@@ -187,6 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fmnist-sizes", default="1000,4000,16000,60000")
     parser.add_argument("--no-micro", action="store_true")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--stop-ratio", type=float, default=10,
+                        help="on Fashion-MNIST, stop a peer after this multiple of tinfluence's process time (0: never)")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args(argv)
     if args.child:
@@ -201,14 +218,14 @@ def main(argv=None) -> None:
     import peers
     import tasks
 
-    chosen = args.task or ["digits-lr", "digits-mlp", "fmnist-lr"]
+    chosen = args.task or ["digits-lr", "digits-mlp", "fmnist-scaling"]
     report = ["# tinfluence benchmarks", "", f"Machine: {machine(args.threads)}", "",
               f"Command: `python benchmarks/{' '.join(['run.py', *sys.argv[1:]])}`", ""]
     libraries = ["tinfluence"]
     missing = []
     pythons = {"tinfluence": sys.executable}
     if args.peers:
-        for lib in ["dattri", "captum", "pydvl", "kronfluence", "pytorch_influence_functions"]:
+        for lib in ["dattri", "captum", "pydvl", "kronfluence", "torch_influence", "pytorch_influence_functions"]:
             python = _peer_python(lib)
             if python is None:
                 missing.append(f"- {lib}: not installed; `{peers.INSTALL[lib]}` (keeping torch {torch.__version__.split('+')[0]})")
@@ -220,28 +237,39 @@ def main(argv=None) -> None:
     report += ["Peers: " + (", ".join(libraries[1:]) or "none") + (" (run with `--peers` to include them)" if not args.peers else ""), ""]
     report += missing + ([""] if missing else [])
     for name in chosen:
-        if name == "fmnist-lr":
-            report += fmnist_scaling(args, tasks)
+        if name == "fmnist-scaling":
+            report += fmnist_scaling(args, tasks, peers)
             continue
-        print(f"building {name} ...", flush=True)
-        task = tasks.build(name, args.n_train, args.n_test, loo=args.loo if name == "digits-lr" else 0)
-        path = os.path.join(tempfile.gettempdir(), f"tinfluence-bench-{name}-{os.getpid()}.pt")
-        tasks.save(task, path)
+        if name.startswith("fmnist") and tasks.fmnist_files() is None:
+            message = f"skipped: Fashion-MNIST not found; install it with `{tasks.FMNIST_INSTALL}`"
+            print(f"{name} {message}")
+            report += [f"### {name}", "", message, ""]
+            continue
+        n_train, n_test = args.n_train or DEFAULT_SIZES[name][0], args.n_test or DEFAULT_SIZES[name][1]
+        task, path = built(tasks, name, n_train, n_test, loo=args.loo if name == "digits-lr" else 0)
         methods = peers.TASK_METHODS[name] if not args.methods else [m for m in args.methods.split(",") if m in peers.TASK_METHODS[name]]
-        rows = []
+        rows, own_walls = [], {}
         for method in methods:
             for lib in libraries:
                 if method not in peers.ADAPTERS[lib]:
                     continue
                 spec = {"task_file": path, "library": lib, "method": method, "repeats": args.repeats, "threads": args.threads}
-                result = _run_child(pythons[lib], spec, args.timeout)
+                timeout, stopped = args.timeout, "timed out"
+                own_wall = own_walls.get(method)
+                if lib != "tinfluence" and own_wall and args.stop_ratio and name.startswith("fmnist"):
+                    timeout = min(timeout, args.stop_ratio * own_wall)
+                    stopped = f"stopped at {args.stop_ratio:g}× tinfluence's process time ({own_wall:.0f} s)"
+                result = _run_child(pythons[lib], spec, timeout, stopped)
+                if lib == "tinfluence" and "wall" in result:
+                    own_walls[method] = result["wall"]
                 result.update(library=lib, method=method)
                 rows.append(result)
                 shown = result.get("error") or f"{min(result['times']):.3f} s, check {result['check']} ({result['ref_pearson']:.6f})"
                 print(f"  {name:10s} {method:13s} {lib:11s} {shown}", flush=True)
-        os.unlink(path)
-        report += [f"{name}: {task.n_train} train × {task.n_test} test, float64, l2={task.l2}" +
-                   (f"; leave-one-out for {len(task.loo_ids)} training ids" if task.loo is not None else ""), ""]
+        report += [f"{name}: {task.n_train} train × {task.n_test} test, {str(task.dtype).replace('torch.', '')}, l2={task.l2}" +
+                   (f"; leave-one-out for {len(task.loo_ids)} training ids" if task.loo is not None else "") +
+                   (f"; inverse-HVP methods score the first {task.ihvp_test} test points" if task.ihvp_test else "") +
+                   (f"; references cover the first {len(task.grad_dot)} test points" if len(task.grad_dot) < task.n_test else ""), ""]
         report += _table(name, rows)
         report += notes(rows, peers)
     if not args.no_micro:
@@ -251,6 +279,28 @@ def main(argv=None) -> None:
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
+
+
+CACHE = os.path.join(HERE, ".cache")
+
+
+def built(tasks, name: str, n_train: int, n_test: int, **kw):
+    """`(task, path)`: the task built once and kept in benchmarks/.cache, keyed by its sizes and tasks.py's source."""
+    with open(tasks.__file__, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    extra = "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+    path = os.path.join(CACHE, f"{name}-{n_train}-{n_test}{extra}-{digest}.pt")
+    if os.path.exists(path):
+        print(f"{name}: reusing {os.path.relpath(path)}", flush=True)
+        return tasks.load(path), path
+    print(f"building {name} ({n_train} train × {n_test} test) ...", flush=True)
+    start = time.perf_counter()
+    task = tasks.build(name, n_train, n_test, **kw)
+    os.makedirs(CACHE, exist_ok=True)
+    tasks.save(task, path + ".part")
+    os.replace(path + ".part", path)
+    print(f"  built in {time.perf_counter() - start:.0f} s", flush=True)
+    return task, path
 
 
 def notes(rows, peers) -> list[str]:
@@ -264,24 +314,21 @@ def notes(rows, peers) -> list[str]:
     return lines + [""]
 
 
-def fmnist_scaling(args, tasks) -> list[str]:
+def fmnist_scaling(args, tasks, peers) -> list[str]:
     """Time and peak memory of tinfluence CG influence as n_train grows (10 test points)."""
-    out = ["### fmnist-lr (scaling in n_train)", ""]
+    out = ["### fmnist-scaling (logistic regression, n_train from 1k to 60k)", ""]
     if tasks.fmnist_files() is None:
         message = f"skipped: Fashion-MNIST not found; install it with `{tasks.FMNIST_INSTALL}`"
         print("fmnist-lr " + message)
         return out + [message, ""]
-    out += ["tinfluence `ti.influence` with `ti.cg(ti.hvp(R, params), tol=1e-5)`, 10 test points, logistic regression "
-            "784→10 (P = 7850), l2=1e-2, float64; checked against textbook CG on the closed-form Hessian.", "",
+    out += [f"tinfluence `ti.influence` with `ti.cg(ti.hvp(R, params), tol={peers.CG_TOL['fmnist-lr']:g})`, 10 test points, "
+            "logistic regression 784→10 (P = 7850), l2=1e-2, float32; checked against float64 textbook CG on the closed-form "
+            "Hessian. Peak RSS is the rise above the process's RSS after loading the task.", "",
             "| n_train | min s | peak RSS MB | s per 1k train | MB per 1k train | check (ρ vs ref) |", "|---|---|---|---|---|---|"]
     for n in [int(s) for s in args.fmnist_sizes.split(",")]:
-        print(f"building fmnist-lr n_train={n} ...", flush=True)
-        task = tasks.build("fmnist-lr", n, 10)
-        path = os.path.join(tempfile.gettempdir(), f"tinfluence-bench-fmnist-{n}-{os.getpid()}.pt")
-        tasks.save(task, path)
+        _, path = built(tasks, "fmnist-scaling", n, 10)
         spec = {"task_file": path, "library": "tinfluence", "method": "cg", "repeats": 1, "threads": args.threads}
         r = _run_child(sys.executable, spec, args.timeout)
-        os.unlink(path)
         if "error" in r:
             out.append(f"| {n} | {r['error']} | | | | |")
             continue

@@ -12,7 +12,13 @@ Tasks:
               exact influence (dense closed-form Hessian) and actual leave-one-out retraining.
   digits-mlp  64-128-10 tanh MLP, l2=1e-2, trained by deterministic mini-batch SGD whose
               epochs give the TracIn checkpoints; exact = dense closed-form Gauss-Newton.
-  fmnist-lr   logistic regression on Fashion-MNIST (Debian `dataset-fashion-mnist`), scaling in n_train.
+  fmnist-lr   logistic regression 784→10 on Fashion-MNIST (Debian `dataset-fashion-mnist`), float32;
+              the large task (60k train × 1000 test) and the scaling table in n_train.
+  fmnist-mlp  784-128-10 tanh MLP on Fashion-MNIST, float32, SGD checkpoints (Hessian-free methods only).
+  fmnist-scaling  fmnist-lr after 2 SGD epochs, 10 test points, for time and memory against n_train.
+
+On Fashion-MNIST the references are computed for the first `REF_ROWS` test points only (a
+dense reference for 1000 test points would cost more than every method benchmarked).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import tinfluence as ti
 
 DTYPE = torch.float64
 L2 = 1e-2
+REF_ROWS = 20
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
 
@@ -58,22 +65,28 @@ class Task:
     checkpoints: list = field(default_factory=list)
     exact: torch.Tensor | None = None
     exact_tracin: torch.Tensor | None = None
+    grad_dot: torch.Tensor | None = None
     loo: torch.Tensor | None = None
     loo_ids: torch.Tensor | None = None
+    ihvp_test: int | None = None
     info: dict = field(default_factory=dict)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.train[0].dtype
+
     def make_model(self, state: dict | None = None) -> nn.Module:
-        """A fresh float64 module with the trained (or the given) parameters, in eval mode."""
+        """A fresh module in the task's dtype with the trained (or the given) parameters, in eval mode."""
         d, c = self.train[0].shape[1], int(self.train[1].max()) + 1
         torch.manual_seed(0)
         model = nn.Linear(d, c) if self.kind == "lr" else nn.Sequential(nn.Linear(d, self.hidden), nn.Tanh(), nn.Linear(self.hidden, c))
-        model = model.to(DTYPE)
+        model = model.to(self.dtype)
         model.load_state_dict(state if state is not None else self.state)
         return model.eval()
 
     def init_state(self) -> dict:
         """The seeded initial parameters (torch.manual_seed(0)) that SGD and L-BFGS start from."""
-        return _init_state(self.kind, self.train[0].shape[1], int(self.train[1].max()) + 1, self.hidden)
+        return _init_state(self.kind, self.train[0].shape[1], int(self.train[1].max()) + 1, self.hidden, self.dtype)
 
     @property
     def n_train(self) -> int:
@@ -131,7 +144,7 @@ def _idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fmnist(n_train: int, n_test: int):
+def fmnist(n_train: int, n_test: int, dtype=torch.float32):
     """Fashion-MNIST flattened to 784 features, standardized with the training part's statistics."""
     files = fmnist_files()
     if files is None:
@@ -141,7 +154,7 @@ def fmnist(n_train: int, n_test: int):
     Xte = torch.tensor(_idx(files["t10k-images-idx3-ubyte.gz"])[:n_test].reshape(n_test, -1), dtype=DTYPE) / 255
     yte = torch.tensor(_idx(files["t10k-labels-idx1-ubyte.gz"])[:n_test].astype(np.int64))
     mean, std = Xtr.mean(0), Xtr.std(0) + 1e-2
-    return ((Xtr - mean) / std, ytr), ((Xte - mean) / std, yte)
+    return (((Xtr - mean) / std).to(dtype), ytr), (((Xte - mean) / std).to(dtype), yte)
 
 
 # ---------------------------------------------------------------- closed-form ground truth
@@ -206,15 +219,20 @@ def _with_one(A: torch.Tensor) -> torch.Tensor:
     return torch.cat([A, torch.ones(len(A), 1, dtype=A.dtype)], 1)
 
 
-def mlp_grads(state: dict, data) -> torch.Tensor:
-    """Per-example gradients by hand-written backpropagation, `[n, P]`: [W1 | b1] then [W2 | b2], row-major."""
+def _mlp_backprop(state: dict, data):
+    """Hand-written backpropagation: the layer inputs x̃, h̃ and output gradients d_h, d_o of each example."""
     X, y = data
     h, o = mlp_forward(state, X)
     d_o = torch.softmax(o, 1) - F.one_hot(y, o.shape[1]).to(o.dtype)
     d_h = (d_o @ state["2.weight"]) * (1 - h**2)
-    n = len(X)
-    return torch.cat([(d_h[:, :, None] * _with_one(X)[:, None, :]).reshape(n, -1),
-                      (d_o[:, :, None] * _with_one(h)[:, None, :]).reshape(n, -1)], 1)
+    return _with_one(X), d_h, _with_one(h), d_o
+
+
+def mlp_grads(state: dict, data) -> torch.Tensor:
+    """Per-example gradients by hand-written backpropagation, `[n, P]`: [W1 | b1] then [W2 | b2], row-major."""
+    x, d_h, h, d_o = _mlp_backprop(state, data)
+    n = len(x)
+    return torch.cat([(d_h[:, :, None] * x[:, None, :]).reshape(n, -1), (d_o[:, :, None] * h[:, None, :]).reshape(n, -1)], 1)
 
 
 def _kron_sum(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -270,19 +288,19 @@ def sgd_checkpoints(task: Task, *, epochs: int, lr: float, batch: int, every: in
     return out
 
 
-def _init_state(kind: str, d: int, c: int, hidden: int) -> dict:
+def _init_state(kind: str, d: int, c: int, hidden: int, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     model = nn.Linear(d, c) if kind == "lr" else nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, c))
-    return {k: v.to(DTYPE) for k, v in model.state_dict().items()}
+    return {k: v.to(dtype) for k, v in model.state_dict().items()}
 
 
-def _optimum(task: Task, *, newton: bool) -> dict:
-    """θ̂: L-BFGS (plus Newton polish for small convex models) on the exact training objective."""
+def _optimum(task: Task, *, newton: bool, maxiter: int = 5000) -> dict:
+    """θ̂: L-BFGS (plus Newton-CG polish when `newton`) on the exact training objective."""
     apply, params0 = ti.functionalize(task.make_model(task.init_state()))
     loss = lambda p, b: F.cross_entropy(apply(p, b[0]), b[1], reduction="none")  # noqa: E731
     R = ti.objective(loss, task.train, l2=task.l2)
     zeros = ti.tree.zeros_like(params0)
-    return ti.minimize(R, zeros, gtol=1e-12 if newton else 1e-9, maxiter=5000, newton_steps=5 if newton else 0)
+    return ti.minimize(R, zeros, gtol=1e-12 if newton else 1e-9, maxiter=maxiter, newton_steps=5 if newton else 0)
 
 
 def _loo(task: Task, ids: torch.Tensor) -> torch.Tensor:
@@ -294,8 +312,31 @@ def _loo(task: Task, ids: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- builders
 
-def _reference_tracin(task: Task, grads) -> torch.Tensor:
-    return sum(lr * grads(state, task.test) @ grads(state, task.train).T for state, lr in task.checkpoints)
+def lr_dots(state: dict, test, train) -> torch.Tensor:
+    """⟨g_test, g_train⟩ `[n_test, n_train]` from the closed form g = δ ⊗ x̃ (δ = p − onehot(y)): (δ·δ')(x̃·x̃')."""
+    (p, Xb), (q, Yb) = _lr_parts(state, test[0]), _lr_parts(state, train[0])
+    delta = p - F.one_hot(test[1], p.shape[1]).to(p.dtype)
+    epsilon = q - F.one_hot(train[1], q.shape[1]).to(q.dtype)
+    return (delta @ epsilon.T) * (Xb @ Yb.T)
+
+
+def mlp_dots(state: dict, test, train) -> torch.Tensor:
+    """⟨g_test, g_train⟩ `[n_test, n_train]` from `mlp_grads`' outer products: Σ_layers (d·d')(ã·ã')."""
+    x1, dh1, h1, do1 = _mlp_backprop(state, test)
+    x2, dh2, h2, do2 = _mlp_backprop(state, train)
+    return (dh1 @ dh2.T) * (x1 @ x2.T) + (do1 @ do2.T) * (h1 @ h2.T)
+
+
+def _dots(task: Task, state: dict, rows: int | None = None) -> torch.Tensor:
+    """Closed-form gradient dot products `[rows, n_train]` in float64, 4096 training examples at a time."""
+    dots = lr_dots if task.kind == "lr" else mlp_dots
+    wide = {k: v.to(torch.float64) for k, v in state.items()}
+    test = (task.test[0][:rows].to(torch.float64), task.test[1][:rows])
+    return torch.cat([dots(wide, test, (X.to(torch.float64), y)) for X, y in zip(*(t.split(4096) for t in task.train))], 1)
+
+
+def _reference_tracin(task: Task, rows: int | None = None) -> torch.Tensor:
+    return sum(lr * _dots(task, state, rows) for state, lr in task.checkpoints)
 
 
 def build_digits_lr(n_train: int, n_test: int, loo: int) -> Task:
@@ -305,7 +346,8 @@ def build_digits_lr(n_train: int, n_test: int, loo: int) -> Task:
     H = lr_hessian(task.state, train[0], task.l2)
     task.exact = (solve_dense(H, lr_grads(task.state, test)) @ lr_grads(task.state, train).T) / n_train
     task.checkpoints = sgd_checkpoints(task, epochs=10, lr=0.1, batch=32, every=2)
-    task.exact_tracin = _reference_tracin(task, lr_grads)
+    task.exact_tracin = _reference_tracin(task)
+    task.grad_dot = _dots(task, task.state)
     if loo:
         ids = torch.arange(loo) * (n_train // loo)
         task.loo_ids, task.loo = ids, _loo(task, ids)
@@ -319,26 +361,58 @@ def build_digits_mlp(n_train: int, n_test: int, hidden: int = 128) -> Task:
     task.state = task.checkpoints[-1][0]
     G = mlp_ggn(task.state, train[0], task.l2)
     task.exact = (solve_dense(G, mlp_grads(task.state, test)) @ mlp_grads(task.state, train).T) / n_train
-    task.exact_tracin = _reference_tracin(task, mlp_grads)
+    task.exact_tracin = _reference_tracin(task)
+    task.grad_dot = _dots(task, task.state)
     return task
 
 
-def build_fmnist_lr(n_train: int, n_test: int) -> Task:
-    """Logistic regression on Fashion-MNIST; `exact` from textbook CG on the closed-form Hessian (P = 7850)."""
+def build_fmnist_lr(n_train: int, n_test: int, *, checkpoints: bool = True, ihvp_test: int | None = REF_ROWS,
+                    optimum: bool = True) -> Task:
+    """Logistic regression on Fashion-MNIST, float32, trained to the optimum in float64 (or, with
+    `optimum=False`, the parameters after 2 SGD epochs: enough for timing the scaling in n_train).
+
+    `exact` (first `REF_ROWS` test points) from textbook CG in float64 on the closed-form Hessian (P = 7850).
+    """
     train, test = fmnist(n_train, n_test)
-    task = Task("fmnist-lr", "lr", train, test, state={}, l2=L2)
-    task.state = _optimum(task, newton=False)
-    U = plain_cg(lr_hvp(task.state, train[0], task.l2), lr_grads(task.state, test))
-    task.exact = torch.cat([U @ lr_grads(task.state, chunk).T for chunk in zip(*(t.split(4096) for t in train))], 1) / n_train
+    wide = Task("fmnist-lr", "lr", (train[0].double(), train[1]), test, state={}, l2=L2)
+    state = _optimum(wide, newton=True, maxiter=1000) if optimum else sgd_checkpoints(wide, epochs=2, lr=0.05, batch=256, every=2)[0][0]
+    task = Task("fmnist-lr", "lr", train, test, state={k: v.float() for k, v in state.items()}, l2=L2,
+                ihvp_test=min(ihvp_test, n_test) if ihvp_test else None)
+    rows = min(REF_ROWS, n_test)
+    Xte = test[0][:rows].double()
+    U = plain_cg(lr_hvp(state, wide.train[0], task.l2), lr_grads(state, (Xte, test[1][:rows])), tol=1e-7)
+    task.exact = torch.cat([U @ lr_grads(state, chunk).T for chunk in zip(*(t.split(4096) for t in wide.train))], 1) / n_train
+    task.grad_dot = _dots(task, task.state, rows)
+    if checkpoints:
+        task.checkpoints = sgd_checkpoints(task, epochs=3, lr=0.05, batch=256, every=1)
+        task.exact_tracin = _reference_tracin(task, rows)
     return task
+
+
+def build_fmnist_mlp(n_train: int, n_test: int, hidden: int = 128) -> Task:
+    """784-128-10 tanh MLP on Fashion-MNIST, float32; 3 SGD epochs give the TracIn checkpoints (no exact influence)."""
+    train, test = fmnist(n_train, n_test)
+    task = Task("fmnist-mlp", "mlp", train, test, state={}, l2=1e-4, hidden=hidden)
+    task.checkpoints = sgd_checkpoints(task, epochs=3, lr=0.05, batch=128, every=1)
+    task.state = task.checkpoints[-1][0]
+    rows = min(REF_ROWS, n_test)
+    task.exact_tracin = _reference_tracin(task, rows)
+    task.grad_dot = _dots(task, task.state, rows)
+    return task
+
+
+def build_fmnist_scaling(n_train: int, n_test: int) -> Task:
+    return build_fmnist_lr(n_train, n_test, checkpoints=False, ihvp_test=None, optimum=False)
+
+
+BUILDERS = {"digits-lr": build_digits_lr, "digits-mlp": build_digits_mlp, "fmnist-lr": build_fmnist_lr,
+            "fmnist-mlp": build_fmnist_mlp, "fmnist-scaling": build_fmnist_scaling}
 
 
 def build(name: str, n_train: int, n_test: int, *, loo: int = 0) -> Task:
     if name == "digits-lr":
         return build_digits_lr(n_train, n_test, loo)
-    if name == "digits-mlp":
-        return build_digits_mlp(n_train, n_test)
-    return build_fmnist_lr(n_train, n_test)
+    return BUILDERS[name](n_train, n_test)
 
 
 def save(task: Task, path: str) -> None:

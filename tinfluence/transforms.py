@@ -17,7 +17,7 @@ from typing import Callable
 
 import optree
 import torch
-from torch.func import grad, hessian as _func_hessian, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from . import data as D
 from . import distributed as dd
@@ -386,19 +386,26 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     return operator if group is None else _all_reducing(operator, l2, group)
 
 
+# Basis vectors per vectorized pass when a dense matrix is formed column block by column block.
+# Measured (digits logistic regression, P = 650, one CPU thread): blocks of 32 take 0.19 s
+# for the Hessian, all 650 at once 0.43 s (the [P, n, c] intermediates leave the cache).
+DENSE_BLOCK = 32
+
+
 def hessian(f: Callable, params) -> torch.Tensor:
     """Dense Hessian ∇²f(θ) as a `[P, P]` matrix over `ti.tree.ravel(params)`.
 
     For small P only (P² numbers). An `Objective` is reduced chunk by chunk. Computed with
-    `torch.func.hessian` (forward over reverse on the raveled parameters), independently
-    of `hvp`'s code path. An `Objective` with a process group sums its shards' Hessians
-    (one all-reduce of the `[P, P]` matrix) and adds l2·I once.
+    `torch.func.jacrev(jacrev(·), chunk_size=32)` on the raveled parameters (reverse over
+    reverse, 32 basis vectors per vectorized pass), independently of `hvp`'s code path. An
+    `Objective` with a process group sums its shards' Hessians (one all-reduce of the
+    `[P, P]` matrix) and adds l2·I once.
     """
     check_params("ti.hessian", params)
     flat = tr.ravel(params)
 
     def dense(fn):
-        return _func_hessian(lambda x: fn(tr.unravel(x, params)))(flat)
+        return jacrev(jacrev(lambda x: fn(tr.unravel(x, params))), chunk_size=DENSE_BLOCK)(flat)
 
     if isinstance(f, Objective):
         H = D.chunk_sum(lambda chunk: dense(lambda p: f.data_term(p, chunk)), f.data, f.chunk_size)
@@ -410,8 +417,9 @@ def hessian(f: Callable, params) -> torch.Tensor:
 def to_dense(operator: Callable, params) -> torch.Tensor:
     """The matrix `[P, P]` of a linear operator on parameter pytrees (column j = C e_j).
 
-    Applies the operator once to the stack of all P basis vectors; for small P only.
+    Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only.
     """
     flat = tr.ravel(params)
-    basis = tr.unravel(torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device), params)
-    return tr.ravel(operator(basis), batch_ndim=1).T
+    identity = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+    columns = [tr.ravel(operator(tr.unravel(block, params)), batch_ndim=1) for block in identity.split(DENSE_BLOCK)]
+    return torch.cat(columns).T

@@ -258,3 +258,74 @@ def test_lissa_tol_stops_early(digits_lr, G_test):
 def test_lissa_bad_options(digits_lr, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ti.lissa(digits_lr.loss, digits_lr.params, digits_lr.train, **kwargs)
+
+
+# ---------------------------------------------------------------- nystrom preconditioner
+
+def test_preconditioned_cg_iterates_equal_scipy():
+    g = torch.Generator().manual_seed(3)
+    A, v = _spd(8, g, cond=1e3), torch.randn(8, generator=g)
+    M = torch.diag(1.0 / torch.diag(A)) + 0.01 * torch.ones(8, 8) / 8      # any symmetric positive definite P⁻¹
+    for iterations in (1, 3):
+        x, _ = ti.cg_solve(lambda u: u @ A.T, v, tol=None, maxiter=iterations, preconditioner=lambda V: V @ M.T)
+        ref, _ = scipy.sparse.linalg.cg(A.numpy(), v.numpy(), x0=torch.zeros(8).numpy(), rtol=0.0, atol=0.0,
+                                        maxiter=iterations, M=M.numpy())
+        torch.testing.assert_close(x, torch.as_tensor(ref), rtol=1e-12, atol=1e-12)
+
+
+def test_nystrom_equals_formula_with_exact_eigenvectors_for_low_rank_operator():
+    g = torch.Generator().manual_seed(4)
+    Q = torch.linalg.qr(torch.randn(30, 5, generator=g)).Q
+    C = Q @ torch.diag(torch.tensor([50.0, 20.0, 8.0, 3.0, 1.0])) @ Q.T       # rank 5: the sketch is exact
+    damping, V = 0.1, torch.randn(4, 30, generator=g)
+    precondition = ti.nystrom(lambda u: u @ C, rank=5, generator=g, damping=damping, like=torch.zeros(30))
+    lam, U = torch.linalg.eigh(C)
+    lam, U = lam[-5:], U[:, -5:]
+    expected = (lam[0] + damping) * U @ torch.diag(1 / (lam + damping)) @ U.T + torch.eye(30) - U @ U.T
+    torch.testing.assert_close(precondition(V), V @ expected, rtol=1e-9, atol=1e-10)
+
+
+def test_nystrom_cuts_cg_iterations_and_keeps_the_solution(digits_lr, G_test):
+    R = ti.objective(digits_lr.loss, digits_lr.train, l2=1e-4)                 # ill-conditioned
+    Hv = ti.hvp(R, digits_lr.params)
+    plain, info_plain = ti.cg_solve(Hv, G_test, tol=1e-8, maxiter=1000)
+    g = torch.Generator().manual_seed(0)
+    precondition = ti.nystrom(Hv, rank=100, generator=g)
+    x, info = ti.cg_solve(Hv, G_test, tol=1e-8, maxiter=1000, preconditioner=precondition)
+    assert bool(info.converged.all()) and bool(info_plain.converged.all())
+    assert int(info.iterations.max()) < 0.5 * int(info_plain.iterations.max())
+    expected = ti.ravel(ti.direct(ti.hessian(R, digits_lr.params))(G_test), batch_ndim=1)
+    got = ti.ravel(x, batch_ndim=1)
+    assert float((got - expected).norm(dim=1).div(expected.norm(dim=1)).max()) < 1e-6
+    assert ti.ravel(precondition(G_test), batch_ndim=1).shape == (10, 650)
+    state = g.get_state()
+    again = ti.nystrom(Hv, rank=100, generator=g)
+    torch.testing.assert_close(again(G_test), precondition(G_test), rtol=0, atol=0)
+    assert torch.equal(g.get_state(), state)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"rank": 0}, ValueError, r"ti.nystrom: `rank` must be an int in \[1, P=30\]; got 0"),
+    ({"rank": 31}, ValueError, r"ti.nystrom: `rank` must be an int in \[1, P=30\]; got 31"),
+    ({"rank": 3, "damping": -1.0}, ValueError, r"ti.nystrom: `damping` must be >= 0; got -1.0"),
+    ({"rank": 3, "generator": 0}, TypeError, r"ti.nystrom: `generator` must be a torch.Generator; got int"),
+    ({"rank": 3, "like": None}, TypeError, r"ti.nystrom: cannot tell the shapes of the vectors: pass `like=params`"),
+])
+def test_nystrom_bad_options(kwargs, error, match):
+    options = {"generator": torch.Generator().manual_seed(0), "like": torch.zeros(30), **kwargs}
+    with pytest.raises(error, match=match):
+        ti.nystrom(lambda u: u, **options)
+
+
+def test_nystrom_singular_operator_needs_damping():
+    C = torch.diag(torch.tensor([2.0, 1.0] + [0.0] * 28))                    # rank 2
+    with pytest.raises(ValueError, match=r"ti.nystrom: sketched eigenvalue 3 plus damping is .*pass damping > 0"):
+        ti.nystrom(lambda u: u @ C, rank=3, generator=torch.Generator().manual_seed(0), like=torch.zeros(30))
+    precondition = ti.nystrom(lambda u: u @ C, rank=3, generator=torch.Generator().manual_seed(0), damping=0.5,
+                              like=torch.zeros(30))
+    assert bool(torch.isfinite(precondition(torch.ones(2, 30))).all())
+
+
+def test_cg_preconditioner_must_be_callable():
+    with pytest.raises(TypeError, match=r"ti.cg: `preconditioner` must be None or a function V -> P⁻¹V"):
+        ti.cg(lambda u: u, preconditioner=3)

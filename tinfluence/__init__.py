@@ -36,10 +36,10 @@ from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, pearson, si
 __all__ += ["LDSResult", "lbfgs_trainer", "lds", "leave_one_out", "pearson", "sign_agreement", "spearman",
             "topk_overlap"]
 
-from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve  # noqa: E402
+from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve, nystrom  # noqa: E402
 from .methods.influence import influence, self_influence  # noqa: E402
 
-__all__ += ["direct", "cg", "cg_solve", "lissa", "lissa_solve", "SolveInfo", "CGState", "LissaState",
+__all__ += ["direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "SolveInfo", "CGState", "LissaState",
             "influence", "self_influence"]
 
 from .methods.newton import newton_loo, newton_step_without  # noqa: E402

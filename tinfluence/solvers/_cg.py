@@ -35,6 +35,7 @@ class CGState(NamedTuple):
     r: object
     p: object
     rs: torch.Tensor          # ‖r‖², [k]
+    rz: torch.Tensor          # rᵀ P⁻¹ r (= rs without a preconditioner), [k]
     active: torch.Tensor      # still iterating, [k] bool
     iterations: torch.Tensor  # [k]
     curvature: torch.Tensor   # first pᵀ(H + λI)p <= 0 met, else +inf, [k]
@@ -63,23 +64,25 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, a / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
-def _cg_step(apply, state: CGState, bound: torch.Tensor | None, it: int) -> CGState:
-    """One CG iteration for every active right-hand side; pure, no host synchronization."""
+def _cg_step(apply, precondition, state: CGState, bound: torch.Tensor | None, it: int) -> CGState:
+    """One (preconditioned) CG iteration for every active right-hand side; pure, no host synchronization."""
     Ap = apply(state.p)
     pAp = _dots(state.p, Ap)
     moving = state.active & (state.rs > 0)
     broke = moving & (pAp <= 0) & (state.broke_at < 0)
     active = state.active & ~broke
-    alpha = torch.where(active, _safe_div(state.rs, pAp), torch.zeros_like(pAp))
+    alpha = torch.where(active, _safe_div(state.rz, pAp), torch.zeros_like(pAp))
     x = _axpy(state.x, alpha, state.p)
     r = _axpy(state.r, -alpha, Ap)
     rs = torch.where(active, _dots(r, r), state.rs)
-    beta = _safe_div(rs, state.rs)
-    p = tr.map(lambda ri, pi: torch.where(_per_rhs(active, pi), ri + _per_rhs(beta, pi) * pi, pi), r, state.p)
+    z = r if precondition is None else precondition(r)
+    rz = rs if precondition is None else torch.where(active, _dots(r, z), state.rz)
+    beta = _safe_div(rz, state.rz)
+    p = tr.map(lambda zi, pi: torch.where(_per_rhs(active, pi), zi + _per_rhs(beta, pi) * pi, pi), z, state.p)
     iterations = state.iterations + active.to(state.iterations.dtype)
     if bound is not None:
         active = active & (rs > bound)
-    return CGState(x, r, p, rs, active, iterations,
+    return CGState(x, r, p, rs, rz, active, iterations,
                    torch.where(broke, pAp, state.curvature),
                    torch.where(broke, torch.full_like(state.broke_at, it), state.broke_at))
 
@@ -95,6 +98,12 @@ def _check_options(where, damping, tol, atol, maxiter, check_every, on_failure):
         raise ValueError(f"{where}: `check_every` must be None or an int >= 1; got {check_every!r}.")
     if on_failure not in ("raise", "warn"):
         raise ValueError(f'{where}: `on_failure` must be "raise" or "warn"; got {on_failure!r}.')
+
+
+def _check_preconditioner(where, preconditioner):
+    if preconditioner is not None and not callable(preconditioner):
+        raise TypeError(f"{where}: `preconditioner` must be None or a function V -> P⁻¹V on stacks, e.g. "
+                        f"ti.nystrom(operator, rank=50, generator=g); got {type(preconditioner).__name__}.")
 
 
 def _is_stack(v, like, operator) -> bool:
@@ -117,7 +126,7 @@ def _operator_params(operator):
     return getattr(operator, "params", None)
 
 
-def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like):
+def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like, preconditioner):
     """The CG driver: returns (x, info, state) with the final state for breakdown reports."""
     stacked = _is_stack(v, like, operator)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
@@ -126,8 +135,9 @@ def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like):
     norms_sq = _dots(V, V)                                               # [k]
     k = norms_sq.shape[0]
     bound = None if tol is None else torch.clamp(tol**2 * norms_sq, min=atol**2)
+    z = V if preconditioner is None else preconditioner(V)
     state = CGState(
-        x=tr.zeros_like(V), r=V, p=V, rs=norms_sq,
+        x=tr.zeros_like(V), r=V, p=z, rs=norms_sq, rz=norms_sq if preconditioner is None else _dots(V, z),
         active=norms_sq > (0 if bound is None else bound),
         iterations=torch.zeros(k, dtype=torch.long, device=norms_sq.device),
         curvature=torch.full_like(norms_sq, float("inf")),
@@ -135,7 +145,7 @@ def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like):
     if check_every is None:                                              # a host sync is free on CPU
         check_every = 1 if norms_sq.device.type == "cpu" else 10
     for it in range(maxiter):
-        state = _cg_step(apply, state, bound, it)
+        state = _cg_step(apply, preconditioner, state, bound, it)
         if tol is not None and (it + 1) % check_every == 0 and not bool(state.active.any()):
             break
     residual = torch.sqrt(_safe_div(state.rs, norms_sq))
@@ -149,7 +159,7 @@ def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like):
 
 
 def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0,
-             maxiter: int = 100, check_every: int | None = None, like=None):
+             maxiter: int = 100, check_every: int | None = None, like=None, preconditioner: Callable | None = None):
     """Returns `(x, info)`: x ≈ (H + λI)⁻¹ v by conjugate gradients, and its diagnostics.
 
     Same algorithm and options as `ti.cg`, but it never raises for a numerical failure:
@@ -161,7 +171,7 @@ def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None =
       operator: `u -> H u` on pytrees shaped like the parameters and on stacks of them
         (leading axis k), e.g. `ti.hvp(R, params)` or `ti.ggn_vp(...)`, or on tensors `[P]`/`[k, P]`.
       v: one right-hand side shaped like the parameters, or a stack with leaves `[k, ...]`.
-      damping, tol, atol, maxiter, check_every, like: as in `ti.cg`.
+      damping, tol, atol, maxiter, check_every, like, preconditioner: as in `ti.cg`.
 
     Returns:
       x: like `v` (structure, shapes, dtype, device).
@@ -172,12 +182,15 @@ def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None =
       TypeError: `v` is a pytree and the parameters are unknown (pass `like=params`).
     """
     _check_options("ti.cg_solve", damping, tol, atol, maxiter, check_every, "raise")
-    x, info, _ = _run(operator, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every, like=like)
+    _check_preconditioner("ti.cg_solve", preconditioner)
+    x, info, _ = _run(operator, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every, like=like,
+                      preconditioner=preconditioner)
     return x, info
 
 
 def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0, maxiter: int = 100,
-       check_every: int | None = None, on_failure: str = "raise", like=None) -> Callable:
+       check_every: int | None = None, on_failure: str = "raise", like=None,
+       preconditioner: Callable | None = None) -> Callable:
     """Returns a function that applies (H + λI)⁻¹ by conjugate gradients.
 
     Solves (H + λI) x = v for all right-hand sides at once: `v` may carry a leading
@@ -204,6 +217,10 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
         every iteration on CPU (a sync costs nothing there), every 10th on an accelerator.
       on_failure: "raise" a `ConvergenceError`, or "warn" and return the iterate.
       like: the parameter pytree, to tell a single vector from a stack.
+      preconditioner: `V -> P⁻¹ V` on stacks (leading axis k), symmetric positive
+        definite, e.g. `ti.nystrom(operator, rank=50, generator=g, damping=λ)`: the
+        iteration becomes preconditioned CG, stopping on the unpreconditioned ‖r‖ all the
+        same. It pays when a few large eigenvalues set the condition number.
 
     Returns:
       `ihvp(v) -> x`, pure; `x` has the structure, shapes, dtype and device of `v`.
@@ -222,12 +239,14 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
 
     References:
       Hestenes & Stiefel, Methods of conjugate gradients for solving linear systems, 1952.
+      Frangella, Tropp & Udell, Randomized Nyström Preconditioning, 2023 (`ti.nystrom`).
     """
     _check_options("ti.cg", damping, tol, atol, maxiter, check_every, on_failure)
+    _check_preconditioner("ti.cg", preconditioner)
 
     def ihvp(v):
         x, info, state = _run(operator, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter,
-                              check_every=check_every, like=like)
+                              check_every=check_every, like=like, preconditioner=preconditioner)
         if tol is not None:
             _report(state, info, tol=tol, maxiter=maxiter, damping=damping, on_failure=on_failure)
         return x

@@ -70,7 +70,8 @@ def test_files_hold_influence_rows_and_skip_finished(digits_lr, tmp_path):
     ti.influence_to_files(digits_lr.loss, digits_lr.params, train, test, ihvp=counted, out=tmp_path, test_ids=[5, 0, 2],
                           block_size=2, progress=False)
     expected = ti.influence(digits_lr.loss, digits_lr.params, train, ti.take(test, torch.tensor([5, 0, 2])), ihvp=ihvp)
-    torch.testing.assert_close(ti.io.read_scores(tmp_path), expected, rtol=1e-12, atol=0)
+    # blocks of 2 test points vs 3 at once take other BLAS paths: round-off relative to the row's scale
+    torch.testing.assert_close(ti.io.read_scores(tmp_path), expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
     assert len(calls) == 2
     (tmp_path / "index.jsonl").write_text((tmp_path / "index.jsonl").read_text()[:-7])   # a torn last line
     assert ti.io.ScoreWriter(tmp_path).done == {5, 0, 2}

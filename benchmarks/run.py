@@ -258,7 +258,7 @@ def main(argv=None) -> None:
                 own_wall = own_walls.get(method)
                 if lib != "tinfluence" and own_wall and args.stop_ratio and name.startswith("fmnist"):
                     timeout = min(timeout, args.stop_ratio * own_wall)
-                    stopped = f"stopped at {args.stop_ratio:g}× tinfluence's process time ({own_wall:.0f} s)"
+                    stopped = f"stopped at {timeout / own_wall:.1f}× tinfluence's process time ({own_wall:.0f} s)"
                 result = _run_child(pythons[lib], spec, timeout, stopped)
                 if lib == "tinfluence" and "wall" in result:
                     own_walls[method] = result["wall"]

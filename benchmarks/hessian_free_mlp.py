@@ -22,20 +22,11 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch.func import grad, vmap
 from tqdm import tqdm
 
 import tinfluence as ti
-
-
-def digits(n_train=1000):
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float64)
-    y = torch.tensor(y)
-    mean, std = X[:n_train].mean(0), X[:n_train].std(0) + 1e-6
-    X = (X - mean) / std
-    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
+from tinfluence.demo import load_digits_split
 
 
 def mlp():
@@ -87,7 +78,7 @@ def main():
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
-    train, test = digits()
+    train, test, _ = load_digits_split()
     model = mlp()
     apply, params0 = ti.functionalize(model)
 

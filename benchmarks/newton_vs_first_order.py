@@ -20,21 +20,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 import tinfluence as ti
+from tinfluence.demo import load_digits_split
 from tinfluence.methods.newton import newton_loo
 
 L2 = 1e-2
-
-
-def digits(n_train=1000):
-    X, y = load_digits(return_X_y=True)
-    X, y = torch.tensor(X, dtype=torch.float64), torch.tensor(y)
-    mean, std = X[:n_train].mean(0), X[:n_train].std(0) + 1e-6
-    X = (X - mean) / std
-    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
 
 
 def first_order(loss, params, train, test, ids):
@@ -62,7 +54,7 @@ def main():
     args = parser.parse_args()
 
     torch.set_default_dtype(torch.float64)
-    train, test = digits()
+    train, test, _ = load_digits_split()
     apply, params0 = ti.functionalize(torch.nn.Linear(64, 10))
     predict = lambda p, b: apply(p, b[0])                                          # noqa: E731
     output_loss = lambda o, b: F.cross_entropy(o, b[1], reduction="none")          # noqa: E731

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinfluence as ti
+from tinfluence.demo import load_digits_split
 
 DTYPE = torch.float64
 L2 = 1e-2
@@ -111,16 +112,11 @@ def pure(task: Task):
 # ---------------------------------------------------------------- data
 
 def digits(n_train: int, n_test: int):
-    """Standardized sklearn digits (statistics of the training part), float64."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    if n_train + n_test > len(X):
-        raise SystemExit(f"digits has {len(X)} examples; n_train + n_test = {n_train + n_test} is too many.")
-    X, y = torch.tensor(X, dtype=DTYPE), torch.tensor(y)
-    mean, std = X[:n_train].mean(0), X[:n_train].std(0) + 1e-6
-    X = (X - mean) / std
-    return (X[:n_train], y[:n_train]), (X[n_train:n_train + n_test], y[n_train:n_train + n_test])
+    """Standardized sklearn digits (`ti.demo.load_digits_split`), float64: n_train and the next n_test examples."""
+    train, test, _ = load_digits_split(n_train)
+    if n_test > len(test[0]):
+        raise SystemExit(f"digits has {n_train + len(test[0])} examples; n_train + n_test = {n_train + n_test} is too many.")
+    return train, ti.take(test, slice(0, n_test))
 
 
 def fmnist_files() -> dict | None:

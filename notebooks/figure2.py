@@ -16,20 +16,16 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
-from sklearn.datasets import load_digits
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # no ipywidgets: progress bars fall back to text
 import tinfluence as ti
+from tinfluence.demo import load_digits_split
 
 get_ipython().run_line_magic("matplotlib", "inline")   # figures render as PNG
 torch.set_num_threads(1)                  # small kernels run fastest on one thread
 torch.set_default_dtype(torch.float64)
 
-X, y = load_digits(return_X_y=True)
-X, y = torch.tensor(X), torch.tensor(y)
-mean, std = X[:1000].mean(0), X[:1000].std(0) + 1e-6
-X = (X - mean) / std
-train, test = (X[:1000], y[:1000]), (X[1000:], y[1000:])
+train, test, _ = load_digits_split()     # standardized digits: 1000 training, 797 test points (as in the quickstart)
 L2 = 1e-2
 
 apply, params = ti.functionalize(torch.nn.Linear(64, 10))

@@ -16,21 +16,16 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
-from sklearn.datasets import load_digits
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # no ipywidgets: progress bars fall back to text
 import tinfluence as ti
+from tinfluence.demo import load_digits_split
 
 get_ipython().run_line_magic("matplotlib", "inline")   # figures render as PNG
 torch.set_num_threads(1)                  # small kernels run fastest on one thread
 torch.set_default_dtype(torch.float64)
 
-X, y = load_digits(return_X_y=True)
-X, y = torch.tensor(X), torch.tensor(y)
-mean, std = X[:1000].mean(0), X[:1000].std(0) + 1e-6
-X = (X - mean) / std
-x_train, y_clean = X[:1000], y[:1000]
-test = (X[1000:], y[1000:])
+(x_train, y_clean), test, _ = load_digits_split()   # standardized digits: 1000 training, 797 test points
 n, L2 = len(y_clean), 1e-2
 
 g = torch.Generator().manual_seed(0)

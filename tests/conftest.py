@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import tinfluence as ti
+from tinfluence.demo import load_digits_split
 
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(1)   # the tests are many small ops: one thread is fastest and immune to a busy machine
@@ -16,24 +17,13 @@ def generator():
     return torch.Generator().manual_seed(0)
 
 
-def _digits(n_train=1000):
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float64)
-    y = torch.tensor(y)
-    mean, std = X[:n_train].mean(0), X[:n_train].std(0) + 1e-6   # constant pixels stay 0
-    X = (X - mean) / std
-    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
-
-
 class DigitsLR:
     """Multinomial logistic regression on digits, L2 1e-2, float64, gradient max-norm <= 1e-12."""
 
     l2 = 1e-2
 
     def __init__(self, n_train=1000):
-        self.train, self.test = _digits(n_train)
+        self.train, self.test, _ = load_digits_split(n_train)   # standardized, float64
         self.model = torch.nn.Linear(64, 10)
         self.apply, params0 = ti.functionalize(self.model)
         self.params = ti.minimize(self.objective(self.train), ti.tree.zeros_like(params0), gtol=1e-12, newton_steps=5)

@@ -86,3 +86,15 @@ def build(case):
         return F.cross_entropy(apply(p, *args, **kwargs), targets(batch), reduction="none")
 
     return apply, params, loss, data
+
+
+def digits_mlp(hidden: int, seed: int = 0):
+    """A fresh 64-`hidden`-10 tanh MLP for digits, seeded: `(apply, params, loss)`, loss the
+    per-example cross-entropy of a batch `(x, y)`."""
+    torch.manual_seed(seed)
+    apply, params = ti.functionalize(nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)))
+
+    def loss(p, batch):
+        return F.cross_entropy(apply(p, batch[0]), batch[1], reduction="none")
+
+    return apply, params, loss

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tinfluence as ti
+from models import digits_mlp
 from tinfluence.testing import loop_grads as _loop_grads
 
 
@@ -15,13 +15,7 @@ def loop_grads(loss, params, data):
 
 @pytest.fixture(scope="module")
 def mlp(digits_lr):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
-    apply, params = ti.functionalize(model)
-
-    def loss(p, batch):
-        return F.cross_entropy(apply(p, batch[0]), batch[1], reduction="none")
-
+    _, params, loss = digits_mlp(16)
     train = ti.take(digits_lr.train, slice(0, 60))
     test = ti.take(digits_lr.test, slice(0, 7))
     return loss, params, train, test

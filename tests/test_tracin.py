@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tinfluence as ti
+from models import digits_mlp
 from tinfluence.testing import loop_grads as _loop_grads
 
 
@@ -17,13 +17,7 @@ def loop_grads(loss, params, data):
 def run(digits_lr):
     """A 64-32-10 tanh MLP (P = 2410), three checkpoints from full-batch gradient descent with a
     decaying step; each checkpoint is saved where its learning rate starts to apply."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
-    apply, params = ti.functionalize(model)
-
-    def loss(p, batch):
-        return F.cross_entropy(apply(p, batch[0]), batch[1], reduction="none")
-
+    _, params, loss = digits_mlp(32)
     train = ti.take(digits_lr.train, slice(0, 200))
     test = ti.take(digits_lr.test, slice(0, 10))
     R = ti.objective(loss, train)

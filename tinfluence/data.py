@@ -16,7 +16,7 @@ from . import tree as tr
 
 DEFAULT_CHUNK_SIZE = 1024
 
-__all__ = ["num_examples", "chunks", "chunk_sum", "chunk_cat", "take", "from_loader", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["num_examples", "chunks", "chunk_sum", "chunk_cat", "take", "batch_of_one", "from_loader", "DEFAULT_CHUNK_SIZE"]
 
 
 def num_examples(data, *, name: str = "data", where: str = "ti") -> int:
@@ -48,6 +48,11 @@ def num_examples(data, *, name: str = "data", where: str = "ti") -> int:
 def take(data, index) -> object:
     """The examples at `index` (a slice, an int tensor of ids or a bool mask), as a data set."""
     return tr.map(lambda leaf: leaf[index], data)
+
+
+def batch_of_one(example) -> object:
+    """One example (leaves without the example axis) as a batch: every leaf gains a leading axis of size 1."""
+    return tr.map(lambda leaf: leaf.unsqueeze(0), example)
 
 
 def chunks(data, size: int | None = None) -> Iterator:

@@ -189,9 +189,8 @@ def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str) -> Calla
     one `vmap(grad)` over the examples of `batch`; `rest` (the factorable parameters) is closed over."""
 
     def example_loss(fallback, probes, example):
-        batch = tr.map(lambda leaf: leaf.unsqueeze(0), example)
         with _Probing(probed, probes, where) as probing:
-            value = per_example(loss, tr.merge(fallback, rest), batch, where=where)[0]
+            value = per_example(loss, tr.merge(fallback, rest), D.batch_of_one(example), where=where)[0]
         probing.check_complete()
         return value, tuple(probing.inputs)
 

@@ -12,7 +12,7 @@ from . import distributed as dd
 from . import tree as tr
 from .errors import check_chunk_size
 
-__all__ = ["objective", "Objective", "per_example"]
+__all__ = ["objective", "Objective", "per_example", "example_loss"]
 
 LossFn = Callable  # (params, batch) -> Tensor[B], one value per example
 
@@ -29,6 +29,13 @@ def per_example(loss: LossFn, params, batch, *, where: str = "ti", name: str = "
             "or return the per-example vector before .mean()."
         )
     return out
+
+
+def example_loss(loss: LossFn, *, where: str = "ti", name: str = "loss") -> Callable:
+    """Returns `(params, example) -> 0-d tensor`: `loss` of ONE example (leaves without the
+    example axis), evaluated as a batch of one and checked by `per_example`. The form that
+    `vmap` over examples and `grad` per example take."""
+    return lambda params, example: per_example(loss, params, D.batch_of_one(example), where=where, name=name)[0]
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,14 @@ def minimize(f: Callable, params, *, gtol: float = 1e-10, maxiter: int = 1000, h
 
     opt.step(closure)
     result = {k: v.detach() for k, v in leaves.items()}
-    worst = _grad_max(f, result)
+    g = gradient(f, result)
     for _ in range(newton_steps):
-        if worst <= gtol:
+        if max_norm(g) <= gtol:
             break
-        step, _ = cg_solve(hvp(f, result), torch.func.grad(f)(result), tol=1e-12, maxiter=1000)
+        step, _ = cg_solve(hvp(f, result), g, tol=1e-12, maxiter=1000)
         result = tr.sub(result, step)
-        worst = _grad_max(f, result)
+        g = gradient(f, result)
+    worst = max_norm(g)
     if not worst <= gtol:
         raise ConvergenceError(
             f"ti.minimize: gradient max-norm {worst:.3e} > gtol={gtol:g} after maxiter={maxiter} iterations; "
@@ -62,5 +63,12 @@ def minimize(f: Callable, params, *, gtol: float = 1e-10, maxiter: int = 1000, h
     return result
 
 
-def _grad_max(f: Callable, params) -> float:
-    return max(g.abs().max().item() for g in optree.tree_leaves(torch.func.grad(f)(params), namespace=""))
+def gradient(f: Callable, params: dict) -> dict:
+    """∇f(θ) as a detached `dict` shaped like `params`, by one reverse pass (no functorch transform)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    return dict(zip(leaves, torch.autograd.grad(f(leaves), list(leaves.values()))))
+
+
+def max_norm(tree) -> float:
+    """The largest absolute entry over all leaves (the gradient max-norm that `gtol` bounds)."""
+    return max(leaf.abs().max().item() for leaf in optree.tree_leaves(tree, namespace=""))

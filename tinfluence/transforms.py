@@ -23,7 +23,7 @@ from . import data as D
 from . import distributed as dd
 from . import tree as tr
 from .errors import check_params
-from .objective import Objective, per_example
+from .objective import Objective, example_loss, per_example
 
 __all__ = ["per_example_grads", "per_example_grad_fn", "hvp", "ggn_vp", "hessian", "to_dense"]
 
@@ -100,12 +100,7 @@ def per_example_grad_fn(loss: Callable, *, compile: bool = False, where: str = "
       TypeError: `compile` is not a bool.
     """
     _check_compile(where, compile)
-
-    def example_loss(params, example):
-        batch = tr.map(lambda leaf: leaf.unsqueeze(0), example)
-        return per_example(loss, params, batch, where=where)[0]
-
-    kernel = vmap(grad(example_loss), in_dims=(None, 0))
+    kernel = vmap(grad(example_loss(loss, where=where)), in_dims=(None, 0))
     return _compiled(kernel) if compile else kernel
 
 

@@ -13,15 +13,10 @@ from .. import data as D
 from .. import distributed as dd
 from .. import tree as tr
 from ..errors import check_chunk_size, check_params, fork_generator
-from ..objective import per_example
+from ..objective import example_loss, per_example
 from .similarity import row_sq_norms, stacked_grads
 
 __all__ = ["empirical_if", "reverse_check", "ReverseCheck"]
-
-
-def _example_loss(loss: Callable) -> Callable:
-    """`(params, example) -> 0-d`: the loss of one example (no leading axis)."""
-    return lambda params, example: loss(params, tr.map(lambda leaf: leaf.unsqueeze(0), example))[0]
 
 
 def _unit_rows(G):
@@ -109,7 +104,7 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         V = _unit_rows(stacked_grads(loss, params, test, chunk_size=chunk_size, where=where))  # [n_test, ...]
         thetas = _plus_minus(params, radius, V)
         doubled = tr.map(lambda leaf: torch.cat([leaf, leaf]), test)
-        d_test = vmap(_example_loss(loss))(thetas, doubled) - base_test.repeat(2)  # [2 n_test]
+        d_test = vmap(example_loss(loss, where=where))(thetas, doubled) - base_test.repeat(2)  # [2 n_test]
         combine = _paired_products
     else:
         if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
@@ -202,7 +197,7 @@ def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tenso
     picked = D.take(train, indices)
     V = _unit_rows(stacked_grads(loss, params, picked, where=where))  # [2k, ...]
     thetas = _plus_minus(params, radius, V)  # [4k, ...]
-    one = _example_loss(loss)
+    one = example_loss(loss, where=where)
     d_own = vmap(one)(thetas, tr.map(lambda leaf: torch.cat([leaf, leaf]), picked)) - per_example(loss, params, picked, where=where).repeat(2)
     d_test = vmap(loss, in_dims=(0, None))(thetas, test_point)[:, 0] - per_example(loss, params, test_point, where=where)
     reverse = _paired_products(d_test, d_own[:, None])[:, 0]  # [2k]

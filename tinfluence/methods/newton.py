@@ -290,7 +290,7 @@ def _factors(where, loss, params, batch, predict, output_loss):
     `predict`: (None, exact per-example Hessians `[m, P, P]`).
     """
     flat = tr.ravel(params)
-    one = lambda ex: tr.map(lambda leaf: leaf.unsqueeze(0), ex)                     # noqa: E731
+    one = D.batch_of_one
     if predict is None:
         ex_loss = lambda x, ex: per_example(loss, tr.unravel(x, params), one(ex), where=where)[0]  # noqa: E731
         return None, vmap(hessian(ex_loss), in_dims=(None, 0))(flat, batch)

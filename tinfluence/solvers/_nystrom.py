@@ -34,12 +34,13 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
       rank: r ≥ 1, the number of sketched directions (at most P).
       generator: `torch.Generator` for the random directions.
       damping: λ ≥ 0, the same damping passed to `ti.cg`.
-      like: the parameter pytree, when `operator` does not carry `.params` (from ti.hvp /
-        ti.ggn_vp) and works on pytrees; omit it for an operator on tensors `[k, P]`.
+      like: the parameters (a pytree, or a tensor `[P]` for an operator on tensors `[k, P]`),
+        when `operator` does not carry `.params` as those from ti.hvp / ti.ggn_vp do.
 
     Returns:
       `precondition(V) -> P⁻¹ V` on stacks of vectors shaped like the parameters (leading
-      axis k), for `ti.cg(..., preconditioner=)`; symmetric positive definite.
+      axis k; `[k, P]` tensors for a tensor operator), same shapes out, for
+      `ti.cg(..., preconditioner=)`; symmetric positive definite (no sign change).
 
     Raises:
       ValueError: `rank` not an int in [1, P], `damping` < 0, or a sketch in which C + λI
@@ -58,20 +59,14 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
     if like is None:
         raise TypeError(f"{where}: cannot tell the shapes of the vectors: pass `like=params`, or use an operator "
                         "from ti.hvp or ti.ggn_vp.")
-    flat = like if isinstance(like, torch.Tensor) and like.dim() == 1 else tr.ravel(like)
+    flat = tr.ravel(like)
     P = flat.shape[-1]
     if not (isinstance(rank, int) and 1 <= rank <= P):
         raise ValueError(f"{where}: `rank` must be an int in [1, P={P}]; got {rank!r}.")
 
-    def to_tree(M):                                   # [r, P] -> stack shaped like the parameters
-        return M if like is flat else tr.unravel(M, like)
-
-    def to_flat(V):
-        return V if like is flat else tr.ravel(V, batch_ndim=1)
-
     omega = torch.randn(P, rank, generator=fork_generator(generator), dtype=flat.dtype, device=generator.device)
     omega = torch.linalg.qr(omega.to(flat.device)).Q                               # [P, r], orthonormal
-    Y = to_flat(operator(to_tree(omega.T))).T                                       # [P, r] = C Ω
+    Y = tr.ravel(operator(tr.unravel(omega.T, like)), batch_ndim=1).T               # [P, r] = C Ω
     shift = torch.finfo(flat.dtype).eps * torch.linalg.matrix_norm(Y)
     Y = Y + shift * omega
     L, info = torch.linalg.cholesky_ex(omega.T @ Y)
@@ -88,7 +83,7 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
     scale = floor / (eigenvalues + damping) - 1.0                                   # [r]
 
     def precondition(V):
-        X = to_flat(V)                                                              # [k, P]
-        return to_tree(X + ((X @ U) * scale) @ U.T)
+        X = tr.ravel(V, batch_ndim=1)                                               # [k, P]
+        return tr.unravel(X + ((X @ U) * scale) @ U.T, like)
 
     return precondition

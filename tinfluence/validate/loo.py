@@ -26,7 +26,7 @@ from .. import data as D
 from .. import tree as tr
 from ..errors import ConvergenceError, check_params
 from ..objective import objective, per_example
-from ..optimize import minimize
+from ..optimize import gradient, max_norm, minimize
 from ..solvers import direct
 from ..transforms import hessian
 
@@ -105,8 +105,8 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
         R = objective(loss, data, l2=l2, chunk_size=chunk_size)
         theta, step, previous = start, solve, float("inf")
         for _ in range(maxiter):
-            g = _grad(R, theta)
-            worst = max(leaf.abs().max().item() for leaf in optree.tree_leaves(g, namespace=""))
+            g = gradient(R, theta)
+            worst = max_norm(g)
             if worst <= gtol:
                 return theta
             if worst > 0.5 * previous:      # the shared Hessian no longer contracts: exact Newton from here on
@@ -117,12 +117,6 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
                                "far from `train`.", info=theta)
 
     return train_fn
-
-
-def _grad(f: Callable, params) -> dict:
-    """∇f(θ) by one reverse pass, detached (cheaper than torch.func.grad for a plain gradient)."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    return dict(zip(leaves, torch.autograd.grad(f(leaves), list(leaves.values()))))
 
 
 def measure_all(measure: Callable, params, test, chunk_size: int | None, where: str) -> torch.Tensor:

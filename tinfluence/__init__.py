@@ -4,56 +4,58 @@ A PyTorch model becomes a pure function of a parameter dict; per-example gradien
 curvature products and inverse-curvature solvers compose into influence estimators.
 Every score follows one sign: score ≈ L_test(θ̂ without z) − L_test(θ̂), positive =
 helpful (removing the example would raise the test loss).
+
+The package folders are the layers of docs/design.md: `core` (pytrees, model, data,
+objective, kernels), `solvers`, `methods` (the estimators), `validate`, then the edges
+(`io`, `plot`, `distributed`, `cli`, `demo`).
 """
 
-from . import data, tree
-from .data import chunks, from_loader, num_examples, take
-from .errors import ConvergenceError, DivergenceError
-from .model import functionalize
-from .objective import Objective, objective
-from .optimize import minimize
-from .transforms import ggn_vp, hessian, hvp, per_example_grad_fn, per_example_grads, to_dense
-from .tree import ravel, unravel, vdot
+import importlib
+import sys
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+from . import distributed, io, plot
+from .core import data, factored, tree
+from .core.data import chunks, from_loader, num_examples, take
+from .core.errors import ConvergenceError, DivergenceError
+from .core.model import functionalize
+from .core.objective import Objective, objective
+from .core.transforms import ggn_vp, hessian, hvp, per_example_grad_fn, per_example_grads, to_dense
+from .core.tree import ravel, unravel, vdot
+from .io import influence_to_files, load_checkpoints
+from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check
+from .methods.influence import influence, self_influence
+from .methods.knn import knn_candidates
+from .methods.newton import newton_loo, newton_step_without
+from .methods.similarity import grad_cos, grad_dot
+from .methods.tracin import tracin, tracin_self_influence
+from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve, minimize, nystrom
+from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, newton_trainer, pearson, sign_agreement,
+                       spearman, topk_overlap)
+
+try:
+    __version__ = version("tinfluence")
+except PackageNotFoundError:   # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+# The import paths of the modules that moved into `core` keep working (`tinfluence.tree`, ...).
+for _name in ("data", "errors", "factored", "model", "objective", "scoring", "transforms", "tree"):
+    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{__name__}.core.{_name}")
+del _name
 
 __all__ = [
-    "data", "tree", "chunks", "from_loader", "num_examples", "take",
-    "ConvergenceError", "DivergenceError", "functionalize", "minimize", "Objective", "objective",
-    "ggn_vp", "hessian", "hvp", "per_example_grad_fn", "per_example_grads", "to_dense",
-    "ravel", "unravel", "vdot",
+    # namespaces
+    "data", "tree", "factored", "distributed", "io", "plot",
+    # core: model, data, objective, kernels
+    "functionalize", "chunks", "from_loader", "num_examples", "take", "Objective", "objective",
+    "per_example_grad_fn", "per_example_grads", "hvp", "ggn_vp", "hessian", "to_dense", "ravel", "unravel", "vdot",
+    # solvers
+    "direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "minimize", "SolveInfo", "CGState", "LissaState",
+    "ConvergenceError", "DivergenceError",
+    # estimators
+    "influence", "self_influence", "tracin", "tracin_self_influence", "empirical_if", "reverse_check", "ReverseCheck",
+    "grad_dot", "grad_cos", "newton_loo", "newton_step_without", "knn_candidates",
+    # validation and result files
+    "leave_one_out", "lbfgs_trainer", "newton_trainer", "pearson", "spearman", "topk_overlap", "sign_agreement",
+    "lds", "LDSResult", "influence_to_files", "load_checkpoints",
 ]
-
-from .checkpoints import load_checkpoints  # noqa: E402
-from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check  # noqa: E402
-from .methods.similarity import grad_cos, grad_dot  # noqa: E402
-from .methods.tracin import tracin, tracin_self_influence  # noqa: E402
-__all__ += ["load_checkpoints", "ReverseCheck", "empirical_if", "reverse_check", "grad_cos", "grad_dot",
-            "tracin", "tracin_self_influence"]
-
-from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, pearson, sign_agreement,  # noqa: E402
-                       spearman, topk_overlap)
-__all__ += ["LDSResult", "lbfgs_trainer", "lds", "leave_one_out", "pearson", "sign_agreement", "spearman",
-            "topk_overlap"]
-
-from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve, nystrom  # noqa: E402
-from .methods.influence import influence, self_influence  # noqa: E402
-
-__all__ += ["direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "SolveInfo", "CGState", "LissaState",
-            "influence", "self_influence"]
-
-from .methods.newton import newton_loo, newton_step_without  # noqa: E402
-__all__ += ["newton_loo", "newton_step_without"]
-from .validate import newton_trainer  # noqa: E402
-__all__ += ["newton_trainer"]
-from . import plot  # noqa: E402
-__all__ += ["plot"]
-from . import distributed  # noqa: E402
-__all__ += ["distributed"]
-from . import io  # noqa: E402
-from .io import influence_to_files  # noqa: E402
-__all__ += ["io", "influence_to_files"]
-from .knn import knn_candidates  # noqa: E402
-__all__ += ["knn_candidates"]
-from . import factored  # noqa: E402
-__all__ += ["factored"]

@@ -26,18 +26,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import data as D
+from .core import data as D
 from . import plot
-from . import tree as tr
+from .core import tree as tr
 from .distributed import shard
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
-from .model import functionalize
-from .objective import objective
-from .optimize import minimize
+from .core.model import functionalize
+from .core.objective import objective
+from .solvers import minimize
 from .solvers import cg, direct, lissa
-from .transforms import hessian, hvp
+from .core.transforms import hessian, hvp
 from .validate import leave_one_out, newton_trainer, pearson, sign_agreement, spearman
 
 __all__ = ["METHODS", "N_TRAIN", "L2", "GD_STEPS", "GD_LR", "Problem", "DemoResult", "load_digits_split",

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import data as D
-from . import tree as tr
+from .core import data as D
+from .core import tree as tr
 
 __all__ = ["shard", "shard_bounds", "all_reduce", "global_size", "offset", "gather_columns"]
 

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from . import data as D
-from . import tree as tr
+from .core import data as D
+from .core import tree as tr
 
 __all__ = ["loop_grads"]
 

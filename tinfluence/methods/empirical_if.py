@@ -9,12 +9,12 @@ from typing import Callable, NamedTuple
 import torch
 from torch.func import vmap
 
-from .. import data as D
+from ..core import data as D
 from .. import distributed as dd
-from .. import tree as tr
-from ..errors import check_chunk_size, check_params, fork_generator
-from ..objective import example_loss, per_example
-from .similarity import row_sq_norms, stacked_grads
+from ..core import tree as tr
+from ..core.errors import check_chunk_size, check_params, fork_generator
+from ..core.objective import example_loss, per_example
+from ..core.scoring import row_sq_norms, stacked_grads
 
 __all__ = ["empirical_if", "reverse_check", "ReverseCheck"]
 
@@ -55,7 +55,7 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
     points, averaged: score = (1/2m) Σ_k Σ_± ΔL±_k·Δℓ±_k(z).
 
     Sign: positive = helpful: z is a proponent when moving θ changes its loss the same
-    way as the test loss, so fitting z fits the test point (DESIGN.md's sign).
+    way as the test loss, so fitting z fits the test point (the sign of docs/design.md).
     Scale: the odd orders in r cancel between + and −, so for small r
     score = r²·⟨g_test, g_z⟩ + O(r⁴) (ascent/descent) and, averaged over directions,
     E[score] = (r²/P)·⟨g_test, g_z⟩ + O(r⁴) (sphere, P = number of parameters). It is thus

@@ -8,11 +8,11 @@ import optree
 import torch
 from torch.func import vmap
 
-from .. import data as D
+from ..core import data as D
 from .. import distributed as dd
-from .. import tree as tr
-from ..errors import check_params
-from ..transforms import per_example_grad_fn, per_example_grads
+from ..core import tree as tr
+from ..core.errors import check_params
+from ..core.transforms import per_example_grad_fn, per_example_grads
 
 __all__ = ["influence", "self_influence"]
 

@@ -39,11 +39,11 @@ from typing import Callable
 import torch
 from torch.func import grad, hessian, jacrev, vmap
 
-from .. import data as D
-from .. import tree as tr
-from ..errors import ConvergenceError, check_params
-from ..objective import objective, per_example
-from ..transforms import hessian as dense_hessian, per_example_grads
+from ..core import data as D
+from ..core import tree as tr
+from ..core.errors import ConvergenceError, check_params
+from ..core.objective import objective, per_example
+from ..core.transforms import hessian as dense_hessian, per_example_grads
 
 __all__ = ["newton_loo", "newton_step_without"]
 

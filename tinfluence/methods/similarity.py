@@ -1,78 +1,16 @@
-"""Gradient similarity: dot product and cosine between test and training gradients.
-
-Also holds the two chunked reductions the Hessian-free estimators share: the stacked
-gradients of a (small) data set, and a function of each training chunk's gradients
-concatenated over the training set, so training gradients are computed once, one chunk
-at a time, and never held for all n examples. Either reduction takes the gradients as a
-pytree (`ti.per_example_grad_fn`) or, with `factored=True`, as `ti.factored.GradFactors`,
-whose inner products (`ti.factored.gram`, `ti.factored.sq_norms`) never form the
-per-example gradients of linear layers.
-"""
+"""Gradient similarity: dot product and cosine between test and training gradients."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-import optree
 import torch
 
-from .. import data as D
-from .. import distributed as dd
-from .. import factored as fa
-from .. import tree as tr
-from ..errors import check_chunk_size, check_params
-from ..transforms import per_example_grad_fn
+from ..core import data as D
+from ..core.errors import check_chunk_size, check_params
+from ..core.scoring import check_factored, grad_products, over_train, stacked_grads
 
-__all__ = ["grad_dot", "grad_cos", "stacked_grads", "over_train", "row_sq_norms", "check_factored", "grad_products"]
-
-
-def _grad_kernel(loss: Callable, factored: bool, where: str) -> Callable:
-    """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`."""
-    return fa.grad_factor_fn(loss, where=where) if factored else per_example_grad_fn(loss, where=where)
-
-
-def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: Callable = lambda G: G, where: str,
-                  factored: bool = False):
-    """Returns `transform(G)` for the per-example gradients G of `data`, computed chunk by chunk.
-
-    `transform` maps a chunk's gradients (leaves `[c, *shape]`, or `GradFactors` when
-    `factored`) to a stack with leading axis c (a pytree, or a `[c, d]` projection); the
-    chunks are concatenated.
-    """
-    kernel = _grad_kernel(loss, factored, where)
-    return D.chunk_cat(lambda chunk: transform(kernel(params, chunk)), data, chunk_size)
-
-
-def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None,
-               factored: bool = False) -> torch.Tensor:
-    """Returns `fn(G_chunk)` concatenated along the last axis over the training chunks.
-
-    `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`, or `GradFactors` when
-    `factored`) to a tensor whose last axis is c (e.g. `[n_test, c]` or `[c]`); the result's
-    last axis is n_train. With a process group, `train` is this rank's shard and the
-    shards' results are all-gathered in rank order.
-    """
-    kernel = _grad_kernel(loss, factored, where)
-    local = D.chunk_cat(lambda chunk: fn(kernel(params, chunk)), train, chunk_size, dim=-1)
-    return dd.gather_columns(local, group)
-
-
-def row_sq_norms(G) -> torch.Tensor:
-    """‖G[i]‖² for each row of a stack (pytree with leaves `[c, ...]`): `[c]`."""
-    leaves = optree.tree_leaves(G, namespace="")
-    return sum(leaf.reshape(leaf.shape[0], -1).pow(2).sum(1) for leaf in leaves)
-
-
-def grad_products(factored: bool) -> tuple[Callable, Callable]:
-    """`(pairwise, sq_norms)` for stacks of per-example gradients: `(G1, G2) -> [c1, c2]` and
-    `G -> [c]`, on pytrees (`ti.tree.pairwise_vdot`, `row_sq_norms`) or on `GradFactors`."""
-    return (fa.gram, fa.sq_norms) if factored else (tr.pairwise_vdot, row_sq_norms)
-
-
-def check_factored(where: str, factored) -> None:
-    """Raises TypeError unless `factored` is a bool."""
-    if not isinstance(factored, bool):
-        raise TypeError(f"{where}: `factored` must be True or False; got {factored!r}.")
+__all__ = ["grad_dot", "grad_cos"]
 
 
 def _check_inputs(where: str, loss, params, train, test) -> None:

@@ -8,9 +8,9 @@ from typing import Callable
 import optree
 import torch
 
-from .. import data as D
-from ..errors import check_chunk_size, check_params, fork_generator
-from .similarity import check_factored, grad_products, over_train, stacked_grads
+from ..core import data as D
+from ..core.errors import check_chunk_size, check_params, fork_generator
+from ..core.scoring import check_factored, grad_products, over_train, stacked_grads
 
 __all__ = ["tracin", "tracin_self_influence"]
 
@@ -71,7 +71,7 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
     every test point.
 
     Sign: positive = proponent (helpful): a gradient step on z lowers the test loss to first
-    order, so removing z would raise it, as in DESIGN.md; TracIn's own sign is the same.
+    order, so removing z would raise it, as in docs/design.md; TracIn's own sign is the same.
     Scale: for full-batch gradient descent on the mean loss with a checkpoint at every step,
     `tracin / n` is the first-order change of the test loss that z's share of the steps
     caused; it ignores how removing z changes the later trajectory, so it predicts the

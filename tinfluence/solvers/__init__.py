@@ -5,10 +5,11 @@ Each factory returns a pure `ihvp(v)` on parameter pytrees; a leading axis k on 
 means k right-hand sides solved together.
 """
 
-from ..errors import ConvergenceError, DivergenceError
+from ..core.errors import ConvergenceError, DivergenceError
 from ._cg import CGState, SolveInfo, cg, cg_solve
 from ._direct import direct
 from ._lissa import LissaState, lissa, lissa_solve
+from ._minimize import minimize
 from ._nystrom import nystrom
 
-__all__ = ["direct", "cg", "cg_solve", "nystrom", "SolveInfo", "CGState", "lissa", "lissa_solve", "LissaState", "ConvergenceError", "DivergenceError"]
+__all__ = ["direct", "cg", "cg_solve", "nystrom", "SolveInfo", "CGState", "lissa", "lissa_solve", "LissaState", "minimize", "ConvergenceError", "DivergenceError"]

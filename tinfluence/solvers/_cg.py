@@ -8,8 +8,8 @@ from typing import Callable, NamedTuple
 import optree
 import torch
 
-from .. import tree as tr
-from ..errors import ConvergenceError, check_positive
+from ..core import tree as tr
+from ..core.errors import ConvergenceError, check_positive
 
 __all__ = ["cg", "cg_solve", "SolveInfo", "CGState"]
 

@@ -8,7 +8,7 @@ from typing import Callable
 import optree
 import torch
 
-from ..errors import check_positive
+from ..core.errors import check_positive
 
 __all__ = ["direct"]
 

@@ -7,12 +7,12 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .. import data as D
+from ..core import data as D
 from .. import distributed as dd
-from .. import tree as tr
-from ..errors import DivergenceError, check_params, check_positive, fork_generator
-from ..objective import objective, per_example
-from ..transforms import hvp
+from ..core import tree as tr
+from ..core.errors import DivergenceError, check_params, check_positive, fork_generator
+from ..core.objective import objective, per_example
+from ..core.transforms import hvp
 from ._cg import SolveInfo, _dots
 
 __all__ = ["lissa", "lissa_solve", "LissaState"]

@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from .. import tree as tr
-from ..errors import check_positive, fork_generator
+from ..core import tree as tr
+from ..core.errors import check_positive, fork_generator
 
 __all__ = ["nystrom"]
 

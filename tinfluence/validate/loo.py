@@ -22,13 +22,13 @@ import optree
 import torch
 from tqdm.auto import tqdm
 
-from .. import data as D
-from .. import tree as tr
-from ..errors import ConvergenceError, check_params
-from ..objective import objective, per_example
-from ..optimize import gradient, max_norm, minimize
+from ..core import data as D
+from ..core import tree as tr
+from ..core.errors import ConvergenceError, check_params
+from ..core.objective import objective, per_example
+from ..solvers._minimize import gradient, max_norm, minimize
 from ..solvers import direct
-from ..transforms import hessian
+from ..core.transforms import hessian
 
 __all__ = ["leave_one_out", "lbfgs_trainer", "newton_trainer", "measure_all"]
 

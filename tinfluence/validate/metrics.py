@@ -15,8 +15,8 @@ import optree
 import torch
 from tqdm.auto import tqdm
 
-from .. import data as D
-from ..errors import fork_generator
+from ..core import data as D
+from ..core.errors import fork_generator
 from .loo import measure_all
 
 __all__ = ["pearson", "spearman", "topk_overlap", "sign_agreement", "lds", "LDSResult"]

@@ -20,7 +20,7 @@ import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from . import data as D
-from . import distributed as dd
+from .. import distributed as dd
 from . import tree as tr
 from .errors import check_params
 from .objective import Objective, example_loss, per_example

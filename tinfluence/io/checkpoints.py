@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .model import functionalize
+from ..core.model import functionalize
 
 __all__ = ["load_checkpoints"]
 

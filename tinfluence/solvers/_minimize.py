@@ -8,10 +8,10 @@ from typing import Callable
 import optree
 import torch
 
-from . import tree as tr
-from .errors import ConvergenceError, check_params
-from .solvers import cg_solve
-from .transforms import hvp
+from ..core import tree as tr
+from ..core.errors import ConvergenceError, check_params
+from ._cg import cg_solve
+from ..core.transforms import hvp
 
 __all__ = ["minimize"]
 

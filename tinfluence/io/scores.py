@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data as D
+from ..core import data as D
 
 __all__ = ["ScoreWriter", "influence_to_files", "read_scores"]
 
@@ -135,7 +135,7 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
     Raises:
       ValueError: `block_size` < 1, or `test_ids` out of range or repeated.
     """
-    from .methods.influence import influence
+    from ..methods.influence import influence
 
     n_test = D.num_examples(test, name="test", where="ti.influence_to_files")
     ids = list(range(n_test)) if test_ids is None else [int(i) for i in test_ids]

@@ -1,0 +1,5 @@
+"""The functional core: pytrees, models as pure functions, data sets, objectives, kernels.
+
+Layer by layer (imports point upward only): `tree` → `model`, `data` → `objective` →
+`transforms`, `factored` → `scoring`; `errors` is shared by all.
+"""

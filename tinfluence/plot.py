@@ -7,7 +7,8 @@ global backend switch, safe in scripts, servers and notebooks) and saves it when
 
 from __future__ import annotations
 
-import math
+import functools
+import io
 from typing import Mapping, Sequence
 
 import torch
@@ -18,12 +19,27 @@ __all__ = ["loo_scatter", "top_examples", "score_hist"]
 
 
 def _figure(width: float, height: float):
+    """A constrained-layout Figure on an Agg canvas that shows itself in notebooks (`_repr_png_`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = _figure_class()(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+@functools.cache
+def _figure_class():
+    from matplotlib.figure import Figure
+
+    class InlineFigure(Figure):
+        """A matplotlib Figure that Jupyter displays as a PNG without `%matplotlib inline`."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return InlineFigure
 
 
 def _rows(values) -> list:
@@ -40,27 +56,31 @@ def _finish(fig, path):
 
 
 def loo_scatter(actual, predicted: Mapping, *, labels: Sequence[str] | None = None, scale_free: Sequence[str] = (),
-                path=None):
-    """Returns Koh & Liang's Figure 2: predicted against actual change in test loss, a panel per method.
+                title: str | None = None, path=None):
+    """Returns Koh & Liang's Figure 2: predicted against actual change in test loss, per method and test point.
 
-    One point per (test point, removed training point), coloured by test point; x is the
-    actual change from retraining (`ti.leave_one_out`), y the method's score (the library's
-    sign: positive = helpful, the change when the point is removed). Each title carries
-    the method's Pearson correlation, averaged over test points. Methods named in
-    `scale_free` get no y = x line: their scores share the sign but not the scale.
+    One panel per (method, test point): rows are methods, columns test points, each panel
+    on its own scale (test points differ by orders of magnitude), with that panel's Pearson
+    correlation in its title. x is the actual change from retraining (`ti.leave_one_out`),
+    y the method's score (the library's sign: positive = helpful, the change when the
+    point is removed), with the y = x line. Methods named in `scale_free` share the sign
+    but not the scale of a loss change: their y axis says "score (own scale)" and they get
+    no y = x line.
 
     Args:
       actual: `[k]`, `[n_test, k]`, or a list of 1-d tensors (one per test point, lengths may differ).
       predicted: method name -> scores shaped like `actual`.
-      labels: one legend entry per test point.
+      labels: one name per test point (column titles), default "test 0", "test 1", ...
       scale_free: names of methods whose scores have their own scale (TracIn, EmpiricalIF).
+      title: the figure's overall title (model, data, method settings).
       path: where to save the PNG (or any format matplotlib writes), if given.
 
     Returns:
-      The `matplotlib.figure.Figure`.
+      The `matplotlib.figure.Figure` (shown by itself in a notebook).
 
     Raises:
-      ValueError: `predicted` is empty, or a method's scores are not shaped like `actual`.
+      ValueError: `predicted` is empty, a method's scores are not shaped like `actual`, or
+        `labels` has the wrong length.
     """
     if not predicted:
         raise ValueError("ti.plot.loo_scatter: `predicted` is empty; pass {method name: scores}.")
@@ -70,75 +90,96 @@ def loo_scatter(actual, predicted: Mapping, *, labels: Sequence[str] | None = No
         if [r.shape for r in rows] != [a.shape for a in truth]:
             raise ValueError(f"ti.plot.loo_scatter: scores of {name!r} must be shaped like `actual` "
                              f"{[list(a.shape) for a in truth]}; got {[list(r.shape) for r in rows]}.")
-    cols = min(len(panels), 3)
-    fig = _figure(4.0 * cols, 3.8 * math.ceil(len(panels) / cols))
-    axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
-    for ax, (name, rows) in zip(axes, panels.items()):
-        for t, (x, y) in enumerate(zip(truth, rows)):
-            ax.scatter(x.numpy(), y.numpy(), s=9, alpha=0.7, label=labels[t] if labels else None)
-        r = torch.stack([pearson(y, x) for x, y in zip(truth, rows)]).mean().item()
-        if name not in scale_free:
-            lo = min(min(x.min().item(), y.min().item()) for x, y in zip(truth, rows))
-            hi = max(max(x.max().item(), y.max().item()) for x, y in zip(truth, rows))
-            ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
-        ax.axhline(0, color="0.85", lw=0.6, zorder=0)
-        ax.axvline(0, color="0.85", lw=0.6, zorder=0)
-        ax.set_title(f"{name}{' (own scale)' if name in scale_free else ''}   Pearson {r:.3f}", fontsize=10)
-        ax.set_xlabel("actual change in test loss")
-        ax.set_ylabel("predicted change (score)")
-        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
-    if labels:
-        axes[0].legend(fontsize=8)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+    names = list(labels) if labels is not None else [f"test {t}" for t in range(len(truth))]
+    if len(names) != len(truth):
+        raise ValueError(f"ti.plot.loo_scatter: `labels` must name each of the {len(truth)} test points; "
+                         f"got {len(names)}.")
+    fig = _figure(2.9 * len(truth) + 0.6, 2.5 * len(panels) + 0.5)
+    grid = fig.subplots(len(panels), len(truth), squeeze=False)
+    for row, (name, rows) in enumerate(panels.items()):
+        own_scale = name in scale_free
+        for col, (x, y) in enumerate(zip(truth, rows)):
+            ax = grid[row, col]
+            ax.scatter(x.numpy(), y.numpy(), s=8, alpha=0.7, color=f"C{col}")
+            if not own_scale:
+                lo, hi = min(x.min().item(), y.min().item()), max(x.max().item(), y.max().item())
+                ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
+            ax.axhline(0, color="0.85", lw=0.6, zorder=0)
+            ax.axvline(0, color="0.85", lw=0.6, zorder=0)
+            ax.set_title(f"{name}, {names[col]}: Pearson {pearson(y, x).item():.3f}", fontsize=8)
+            ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+            ax.tick_params(labelsize=7)
+            ax.xaxis.get_offset_text().set_fontsize(7)
+            ax.yaxis.get_offset_text().set_fontsize(7)
+            if row == len(panels) - 1:
+                ax.set_xlabel("actual change in test loss", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("score (own scale)" if own_scale else "predicted change in test loss", fontsize=8)
+    fig.suptitle(title or "Predicted against actual change in test loss when one training point is removed",
+                 fontsize=10)
     return _finish(fig, path)
 
 
 def top_examples(images, scores, test_image, *, k: int = 5, labels=None, test_label=None,
-                 image_shape: tuple | None = None, title: str | None = None, path=None):
-    """Returns a figure of a test image with its k most helpful and k most harmful training images.
+                 image_shape: tuple | None = None, title: str | None = None, names: Sequence[str] | None = None,
+                 path=None):
+    """Returns a figure of test images, each with its k most helpful and k most harmful training images.
 
     Helpful: the largest scores (removing them would raise the test loss most); harmful:
-    the most negative. Each training image is titled with its id, label and score.
+    the most negative. Each training image is titled with its id, label and score. Several
+    test points (scores `[n_test, n_train]`, test images `[n_test, ...]`) get two rows each.
 
     Args:
       images: training images `[n_train, H, W]`, or `[n_train, D]` with `image_shape`.
-      scores: `[n_train]`, one test point's scores.
-      test_image: `[H, W]` (or `[D]` with `image_shape`).
+      scores: `[n_train]` (one test point's row) or `[n_test, n_train]`.
+      test_image: `[H, W]` (or `[D]` with `image_shape`), or `[n_test, ...]` matching `scores`.
       k: images per row, 1 <= k <= n_train.
       labels: `[n_train]` class labels, shown in the titles.
-      test_label: the test point's label.
+      test_label: the test point's label, or a sequence with one per test point.
       image_shape: `(H, W)` to reshape flat images.
       title: figure title.
+      names: one name per test point (default "test", or "test 0", "test 1", ...).
       path: where to save, if given.
 
     Returns:
-      The `matplotlib.figure.Figure`.
+      The `matplotlib.figure.Figure` (shown by itself in a notebook).
 
     Raises:
-      ValueError: `scores` is not `[n_train]`, or `k` is out of range.
+      ValueError: `scores` is not `[n_train]` or `[n_test, n_train]`, `test_image` does not
+        hold n_test images, or `k` is out of range.
     """
     images = torch.as_tensor(images).detach().cpu()
     scores = torch.as_tensor(scores).detach().cpu()
     n = images.shape[0]
-    if tuple(scores.shape) != (n,):
-        raise ValueError(f"ti.plot.top_examples: `scores` must be [n_train] = [{n}] (one test point's row); got {list(scores.shape)}.")
+    if scores.dim() not in (1, 2) or scores.shape[-1] != n:
+        raise ValueError(f"ti.plot.top_examples: `scores` must be [n_train] = [{n}] (one test point's row) or "
+                         f"[n_test, {n}]; got {list(scores.shape)}.")
     if not 1 <= k <= n:
         raise ValueError(f"ti.plot.top_examples: `k` must be between 1 and {n}; got {k}.")
     shape = image_shape or tuple(images.shape[1:])
-    picks = {"helpful": scores.topk(k).indices, "harmful": (-scores).topk(k).indices}
-    fig = _figure(1.5 * (k + 1), 3.6)
-    grid = fig.subplots(2, k + 1, squeeze=False)
-    grid[0, 0].imshow(torch.as_tensor(test_image).detach().cpu().reshape(shape).numpy(), cmap="gray_r")
-    grid[0, 0].set_title("test" + (f" (label {test_label})" if test_label is not None else ""), fontsize=8)
-    grid[1, 0].set_visible(False)
-    for row, (kind, ids) in enumerate(picks.items()):
-        for col, i in enumerate(ids.tolist(), start=1):
-            ax = grid[row, col]
-            ax.imshow(images[i].reshape(shape).numpy(), cmap="gray_r")
-            label = f" y={int(labels[i])}" if labels is not None else ""
-            ax.set_title(f"#{i}{label}\n{scores[i].item():+.1e}", fontsize=7)
-        grid[row, 1].set_ylabel(kind, fontsize=9)
+    tests = torch.as_tensor(test_image).detach().cpu()
+    rows = scores.reshape(-1, n)
+    tests = tests.reshape(-1, *shape) if scores.dim() == 2 else tests.reshape(1, *shape)
+    if tests.shape[0] != rows.shape[0]:
+        raise ValueError(f"ti.plot.top_examples: `test_image` must hold one image per row of `scores` "
+                         f"({rows.shape[0]}); got {tests.shape[0]}.")
+    test_labels = list(test_label) if isinstance(test_label, (list, tuple, torch.Tensor)) else [test_label] * len(rows)
+    titles = list(names) if names is not None else (["test"] if len(rows) == 1 else [f"test {t}" for t in range(len(rows))])
+    fig = _figure(1.5 * (k + 1), 3.4 * len(rows) + (0.3 if title else 0))
+    grid = fig.subplots(2 * len(rows), k + 1, squeeze=False)
+    for t, (row_scores, image) in enumerate(zip(rows, tests)):
+        top, bottom = grid[2 * t], grid[2 * t + 1]
+        top[0].imshow(image.numpy(), cmap="gray_r")
+        label = test_labels[t]
+        top[0].set_title(titles[t] + (f" (label {int(label)})" if label is not None else ""), fontsize=8)
+        bottom[0].set_visible(False)
+        picks = {"helpful": row_scores.topk(k).indices, "harmful": (-row_scores).topk(k).indices}
+        for axes, (kind, ids) in zip((top, bottom), picks.items()):
+            for col, i in enumerate(ids.tolist(), start=1):
+                axes[col].imshow(images[i].reshape(shape).numpy(), cmap="gray_r")
+                train_label = f" y={int(labels[i])}" if labels is not None else ""
+                axes[col].set_title(f"#{i}{train_label}\n{row_scores[i].item():+.1e}", fontsize=7)
+            axes[1].set_ylabel(kind, fontsize=9)
     for ax in grid.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

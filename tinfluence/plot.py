@@ -152,8 +152,8 @@ def top_examples(images, scores, test_image, *, k: int = 5, labels=None, test_la
     scores = torch.as_tensor(scores).detach().cpu()
     n = images.shape[0]
     if scores.dim() not in (1, 2) or scores.shape[-1] != n:
-        raise ValueError(f"ti.plot.top_examples: `scores` must be [n_train] = [{n}] (one test point's row) or "
-                         f"[n_test, {n}]; got {list(scores.shape)}.")
+        raise ValueError(f"ti.plot.top_examples: `scores` must be [n_train] = [{n}] (one test point's row); "
+                         f"got {list(scores.shape)}. For several test points pass [n_test, {n}].")
     if not 1 <= k <= n:
         raise ValueError(f"ti.plot.top_examples: `k` must be between 1 and {n}; got {k}.")
     shape = image_shape or tuple(images.shape[1:])

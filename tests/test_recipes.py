@@ -1,0 +1,29 @@
+"""The documentation's recipes run as written (each asserts its own result)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(*command, timeout=300):
+    done = subprocess.run(command, cwd=RECIPES.parents[1], env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_convex_recipe():
+    out = _run(sys.executable, str(RECIPES / "convex.py"))
+    assert "Pearson(influence, actual leave-one-out change)" in out
+
+
+@pytest.mark.slow
+def test_distributed_recipe():
+    out = _run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(RECIPES / "distributed.py"))
+    assert "2 ranks: scores [4, 1000]" in out

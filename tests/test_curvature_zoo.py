@@ -177,10 +177,10 @@ class Problem:
         total = torch.zeros(self.P, self.P)
         for i in range(n):
             one = (x[i:i + 1], y[i:i + 1])
-            J = torch.autograd.functional.jacobian(lambda v: self.predict(tr.unravel(v, self.params), one)[0],
-                                                   self.flat)                                  # [O, P]
-            o = self.predict(self.params, one)[0].detach()
-            Omega = torch.autograd.functional.hessian(lambda u: self.output_loss(u[None], one)[0], o)  # [O, O]
+            outputs = lambda v, one=one: self.predict(tr.unravel(v, self.params), one)[0]     # noqa: E731
+            example_loss = lambda u, one=one: self.output_loss(u[None], one)[0]               # noqa: E731
+            J = torch.autograd.functional.jacobian(outputs, self.flat)                         # [O, P]
+            Omega = torch.autograd.functional.hessian(example_loss, outputs(self.flat).detach())  # [O, O]
             total += J.T @ Omega @ J
         return total / n + L2 * torch.eye(self.P)
 

@@ -58,8 +58,9 @@ class SelfAttention(nn.Module):
 
     `need_weights=True` takes its explicit softmax(QKᵀ)V path: with `need_weights=False`
     it calls F.scaled_dot_product_attention on [B, heads, L, d], whose CPU kernel (flash)
-    has no second derivative in torch (a RuntimeError from every curvature path, never a
-    wrong number); `MultiHeadSDPA` covers that call under the math backend.
+    has neither a second derivative nor forward mode in torch (torch raises in every
+    curvature path, never a wrong number); `MultiHeadSDPA` covers that call under the math
+    backend.
     """
 
     def __init__(self, dim=4, heads=2):

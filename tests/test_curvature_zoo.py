@@ -343,3 +343,20 @@ def test_compiled_operators(operator):
         GNv = ti.ggn_vp(pb.predict, pb.params, pb.data, output_loss=pb.output_loss, l2=L2, compile=True)
         G = ti.to_dense(GNv, pb.params)
         assert _rel(G, pb.autograd_ggn()) <= EXACT
+
+
+def test_hessian_of_a_layer_norm_with_its_weight_as_parameter():
+    """The reported case: f(shift, weight) = Σ tanh(layer_norm(x + shift, weight) W)², both as parameters."""
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(6, generator=g), torch.randn(6, 3, generator=g)
+    params = {"shift": torch.randn(6, generator=g), "weight": torch.randn(6, generator=g)}
+
+    def f(p):
+        return torch.tanh(F.layer_norm(x + p["shift"], (6,), weight=p["weight"]) @ W).pow(2).sum()
+
+    flat = tr.ravel(params)
+    on_flat = lambda v: f(tr.unravel(v, params))                                # noqa: E731
+    H = torch.autograd.functional.hessian(on_flat, flat)
+    assert _rel(_finite_difference_hessian(on_flat, flat), H) <= FD_TOL
+    assert _rel(ti.hessian(f, params), H) <= EXACT
+    assert _rel(ti.to_dense(ti.hvp(f, params, cache=False), params), H) <= EXACT

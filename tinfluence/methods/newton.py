@@ -37,13 +37,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.func import grad, hessian, jacrev, vmap
+from torch.func import grad, jacrev, vmap
 
 from ..core import data as D
 from ..core import tree as tr
 from ..core.errors import ConvergenceError, check_params
 from ..core.objective import objective, per_example
-from ..core.transforms import hessian as dense_hessian, per_example_grads
+from ..core.transforms import hessian as dense_hessian, hessian_fn, per_example_grads
 
 __all__ = ["newton_loo", "newton_step_without"]
 
@@ -293,7 +293,7 @@ def _factors(where, loss, params, batch, predict, output_loss):
     one = D.batch_of_one
     if predict is None:
         ex_loss = lambda x, ex: per_example(loss, tr.unravel(x, params), one(ex), where=where)[0]  # noqa: E731
-        return None, vmap(hessian(ex_loss), in_dims=(None, 0))(flat, batch)
+        return None, vmap(hessian_fn(ex_loss), in_dims=(None, 0))(flat, batch)
     outputs = predict(params, batch)
     m = outputs.shape[0]
     out_one = lambda x, ex: predict(tr.unravel(x, params), one(ex)).reshape(-1)     # noqa: E731
@@ -301,5 +301,5 @@ def _factors(where, loss, params, batch, predict, output_loss):
     shape = outputs.shape[1:]
     loss_one = lambda o, ex: per_example(output_loss, o.reshape(1, *shape), one(ex),  # noqa: E731
                                          where=where, name="output_loss")[0]
-    Omega = vmap(hessian(loss_one))(outputs.detach().reshape(m, -1), batch)         # [m, O, O]
+    Omega = vmap(hessian_fn(loss_one))(outputs.detach().reshape(m, -1), batch)      # [m, O, O]
     return J, Omega

@@ -86,7 +86,7 @@ def test_errors(run):
     params, _ = ckpts[0]
     with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints` must be a non-empty list of \(params, lr\) pairs"):
         ti.tracin(loss, [], train, test)
-    with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints\[0\]` must be a \(params, lr\) pair; got dict"):
+    with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints\[0\]` must be a \(params, lr\) pair or a ti.Checkpoint\(params, lr, frozen\); got dict"):
         ti.tracin(loss, [params], train, test)
     with pytest.raises(ValueError, match=r"ti.tracin: the learning rate of checkpoint 1 must be finite and > 0; got -0.1"):
         ti.tracin(loss, [(params, 0.1), (params, -0.1)], train, test)
@@ -120,9 +120,9 @@ def test_load_checkpoints_round_trip(tmp_path):
         paths.append(tmp_path / f"ckpt{t}.pt")
         torch.save(other.state_dict(), paths[-1])
     ckpts = ti.load_checkpoints(paths, model, lrs=[0.3, 0.2, 0.1])
-    assert [lr for _, lr in ckpts] == [0.3, 0.2, 0.1]
+    assert [ckpt.lr for ckpt in ckpts] == [0.3, 0.2, 0.1]
     _, reference = ti.functionalize(model)
-    for (params, _), state in zip(ckpts, saved):
+    for (params, _, _), state in zip(ckpts, saved):
         assert params.keys() == reference.keys()
         for name in params:
             assert torch.equal(params[name], state[name]) and params[name].dtype == reference[name].dtype

@@ -24,11 +24,11 @@ __all__ = [
     "ravel", "unravel", "vdot",
 ]
 
-from .checkpoints import load_checkpoints  # noqa: E402
+from .checkpoints import Checkpoint, load_checkpoints  # noqa: E402
 from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check  # noqa: E402
 from .methods.similarity import grad_cos, grad_dot  # noqa: E402
 from .methods.tracin import tracin, tracin_self_influence  # noqa: E402
-__all__ += ["load_checkpoints", "ReverseCheck", "empirical_if", "reverse_check", "grad_cos", "grad_dot",
+__all__ += ["Checkpoint", "load_checkpoints", "ReverseCheck", "empirical_if", "reverse_check", "grad_cos", "grad_dot",
             "tracin", "tracin_self_influence"]
 
 from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, pearson, sign_agreement,  # noqa: E402

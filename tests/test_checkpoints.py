@@ -103,7 +103,7 @@ def test_checkpoint_holds_the_saved_state_and_pairs_still_work(saved):
 
 
 def test_checkpoint_errors(saved):
-    model, states, paths, lrs, train, test = saved
+    model, _, paths, lrs, train, test = saved
     selected = SUBSETS["last_layer"]
     loss = _loss(model, selected)
     ckpts = ti.load_checkpoints(paths, model, lrs=lrs, trainable=selected)

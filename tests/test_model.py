@@ -127,7 +127,7 @@ def test_apply_takes_frozen_parameters_and_buffers_as_overrides():
     """Frozen parameters and buffers may be passed by name; the result is that of a module
     rebuilt with that state (load_state_dict), and gradients flow only to what is differentiated."""
     m = _mlp_with_bn()
-    sel = lambda name, p: name.startswith("3.")  # noqa: E731
+    sel = lambda name, p: name.startswith("3.")
     apply, params = ti.functionalize(m, trainable=sel)
     other = _mlp_with_bn()
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_training_mode_errors_say_to_call_eval():
         with pytest.warns(UserWarning):
             apply, params = ti.functionalize(m)
 
-        def loss(p, b):
+        def loss(p, b, apply=apply):
             return torch.nn.functional.cross_entropy(apply(p, b[0]), b[1], reduction="none")
 
         with pytest.raises(RuntimeError, match=r"ti.functionalize: apply: Sequential has layers in training mode "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import hf
 from .errors import check_params
 
 __all__ = ["functionalize"]
@@ -85,15 +86,19 @@ def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bo
     frozen = {k: p.detach().clone() for k, p in named.items() if k not in chosen}
     frozen.update({k: b.detach().clone() for k, b in module.named_buffers()})
     shapes = {k: tuple(v.shape) for k, v in {**params, **frozen}.items()}
+    runner = hf.vmap_safe(module)
+    pairs = [] if runner is module else list(zip(module.modules(), runner.modules()))
 
     def apply(params, *args, **kwargs):
         state = _state(params, required, frozen, shapes)
+        hf.mirror_modes(pairs)
         try:
-            return functional_call(module, state, args, kwargs, tie_weights=True, strict=False)
+            return functional_call(runner, state, args, kwargs, tie_weights=True, strict=False)
         except RuntimeError as err:
-            if any(text in str(err) for text in _TRAINING_MODE_MESSAGES) and _training_layers(module):
-                raise RuntimeError(_training_mode_message(module, err)) from err
-            raise
+            message = _explain(module, err)
+            if message is None:
+                raise
+            raise RuntimeError(message) from err
 
     required = tuple(params)
     apply.__doc__ = f"Pure forward of {type(module).__name__}: apply(params, *args, **kwargs)."
@@ -140,6 +145,14 @@ def _names(keys, limit: int = 8) -> str:
 def _training_layers(module: nn.Module) -> list:
     """`(name, layer)` of every dropout or batch-norm layer of `module` in training mode."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, _STOCHASTIC_IN_TRAINING) and m.training]
+
+
+def _explain(module: nn.Module, err: RuntimeError) -> str | None:
+    """What to change, when `err` is torch.func refusing layers in training mode or a Hugging Face
+    attention mask; None for any other error."""
+    if any(text in str(err) for text in _TRAINING_MODE_MESSAGES) and _training_layers(module):
+        return _training_mode_message(module, err)
+    return hf.explain(_WHERE, module, err)
 
 
 def _training_mode_message(module: nn.Module, err: RuntimeError) -> str:

@@ -123,3 +123,32 @@ def test_bert_with_eager_attention_says_what_to_change():
     apply, params = ti.functionalize(model)
     got = ti.ravel(ti.per_example_grads(_loss(apply), params, _batch()), batch_ndim=1)
     torch.testing.assert_close(got, _reference_grads(model, _batch()), rtol=1e-10, atol=1e-13)
+
+
+def test_causal_lm_with_tied_head_per_token_loss():
+    """GPT-2 LM head tied to the token embedding; loss per example = mean next-token loss over its tokens."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    apply, params = ti.functionalize(model)
+    assert "lm_head.weight" not in params   # tied: appears once, as the embedding
+
+    def lm_loss(logits, ids, mask):
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+        return per_token.sum(1) / mask[:, 1:].sum(1)
+
+    def loss(p, b):
+        return lm_loss(apply(p, input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                       b["input_ids"], b["attention_mask"])
+
+    batch = _batch(4)
+    got = ti.ravel(ti.per_example_grads(loss, params, batch), batch_ndim=1)
+    rows = []
+    for i, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+        model.zero_grad()
+        ids, mask = batch["input_ids"][i:i + 1, :length], batch["attention_mask"][i:i + 1, :length]
+        lm_loss(model(input_ids=ids).logits, ids, mask).sum().backward()
+        rows.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    torch.testing.assert_close(got, ti.ravel(ti.tree.stack(rows), batch_ndim=1), rtol=1e-10, atol=1e-13)

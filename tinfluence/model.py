@@ -47,6 +47,12 @@ def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bo
     so when such layers are in training mode, and per-example gradients through them raise
     an error saying the same).
 
+    A Hugging Face `transformers` model with "sdpa" attention (the default) runs as a copy
+    that shares all its tensors and builds its attention masks without branching on data,
+    so per-example gradients of padded batches and Hessian-vector products work; see
+    `tinfluence/hf.py`. Other attention settings run as they are, and a failure under vmap
+    says to use `attn_implementation="sdpa"`.
+
     Args:
       module: any `nn.Module`, with positional, keyword or dict inputs.
       trainable: `(name, parameter) -> bool` choosing the attributed parameters, e.g.
@@ -85,6 +91,7 @@ def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bo
     check_params("ti.functionalize", params)
     frozen = {k: p.detach().clone() for k, p in named.items() if k not in chosen}
     frozen.update({k: b.detach().clone() for k, b in module.named_buffers()})
+    required = tuple(params)
     shapes = {k: tuple(v.shape) for k, v in {**params, **frozen}.items()}
     runner = hf.vmap_safe(module)
     pairs = [] if runner is module else list(zip(module.modules(), runner.modules()))
@@ -92,7 +99,7 @@ def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bo
     def apply(params, *args, **kwargs):
         state = _state(params, required, frozen, shapes)
         hf.mirror_modes(pairs)
-        try:
+        try:   # `_state` checked the keys, with messages that name them
             return functional_call(runner, state, args, kwargs, tie_weights=True, strict=False)
         except RuntimeError as err:
             message = _explain(module, err)
@@ -100,7 +107,6 @@ def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bo
                 raise
             raise RuntimeError(message) from err
 
-    required = tuple(params)
     apply.__doc__ = f"Pure forward of {type(module).__name__}: apply(params, *args, **kwargs)."
     return apply, params
 

@@ -86,7 +86,7 @@ def test_errors(run):
     params, _ = ckpts[0]
     with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints` must be a non-empty list of \(params, lr\) pairs"):
         ti.tracin(loss, [], train, test)
-    with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints\[0\]` must be a \(params, lr\) pair; got dict"):
+    with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints\[0\]` must be a \(params, lr\) pair or a ti.Checkpoint\(params, lr, frozen\); got dict"):
         ti.tracin(loss, [params], train, test)
     with pytest.raises(ValueError, match=r"ti.tracin: the learning rate of checkpoint 1 must be finite and > 0; got -0.1"):
         ti.tracin(loss, [(params, 0.1), (params, -0.1)], train, test)

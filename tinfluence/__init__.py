@@ -18,7 +18,7 @@ from . import distributed, io, plot
 from .core import data, factored, tree
 from .core.data import chunks, from_loader, num_examples, take
 from .core.errors import ConvergenceError, DivergenceError
-from .core.model import functionalize
+from .core.model import Checkpoint, functionalize
 from .core.objective import Objective, objective
 from .core.transforms import ggn_vp, hessian, hvp, per_example_grad_fn, per_example_grads, to_dense
 from .core.tree import ravel, unravel, vdot
@@ -57,5 +57,5 @@ __all__ = [
     "grad_dot", "grad_cos", "newton_loo", "newton_step_without", "knn_candidates",
     # validation and result files
     "leave_one_out", "lbfgs_trainer", "newton_trainer", "pearson", "spearman", "topk_overlap", "sign_agreement",
-    "lds", "LDSResult", "influence_to_files", "load_checkpoints",
+    "lds", "LDSResult", "influence_to_files", "load_checkpoints", "Checkpoint",
 ]

@@ -1,4 +1,4 @@
-"""Checkpoints saved along training, as the (params, lr) pairs that `ti.tracin` takes."""
+"""Checkpoints saved along training, as the `ti.Checkpoint(params, lr, frozen)` that `ti.tracin` takes."""
 
 from __future__ import annotations
 
@@ -9,34 +9,37 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..core.model import functionalize
+from ..core.model import Checkpoint, functionalize
 
 __all__ = ["load_checkpoints"]
 
 
 def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Callable | None = None) -> list:
-    """Returns `[(params_t, lr_t), ...]` read from saved `state_dict`s, one pair per path.
+    """Returns `[ti.Checkpoint(params_t, lr_t, frozen_t), ...]` read from saved `state_dict`s, one per path.
 
     Each file is read with `torch.load(path, weights_only=True)` (no code is run) and must
-    hold a state dict of `model` (`torch.save(model.state_dict(), path)`). Only the
-    parameters that `trainable` selects are returned, with the names, dtypes and device of
-    `ti.functionalize(model, trainable)`'s `params`, so the result plugs into the `apply`
-    of that call; buffers and frozen parameters stay those of `model`. The module is never
+    hold the complete state dict of `model` (`torch.save(model.state_dict(), path)`).
+    `params_t` holds the parameters that `trainable` selects, with the names, dtypes and
+    device of `ti.functionalize(model, trainable)`'s `params`; `frozen_t` holds every other
+    parameter and every saved buffer of that checkpoint. `ti.tracin` evaluates checkpoint t
+    with its own complete state, `apply({**frozen_t, **p}, ...)`, and takes gradients over
+    `p` only, so TracIn over a subset (e.g. the last layer) sees the frozen layers and
+    batch-norm statistics as they were at t, not as they are in `model`. The module is never
     changed.
 
     Args:
       paths: file paths (str or PathLike), in training order.
-      model: the `nn.Module` whose parameters were saved.
+      model: the `nn.Module` whose state dicts were saved.
       lrs: the learning rate in force after each checkpoint: one number for all, or a
         sequence with one entry per path.
       trainable: `(name, parameter) -> bool`, as for `ti.functionalize`; default all.
 
     Returns:
-      list of `(dict[str, Tensor], float)`, ready for `ti.tracin`.
+      list of `ti.Checkpoint`: `(params, lr)` pairs that carry the rest of the state as `.frozen`, ready for `ti.tracin`.
 
     Raises:
       ValueError: no paths, a length mismatch between `paths` and `lrs`, a non-positive lr,
-        or a file whose state dict lacks a selected parameter, has one of another shape, or
+        or a file whose state dict lacks an entry of `model`'s, has one of another shape, or
         holds names the model does not have.
       TypeError: a file that does not hold a dict of tensors.
     """
@@ -50,24 +53,42 @@ def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Calla
     for t, lr in enumerate(rates):
         if not (math.isfinite(float(lr)) and float(lr) > 0):
             raise ValueError(f"{where}: `lrs[{t}]` must be finite and > 0; got {lr}.")
-    _, reference = functionalize(model, trainable)
-    known = set(model.state_dict().keys())
-    return [(_read(where, path, reference, known), float(lr)) for path, lr in zip(paths, rates)]
+    _, chosen = functionalize(model, trainable)
+    own = model.state_dict()
+    tied = _tied(model)
+    rest = {k: v for k, v in own.items() if k not in chosen and k not in tied}
+    out = []
+    for path, lr in zip(paths, rates):
+        state = _read(where, path, own)
+        out.append(Checkpoint(_cast(state, chosen), float(lr), _cast(state, rest)))
+    return out
 
 
-def _read(where: str, path, reference: dict, known: set) -> dict:
-    """The selected parameters from one saved state dict, checked against `reference`."""
+def _tied(model: nn.Module) -> set:
+    """State-dict names that alias a parameter listed under another name (tied weights)."""
+    return {k for k, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+
+
+def _cast(state: dict, like: dict) -> dict:
+    """The entries of `state` named in `like`, with their dtype and device."""
+    return {name: state[name].to(dtype=ref.dtype, device=ref.device) for name, ref in like.items()}
+
+
+def _read(where: str, path, own: dict) -> dict:
+    """One saved state dict, checked to hold exactly the names and shapes of the model's `own`."""
     state = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TypeError(f"{where}: {os.fspath(path)!r} must hold a state dict (name -> tensor), as saved by "
                         f"torch.save(model.state_dict(), path); got {type(state).__name__}.")
-    unknown = sorted(set(state) - known)
-    missing = sorted(set(reference) - set(state))
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
     if unknown or missing:
         raise ValueError(f"{where}: {os.fspath(path)!r} does not match the model's names: "
-                         f"missing {missing}, not in the model {unknown}. Was it saved from another model?")
+                         f"missing {missing}, not in the model {unknown}. Was it saved from another model? "
+                         "Save the complete torch.save(model.state_dict(), path): every checkpoint is evaluated "
+                         "with its own complete state (frozen parameters and buffers included).")
     wrong = [f"{name!r}: saved {tuple(state[name].shape)}, model {tuple(ref.shape)}"
-             for name, ref in reference.items() if state[name].shape != ref.shape]
+             for name, ref in own.items() if state[name].shape != ref.shape]
     if wrong:
         raise ValueError(f"{where}: {os.fspath(path)!r} has parameters of other shapes than the model: {'; '.join(wrong)}.")
-    return {name: state[name].to(dtype=ref.dtype, device=ref.device) for name, ref in reference.items()}
+    return state

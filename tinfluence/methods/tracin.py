@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Callable
 
 import optree
@@ -10,35 +11,67 @@ import torch
 
 from ..core import data as D
 from ..core.errors import check_chunk_size, check_params, fork_generator
+from ..core.model import Checkpoint
 from ..core.scoring import check_factored, grad_products, over_train, stacked_grads
 
 __all__ = ["tracin", "tracin_self_influence"]
 
 
 def _check_checkpoints(where: str, checkpoints) -> list:
-    """The checkpoints as a list of (params, float lr), all with the structure and shapes of the first."""
+    """The checkpoints as `ti.Checkpoint(params, float lr, frozen dict)`, all with the names and shapes of the first.
+
+    A `(params, lr)` pair or `frozen=None` gets `frozen={}` (the state closed over by `apply`).
+    """
     if isinstance(checkpoints, dict) or not isinstance(checkpoints, (list, tuple)) or not checkpoints:
         raise ValueError(
             f"{where}: `checkpoints` must be a non-empty list of (params, lr) pairs, e.g. [(params_t, 0.1), ...]; "
             f"got {type(checkpoints).__name__}{' (empty)' if isinstance(checkpoints, (list, tuple)) else ''}.")
-    out = []
-    for t, item in enumerate(checkpoints):
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise ValueError(f"{where}: `checkpoints[{t}]` must be a (params, lr) pair; got {type(item).__name__}.")
-        params, lr = item
-        check_params(f"{where}: checkpoint {t}", params)
-        lr = float(lr)
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{where}: the learning rate of checkpoint {t} must be finite and > 0; got {lr}.")
-        out.append((params, lr))
-    first = out[0][0]
-    shapes = [tuple(leaf.shape) for leaf in optree.tree_leaves(first, namespace="")]
-    for t, (params, _) in enumerate(out[1:], start=1):
-        if optree.tree_structure(params, namespace="") != optree.tree_structure(first, namespace="") or \
-                [tuple(leaf.shape) for leaf in optree.tree_leaves(params, namespace="")] != shapes:
+    out = [_check_checkpoint(where, t, item) for t, item in enumerate(checkpoints)]
+    first = out[0]
+    shapes = [tuple(leaf.shape) for leaf in optree.tree_leaves(first.params, namespace="")]
+    for t, ckpt in enumerate(out[1:], start=1):
+        if optree.tree_structure(ckpt.params, namespace="") != optree.tree_structure(first.params, namespace="") or \
+                [tuple(leaf.shape) for leaf in optree.tree_leaves(ckpt.params, namespace="")] != shapes:
             raise ValueError(f"{where}: checkpoint {t} does not have the parameter names and shapes of checkpoint 0; "
                              "every checkpoint must hold the same parameters.")
+        if ckpt.frozen.keys() != first.frozen.keys():
+            raise ValueError(f"{where}: checkpoint {t} does not have the frozen names of checkpoint 0 "
+                             f"(differing: {sorted(ckpt.frozen.keys() ^ first.frozen.keys())}); every checkpoint "
+                             "must hold the same state, as ti.load_checkpoints returns it.")
     return out
+
+
+def _check_checkpoint(where: str, t: int, item) -> Checkpoint:
+    """One checkpoint checked: params valid, lr finite and > 0, frozen a dict of tensors disjoint from params."""
+    if not isinstance(item, (list, tuple)) or len(item) not in (2, 3):
+        got = f"{type(item).__name__} of length {len(item)}" if isinstance(item, (list, tuple)) else type(item).__name__
+        raise ValueError(f"{where}: `checkpoints[{t}]` must be a (params, lr) pair or a ti.Checkpoint(params, lr, frozen); "
+                         f"got {got}.")
+    ckpt = item if isinstance(item, Checkpoint) else Checkpoint(*item)
+    params, lr, frozen = ckpt.params, ckpt.lr, ckpt.frozen
+    check_params(f"{where}: checkpoint {t}", params)
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{where}: the learning rate of checkpoint {t} must be finite and > 0; got {lr}.")
+    frozen = {} if frozen is None else frozen
+    if not isinstance(frozen, Mapping) or not all(isinstance(v, torch.Tensor) for v in frozen.values()):
+        raise TypeError(f"{where}: the `frozen` of checkpoint {t} must be a dict name -> tensor (the state outside "
+                        f"`params`, as ti.load_checkpoints returns it) or None; got {type(frozen).__name__}.")
+    if frozen and not isinstance(params, Mapping):
+        raise TypeError(f"{where}: the `params` of checkpoint {t} must be a dict when it has `frozen` state; "
+                        f"got {type(params).__name__}.")
+    both = sorted(frozen.keys() & params.keys()) if frozen else []
+    if both:
+        raise ValueError(f"{where}: checkpoint {t} has names both in `params` and in `frozen`: {both}; a name is "
+                         "either differentiated (params) or held fixed (frozen).")
+    return Checkpoint(params, lr, dict(frozen))
+
+
+def _at(loss: Callable, frozen: dict) -> Callable:
+    """`(p, batch) -> loss({**frozen, **p}, batch)`: the loss at a checkpoint's full state, a function of `p` only."""
+    if not frozen:
+        return loss
+    return lambda p, batch: loss({**frozen, **p}, batch)
 
 
 def _projection(params, dim: int, generator: torch.Generator) -> Callable:
@@ -85,7 +118,11 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, one loss per example.
-      checkpoints: list of `(params_t, lr_t)`; `params_t` dicts of one structure, lr_t > 0.
+      checkpoints: list of `(params_t, lr_t)` pairs or `ti.Checkpoint(params_t, lr_t, frozen_t)`
+        (as `ti.load_checkpoints` returns them); `params_t` of one structure, lr_t > 0.
+        Checkpoint t is evaluated at its own complete state, `loss({**frozen_t, **p}, batch)`,
+        with gradients over `p` only (the attributed subset); a pair means the state closed
+        over by `apply`. `loss` must hand its `params` to `ti.functionalize`'s `apply` as they are.
       train: training set, leading axis n_train.
       test: test set, leading axis n_test.
       projection_dim: d for the random-projection variant; None for exact products.
@@ -103,10 +140,12 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      ValueError: empty or inconsistent `checkpoints`, lr <= 0, `projection_dim` < 1, a
+      ValueError: empty or inconsistent `checkpoints` (names, shapes or frozen names differ, a
+        name both in params and frozen), lr <= 0, `projection_dim` < 1, a
         `generator` missing with (or given without) `projection_dim`, `projection_dim` with
         `factored=True`; bad data or loss.
-      TypeError: a non-bool `factored`; `params_t` not a dict with `factored=True`.
+      TypeError: a non-bool `factored`; `params_t` not a dict with `factored=True` or with
+        `frozen_t`; `frozen_t` not a dict of tensors.
 
     Notes:
       Cost: per checkpoint, one per-example gradient pass over test and one over train, and
@@ -126,13 +165,14 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
         raise ValueError(f"{where}: `projection_dim` needs the per-example gradients formed, which `factored=True` avoids; "
                          "use factored=True without projection_dim (exact, and cheap for linear layers) or "
                          "projection_dim with factored=False.")
-    project = _projection_or_identity(where, ckpts[0][0], projection_dim, generator)
+    project = _projection_or_identity(where, ckpts[0].params, projection_dim, generator)
     pairwise, _ = grad_products(factored)
     total = None
-    for params, lr in ckpts:
-        U = stacked_grads(loss, params, test, chunk_size=chunk_size, transform=project, where=where,
+    for ckpt in ckpts:
+        params, lr, at = ckpt.params, ckpt.lr, _at(loss, ckpt.frozen)
+        U = stacked_grads(at, params, test, chunk_size=chunk_size, transform=project, where=where,
                           factored=factored)  # [n_test, ...]
-        scores = over_train(lambda G: pairwise(U, project(G)), loss, params, train, chunk_size=chunk_size, where=where,
+        scores = over_train(lambda G: pairwise(U, project(G)), at, params, train, chunk_size=chunk_size, where=where,
                             group=group, factored=factored)
         total = lr * scores if total is None else total + lr * scores
     return total
@@ -161,7 +201,8 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, one loss per example.
-      checkpoints: list of `(params_t, lr_t)`, as for `ti.tracin`.
+      checkpoints: list of `(params_t, lr_t)` or `ti.Checkpoint(params_t, lr_t, frozen_t)`,
+        as for `ti.tracin`.
       train: training set, leading axis n_train.
       chunk_size: examples per vectorized backward (default 1024).
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
@@ -188,7 +229,7 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
     check_factored(where, factored)
     _, sq_norms = grad_products(factored)
     total = None
-    for params, lr in ckpts:
-        sq = over_train(sq_norms, loss, params, train, chunk_size=chunk_size, where=where, group=group, factored=factored)
-        total = lr * sq if total is None else total + lr * sq
+    for ckpt in ckpts:
+        sq = over_train(sq_norms, _at(loss, ckpt.frozen), ckpt.params, train, chunk_size=chunk_size, where=where, group=group, factored=factored)
+        total = ckpt.lr * sq if total is None else total + ckpt.lr * sq
     return total

@@ -119,6 +119,12 @@ def _read_verified(folder: Path, entry: dict) -> tuple[bytes | None, str | None]
     return data, None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, data: bytes, where: str) -> None:
     """Writes `data` to a temporary file beside `path`, fsyncs, reads it back, and renames it into place.
 
@@ -127,6 +133,7 @@ def _atomic_write(path: Path, data: bytes, where: str) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())         # the permissions of a file made by open(), not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -344,17 +351,17 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
         if test_id in ids:
             warnings.warn(f"{where}: score file {str(writer.folder / f'{test_id}.npy')!r} {problem}; recomputing it.",
                           RuntimeWarning, stacklevel=2)
-    bar = tqdm(total=len(ids), initial=len(writer.done & set(ids)), desc=where, disable=not progress)
-    for start in range(0, len(ids), block_size):
-        block = ids[start:start + block_size]
-        todo = [i for i in block if i not in writer.done]
-        if not todo:
-            continue
-        scores = influence(loss, params, train, D.take(test, torch.tensor(block)), ihvp=ihvp, chunk_size=chunk_size, **options)
-        for row, test_id in enumerate(block):
-            if test_id in writer.done:
+    with tqdm(total=len(ids), initial=len(writer.done & set(ids)), desc=where, disable=not progress) as bar:
+        for start in range(0, len(ids), block_size):
+            block = ids[start:start + block_size]
+            todo = [i for i in block if i not in writer.done]
+            if not todo:
                 continue
-            writer.write(test_id, scores[row])
-            bar.update(1)
-    bar.close()
+            scores = influence(loss, params, train, D.take(test, torch.tensor(block)), ihvp=ihvp, chunk_size=chunk_size,
+                               **options)
+            for row, test_id in enumerate(block):
+                if test_id in writer.done:
+                    continue
+                writer.write(test_id, scores[row])
+                bar.update(1)
     return writer.folder

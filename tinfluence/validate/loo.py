@@ -347,15 +347,15 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
     try:
         if sink is not None and complete < size:
             sink.truncate(complete)                  # a torn last line: the model in progress when a run was killed
-        bar = tqdm(total=len(ids) + 1, initial=len(ids) + 1 - len(todo), desc="leave-one-out", disable=not progress)
-        for key in todo:
-            retrained = train_fn(params, train if key == BASE_ID else D.take(train, _without(key, n_train, device)))
-            check_params(f"{where}: {_model(key)} (`train_fn` output)", retrained)
-            values = measure_all(measure, retrained, test, chunk_size, where)
-            _check_finite(values, key, where)
-            done[key] = _append(sink, key, values, settings) if sink is not None else values.cpu().tolist()
-            bar.update()
-        bar.close()
+        with tqdm(total=len(ids) + 1, initial=len(ids) + 1 - len(todo), desc="leave-one-out models",
+                  disable=not progress) as bar:            # the base run and one model per removal
+            for key in todo:
+                retrained = train_fn(params, train if key == BASE_ID else D.take(train, _without(key, n_train, device)))
+                check_params(f"{where}: {_model(key)} (`train_fn` output)", retrained)
+                values = measure_all(measure, retrained, test, chunk_size, where)
+                _check_finite(values, key, where)
+                done[key] = _append(sink, key, values, settings) if sink is not None else values.cpu().tolist()
+                bar.update()
     finally:
         if sink is not None:
             sink.close()

@@ -141,6 +141,20 @@ def test_fresh_replaces_only_the_demos_own_files(small_run, tmp_path, capsys):
     assert records[0]["meta"]["test_ids"] == [5] and len(records) == 4 and not list(out.glob(".writing-*"))
 
 
+@pytest.mark.slow
+def test_a_damaged_leave_one_out_file_is_refused_and_left_alone(small_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(small_run[0], out)
+    lines = (out / "loo.jsonl").read_text().splitlines(keepends=True)
+    (out / "loo.jsonl").write_text("".join(lines + lines[2:3]))            # line 3 repeated at the end
+    before = _snapshot(out)
+    assert main([*SMALL, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^tinfluence demo: error: ti.leave_one_out_records: `out` file '.*loo.jsonl' line {len(lines) + 1} "
+                     r"repeats training point \d+ of line 3\. .* Or pass --fresh to start .* afresh\.$", err), err
+    assert _snapshot(out) == before
+
+
 def _wait_for(job, ready, timeout=120):
     deadline = time.time() + timeout
     while job.poll() is None and not ready() and time.time() < deadline:

@@ -165,12 +165,12 @@ OTHER_RUN = r"scores of run \w+; this call is run \w+ \(other parameters, test d
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(params=1e-9), OTHER_RUN),
-    (dict(test=1e-9), OTHER_RUN),
-    (dict(block_size=3), OTHER_RUN),
-    (dict(meta={"damping": 1e-2}), OTHER_RUN),
-    (dict(n_train=100), r"float64 scores over n_train=120; this call gives float64 scores over n_train=100"),
-    (dict(dtype=torch.float32), r"float64 scores over n_train=120; this call gives float32 scores over n_train=120"),
+    ({"params": 1e-9}, OTHER_RUN),
+    ({"test": 1e-9}, OTHER_RUN),
+    ({"block_size": 3}, OTHER_RUN),
+    ({"meta": {"damping": 1e-2}}, OTHER_RUN),
+    ({"n_train": 100}, r"float64 scores over n_train=120; this call gives float64 scores over n_train=100"),
+    ({"dtype": torch.float32}, r"float64 scores over n_train=120; this call gives float32 scores over n_train=120"),
 ])
 def test_a_folder_of_another_run_is_refused_and_left_alone(digits_lr, tmp_path, change, message):
     _to_files(_small(digits_lr), tmp_path, meta={"damping": 1e-3})
@@ -207,7 +207,7 @@ def test_damaged_files_are_recomputed_with_a_warning_and_refused_by_read_scores(
     torch.testing.assert_close(ti.io.read_scores(tmp_path, [2, 3]), torch.from_numpy(np.stack(
         [np.load(io.BytesIO(whole[f"{i}.npy"])) for i in (2, 3)])), rtol=0, atol=0)
     calls = []
-    loss, params, train, test, ihvp = problem
+    ihvp = problem[-1]
     counted = lambda v: calls.append(1) or ihvp(v)  # noqa: E731
     with pytest.warns(RuntimeWarning) as caught:
         _to_files(problem, tmp_path, ihvp=counted)

@@ -325,7 +325,7 @@ def test_a_complete_file_on_a_read_only_folder_is_not_opened_for_writing(tmp_pat
 def test_records_are_read_back_as_checked_on_resume(tmp_path):
     from tinfluence.validate.loo import leave_one_out_records
 
-    train_fn, params, train, test, measure, _ = _toy()
+    _, params, train, test, _, _ = _toy()
     a, b = _two_runs(tmp_path)
     records = leave_one_out_records(a, params, train, test, meta={"run": "a"})
     assert records == {r["id"]: r["values"] for r in _records(a)} and sorted(records) == [-1, 1, 2]

@@ -120,13 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the `tinfluence` command with `argv` (default: the process's arguments); returns the exit status.
 
     Ctrl-C (SIGINT) stops it with status 130 and a line saying how to resume: the result
-    files are consistent at every moment, and the same command picks up where it stopped.
+    files are consistent at every moment, and the same command picks up where it stopped. A
+    result folder that must not be touched ends it with status 2 and a message.
     """
+    from .demo import FolderError
+
     try:
         return _main(argv)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
         return INTERRUPTED
+    except FolderError as err:          # found once the run reads OUT/loo.jsonl: nothing was changed
+        print(f"tinfluence demo: error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 def _main(argv: list[str] | None) -> int:

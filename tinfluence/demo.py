@@ -33,6 +33,7 @@ from . import data as D
 from . import plot
 from . import tree as tr
 from .distributed import shard
+from .io import _atomic_write
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
@@ -41,7 +42,6 @@ from .objective import objective
 from .optimize import minimize
 from .solvers import cg, direct, lissa
 from .transforms import hessian, hvp
-from .io import _atomic_write
 from .validate import leave_one_out, newton_trainer, pearson, sign_agreement, spearman
 from .validate.loo import leave_one_out_records
 
@@ -244,8 +244,10 @@ def check_out(out: str, settings: dict, fresh: bool) -> str:
         theirs = None
     if theirs == settings:
         return "resume"
-    held = (f"results of a run with other settings ({_flags(theirs)})" if isinstance(theirs, dict) and theirs.keys() == settings.keys()
-            else f"the demo's files ({', '.join(present)}) without a readable {RUN_FILE} (an older version's run)")
+    if isinstance(theirs, dict) and theirs.keys() == settings.keys():
+        held = f"results of a run with other settings ({_flags(theirs)})"
+    else:
+        held = f"the demo's files ({', '.join(present)}) without a readable {RUN_FILE} (an older version's run)"
     raise FolderError(f"{out} holds {held}; this command has {_flags(settings)}. Nothing was changed. Name a new folder "
                       f"with --out, or pass --fresh to delete that run's files ({', '.join((*FILES, RUN_FILE))}) in "
                       f"{out} and start afresh.")

@@ -108,21 +108,27 @@ def test_influence_to_files_rejects_bad_ids(digits_lr, tmp_path):
         ti.io.read_scores(tmp_path, [7])
 
 
-@pytest.mark.parametrize("limit", [1000, 2400])
-def test_a_file_size_limit_never_leaves_a_short_file_counted_as_done(saved_problem, tmp_path, limit):
+def _limited(problem, out, limit):
+    """The score-file job under `ulimit -f limit` (bytes): its completed process."""
+    return subprocess.run(_command(problem, out, 0.0), capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_never_leaves_a_short_file_counted_as_done(saved_problem, tmp_path):
     """With `ulimit -f` below one score file (1728 bytes) no file is done; below the index's size the
-    run stops mid-way. The run fails with a clear error, and a rerun without the limit completes."""
+    run stops mid-way. Each run fails with a clear error, and a rerun without the limit completes."""
     out, reference = tmp_path / "out", tmp_path / "reference"
-    limited = subprocess.run(_command(saved_problem, out, 0.0), capture_output=True, text=True, timeout=120,
-                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
-    assert limited.returncode != 0
-    assert re.search(r"OSError: ti.influence_to_files: (writing|appending to) '.*' failed \(.*\); (nothing was|.* is not) counted as done. "
-                     r"Check the free space and the file-size limit \(`ulimit -f`\), then rerun the same call to resume",
-                     limited.stderr), limited.stderr[-2000:]
-    done = _index_ids(out)
-    assert (done == []) if limit == 1000 else (0 < len(done) < 20)
-    assert all((out / f"{i}.npy").stat().st_size == 1728 for i in done)
-    assert not list(out.glob(".*.tmp"))
+    for limit in (1000, 2400):
+        limited = _limited(saved_problem, out, limit)
+        assert limited.returncode != 0
+        assert re.search(r"OSError: ti.influence_to_files: (writing|appending to) '.*' failed \(.*\); (nothing was|.* is not) "
+                         r"counted as done. Check the free space and the file-size limit \(`ulimit -f`\), then rerun the "
+                         r"same call to resume", limited.stderr), limited.stderr[-2000:]
+        done = _index_ids(out)
+        assert (done == []) if limit == 1000 else (0 < len(done) < 20)
+        assert all((out / f"{i}.npy").stat().st_size == 1728 for i in done)
+        assert not list(out.glob(".*.tmp"))
     subprocess.run(_command(saved_problem, out, 0.0), check=True, timeout=120)
     subprocess.run(_command(saved_problem, reference, 0.0), check=True, timeout=120)
     assert _files(out) == _files(reference)

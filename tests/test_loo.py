@@ -191,3 +191,154 @@ def test_a_file_from_another_run_is_refused(tmp_path):
     out.write_text("not json\n")
     with pytest.raises(ValueError, match=r"ti.leave_one_out: `out` file .* line 1 is not a leave-one-out record"):
         ti.leave_one_out(train_fn, params, train, test, [0], measure=measure, out=out, progress=False)
+
+
+def _lines(path):
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def _two_runs(tmp_path):
+    """Files of the toy problem for two runs that differ only in `meta`: (path of run a, path of run b)."""
+    train_fn, params, train, test, measure, _ = _toy()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    ti.leave_one_out(train_fn, params, train, test, [1, 2], measure=measure, out=a, meta={"run": "a"}, progress=False)
+    ti.leave_one_out(train_fn, params, train, test, [3, 4], measure=measure, out=b, meta={"run": "b"}, progress=False)
+    return a, b
+
+
+def _resume(path, indices, meta):
+    train_fn, params, train, test, measure, _ = _toy()
+    return ti.leave_one_out(train_fn, params, train, test, indices, measure=measure, out=path, meta=meta, progress=False)
+
+
+def test_every_record_carries_the_run_identity(tmp_path):
+    a, b = _two_runs(tmp_path)
+    runs_a, runs_b = {r["run"] for r in _records(a)}, {r["run"] for r in _records(b)}
+    assert len(runs_a) == len(runs_b) == 1 and runs_a != runs_b
+    assert _records(a)[0]["meta"] == {"run": "a"} and all("meta" not in r for r in _records(a)[1:])
+
+
+def test_another_runs_record_in_the_middle_is_refused_and_the_file_left_alone(tmp_path):
+    a, b = _two_runs(tmp_path)
+    mixed = _lines(a)[:2] + _lines(b)[1:2] + _lines(a)[2:] + [b'{"id": 9, "val']     # with a torn last line
+    a.write_bytes(b"".join(mixed))
+    with pytest.raises(ValueError, match=r"ti.leave_one_out: `out` file '.*a.jsonl' line 3 belongs to another run .*"
+                                         r"Pass a new `out` path, or delete the file to start over"):
+        _resume(a, [1, 2, 3], {"run": "a"})
+    assert a.read_bytes() == b"".join(mixed)     # not even the torn last line is cut off
+
+
+def test_another_runs_records_without_their_base_record_are_refused(tmp_path):
+    a, b = _two_runs(tmp_path)
+    headless = b"".join(_lines(b)[1:])
+    a.write_bytes(headless)
+    for meta in ({"run": "a"}, {"run": "b"}):
+        with pytest.raises(ValueError, match=r"ti.leave_one_out: `out` file '.*' line 1 is the record of training point 3, "
+                                             r"but a file's first record must be its base run \(id -1\).*delete the file"):
+            _resume(a, [3], meta)
+    assert a.read_bytes() == headless
+
+
+@pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity", b'"0.5"', b"true"])
+def test_a_non_finite_or_non_number_value_in_the_file_is_refused(tmp_path, token):
+    a, _ = _two_runs(tmp_path)
+    lines = _lines(a)
+    record = json.loads(lines[2])
+    lines[2] = lines[2].replace(json.dumps(record["values"][1]).encode(), token, 1)
+    a.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=r"`out` file '.*' line 3 holds .* for test point 1.*delete the file"):
+        _resume(a, [1, 2], {"run": "a"})
+
+
+def test_a_repeated_record_is_refused(tmp_path):
+    a, _ = _two_runs(tmp_path)
+    lines = _lines(a)
+    a.write_bytes(b"".join(lines + lines[1:2]))
+    with pytest.raises(ValueError, match=r"line 4 repeats training point 1 of line 2"):
+        _resume(a, [1, 2], {"run": "a"})
+
+
+@pytest.mark.parametrize("bad_id", [-1, 6])
+@pytest.mark.parametrize("broken_part", ["measure", "params"])
+def test_a_non_finite_model_is_never_written(tmp_path, bad_id, broken_part):
+    """A retrained model with NaN parameters, or whose measure is NaN (log of a negative), raises naming the removal."""
+    train_fn, params, train, test, _, _ = _toy()
+    out = tmp_path / "loo.jsonl"
+
+    def log_measure(p, batch):
+        return torch.log((batch[0] @ p["w"]).squeeze(-1))
+
+    def broken(p, data):
+        retrained = train_fn(p, data)
+        if data[0].shape[0] != (10 if bad_id == -1 else 9):
+            return retrained
+        return {"w": retrained["w"] * (float("nan") if broken_part == "params" else -1.0)}
+
+    ti.leave_one_out(train_fn, params, train, test, [2], measure=log_measure, out=out, progress=False)
+    before = out.read_bytes()
+    who = "the base run \\(retrained on all of `train`\\)" if bad_id == -1 else "the model retrained without training point 6"
+    what = (r"gives a non-finite `measure` on test points \[0, 1, 2\]" if broken_part == "measure"
+            else r"\(`train_fn` output\): `params` leaf \('w',\) has non-finite values")
+    with pytest.raises(ValueError, match=rf"ti.leave_one_out: {who} {what}"):
+        ti.leave_one_out(broken, params, train, test, [6], measure=log_measure, out=tmp_path / "new.jsonl", progress=False)
+    assert b"NaN" not in (tmp_path / "new.jsonl").read_bytes()
+    if bad_id == 6:
+        with pytest.raises(ValueError, match=rf"{who} {what}"):
+            ti.leave_one_out(broken, params, train, test, [2, 6], measure=log_measure, out=out, progress=False)
+        assert out.read_bytes() == before     # nothing was appended for point 6
+
+
+def test_a_complete_file_on_a_read_only_folder_is_not_opened_for_writing(tmp_path, monkeypatch):
+    import builtins
+
+    import tinfluence.validate.loo as loo_module
+
+    train_fn, params, train, test, measure, calls = _toy()
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    out = folder / "loo.jsonl"
+    expected = ti.leave_one_out(train_fn, params, train, test, [1, 2, 5], measure=measure, out=out, progress=False)
+    out.write_bytes(out.read_bytes() + b'{"id": 7, "run": "tor')      # a torn record of a point not asked for now
+    before, stat = out.read_bytes(), out.stat()
+    opened = []
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        opened.append(mode)
+        if set(mode) & set("wax+"):
+            raise PermissionError(f"read-only: {file}")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(loo_module, "open", read_only_open, raising=False)
+    out.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        calls.clear()
+        again = ti.leave_one_out(train_fn, params, train, test, [5, 1], measure=measure, out=out, progress=False)
+    finally:
+        folder.chmod(0o755)
+        out.chmod(0o644)
+    assert calls == [] and opened and all(set(m) <= set("rb") for m in opened)
+    assert out.read_bytes() == before and (out.stat().st_mtime_ns, out.stat().st_ino) == (stat.st_mtime_ns, stat.st_ino)
+    torch.testing.assert_close(again, expected[:, [2, 0]], rtol=0, atol=0)
+
+
+def test_records_are_read_back_as_checked_on_resume(tmp_path):
+    from tinfluence.validate.loo import leave_one_out_records
+
+    _, params, train, test, _, _ = _toy()
+    a, b = _two_runs(tmp_path)
+    records = leave_one_out_records(a, params, train, test, meta={"run": "a"})
+    assert records == {r["id"]: r["values"] for r in _records(a)} and sorted(records) == [-1, 1, 2]
+    assert leave_one_out_records(tmp_path / "missing.jsonl", params, train, test) == {}
+    with pytest.raises(ValueError, match=r"ti.leave_one_out_records: `out` file .* line 1 was written for another run"):
+        leave_one_out_records(b, params, train, test, meta={"run": "a"})
+    with pytest.raises(ValueError, match=r"line 1 was written for another run: its base record has dtype='float64', "
+                                         r"this call dtype='float32'"):
+        leave_one_out_records(a, {"w": params["w"].float()}, train, test, meta={"run": "a"})
+
+
+def test_meta_must_be_json(tmp_path):
+    train_fn, params, train, test, measure, _ = _toy()
+    with pytest.raises(TypeError, match=r"ti.leave_one_out: `meta` must be JSON-serializable .* got set"):
+        ti.leave_one_out(train_fn, params, train, test, [0], measure=measure, out=tmp_path / "a.jsonl", meta={1, 2})
+    assert not (tmp_path / "a.jsonl").exists()

@@ -11,12 +11,22 @@ import argparse
 import os
 import sys
 import tempfile
+from importlib import metadata
 
 __all__ = ["main"]
 
 DEFAULT_TEST_IDS = (0, 1, 2)
 DEFAULT_TOP_K = 100
 DEFAULT_OUT = os.path.join("runs", "demo")
+INTERRUPTED = 130       # the exit status of a process stopped by SIGINT (128 + 2)
+
+
+def _version() -> str:
+    """The installed package's version, from its metadata."""
+    try:
+        return metadata.version("tinfluence")
+    except metadata.PackageNotFoundError:
+        return "unknown (the package is not installed; run `pip install -e .` in the repository)"
 
 
 def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -26,6 +36,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
         prog="tinfluence",
         description="Influence functions for PyTorch models, written as composable pure transforms.")
+    parser.add_argument("--version", action="version", version=f"tinfluence {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo", help="reproduce Koh & Liang's Figure 2 on the bundled digits data",
@@ -34,7 +45,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             "training point for the chosen test points with each method, retrains without the top-k points "
             "by |score| (united over methods per test point; resumable through OUT/loo.jsonl) and compares "
             "predicted with actual changes in test loss. Writes figure2.png, top_examples.png, scores.npz, "
-            "loo.jsonl and table.json into OUT."))
+            "loo.jsonl, table.json and run.json (the settings) into OUT. A rerun with the same settings resumes; "
+            "a folder holding a run with other settings is refused and left as it is (name a new --out, or "
+            "pass --fresh)."))
     demo.add_argument("--method", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
                       help=f"methods to compare, any of: {', '.join(METHODS)} (default: all)")
     demo.add_argument("--test-ids", nargs="+", type=int, default=list(DEFAULT_TEST_IDS), metavar="ID",
@@ -47,6 +60,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--threads", type=int, default=1,
                       help="CPU threads for torch (default: 1; the demo's matrices are small, and one thread "
                            "avoids contention on a busy machine)")
+    demo.add_argument("--fresh", action="store_true",
+                      help="delete the demo's own files in OUT (from a run with other settings) and start afresh")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.add_argument("--distributed", action="store_true",
                       help="shard the scoring over the processes started by torchrun (gloo; same numbers as one "
@@ -56,7 +71,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exits with a usage error for arguments the parser cannot check alone."""
-    from .demo import N_TRAIN, load_digits_split
+    from .demo import N_TRAIN, FolderError, check_out, load_digits_split, settings
 
     if len(set(args.method)) != len(args.method):
         demo.error(f"argument --method: each method may appear once; got {' '.join(args.method)}.")
@@ -75,6 +90,10 @@ def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.threads < 1:
         demo.error(f"argument --threads: must be >= 1; got {args.threads}.")
     try:
+        args.folder = check_out(args.out, settings(args.method, args.test_ids, args.top_k, args.seed), args.fresh)
+    except FolderError as err:
+        demo.error(f"argument --out: {err}")
+    try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
             pass
@@ -83,8 +102,40 @@ def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None
                    "write to.")
 
 
+def _claim_out(args: argparse.Namespace) -> None:
+    """Makes OUT this run's (on the first process only) and says whether the run resumes."""
+    from .demo import claim_out, settings
+
+    if args.distributed and os.environ.get("RANK") != "0":
+        return
+    claim_out(args.out, settings(args.method, args.test_ids, args.top_k, args.seed), args.fresh)
+    if args.folder == "resume":
+        print(f"{args.out} holds a run with the same settings (run.json): resuming it; retrained models in "
+              "loo.jsonl are reused.", flush=True)
+    elif args.folder == "fresh":
+        print(f"--fresh: deleted the demo's earlier files in {args.out}; starting afresh.", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the `tinfluence` command with `argv` (default: the process's arguments); returns the exit status."""
+    """Runs the `tinfluence` command with `argv` (default: the process's arguments); returns the exit status.
+
+    Ctrl-C (SIGINT) stops it with status 130 and a line saying how to resume: the result
+    files are consistent at every moment, and the same command picks up where it stopped. A
+    result folder that must not be touched ends it with status 2 and a message.
+    """
+    from .demo import FolderError
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except FolderError as err:          # found once the run reads OUT/loo.jsonl: nothing was changed
+        print(f"tinfluence demo: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser, demo_parser = _parsers()
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -93,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import demo
 
         _check_demo(demo_parser, args)
+        _claim_out(args)
         torch.set_num_threads(args.threads)
         group, lead = None, True
         if args.distributed:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -30,6 +33,7 @@ from .core import data as D
 from . import plot
 from .core import tree as tr
 from .distributed import shard
+from .io import _atomic_write
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
@@ -39,9 +43,10 @@ from .solvers import minimize
 from .solvers import cg, direct, lissa
 from .core.transforms import hessian, hvp
 from .validate import leave_one_out, newton_trainer, pearson, sign_agreement, spearman
+from .validate.loo import leave_one_out_records
 
-__all__ = ["METHODS", "N_TRAIN", "L2", "GD_STEPS", "GD_LR", "Problem", "DemoResult", "load_digits_split",
-           "digits_problem", "gd_checkpoints", "run"]
+__all__ = ["METHODS", "N_TRAIN", "L2", "GD_STEPS", "GD_LR", "Problem", "DemoResult", "FolderError", "load_digits_split",
+           "digits_problem", "gd_checkpoints", "settings", "check_out", "claim_out", "run"]
 
 N_TRAIN = 1000
 L2 = 1e-2
@@ -49,6 +54,8 @@ GD_STEPS = 20
 GD_LR = 2.0
 IMAGE_SHAPE = (8, 8)
 FILES = ("figure2.png", "top_examples.png", "scores.npz", "loo.jsonl", "table.json")
+RUN_FILE = "run.json"     # the settings of the run a folder holds, written before any work
+STAGING = ".writing-"     # prefix of the folder in which the outputs are written before they are moved into place
 
 
 def load_digits_split(n_train: int = N_TRAIN):
@@ -199,6 +206,68 @@ def _table_text(table: list, top_k: int) -> str:
     return "\n".join(lines)
 
 
+class FolderError(ValueError):
+    """An output folder holds results the demo must not touch: another run's, or damaged ones."""
+
+
+def settings(methods, test_ids, top_k: int, seed: int) -> dict:
+    """The settings that decide a demo run's results: its identity in `run.json` and `loo.jsonl`."""
+    return {"demo": "digits logistic regression", "methods": list(methods), "test_ids": list(test_ids),
+            "top_k": int(top_k), "seed": int(seed)}
+
+
+def _flags(settings: dict) -> str:
+    return (f"--method {' '.join(settings['methods'])} --test-ids {' '.join(map(str, settings['test_ids']))} "
+            f"--top-k {settings['top_k']} --seed {settings['seed']}")
+
+
+def check_out(out: str, settings: dict, fresh: bool) -> str:
+    """Says what a run with `settings` will do with the folder `out`; reads only.
+
+    Returns:
+      "new" (no results of the demo there), "resume" (a run with the same settings: its
+      retrained models are reused) or "fresh" (`fresh` given: the demo's own files go).
+
+    Raises:
+      FolderError: `out` holds the demo's files of a run with other settings, or without
+        `run.json` (an older version's), and `fresh` is False. Nothing is changed.
+    """
+    present = [name for name in (*FILES, RUN_FILE) if os.path.exists(os.path.join(out, name))]
+    if not present:
+        return "new"
+    if fresh:
+        return "fresh"
+    try:
+        with open(os.path.join(out, RUN_FILE)) as f:
+            theirs = json.load(f)
+    except (OSError, ValueError):
+        theirs = None
+    if theirs == settings:
+        return "resume"
+    if isinstance(theirs, dict) and theirs.keys() == settings.keys():
+        held = f"results of a run with other settings ({_flags(theirs)})"
+    else:
+        held = f"the demo's files ({', '.join(present)}) without a readable {RUN_FILE} (an older version's run)"
+    raise FolderError(f"{out} holds {held}; this command has {_flags(settings)}. Nothing was changed. Name a new folder "
+                      f"with --out, or pass --fresh to delete that run's files ({', '.join((*FILES, RUN_FILE))}) in "
+                      f"{out} and start afresh.")
+
+
+def claim_out(out: str, settings: dict, fresh: bool) -> None:
+    """Makes `out` this run's: with `fresh` deletes the demo's own files there, removes half-written
+    outputs of an interrupted run, and writes `run.json`. Call after `check_out`, on one process."""
+    os.makedirs(out, exist_ok=True)
+    for name in (*FILES, RUN_FILE) if fresh else ():
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    for entry in os.scandir(out):
+        if entry.name.startswith(STAGING) and entry.is_dir():
+            shutil.rmtree(entry.path)
+    path, text = Path(out) / RUN_FILE, json.dumps(settings, indent=1).encode()
+    if not path.exists() or path.read_bytes() != text:
+        _atomic_write(path, text, "tinfluence demo")
+
+
 def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: bool = True,
         echo: Callable = print, group=None) -> DemoResult | None:
     """Runs the demo and writes its files into `out` (which must exist and be writable).
@@ -206,7 +275,9 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
     Files: `figure2.png` (predicted vs actual change in test loss, one panel per method),
     `top_examples.png` (most helpful and harmful training images for the first test point),
     `scores.npz` (scores per method, test and training ids, retrained ids, actual changes),
-    `loo.jsonl` (one record per retrained model, id -1 the base run; resumed if present).
+    `loo.jsonl` (one record per retrained model, id -1 the base run; resumed if present, refused
+    if it belongs to another run). Each of the others is written in a staging folder inside
+    `out` and moved into place whole, so an interrupted run never leaves a half-written file.
 
     Args:
       methods: names from `METHODS`, in table order.
@@ -239,16 +310,23 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
         return None
     sets = _retrain_sets(scores, top_k)
     retrained = sorted(set().union(*sets))
-    echo(f"retraining without each of {len(retrained)} training points (top {top_k} by |score| of each method, "
-         f"united per test point), warm-started from θ̂ (Newton iterations with the full-data Hessian, "
-         "to gradient max-norm 1e-10) ...")
+    path, meta = os.path.join(out, "loo.jsonl"), settings(methods, test_ids, top_k, seed)
+    try:
+        records = leave_one_out_records(path, problem.params, problem.train, test, meta=meta)
+    except ValueError as err:
+        raise FolderError(f"{err} Or pass --fresh to start {out} afresh.") from None
+    models, resumed = len(retrained) + 1, len(records.keys() & {-1, *retrained})
+    echo(f"leave-one-out: {models} models, the base run and {len(retrained)} removals (each of the top {top_k} "
+         "training points by |score| of each method, united per test point), warm-started from θ̂ (Newton "
+         "iterations with the full-data Hessian, to gradient max-norm 1e-10)")
+    echo(f"resumed {resumed}/{models} models from {path}; {models - resumed} to retrain ..." if resumed
+         else f"retraining {models} models ...")
     tic = time.perf_counter()
     train_fn = newton_trainer(problem.loss, problem.params, problem.train, l2=problem.l2, gtol=1e-10)
-    path, meta = os.path.join(out, "loo.jsonl"), {"demo": "digits logistic regression", "test_ids": list(test_ids)}
-    _start_over_if_other_run(path, meta, echo)
     actual = leave_one_out(train_fn, problem.params, problem.train, test, retrained, measure=problem.loss,
                            out=path, meta=meta, progress=progress)                     # [n_test, len(retrained)]
-    echo(f"leave-one-out: {time.perf_counter() - tic:.1f} s")
+    echo(f"leave-one-out: retrained {models - resumed} models in {time.perf_counter() - tic:.1f} s"
+         + (f" ({resumed} resumed)" if resumed else ""))
     columns = {i: j for j, i in enumerate(retrained)}
     table = [_metrics(name, scores[name], actual, columns, sets, top_k) | {"seconds": seconds[name]} for name in methods]
     echo("")
@@ -266,21 +344,13 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
         echo("TracIn and EmpiricalIF have their own scale: compare them by correlation (Pearson is scale-invariant), "
              "not by magnitude.")
     result = DemoResult(list(test_ids), scores, retrained, actual, table)
-    _write(result, problem, sets, top_k, out)
+    staging = tempfile.mkdtemp(prefix=STAGING, dir=out)      # written whole, then moved into place file by file
+    _write(result, problem, sets, top_k, staging)
+    for name in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    os.rmdir(staging)
     echo(f"wrote {', '.join(FILES)} to {out}  (total {time.perf_counter() - start:.1f} s)")
     return result
-
-
-def _start_over_if_other_run(path: str, meta: dict, echo: Callable) -> None:
-    """Removes the demo's own `loo.jsonl` when it was written for other test points (it is resumed otherwise)."""
-    try:
-        with open(path) as f:
-            base = json.loads(f.readline())
-    except (OSError, ValueError):
-        return
-    if isinstance(base, dict) and base.get("meta") != meta:
-        os.remove(path)
-        echo(f"{path} held results for other test points ({base.get('meta')}); starting it afresh.")
 
 
 def _write(result: DemoResult, problem: Problem, sets: list, top_k: int, out: str) -> None:

@@ -1,124 +1,313 @@
-"""Resumable score files: one `<id>.npy` per test point plus `index.jsonl`, written atomically.
+"""Resumable score files: one `<id>.npy` per test point plus `index.jsonl`, written atomically and verified.
 
 A long run over many test points writes each finished test point's scores `[n_train]` to
 its own file. Every file is written under a temporary name in the same folder, flushed to
-disk (fsync) and renamed into place (`os.replace`), so a process killed at any moment
-leaves either a complete file or none. A restarted run reads what is there and computes
-only the missing test points; the files it writes are byte-identical to an uninterrupted
-run's.
+disk (fsync), read back and compared with what was meant to be written (size and sha256),
+and only then renamed into place (`os.replace`), so a process killed at any moment, or a
+write cut short (a full disk, a file-size limit), leaves either a complete file or none.
+A restarted run reads what is there and computes only the missing test points; the files
+it writes are byte-identical to an uninterrupted run's.
+
+`index.jsonl` holds one line per finished test point, in the order they were finished:
+
+    {"id": 5, "file": "5.npy", "run": "3f9c...", "n_train": 1000, "dtype": "float64", "bytes": 8128, "sha256": "..."}
+
+`run` is the identity of the run that wrote the file (`run_identity`: a hash of the
+parameters, the test data, `n_train`, the dtype, `block_size` and the caller's `meta`). A
+score file counts as done only when its index line is complete and the file's size and
+sha256 match the line; a file without its line (a run killed between the rename and the
+append) or a damaged one is computed again. A folder whose index holds another run's
+lines is refused and left as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import optree
 import torch
 from tqdm.auto import tqdm
 
 from ..core import data as D
 
-__all__ = ["ScoreWriter", "influence_to_files", "read_scores"]
+__all__ = ["ScoreWriter", "influence_to_files", "read_scores", "run_identity"]
 
 INDEX = "index.jsonl"
+_ENTRY = {"id": int, "file": str, "run": str, "n_train": int, "dtype": str, "bytes": int, "sha256": str}
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Writes `path` by `write(file)` to a temporary file in the same folder, fsync, os.replace."""
+def _hash_tree(h, tree) -> None:
+    """Feeds the structure, dtypes, shapes and bytes of every tensor leaf of `tree` into the hash `h`."""
+    leaves, spec = optree.tree_flatten(tree, namespace="")
+    h.update(str(spec).encode())
+    for leaf in leaves:
+        leaf = leaf.detach().cpu().contiguous()
+        h.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
+        h.update(leaf.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def run_identity(params, train, test, *, block_size: int, meta=None) -> str:
+    """The identity of a score-file run: a hash of `params`, `test`, `n_train`, the dtype, `block_size` and `meta`.
+
+    The training data enter by their size only (hashing them would cost a pass over all of
+    them); `meta` (JSON) describes what no hash sees: the solver, its damping, `measure`.
+
+    Returns:
+      16 hexadecimal digits.
+    """
+    h = hashlib.sha256()
+    _hash_tree(h, params)
+    _hash_tree(h, test)
+    h.update(json.dumps({"n_train": D.num_examples(train, name="train", where="ti.io.run_identity"),
+                         "block_size": block_size, "meta": meta}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _index_entries(folder: Path, where: str) -> list[tuple[int, dict]]:
+    """`(line number, entry)` of every complete line of `folder/index.jsonl`; reads only.
+
+    A torn last line (a writer killed mid-append) is left out; any other line that is not an
+    entry, or repeats a test id, raises ValueError naming the line.
+    """
+    index = folder / INDEX
+    if not index.exists():
+        return []
+    raw = index.read_bytes()
+    entries, seen = [], {}
+    for number, line in enumerate(raw[:raw.rfind(b"\n") + 1].splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+            wrong = [k for k, kind in _ENTRY.items() if type(entry.get(k)) is not kind]
+            if wrong or entry["file"] != f"{entry['id']}.npy":
+                raise ValueError(f"fields {wrong or ['file']} missing or of the wrong type")
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{where}: {str(index)!r} line {number} is not a score-index entry ({err}): the folder "
+                             "was written by another program or version, or edited. Pass a new `out` folder, or "
+                             "delete this one to start over.") from None
+        if entry["id"] in seen:
+            raise ValueError(f"{where}: {str(index)!r} line {number} repeats test id {entry['id']} of line "
+                             f"{seen[entry['id']]}: the index was edited. Pass a new `out` folder, or delete this one "
+                             "to start over.")
+        seen[entry["id"]] = number
+        entries.append((number, entry))
+    return entries
+
+
+def _read_verified(folder: Path, entry: dict) -> tuple[bytes | None, str | None]:
+    """`(bytes, None)` when the entry's file has the size and sha256 of its index line, else `(None, what is wrong)`."""
+    path = folder / entry["file"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "is missing"
+    if len(data) != entry["bytes"]:
+        return None, f"holds {len(data)} bytes where its index line says {entry['bytes']} (truncated or overwritten)"
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return None, "does not match the sha256 of its index line (corrupted)"
+    return data, None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, data: bytes, where: str) -> None:
+    """Writes `data` to a temporary file beside `path`, fsyncs, reads it back, and renames it into place.
+
+    Raises:
+      OSError: the write failed or came back short or different; no file is left behind.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())         # the permissions of a file made by open(), not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        written = Path(tmp).read_bytes()
+        if written != data:
+            raise OSError(f"{len(written)} of {len(data)} bytes came back"
+                          + (", with other contents" if len(written) == len(data) else ""))
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"{where}: writing {str(path)!r} failed ({err}); nothing was counted as done. Check the free "
+                      "space and the file-size limit (`ulimit -f`), then rerun the same call to resume.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 class ScoreWriter:
-    """A folder of per-test-point score files `<id>.npy` and their `index.jsonl`.
+    """A folder of per-test-point score files `<id>.npy` and their `index.jsonl` (format in the module docstring).
 
-    `index.jsonl` holds one JSON object per finished test point, in the order they were
-    finished: `{"id": ..., "file": "<id>.npy", "n_train": ..., "dtype": ...}`. On opening,
-    a torn last line (a writer killed mid-append) is dropped and score files missing from
-    the index are added, so `done` is exactly the set of complete files.
+    Opening reads only: it checks that every index line belongs to this run (`run`,
+    `n_train`, `dtype`) and verifies every file against its line. The first `write` prepares
+    the folder: it creates it, removes temporary files of killed writers and cuts a torn last
+    line off the index. A damaged file's line stays in place until the file is written again.
+    A folder whose files are all done is never written.
+
+    Args:
+      folder: the output folder (created on the first write).
+      run: the run's identity, from `run_identity`.
+      n_train: training-set size, the length of every score row.
+      dtype: dtype of the scores, e.g. torch.float64.
+      where: the public call named in messages.
+
+    Raises:
+      ValueError: the index holds a line of another run, or a line that is not an entry.
     """
 
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".*.tmp"):
-            stale.unlink()
-        self.entries = self._recover()
+    def __init__(self, folder, *, run: str, n_train: int, dtype, where: str = "ti.io.ScoreWriter"):
+        self.folder, self.where = Path(folder), where
+        self.identity = {"run": run, "n_train": int(n_train), "dtype": _dtype_name(dtype)}
+        self._lines, self.damaged = [], {}        # every index line in order; what is wrong with the damaged ones
+        for number, entry in _index_entries(self.folder, where):
+            self._check_identity(number, entry)
+            problem = _read_verified(self.folder, entry)[1]
+            if problem is not None:
+                self.damaged[entry["id"]] = problem
+            self._lines.append(entry)
+        self._prepared = False
 
-    def _recover(self) -> list:
-        entries, seen = [], set()
-        index = self.folder / INDEX
-        lines = index.read_text().splitlines() if index.exists() else []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (self.folder / entry["file"]).exists() and entry["id"] not in seen:
-                entries.append(entry)
-                seen.add(entry["id"])
-        orphans = sorted(int(p.stem) for p in self.folder.glob("*.npy") if p.stem.isdigit() and int(p.stem) not in seen)
-        for test_id in orphans:
-            entries.append(self._entry(test_id, np.load(self.folder / f"{test_id}.npy")))
-        text = "".join(json.dumps(e) + "\n" for e in entries)
-        if not index.exists() or index.read_text() != text:
-            _atomic_write(index, lambda f: f.write(text.encode()))
-        return entries
+    def _check_identity(self, number: int, entry: dict) -> None:
+        ours = self.identity
+        if (entry["n_train"], entry["dtype"]) != (ours["n_train"], ours["dtype"]):
+            differ = f"{entry['dtype']} scores over n_train={entry['n_train']}; this call gives {ours['dtype']} " \
+                     f"scores over n_train={ours['n_train']}"
+        elif entry["run"] != ours["run"]:
+            differ = (f"scores of run {entry['run']}; this call is run {ours['run']} (other parameters, test data, "
+                      "block_size or meta)")
+        else:
+            return
+        raise ValueError(f"{self.where}: folder {str(self.folder)!r} holds another run's results ({INDEX} line "
+                         f"{number}: {differ}). Pass a new `out` folder, or delete this one to start over.")
 
-    @staticmethod
-    def _entry(test_id, scores: np.ndarray) -> dict:
-        return {"id": test_id, "file": f"{test_id}.npy", "n_train": int(scores.shape[0]), "dtype": str(scores.dtype)}
+    @property
+    def entries(self) -> list:
+        """The index lines of the complete, verified score files, in index order."""
+        return [e for e in self._lines if e["id"] not in self.damaged]
 
     @property
     def done(self) -> set:
-        """The ids whose score files are complete."""
+        """The ids whose score files are complete and verified."""
         return {e["id"] for e in self.entries}
 
-    def write(self, test_id, scores: torch.Tensor) -> None:
-        """Writes `<test_id>.npy` (the `[n_train]` scores) atomically, then appends its index line."""
+    def _rewrite_index(self) -> None:
+        """Replaces the index, atomically, by its complete lines when it holds anything else (a torn last line).
+
+        The lines of damaged files stay (they never verify, so they are never counted as done)
+        until those files are recomputed in their places.
+        """
+        index = self.folder / INDEX
+        text = "".join(json.dumps(e) + "\n" for e in self._lines).encode()
+        if index.read_bytes() != text if index.exists() else text:
+            _atomic_write(index, text, self.where)
+
+    def _prepare(self) -> None:
+        """Creates the folder, removes stale temporary files, and cuts a torn last line off the index."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".*.tmp"):
+            stale.unlink()
+        self._rewrite_index()
+        self._prepared = True
+
+    def _append_index(self, entry: dict) -> None:
+        try:
+            with open(self.folder / INDEX, "ab") as f:
+                f.write((json.dumps(entry) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise OSError(f"{self.where}: appending to {str(self.folder / INDEX)!r} failed ({err}); {entry['file']} "
+                          "is not counted as done. Check the free space and the file-size limit (`ulimit -f`), "
+                          "then rerun the same call to resume.") from None
+
+    def write(self, test_id: int, scores: torch.Tensor) -> None:
+        """Writes `<test_id>.npy` (the `[n_train]` scores) atomically and verified, then records it in the index.
+
+        A new test id's line is appended; a damaged file's line is put back in its place (the
+        index is rewritten atomically), so the index reads as an uninterrupted run's.
+        """
         array = scores.detach().cpu().numpy()
-        _atomic_write(self.folder / f"{test_id}.npy", lambda f: np.save(f, array, allow_pickle=False))
-        entry = self._entry(test_id, array)
-        with open(self.folder / INDEX, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.entries.append(entry)
+        if array.shape != (self.identity["n_train"],) or str(array.dtype) != self.identity["dtype"]:
+            raise ValueError(f"{self.where}: scores of test id {test_id} must be [{self.identity['n_train']}] "
+                             f"{self.identity['dtype']}; got {list(array.shape)} {array.dtype}.")
+        if not self._prepared:
+            self._prepare()
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        data = buffer.getvalue()
+        _atomic_write(self.folder / f"{test_id}.npy", data, self.where)
+        entry = {"id": int(test_id), "file": f"{test_id}.npy", **self.identity, "bytes": len(data),
+                 "sha256": hashlib.sha256(data).hexdigest()}
+        if test_id in self.damaged:
+            self._lines = [entry if e["id"] == test_id else e for e in self._lines]
+            del self.damaged[test_id]
+            self._rewrite_index()
+        else:
+            self._append_index(entry)
+            self._lines.append(entry)
 
 
 def read_scores(folder, test_ids=None) -> torch.Tensor:
-    """Returns the scores stored in `folder` as `[len(test_ids), n_train]` (default: index order)."""
-    writer = ScoreWriter(folder)
-    ids = [e["id"] for e in writer.entries] if test_ids is None else list(test_ids)
-    missing = [i for i in ids if i not in writer.done]
+    """Returns the scores stored in `folder` as `[len(test_ids), n_train]` (default: index order); reads only.
+
+    Every file is checked against its index line (size and sha256) before it is parsed.
+
+    Raises:
+      ValueError: a test id without a score file; a damaged file; a folder holding the lines
+        of more than one run; an index line that is not an entry. The message says how to recover.
+    """
+    where, folder = "ti.io.read_scores", Path(folder)
+    entries = {e["id"]: e for _, e in _index_entries(folder, where)}
+    runs = sorted({e["run"] for e in entries.values()})
+    if len(runs) > 1:
+        raise ValueError(f"{where}: {str(folder)!r} holds the scores of {len(runs)} runs ({', '.join(runs)}): its "
+                         "index was edited. Recompute into a new folder with ti.influence_to_files.")
+    ids = list(entries) if test_ids is None else [int(i) for i in test_ids]
+    missing = [i for i in ids if i not in entries]
     if missing:
-        raise ValueError(f"ti.io.read_scores: no score file for test ids {missing[:10]} in {folder}; run ti.influence_to_files first.")
-    return torch.stack([torch.from_numpy(np.load(Path(folder) / f"{i}.npy")) for i in ids])
+        raise ValueError(f"{where}: no score file for test ids {missing[:10]} in {folder}; run ti.influence_to_files first.")
+    rows = []
+    for i in ids:
+        data, problem = _read_verified(folder, entries[i])
+        if problem is not None:
+            raise ValueError(f"{where}: score file {str(folder / entries[i]['file'])!r} (test id {i}) {problem}. "
+                             "Rerun ti.influence_to_files with the same arguments into this folder to recompute "
+                             "it, then read again.")
+        rows.append(torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)))
+    return torch.stack(rows)
 
 
 def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, out, test_ids=None,
-                       chunk_size: int | None = None, block_size: int = 64, progress: bool = True, **options) -> Path:
+                       chunk_size: int | None = None, block_size: int = 64, meta=None, progress: bool = True,
+                       **options) -> Path:
     """Returns the folder `out`, after writing every test point's `ti.influence` scores to it.
 
     Test points are scored in fixed blocks of `block_size` (one `ihvp` call and one pass
     over the training gradients per block): block b is positions
-    [b·block_size, (b+1)·block_size) of `test_ids`. A block whose files all exist is
-    skipped, so a restarted run (same arguments) resumes where the last one stopped, and
+    [b·block_size, (b+1)·block_size) of `test_ids`. A block whose files all exist and verify
+    is skipped, so a restarted run (same arguments) resumes where the last one stopped, and
     because blocks never change composition its files are byte-identical to an
     uninterrupted run's. File `<id>.npy` holds `ti.influence(...)[row]`, shape `[n_train]`
-    (positive = helpful), dtype of `params`.
+    (positive = helpful), dtype of `params`. A damaged file (truncated, corrupted, missing)
+    is computed again, with a warning naming it. A folder written by another run (see
+    `run_identity`) is refused and left as it is; when every file is done, nothing is written.
 
     Args:
       loss, params, train, test, ihvp: as for `ti.influence`.
@@ -126,6 +315,8 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
       test_ids: ints, the rows of `test` to score and the names of their files; default all.
       chunk_size: training examples per vectorized gradient computation.
       block_size: test points solved together per `ihvp` call.
+      meta: JSON-serializable description of what the run's hash cannot see (the solver and
+        its settings, `measure`); part of the run's identity.
       progress: show a tqdm bar over test points.
       **options: passed on to `ti.influence` (e.g. `measure`).
 
@@ -133,28 +324,44 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
       `Path(out)`; read the scores with `ti.io.read_scores(out)`.
 
     Raises:
-      ValueError: `block_size` < 1, or `test_ids` out of range or repeated.
+      ValueError: `block_size` < 1, `test_ids` out of range or repeated, or `out` holding
+        another run's results.
+      OSError: a score file could not be written completely (full disk, file-size limit);
+        the files finished before it stay done, and a rerun resumes.
+      RuntimeWarning (a warning): a damaged score file found on resume is recomputed.
     """
     from ..methods.influence import influence
 
-    n_test = D.num_examples(test, name="test", where="ti.influence_to_files")
+    where = "ti.influence_to_files"
+    n_test = D.num_examples(test, name="test", where=where)
     ids = list(range(n_test)) if test_ids is None else [int(i) for i in test_ids]
     if not (isinstance(block_size, int) and block_size >= 1):
-        raise ValueError(f"ti.influence_to_files: `block_size` must be an int >= 1; got {block_size!r}.")
+        raise ValueError(f"{where}: `block_size` must be an int >= 1; got {block_size!r}.")
     if len(set(ids)) != len(ids) or any(not 0 <= i < n_test for i in ids):
-        raise ValueError(f"ti.influence_to_files: `test_ids` must be distinct rows of `test` in [0, {n_test}); got {ids[:10]}...")
-    writer = ScoreWriter(out)
-    bar = tqdm(total=len(ids), initial=len(writer.done & set(ids)), desc="ti.influence_to_files", disable=not progress)
-    for start in range(0, len(ids), block_size):
-        block = ids[start:start + block_size]
-        todo = [i for i in block if i not in writer.done]
-        if not todo:
-            continue
-        scores = influence(loss, params, train, D.take(test, torch.tensor(block)), ihvp=ihvp, chunk_size=chunk_size, **options)
-        for row, test_id in enumerate(block):
-            if test_id in writer.done:
+        raise ValueError(f"{where}: `test_ids` must be distinct rows of `test` in [0, {n_test}); got {ids[:10]}...")
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers; got {type(meta).__name__} "
+                        f"({err}).") from None
+    writer = ScoreWriter(out, run=run_identity(params, train, test, block_size=block_size, meta=meta),
+                         n_train=D.num_examples(train, name="train", where=where),
+                         dtype=optree.tree_leaves(params, namespace="")[0].dtype, where=where)
+    for test_id, problem in writer.damaged.items():
+        if test_id in ids:
+            warnings.warn(f"{where}: score file {str(writer.folder / f'{test_id}.npy')!r} {problem}; recomputing it.",
+                          RuntimeWarning, stacklevel=2)
+    with tqdm(total=len(ids), initial=len(writer.done & set(ids)), desc=where, disable=not progress) as bar:
+        for start in range(0, len(ids), block_size):
+            block = ids[start:start + block_size]
+            todo = [i for i in block if i not in writer.done]
+            if not todo:
                 continue
-            writer.write(test_id, scores[row])
-            bar.update(1)
-    bar.close()
+            scores = influence(loss, params, train, D.take(test, torch.tensor(block)), ihvp=ihvp, chunk_size=chunk_size,
+                               **options)
+            for row, test_id in enumerate(block):
+                if test_id in writer.done:
+                    continue
+                writer.write(test_id, scores[row])
+                bar.update(1)
     return writer.folder

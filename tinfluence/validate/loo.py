@@ -5,16 +5,22 @@ retrained model is measured on all test points at once. Results go to a JSON-lin
 they are produced, one object per retrained model, so a run killed at any moment resumes
 where it stopped:
 
-    {"id": -1, "values": [m_1, ..., m_n_test], "meta": ...}   the base run: retrained on all of `train`
-    {"id": 17, "values": [m_1, ..., m_n_test]}    retrained without training point 17
+    {"id": -1, "run": "3f9c...", "values": [m_1, ..., m_n_test], "meta": ..., "n_train": n, "dtype": "float64"}
+    {"id": 17, "run": "3f9c...", "values": [m_1, ..., m_n_test]}    retrained without training point 17
 
-`values` holds `measure(θ, test)` for every test point, written with full float precision;
-`meta` is the caller's description of the run (e.g. which test points), checked on resume.
+The first record is the base run, retrained on all of `train`. `values` holds
+`measure(θ, test)` for every test point, finite, written with full float precision. `run`
+is the run's identity, a hash of its settings (`meta`, the caller's description of the run,
+the training-set size, the number of test points and the dtype); the base record also
+spells the settings out. On resume every record is checked: its identity, its number of
+values, their finiteness, no repeated id; a file that fails is refused, never changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from typing import Callable
 
@@ -30,7 +36,7 @@ from ..solvers._minimize import gradient, max_norm, minimize
 from ..solvers import direct
 from ..core.transforms import hessian
 
-__all__ = ["leave_one_out", "lbfgs_trainer", "newton_trainer", "measure_all"]
+__all__ = ["leave_one_out", "leave_one_out_records", "lbfgs_trainer", "newton_trainer", "measure_all"]
 
 BASE_ID = -1
 
@@ -138,34 +144,105 @@ def _check_indices(indices, n: int, where: str) -> list[int]:
     return ids.tolist()
 
 
-def _read_done(path: str, n_test: int, meta, where: str) -> dict[int, list[float]]:
-    """Finished records of a JSON-lines file; a partially written last line is cut off the file."""
+def _settings(where: str, meta, params, train, test) -> dict:
+    """The settings a leave-one-out file is written for, with `run`, their hash (the run's identity)."""
+    try:
+        meta = json.loads(json.dumps(meta, allow_nan=False))   # as it reads back from the file (tuples become lists)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers (dicts, lists, str, int, "
+                        f"float, bool, None); got {type(meta).__name__} ({err}).") from None
+    settings = {"meta": meta, "n_train": D.num_examples(train, name="train", where=where),
+                "n_test": D.num_examples(test, name="test", where=where),
+                "dtype": str(optree.tree_leaves(params, namespace="")[0].dtype).removeprefix("torch.")}
+    run = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings | {"run": run}
+
+
+def _refuse(where: str, path: str, number: int, problem: str):
+    return ValueError(f"{where}: `out` file {path!r} line {number} {problem}. Pass a new `out` path, or delete "
+                      "the file to start over.")
+
+
+def _parse(line: bytes, where: str, path: str, number: int, n_test: int) -> dict:
+    """One record with `n_test` finite values; raises ValueError naming the line otherwise."""
+    try:
+        record = json.loads(line)
+        key, values = record["id"], record["values"]
+        if type(key) is not int or not isinstance(values, list):
+            raise TypeError(f"id {key!r} and values of type {type(values).__name__}")
+    except (ValueError, KeyError, TypeError) as err:
+        raise _refuse(where, path, number, f"is not a leave-one-out record ({type(err).__name__}: {err})") from None
+    if len(values) != n_test:
+        raise _refuse(where, path, number, f"holds {len(values)} test values, but `test` has {n_test} points: "
+                                           "the file belongs to another run")
+    bad = next((t for t, v in enumerate(values) if type(v) not in (int, float) or not math.isfinite(v)), None)
+    if bad is not None:
+        raise _refuse(where, path, number, f"holds {values[bad]!r} for test point {bad}, where a finite number "
+                                           "was expected (the file was edited or written by another program)")
+    return record
+
+
+def _check_run(record: dict, settings: dict, base_seen: bool, where: str, path: str, number: int) -> None:
+    """The record belongs to this run, and the first record is the base run."""
+    key = record["id"]
+    if key == BASE_ID:
+        differ = [k for k in ("meta", "n_train", "dtype") if record.get(k) != settings[k]]
+        if differ:
+            theirs = ", ".join(f"{k}={record.get(k)!r}" for k in differ)
+            ours = ", ".join(f"{k}={settings[k]!r}" for k in differ)
+            raise _refuse(where, path, number, f"was written for another run: its base record has {theirs}, this call {ours}")
+    elif not base_seen:
+        raise _refuse(where, path, number, f"is the record of training point {key}, but a file's first record must be "
+                                           "its base run (id -1): the file holds records without their base record, "
+                                           "of another run or edited")
+    if record.get("run") != settings["run"]:
+        raise _refuse(where, path, number, f"belongs to another run (its run identity {record.get('run')!r}, this "
+                                           f"call's {settings['run']!r}, a hash of `meta`, the training-set size, "
+                                           "the number of test points and the dtype): records of two runs are mixed")
+
+
+def _read_done(path: str, settings: dict, where: str) -> tuple[dict[int, list[float]], int, int]:
+    """`(done, complete, size)`: the checked records by id, the bytes up to the last newline, the file size.
+
+    Reads only; bytes after the last newline are a torn write, which the caller cuts off
+    before appending.
+    """
     if not os.path.exists(path):
-        return {}
+        return {}, 0, 0
     with open(path, "rb") as f:
         raw = f.read()
-    complete = raw.rfind(b"\n") + 1            # bytes up to the last newline; the rest is a torn write
-    if complete < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(complete)
+    complete = raw.rfind(b"\n") + 1
     done: dict[int, list[float]] = {}
+    lines: dict[int, int] = {}
     for number, line in enumerate(raw[:complete].splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            key, values = int(record["id"]), record["values"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{where}: `out` file {path!r} line {number} is not a leave-one-out record "
-                             f"({type(err).__name__}: {err}); pass a new `out` path.") from None
-        if len(values) != n_test:
-            raise ValueError(f"{where}: `out` file {path!r} line {number} holds {len(values)} test values, but `test` has "
-                             f"{n_test} points: the file belongs to another run. Pass a new `out` path or delete the file.")
-        if key == BASE_ID and record.get("meta") != meta:
-            raise ValueError(f"{where}: `out` file {path!r} was written for another run: its base record has "
-                             f"meta={record.get('meta')!r}, this call meta={meta!r}. Pass a new `out` path or delete the file.")
-        done.setdefault(key, values)
-    return done
+        record = _parse(line, where, path, number, settings["n_test"])
+        _check_run(record, settings, BASE_ID in done, where, path, number)
+        key = record["id"]
+        if key in done:
+            raise _refuse(where, path, number, f"repeats training point {key} of line {lines[key]}"
+                          if key != BASE_ID else f"repeats the base record of line {lines[key]}")
+        done[key], lines[key] = record["values"], number
+    return done, complete, len(raw)
+
+
+def leave_one_out_records(out: str | os.PathLike, params, train, test, *, meta=None) -> dict[int, list[float]]:
+    """The finished records of a `ti.leave_one_out` file, checked as a resumed call checks them; reads only.
+
+    Args:
+      out, params, train, test, meta: as given to `ti.leave_one_out` (`params` only for its dtype).
+
+    Returns:
+      `{id: [measure per test point]}` (id -1: the base run); empty when `out` does not exist.
+
+    Raises:
+      ValueError: a record of another run, without its base record, repeated, non-finite,
+        or not a leave-one-out record; the message names the file and the line.
+    """
+    where = "ti.leave_one_out_records"
+    check_params(where, params)
+    return _read_done(os.fspath(out), _settings(where, meta, params, train, test), where)[0]
 
 
 def _without(key: int, n: int, device) -> torch.Tensor:
@@ -175,11 +252,28 @@ def _without(key: int, n: int, device) -> torch.Tensor:
     return keep
 
 
-def _append(f, key: int, values: torch.Tensor, meta) -> list[float]:
-    """Writes one record (the base record with `meta`) and forces it to disk; returns the values as written."""
+def _model(key: int) -> str:
+    """Names the retrained model `key` in messages."""
+    return "the base run (retrained on all of `train`)" if key == BASE_ID else f"the model retrained without training point {key}"
+
+
+def _check_finite(values: torch.Tensor, key: int, where: str) -> None:
+    """Raises ValueError naming the removal when a retrained model's measure is NaN or infinite."""
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{where}: {_model(key)} gives a non-finite `measure` on test points {bad[:10]} "
+                         f"({values[bad[0]].item()} on test point {bad[0]}); nothing was written for it. Check that "
+                         "`train_fn` converges on that data and that `measure` is finite there; the finished "
+                         "models stay in `out`, so a rerun resumes after the fix.")
+
+
+def _append(f, key: int, values: torch.Tensor, settings: dict) -> list[float]:
+    """Writes one record (the base record with the settings) and forces it to disk; returns the values as written."""
     record = values.cpu().tolist()
-    line = {"id": key, "values": record} | ({"meta": meta} if key == BASE_ID else {})
-    f.write((json.dumps(line) + "\n").encode())
+    line = {"id": key, "run": settings["run"], "values": record}
+    if key == BASE_ID:
+        line |= {k: settings[k] for k in ("meta", "n_train", "dtype")}
+    f.write((json.dumps(line, allow_nan=False) + "\n").encode())
     f.flush()
     os.fsync(f.fileno())
     return record
@@ -199,7 +293,10 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
     Resumable: with `out`, each retrained model's values are appended to that JSON-lines file
     (flushed and fsynced) as soon as it is measured; a rerun skips ids already in the file and
     cuts off a partially written last line, so a run killed at any moment loses at most the
-    model in progress and never duplicates one. The file format is in this module's docstring.
+    model in progress and never duplicates one. Every record carries the run's identity and
+    is checked on resume (see the module docstring for the format); a file that fails is
+    refused and left as it is. When every asked-for model is in the file, the file is only
+    read (it may lie on a read-only mount).
 
     Args:
       train_fn: `(params, data) -> params`, e.g. `ti.lbfgs_trainer(loss, l2=1e-2)`; it is
@@ -214,8 +311,9 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
       out: path of the JSON-lines file (created if missing, resumed if present); None keeps
         results in memory only.
       meta: JSON-serializable description of the run (which test points, which model),
-        written into the base record; resuming a file whose base record has another `meta`
-        is refused, so results of one setup are never mixed into another.
+        written into the base record and, hashed with the training-set size, the number of
+        test points and the dtype, into every record as the run's identity; resuming a file
+        of another identity is refused, so results of one setup are never mixed into another.
       chunk_size: test points measured at once.
       progress: show a tqdm progress bar over the retrainings.
 
@@ -223,9 +321,11 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
       `[n_test, len(indices)]`, dtype and device of `params`; column j belongs to `indices[j]`.
 
     Raises:
-      ValueError: `indices` not distinct integers in range; `measure` not per-example;
-        `out` written for a different number of test points or another `meta`, or not a
-        leave-one-out file.
+      ValueError: `indices` not distinct integers in range; `measure` not per-example or
+        non-finite on a retrained model (nothing is written for that model); `out` holding a
+        record of another run, records without their base record, a repeated or non-finite
+        record, or not a leave-one-out file (the message names the line; the file is left as is).
+      TypeError: `meta` not JSON-serializable.
       ConvergenceError: from `train_fn`.
 
     Cost: len(indices) + 1 calls of `train_fn` (fewer when resuming), each followed by one
@@ -236,23 +336,26 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
         if not callable(fn):
             raise TypeError(f"{where}: `{name}` must be a function; got {type(fn).__name__}.")
     check_params(where, params)
-    n_train = D.num_examples(train, name="train", where=where)
-    n_test = D.num_examples(test, name="test", where=where)
+    settings = _settings(where, meta, params, train, test)
+    n_train, n_test = settings["n_train"], settings["n_test"]
     ids = _check_indices(indices, n_train, where)
-    meta = json.loads(json.dumps(meta))          # as it reads back from the file (tuples become lists)
-    done = _read_done(os.fspath(out), n_test, meta, where) if out is not None else {}
+    path = os.fspath(out) if out is not None else None
+    done, complete, size = _read_done(path, settings, where) if path is not None else ({}, 0, 0)
     todo = [key for key in [BASE_ID, *ids] if key not in done]
     device = optree.tree_leaves(train, namespace="")[0].device
-    sink = open(out, "ab") if out is not None else None
+    sink = open(path, "ab") if path is not None and todo else None     # nothing to do: the file is not touched
     try:
-        bar = tqdm(total=len(ids) + 1, initial=len(ids) + 1 - len(todo), desc="leave-one-out", disable=not progress)
-        for key in todo:
-            retrained = train_fn(params, train if key == BASE_ID else D.take(train, _without(key, n_train, device)))
-            check_params(f"{where}: `train_fn` output", retrained)
-            values = measure_all(measure, retrained, test, chunk_size, where)
-            done[key] = _append(sink, key, values, meta) if sink is not None else values.cpu().tolist()
-            bar.update()
-        bar.close()
+        if sink is not None and complete < size:
+            sink.truncate(complete)                  # a torn last line: the model in progress when a run was killed
+        with tqdm(total=len(ids) + 1, initial=len(ids) + 1 - len(todo), desc="leave-one-out models",
+                  disable=not progress) as bar:            # the base run and one model per removal
+            for key in todo:
+                retrained = train_fn(params, train if key == BASE_ID else D.take(train, _without(key, n_train, device)))
+                check_params(f"{where}: {_model(key)} (`train_fn` output)", retrained)
+                values = measure_all(measure, retrained, test, chunk_size, where)
+                _check_finite(values, key, where)
+                done[key] = _append(sink, key, values, settings) if sink is not None else values.cpu().tolist()
+                bar.update()
     finally:
         if sink is not None:
             sink.close()

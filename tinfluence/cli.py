@@ -44,7 +44,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             f"Trains a logistic regression on {N_TRAIN} scikit-learn digits (L2 1e-2, float64), scores every "
             "training point for the chosen test points with each method, retrains without the top-k points "
             "by |score| (united over methods per test point; resumable through OUT/loo.jsonl) and compares "
-            "predicted with actual changes in test loss. Writes figure2.png, top_examples.png, scores.npz, "
+            "predicted with actual changes in test loss. Writes figure2.png, top_examples_<method>.png, scores.npz, "
             "loo.jsonl, table.json and run.json (the settings) into OUT. A rerun with the same settings resumes; "
             "a folder holding a run with other settings is refused and left as it is (name a new --out, or "
             "pass --fresh)."))

@@ -33,7 +33,7 @@ from .core import data as D
 from . import plot
 from .core import tree as tr
 from .distributed import shard
-from .io import _atomic_write
+from .io.scores import _atomic_write
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
@@ -53,7 +53,6 @@ L2 = 1e-2
 GD_STEPS = 20
 GD_LR = 2.0
 IMAGE_SHAPE = (8, 8)
-FILES = ("figure2.png", "top_examples.png", "scores.npz", "loo.jsonl", "table.json")
 RUN_FILE = "run.json"     # the settings of the run a folder holds, written before any work
 STAGING = ".writing-"     # prefix of the folder in which the outputs are written before they are moved into place
 
@@ -169,6 +168,7 @@ METHODS = {
     "tracin": Method(f"TracIn ({GD_STEPS} GD checkpoints)", True, _tracin),
     "empirical": Method("EmpiricalIF (ascent/descent, r=1e-3)", True, _empirical),
 }
+FILES = ("figure2.png", *(f"top_examples_{name}.png" for name in METHODS), "scores.npz", "loo.jsonl", "table.json")
 
 
 class DemoResult(NamedTuple):
@@ -272,8 +272,8 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
         echo: Callable = print, group=None) -> DemoResult | None:
     """Runs the demo and writes its files into `out` (which must exist and be writable).
 
-    Files: `figure2.png` (predicted vs actual change in test loss, one panel per method),
-    `top_examples.png` (most helpful and harmful training images for the first test point),
+    Files: `figure2.png` (predicted vs actual change in test loss, one panel per method and test point),
+    `top_examples_<method>.png` (most helpful and harmful training images of every test point, per method),
     `scores.npz` (scores per method, test and training ids, retrained ids, actual changes),
     `loo.jsonl` (one record per retrained model, id -1 the base run; resumed if present, refused
     if it belongs to another run). Each of the others is written in a staging folder inside
@@ -349,7 +349,7 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
     for name in sorted(os.listdir(staging)):
         os.replace(os.path.join(staging, name), os.path.join(out, name))
     os.rmdir(staging)
-    echo(f"wrote {', '.join(FILES)} to {out}  (total {time.perf_counter() - start:.1f} s)")
+    echo(f"wrote {', '.join(name for name in FILES if os.path.exists(os.path.join(out, name)))} to {out}  (total {time.perf_counter() - start:.1f} s)")
     return result
 
 
@@ -360,14 +360,17 @@ def _write(result: DemoResult, problem: Problem, sets: list, top_k: int, out: st
     actual = [result.actual[t, cols] for t, cols in enumerate(index)]
     predicted = {name: [s[t, ids] for t, ids in enumerate(sets)] for name, s in result.scores.items()}
     scale_free = [name for name in result.scores if METHODS[name].scale_free]
-    plot.loo_scatter(actual, predicted, labels=[f"test {i}" for i in result.test_ids],
-                     scale_free=scale_free, path=os.path.join(out, "figure2.png"))
-    shown = "direct" if "direct" in result.scores else next(iter(result.scores))
-    t0 = result.test_ids[0]
-    plot.top_examples(problem.images[0], result.scores[shown][0], problem.images[1][t0], k=6,
-                      labels=problem.train[1], test_label=int(problem.test[1][t0]),
-                      title=f"test point {t0}: most helpful and harmful training points ({shown})",
-                      path=os.path.join(out, "top_examples.png"))
+    n_train = D.num_examples(problem.train)
+    plot.loo_scatter(actual, predicted, labels=[f"test {i}" for i in result.test_ids], scale_free=scale_free,
+                     title=f"Digits logistic regression ({n_train} train, l2 {problem.l2:g}): predicted against actual "
+                           f"change in test loss, top {top_k} removals per test point",
+                     path=os.path.join(out, "figure2.png"))
+    ids = list(result.test_ids)
+    for name, scores in result.scores.items():
+        plot.top_examples(problem.images[0], scores, problem.images[1][ids], k=6, labels=problem.train[1],
+                          test_label=problem.test[1][ids].tolist(), names=[f"test {i}" for i in ids],
+                          title=f"{name} ({METHODS[name].label}): most helpful and harmful training digits",
+                          path=os.path.join(out, f"top_examples_{name}.png"))
     np.savez(os.path.join(out, "scores.npz"), test_ids=np.array(result.test_ids),
              train_ids=np.arange(D.num_examples(problem.train)), retrained_ids=np.array(result.retrained),
              actual=result.actual.numpy(), methods=np.array(list(result.scores)),

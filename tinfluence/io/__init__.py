@@ -2,6 +2,6 @@
 training checkpoints read back as `(params, lr)` pairs (`load_checkpoints`)."""
 
 from .checkpoints import load_checkpoints
-from .scores import ScoreWriter, influence_to_files, read_scores
+from .scores import ScoreWriter, influence_to_files, read_scores, run_identity
 
-__all__ = ["ScoreWriter", "influence_to_files", "read_scores", "load_checkpoints"]
+__all__ = ["ScoreWriter", "influence_to_files", "read_scores", "run_identity", "load_checkpoints"]

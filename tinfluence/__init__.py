@@ -57,3 +57,6 @@ from .knn import knn_candidates  # noqa: E402
 __all__ += ["knn_candidates"]
 from . import factored  # noqa: E402
 __all__ += ["factored"]
+from . import optim, trajectory  # noqa: E402
+from .trajectory import TrainingRun, group_influence, replay_effect, training_run, trajectory_influence  # noqa: E402
+__all__ += ["optim", "trajectory", "TrainingRun", "group_influence", "replay_effect", "training_run", "trajectory_influence"]

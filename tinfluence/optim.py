@@ -20,7 +20,7 @@ import torch
 
 from . import tree as tr
 
-__all__ = ["Optimizer", "SGDState", "AdamState", "sgd", "adam", "adamw", "check_optimizer"]
+__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "check_optimizer", "sgd"]
 
 
 class Optimizer(NamedTuple):

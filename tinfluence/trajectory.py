@@ -43,7 +43,7 @@ from .objective import per_example
 from .optim import check_optimizer
 from .transforms import per_example_grad_fn
 
-__all__ = ["TrainingRun", "training_run", "trajectory_influence", "group_influence", "replay_effect"]
+__all__ = ["TrainingRun", "group_influence", "replay_effect", "training_run", "trajectory_influence"]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30   # bytes of stored training states in trajectory_influence
 PROGRESS = "progress.pt"
@@ -78,7 +78,7 @@ class TrainingRun:
         """s_T, the optimizer state after the last step."""
         return self.final[1]
 
-    def replay(self, weights) -> "TrainingRun":
+    def replay(self, weights) -> TrainingRun:
         """The same run (same initial parameters, schedule and optimizer) with other data weights.
 
         Exact, not a prediction: `weights[S] = 0` removes the examples S while every other

@@ -358,3 +358,19 @@ def test_scores_agree_with_same_schedule_retraining_on_digits_logistic_regressio
     rho, r = ti.spearman(predicted, retrained), ti.pearson(predicted, retrained)
     assert bool((rho >= 0.95).all()), rho                    # the goal, on every test point
     assert int((r >= 0.99).sum()) >= 4 and bool((r >= 0.95).all()), r     # Pearson >= 0.99 on most
+
+
+def test_params_at_are_the_states_of_shorter_runs():
+    _, loss, params0, train, _ = tiny_problem()
+    make = lambda epochs: ti.training_run(loss, params0, train, ti.optim.sgd(0.2, momentum=0.9), epochs=epochs,  # noqa: E731
+                                          batch_size=5, generator=torch.Generator().manual_seed(0))
+    run = make(3)
+    at = run.params_at([0, 5, 10, 15])                       # 5 steps per epoch
+    assert _same(at[0], params0) and _same(at[3], run.final_params())
+    assert _same(at[1], make(1).final_params()) and _same(at[2], make(2).final_params())
+    with pytest.raises(ValueError, match=r"ti.TrainingRun.params_at: `steps` must be .* ints in \[0, 15\]"):
+        run.params_at([16])
+
+
+def _same(x, y):
+    return all(torch.equal(x[k], y[k]) for k in x)

@@ -78,6 +78,24 @@ class TrainingRun:
         """s_T, the optimizer state after the last step."""
         return self.final[1]
 
+    def params_at(self, steps) -> list:
+        """θ_t for each t in `steps` (ints in [0, T], θ_0 = `params0`), by one replay of the run.
+
+        E.g. `[(θ, lr) for θ in run.params_at(range(0, run.steps, steps_per_epoch))]` are the
+        checkpoints of `ti.tracin`. Cost: one training run up to max(steps).
+        """
+        wanted = [int(t) for t in steps]
+        if not wanted or min(wanted) < 0 or max(wanted) > self.steps:
+            raise ValueError(f"ti.TrainingRun.params_at: `steps` must be a non-empty sequence of ints in [0, {self.steps}]; "
+                             f"got {wanted}.")
+        parts, kept = (self.loss, self.train, self.optimizer, self.batches), {}
+        theta, state = self.params0, self.optimizer.init(self.params0)
+        for t in range(max(wanted) + 1):
+            kept[t] = theta
+            if t < max(wanted):
+                theta, state = _advance(parts, theta, state, t, self.weights)
+        return [kept[t] for t in wanted]
+
     def replay(self, weights) -> TrainingRun:
         """The same run (same initial parameters, schedule and optimizer) with other data weights.
 

@@ -224,7 +224,7 @@ def test_test_chunks_agree_with_one_sweep():
     run = ti.training_run(loss, params0, train, ti.optim.sgd(0.2, momentum=0.9), epochs=2, batch_size=5,
                           generator=torch.Generator().manual_seed(0))
     whole = ti.trajectory_influence(run, test)
-    torch.testing.assert_close(ti.trajectory_influence(run, test, chunk_size=2), whole, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ti.trajectory_influence(run, test, chunk_size=2, progress=True), whole, rtol=1e-12, atol=1e-15)
 
 
 def test_group_influence_is_the_directional_derivative_along_the_group():
@@ -374,3 +374,21 @@ def test_params_at_are_the_states_of_shorter_runs():
 
 def _same(x, y):
     return all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_adam_with_a_constant_input_feature_has_finite_exact_scores():
+    """A feature that is 0 for every example gives exactly zero gradient coordinates, so Adam's second moment
+    stays 0 there; the derivative through √ν must not turn into 0·∞ = nan."""
+    _, loss, params0, (x, y), test = tiny_problem()
+    x = x.clone()
+    x[:, 1] = 0.0
+    run = ti.training_run(loss, params0, (x, y), ti.optim.adam(0.05), epochs=2, batch_size=5,
+                          generator=torch.Generator().manual_seed(0))
+    assert bool((run.final_state().nu["0.weight"][:, 1] == 0).all())
+    scores = ti.trajectory_influence(run, test)
+    assert bool(torch.isfinite(scores).all())
+    v = torch.randn(23, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    h = 1e-4
+    fd = (loss(run.replay(run.weights + h * v).final_params(), test)
+          - loss(run.replay(run.weights - h * v).final_params(), test)) / (2 * h)
+    torch.testing.assert_close(-(scores @ v), fd, rtol=1e-7, atol=1e-7 * float(fd.abs().max()))

@@ -410,39 +410,50 @@ def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = N
     starts = list(range(0, n_test, size))
     done = [] if saved is None else list(saved["done"])
     resume = None if saved is None or saved["position"] is None else saved
+    if len(done) == len(starts):
+        return torch.cat(done, dim=0)
     states = _States(run, length, keep_all)
-    segments = [(a, min(a + length, run.steps)) for a in range(0, run.steps, length)][::-1]
-    bar = tqdm(total=run.steps * len(starts), initial=run.steps * len(done) + (0 if resume is None else run.steps - resume["position"]),
-               desc=where, disable=not progress)
+    remaining = run.steps * (len(starts) - len(done)) - (0 if resume is None else run.steps - resume["position"])
+    bar = tqdm(total=remaining, desc=where, disable=not progress)
     measure_grads = per_example_grad_fn(measure, where=where)
-    final_floats = _split_state(run.final_state())[0]
     for c in range(len(done), len(starts)):
-        test_chunk = D.take(test, slice(starts[c], starts[c] + size))
-        if resume is not None:
-            lam, mu, total, position = resume["lam"], resume["mu"], resume["total"], resume["position"]
-            resume = None
+        if resume is None:
+            sweep = _start(measure_grads(theta_T, D.take(test, slice(starts[c], starts[c] + size))), run)
         else:
-            lam = measure_grads(theta_T, test_chunk)
-            k = tr.leading_size(lam)
-            mu = [torch.zeros((k, *leaf.shape), dtype=leaf.dtype, device=leaf.device) for leaf in final_floats]
-            total = torch.zeros(k, run.weights.shape[0], dtype=run.weights.dtype, device=run.weights.device)
-            position = run.steps
-        for a, b in segments:
-            if a >= position:
-                continue
-            for t, (theta, state) in zip(range(b - 1, a - 1, -1), states.segment(a, b)[::-1]):
-                lam, mu, dw = _pullback(states.parts, theta, state, t, run.weights, lam, mu)
-                total = total.index_add(1, run.batches[t], dw)
-                bar.update(1)
-            position = a
-            if folder is not None and a > 0:
-                _save(folder, {"fingerprint": fingerprint, "done": done, "position": a, "lam": lam, "mu": mu,
-                               "total": total})
-        done.append(-total)
-        if folder is not None:
-            _save(folder, {"fingerprint": fingerprint, "done": done, "position": None})
+            sweep, resume = {key: resume[key] for key in ("lam", "mu", "total", "position")}, None
+
+        def save(sweep):
+            if folder is not None:
+                _save(folder, {"fingerprint": fingerprint, "done": done, **sweep})
+
+        done.append(-_sweep(states, sweep, save, bar))
+        save({"position": None})
     bar.close()
     return torch.cat(done, dim=0)
+
+
+def _start(lam, run: TrainingRun) -> dict:
+    """A sweep's starting point: λ = the test gradients at θ_T `[k, ...]`, μ = 0, no scores yet, position T."""
+    k = tr.leading_size(lam)
+    mu = [torch.zeros((k, *leaf.shape), dtype=leaf.dtype, device=leaf.device) for leaf in _split_state(run.final_state())[0]]
+    total = torch.zeros(k, run.weights.shape[0], dtype=run.weights.dtype, device=run.weights.device)
+    return {"lam": lam, "mu": mu, "total": total, "position": run.steps}
+
+
+def _sweep(states: _States, sweep: dict, save: Callable, bar) -> torch.Tensor:
+    """Reverse steps `position − 1` down to 0, segment by segment (`save(sweep)` after each but the last);
+    returns the accumulated ∂m/∂w `[k, n_train]`."""
+    run = states.run
+    lam, mu, total = sweep["lam"], sweep["mu"], sweep["total"]
+    for a in reversed(range(0, sweep["position"], states.length)):
+        b = min(a + states.length, run.steps)
+        for t, (theta, state) in zip(range(b - 1, a - 1, -1), states.segment(a, b)[::-1]):
+            lam, mu, dw = _pullback(states.parts, theta, state, t, run.weights, lam, mu)
+            total = total.index_add(1, run.batches[t], dw)
+            bar.update(1)
+        if a > 0:
+            save({"lam": lam, "mu": mu, "total": total, "position": a})
+    return total
 
 
 # ---------------------------------------------------------------- groups

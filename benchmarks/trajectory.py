@@ -86,7 +86,7 @@ def correlations(scores: torch.Tensor, actual: torch.Tensor) -> tuple[list, list
 
 
 def agreement(setting, train, test, generator_seed: int = 0) -> dict:
-    label, kind, opt, lr, momentum, epochs = setting
+    _, kind, opt, lr, momentum, epochs = setting
     loss, params0 = model(kind)
     run = ti.training_run(loss, params0, train, optimizer(opt, lr, momentum), epochs=epochs,
                           batch_size=BATCH, generator=torch.Generator().manual_seed(generator_seed))
@@ -196,7 +196,7 @@ def report(results: list, costs: list, seconds: float) -> str:
               "100 measures, checkpointed | states kept MB | checkpointed MB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in costs:
-        r = lambda key: f"{c[key]:.2f} s ({c[key] / c['train_s']:.1f}×)"  # noqa: E731
+        r = lambda key, c=c: f"{c[key]:.2f} s ({c[key] / c['train_s']:.1f}×)"  # noqa: E731
         lines.append(f"| {c['kind']} | {c['P']} | {c['train_s']:.2f} | {r('one')} | {r('hundred')} | {r('one_ckpt')} | "
                      f"{r('hundred_ckpt')} | {c['stored_MB']:.2f} | {c['ckpt_MB']:.2f} |")
     return "\n".join(lines) + "\n"

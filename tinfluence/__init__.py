@@ -15,7 +15,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, io, plot
-from .core import data, factored, tree
+from .core import data, factored, optim, tree
 from .core.data import chunks, from_loader, num_examples, take
 from .core.errors import ConvergenceError, DivergenceError
 from .core.model import Checkpoint, functionalize
@@ -29,6 +29,7 @@ from .methods.knn import knn_candidates
 from .methods.newton import newton_loo, newton_step_without
 from .methods.similarity import grad_cos, grad_dot
 from .methods.tracin import tracin, tracin_self_influence
+from .methods.trajectory import TrainingRun, group_influence, replay_effect, training_run, trajectory_influence
 from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve, minimize, nystrom
 from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, newton_trainer, pearson, sign_agreement,
                        spearman, topk_overlap)
@@ -39,13 +40,13 @@ except PackageNotFoundError:   # run from a source tree that was never installed
     __version__ = "0+unknown"
 
 # The import paths of the modules that moved into `core` keep working (`tinfluence.tree`, ...).
-for _name in ("data", "errors", "factored", "model", "objective", "scoring", "transforms", "tree"):
+for _name in ("data", "errors", "factored", "model", "objective", "optim", "scoring", "transforms", "tree"):
     sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{__name__}.core.{_name}")
 del _name
 
 __all__ = [
     # namespaces
-    "data", "tree", "factored", "distributed", "io", "plot",
+    "data", "tree", "factored", "optim", "distributed", "io", "plot",
     # core: model, data, objective, kernels
     "functionalize", "chunks", "from_loader", "num_examples", "take", "Objective", "objective",
     "per_example_grad_fn", "per_example_grads", "hvp", "ggn_vp", "hessian", "to_dense", "ravel", "unravel", "vdot",
@@ -55,6 +56,7 @@ __all__ = [
     # estimators
     "influence", "self_influence", "tracin", "tracin_self_influence", "empirical_if", "reverse_check", "ReverseCheck",
     "grad_dot", "grad_cos", "newton_loo", "newton_step_without", "knn_candidates",
+    "training_run", "TrainingRun", "trajectory_influence", "group_influence", "replay_effect",
     # validation and result files
     "leave_one_out", "lbfgs_trainer", "newton_trainer", "pearson", "spearman", "topk_overlap", "sign_agreement",
     "lds", "LDSResult", "influence_to_files", "load_checkpoints", "Checkpoint",

@@ -50,16 +50,23 @@ def test_direct_vmaps():
     torch.testing.assert_close(torch.func.vmap(ti.direct(A))(V), torch.linalg.solve(A, V.T).T, rtol=1e-10, atol=0)
 
 
-def test_direct_indefinite_warns_and_solves_by_eigh():
+def test_direct_indefinite_is_a_reported_status():
     A = torch.diag(torch.tensor([2.0, -1.0, 4.0]))
     v = torch.tensor([1.0, 1.0, 1.0])
-    with pytest.warns(UserWarning, match=r"ti.direct: H \+ λI is not positive definite \(smallest eigenvalue -1.000e\+00.*Raise `damping` above 1.000e\+00"):
-        ihvp = ti.direct(A)
-    torch.testing.assert_close(ihvp(v), torch.tensor([0.5, -1.0, 0.25]), rtol=1e-12, atol=0)
+    match = r"ti.direct: H \+ λI is not positive definite \(smallest eigenvalue -1.000e\+00.*Raise `damping` above 1.000e\+00"
+    with pytest.raises(ti.ConvergenceError, match=match) as err:
+        ti.direct(A)(v)
+    assert err.value.info.status.item() == ti.Status.BREAKDOWN
+    with pytest.warns(UserWarning, match=match):
+        x = ti.direct(A, on_failure="warn")(v)
+    torch.testing.assert_close(x, torch.tensor([0.5, -1.0, 0.25]), rtol=1e-12, atol=0)
+    x, info = ti.direct(A).solve(v)                                          # never raises
+    assert info.status.item() == ti.Status.BREAKDOWN and not bool(info.converged)
+    assert float(info.curvature) == -1.0
 
 
 @pytest.mark.parametrize("H, kwargs, error, match", [
-    ([[1.0]], {}, TypeError, r"ti.direct: `H` must be a \[P, P\] tensor"),
+    ([[1.0]], {}, TypeError, r"ti.direct: `H` must be a \[P, P\] tensor .* or a ti.LinearOperator"),
     (torch.ones(2, 3), {}, ValueError, r"ti.direct: `H` must be a square \[P, P\] matrix; got shape \(2, 3\)"),
     (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), {}, ValueError, r"ti.direct: `H` must be symmetric"),
     (torch.eye(2), {"damping": -1.0}, ValueError, r"ti.direct: `damping` must be >= 0; got -1.0"),
@@ -82,7 +89,7 @@ def test_cg_matches_direct_on_digits(digits_lr, digits_H, G_test):
     x, info = ti.cg_solve(Hv, G_test, damping=1e-3, tol=1e-10, maxiter=300)
     expected = ti.ravel(ti.direct(digits_H, damping=1e-3)(G_test), batch_ndim=1)
     got = ti.ravel(x, batch_ndim=1)
-    assert bool(info.converged.all()) and info.iterations.shape == (10,) and bool((info.residual <= 1e-10).all())
+    assert bool(info.converged.all()) and info.iterations.shape == (10,) and bool((info.relative_residual <= 1e-10).all())
     assert float((got - expected).norm(dim=1).div(expected.norm(dim=1)).max()) < 1e-6
 
 
@@ -105,7 +112,8 @@ def test_cg_100_rhs_one_operator_call_per_iteration():
         return (u.unsqueeze(-2) * A).sum(-1)       # the same rounding for one row or a stack
 
     x, info = ti.cg_solve(operator, V, tol=1e-10, maxiter=200, check_every=1)
-    assert len(calls) == int(info.iterations.max()) and all(shape == (100, 30) for shape in calls)
+    # one call per iteration, and one more for the true residual
+    assert len(calls) == int(info.iterations.max()) + 1 and all(shape == (100, 30) for shape in calls)
     separate = torch.stack([ti.cg_solve(operator, v, tol=1e-10, maxiter=200, check_every=1)[0] for v in V])
     torch.testing.assert_close(x, separate, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x, torch.linalg.solve(A, V.T).T, rtol=1e-8, atol=1e-10)
@@ -120,10 +128,10 @@ def test_cg_default_check_every_stops_at_once_on_cpu():
         return u @ A
 
     _, info = ti.cg_solve(operator, torch.ones(2, 4), tol=1e-12, maxiter=50)
-    assert len(calls) == int(info.iterations.max()) == 4
+    assert len(calls) - 1 == int(info.iterations.max()) == 4                # + 1: the true residual
     calls.clear()
     ti.cg_solve(operator, torch.ones(2, 4), tol=1e-12, maxiter=50, check_every=10)
-    assert len(calls) == 10
+    assert len(calls) - 1 == 10
 
 
 def test_cg_per_rhs_stopping_and_zero_rhs():
@@ -162,9 +170,11 @@ def test_cg_negative_curvature_raises(digits_lr, generator):
     evals, Q = torch.linalg.eigh(ti.hessian(R, params))
     assert evals[0] < 0
     v = ti.unravel(Q[:, 0], params)                                   # most negative direction
-    with pytest.raises(ti.ConvergenceError, match=r"ti.cg: negative curvature pᵀ\(H \+ λI\)p = -.* at iteration 0 \(right-hand side 0\).*Raise `damping`.*ti.ggn_vp") as err:
+    with pytest.raises(ti.ConvergenceError, match=r"ti.cg: negative curvature pᵀ\(H \+ λI\)p/‖p‖² = -.* at iteration 0 \(right-hand side 0\).*Raise `damping`.*ti.eigenvalues.*ti.ggn_vp") as err:
         ti.cg(ti.hvp(R, params))(v)
     assert not bool(err.value.info.converged)
+    # v is the unit eigenvector of the most negative eigenvalue: the Rayleigh quotient is that eigenvalue
+    torch.testing.assert_close(err.value.info.curvature, evals[0], rtol=1e-8, atol=0)
     with pytest.warns(UserWarning, match="ti.cg: negative curvature"):
         ti.cg(ti.hvp(R, params), on_failure="warn")(v)
 
@@ -174,7 +184,9 @@ def test_cg_nonconvergence_raises_with_info():
     V = torch.randn(20, 40, generator=torch.Generator().manual_seed(4))
     with pytest.raises(ti.ConvergenceError, match=r"ti.cg: 20 of 20 right-hand sides did not converge in maxiter=3 iterations \(worst relative residual .* > tol=1e-08\). Raise `maxiter` or `damping`") as err:
         ti.cg(lambda u: u @ A, tol=1e-8, maxiter=3)(V)
-    assert err.value.info.iterations.tolist() == [3] * 20 and err.value.info.residual.shape == (20,)
+    info = err.value.info
+    assert info.iterations.tolist() == [3] * 20 and info.relative_residual.shape == (20,)
+    assert info.status.tolist() == [ti.Status.MAX_ITERATIONS] * 20
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -190,10 +202,10 @@ def test_cg_bad_options(kwargs, match):
 
 
 def test_cg_pytree_needs_parameters():
-    with pytest.raises(TypeError, match=r"ti.cg: cannot tell whether `v` is one vector or a stack.*like=params"):
+    with pytest.raises(TypeError, match=r"ti.cg: a plain operator acts on tensors.*ti.LinearOperator\(fn, like=params\)"):
         ti.cg(lambda u: u)({"a": torch.ones(3)})
     with pytest.raises(ValueError, match=r"ti.cg: `v` leaves must have the parameter shapes"):
-        ti.cg(lambda u: u, like={"a": torch.ones(3)})({"a": torch.ones(4)})
+        ti.cg(ti.LinearOperator(lambda u: u, like={"a": torch.ones(3)}))({"a": torch.ones(4)})
 
 
 def test_cg_fixed_iterations_vmap_and_compile_equal_eager(generator):
@@ -278,7 +290,8 @@ def test_nystrom_equals_formula_with_exact_eigenvectors_for_low_rank_operator():
     Q = torch.linalg.qr(torch.randn(30, 5, generator=g)).Q
     C = Q @ torch.diag(torch.tensor([50.0, 20.0, 8.0, 3.0, 1.0])) @ Q.T       # rank 5: the sketch is exact
     damping, V = 0.1, torch.randn(4, 30, generator=g)
-    precondition = ti.nystrom(lambda u: u @ C, rank=5, generator=g, damping=damping, like=torch.zeros(30))
+    precondition = ti.nystrom(ti.LinearOperator(lambda u: u @ C, like=torch.zeros(30)), rank=5, generator=g,
+                              damping=damping)
     lam, U = torch.linalg.eigh(C)
     lam, U = lam[-5:], U[:, -5:]
     expected = (lam[0] + damping) * U @ torch.diag(1 / (lam + damping)) @ U.T + torch.eye(30) - U @ U.T
@@ -309,20 +322,23 @@ def test_nystrom_cuts_cg_iterations_and_keeps_the_solution(digits_lr, G_test):
     ({"rank": 31}, ValueError, r"ti.nystrom: `rank` must be an int in \[1, P=30\]; got 31"),
     ({"rank": 3, "damping": -1.0}, ValueError, r"ti.nystrom: `damping` must be >= 0; got -1.0"),
     ({"rank": 3, "generator": 0}, TypeError, r"ti.nystrom: `generator` must be a torch.Generator; got int"),
-    ({"rank": 3, "like": None}, TypeError, r"ti.nystrom: cannot tell the shapes of the vectors: pass `like=params`"),
+    ({"rank": 3, "operator": lambda u: u}, TypeError,
+     r"ti.nystrom: cannot tell the shapes of the vectors: wrap the function as ti.LinearOperator\(fn, like=params\)"),
 ])
 def test_nystrom_bad_options(kwargs, error, match):
-    options = {"generator": torch.Generator().manual_seed(0), "like": torch.zeros(30), **kwargs}
+    options = {"operator": ti.LinearOperator(lambda u: u, like=torch.zeros(30)),
+               "generator": torch.Generator().manual_seed(0), **kwargs}
     with pytest.raises(error, match=match):
-        ti.nystrom(lambda u: u, **options)
+        ti.nystrom(**options)
 
 
 def test_nystrom_singular_operator_needs_damping():
     C = torch.diag(torch.tensor([2.0, 1.0] + [0.0] * 28))                    # rank 2
     with pytest.raises(ValueError, match=r"ti.nystrom: sketched eigenvalue 3 plus damping is .*pass damping > 0"):
-        ti.nystrom(lambda u: u @ C, rank=3, generator=torch.Generator().manual_seed(0), like=torch.zeros(30))
-    precondition = ti.nystrom(lambda u: u @ C, rank=3, generator=torch.Generator().manual_seed(0), damping=0.5,
-                              like=torch.zeros(30))
+        ti.nystrom(ti.LinearOperator(lambda u: u @ C, like=torch.zeros(30)), rank=3,
+                   generator=torch.Generator().manual_seed(0))
+    precondition = ti.nystrom(ti.LinearOperator(lambda u: u @ C, like=torch.zeros(30)), rank=3,
+                              generator=torch.Generator().manual_seed(0), damping=0.5)
     assert bool(torch.isfinite(precondition(torch.ones(2, 30))).all())
 
 

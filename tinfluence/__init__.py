@@ -36,11 +36,13 @@ from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, pearson, si
 __all__ += ["LDSResult", "lbfgs_trainer", "lds", "leave_one_out", "pearson", "sign_agreement", "spearman",
             "topk_overlap"]
 
-from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve, nystrom  # noqa: E402
+from .operator import LinearOperator  # noqa: E402
+from .solvers import (Eigenvalues, InverseOperator, Solution, SolveInfo, Status, cg, cg_solve, direct,  # noqa: E402
+                      eigenvalues, lissa, lissa_solve, nystrom)
 from .methods.influence import influence, self_influence  # noqa: E402
 
-__all__ += ["direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "SolveInfo", "CGState", "LissaState",
-            "influence", "self_influence"]
+__all__ += ["LinearOperator", "direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "eigenvalues",
+            "Eigenvalues", "InverseOperator", "Solution", "SolveInfo", "Status", "influence", "self_influence"]
 
 from .methods.newton import newton_loo, newton_step_without  # noqa: E402
 __all__ += ["newton_loo", "newton_step_without"]

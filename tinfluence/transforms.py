@@ -266,8 +266,9 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
       compile: compile the recomputing form with torch.compile (inductor).
 
     Returns:
-      `Hv(v)`: `v` shaped like `params` -> H v likewise; `v` with leaves `[k, *shape]`
-      -> leaves `[k, *shape]` (k products in one vmapped call). Pure: the same `v` gives
+      `Hv`, a `ti.LinearOperator` (kind "hessian"): `v` shaped like `params` -> H v
+      likewise; `v` with leaves `[k, *shape]` -> leaves `[k, *shape]` (k products in one
+      vmapped call). Pure: the same `v` gives
       the same result, and `params` are never modified.
 
     Raises:
@@ -347,7 +348,8 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
         the global number of examples and each product is all-reduced once (l2·v added once).
 
     Returns:
-      `GNv(v)` on pytrees shaped like `params`, or on stacks with leading axis k. Pure.
+      `GNv`, a `ti.LinearOperator` (kind "ggn") on pytrees shaped like `params`, or on
+      stacks with leading axis k. Pure.
 
     Raises:
       TypeError: `compile` is not a bool.

@@ -134,10 +134,9 @@ class LinearOperator:
             return NotImplemented
         psd = True if (self.psd and other.psd) else None
         kind = self.kind if self.kind == other.kind else "custom"
-        out = LinearOperator(lambda v: tr.add(self.fn(v), other.fn(v)), self.like,
-                             many=lambda V: tr.add(self.many(V), other.many(V)),
-                             symmetric=self.symmetric and other.symmetric, psd=psd, kind=kind)
-        return out
+        return LinearOperator(lambda v: tr.add(self.fn(v), other.fn(v)), self.like,
+                              many=lambda V: tr.add(self.many(V), other.many(V)),
+                              symmetric=self.symmetric and other.symmetric, psd=psd, kind=kind)
 
     def __mul__(self, c: float) -> LinearOperator:
         """c · A for a Python number c."""
@@ -159,7 +158,7 @@ class LinearOperator:
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, like=None, *, psd: bool | None = None) -> LinearOperator:
-        """The operator `v ↦ M v` of a dense `[P, P]` matrix over `ti.tree.ravel(like)` (kind "dense").
+        """The operator `v ↦ M v` of a dense symmetric `[P, P]` matrix over `ti.tree.ravel(like)` (kind "dense").
 
         `like` (the parameters) gives it a pytree structure; without it, it acts on tensors
         `[P]` and `[k, P]`. The matrix is kept as `.matrix` (`ti.direct` factorizes it).
@@ -175,8 +174,8 @@ class LinearOperator:
         def many(V):
             return tr.unravel(tr.ravel(V, batch_ndim=1) @ matrix.T, like)
 
-        op = cls(lambda v: tr.unravel(matrix @ tr.ravel(v), like), like, many=many,
-                 symmetric=bool(torch.equal(matrix, matrix.T)), psd=psd, kind="dense")
+        op = cls(lambda v: tr.unravel(matrix @ tr.ravel(v), like), like, many=many, symmetric=True, psd=psd,
+                 kind="dense")
         op.matrix = matrix
         return op
 

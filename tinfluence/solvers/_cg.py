@@ -117,7 +117,7 @@ def _run(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, whe
     """The CG driver: returns (X, state, V, apply, stacked) on stacks."""
     stacked = op.is_stack(v, where=where)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
-    base = op.on_stacks(True)
+    base = op.on_stacks(stacked)
     apply = (lambda P: tr.add_scaled(base(P), damping, P)) if damping else base
     norms_sq = _dots(V, V)                                               # [k]
     k = norms_sq.shape[0]

@@ -7,7 +7,6 @@ from typing import Callable
 import optree
 import torch
 
-from .. import tree as tr
 from ..errors import check_positive
 from ..operator import LinearOperator
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure, report

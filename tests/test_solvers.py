@@ -575,3 +575,21 @@ def test_cg_default_tol_under_a_transform_says_to_pass_tol_none(transform):
     run = torch.func.vmap(ihvp) if transform == "vmap" else torch.compile(ihvp, fullgraph=True)
     with pytest.raises(Exception, match=r"ti.cg: under torch.func.vmap or torch.compile, `tol` must be None.*tol=None"):
         run(V)
+
+
+def test_cg_says_when_tol_is_below_the_attainable_accuracy():
+    """cond 1e8 in float64: the true residual stalls near eps·cond ≈ 1e-8 while the recursive one reaches 1e-13."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g))
+    A = Q @ torch.diag(torch.logspace(0, 8, 40)) @ Q.T
+    V = torch.randn(2, 40, generator=g)
+    with pytest.raises(ti.ConvergenceError, match=r"ti.cg: 2 of 2 right-hand sides cannot reach tol=1e-13 in float64: "
+                                                  r"the recursive residual met it, but the true relative residual "
+                                                  r"stalled at .*Raise `tol`, or `damping`") as err:
+        ti.cg(lambda u: u @ A, tol=1e-13, maxiter=3000)(V)
+    info = err.value.info
+    assert "float64" not in str(err.value).split("damping")[-1] and int(info.iterations.max()) < 3000
+    with pytest.warns(UserWarning, match="cannot reach"):
+        x = ti.cg(lambda u: u @ A, tol=1e-13, maxiter=3000, on_failure="warn")(V)
+    torch.testing.assert_close(info.relative_residual, (x @ A - V).norm(dim=1) / V.norm(dim=1), rtol=1e-10, atol=0)
+    assert bool((info.relative_residual > 1e-13).all())

@@ -136,7 +136,7 @@ def _run(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, whe
         state = _cg_step(apply, preconditioner, state, stop)
         if tol is not None and (it + 1) % check_every == 0 and not bool(state.active.any()):
             break
-    return state, V, apply, stacked
+    return state, V, apply, stacked, stop
 
 
 def true_residual(apply: Callable, X, V) -> torch.Tensor:
@@ -152,15 +152,18 @@ def judged_tol(tol, atol, dtype) -> float:
 
 
 def _solve(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, where) -> Solution:
-    state, V, apply, stacked = _run(op, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter,
-                                    check_every=check_every, preconditioner=preconditioner, where=where)
+    state, V, apply, stacked, stop = _run(op, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter,
+                                          check_every=check_every, preconditioner=preconditioner, where=where)
     residual = true_residual(apply, state.x, V)
     judged = judged_tol(tol, atol, residual.dtype)
     v_norm = torch.sqrt(_dots(V, V))
     met = (residual <= judged) | (residual * v_norm <= atol)
     status = torch.where(state.broke, Status.BREAKDOWN, torch.where(met, Status.CONVERGED, Status.MAX_ITERATIONS))
+    # the recursive residual met tol but the true one did not: tol is below the attainable accuracy
+    stalled = ~met & ~state.broke & (state.rs <= stop) if tol is not None else torch.zeros_like(met)
     info = SolveInfo(status.to(torch.long), state.iterations, residual, state.curvature, solver=where, tol=judged,
-                     context={"maxiter": maxiter, "damping": damping, "kind": op.kind, "dtype": residual.dtype})
+                     context={"maxiter": maxiter, "damping": damping, "kind": op.kind, "dtype": residual.dtype,
+                              "stalled": stalled})
     if stacked:
         return Solution(state.x, info)
     return Solution(tr.map(lambda leaf: leaf[0], state.x), info.single())
@@ -254,7 +257,7 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
         return _solve(op, v, **options)
 
     def apply(v):
-        state, _, _, stacked = _run(op, v, **options)
+        state, _, _, stacked, _ = _run(op, v, **options)
         return state.x if stacked else tr.map(lambda leaf: leaf[0], state.x)
 
     return InverseOperator(solve, on_failure=on_failure, apply=apply if tol is None else None, where=where)

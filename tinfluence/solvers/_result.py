@@ -23,7 +23,7 @@ class Status(enum.IntEnum):
     """Per-right-hand-side outcome of a solve (the integer codes of `SolveInfo.status`)."""
 
     CONVERGED = 0        # the true relative residual meets the tolerance
-    MAX_ITERATIONS = 1   # the budget (maxiter, depth) ran out first
+    MAX_ITERATIONS = 1   # not converged: the budget (maxiter, depth) ran out, or CG stalled above an unattainable tol
     BREAKDOWN = 2        # negative or zero curvature: H + λI is not positive definite
     DIVERGED = 3         # the iteration blew up (non-finite, or no better than x = 0)
 
@@ -151,17 +151,35 @@ def _ggn_advice(info: SolveInfo) -> str:
     return ", or use ti.ggn_vp, which is positive semi-definite"
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _reach_advice(info: SolveInfo) -> str:
-    """Says when `tol` is below what the dtype can reach: the attainable relative residual is
-    about eps·cond(H + λI), and never below ~100·eps; float32 rarely gets under 1e-6."""
+    """Says when `tol` is below what the dtype can reach for any operator: the attainable relative
+    residual is about eps·cond(H + λI), never below ~100·eps, and float32 rarely gets under 1e-6."""
     dtype = info.context.get("dtype")
     if dtype is None or info.tol is None:
         return ""
     eps = torch.finfo(dtype).eps
     if info.tol < 100 * eps or (dtype == torch.float32 and info.tol < 1e-6):
-        return (f" tol={info.tol:g} is below what {str(dtype).removeprefix('torch.')} can reach (the attainable "
+        return (f" tol={info.tol:g} is below what {_dtype_name(dtype)} can reach (the attainable "
                 f"relative residual is about eps·cond(H + λI) with eps={eps:.1e}): raise `tol`, or solve in float64.")
     return ""
+
+
+def _stalled(info: SolveInfo) -> str:
+    """CG's recursive residual met `tol` but the true residual stalled above it: the attainable accuracy."""
+    stalled = info.context["stalled"].reshape(-1)
+    dtype = info.context["dtype"]
+    eps = torch.finfo(dtype).eps
+    worst = float(info.relative_residual.reshape(-1)[stalled].max())
+    wider = ", or solve in float64" if dtype != torch.float64 else ""
+    return (f"{info.solver}: {int(stalled.sum())} of {stalled.numel()} right-hand sides cannot reach tol={info.tol:g} "
+            f"in {_dtype_name(dtype)}: the recursive residual met it, but the true relative residual stalled at "
+            f"{worst:.1e}, the attainable accuracy for this condition number (about eps·cond(H + λI), eps={eps:.1e}). "
+            f"Raise `tol`, or `damping` (which lowers the condition number){wider}. Per-right-hand-side "
+            "diagnostics: err.info.")
 
 
 def _converged(info: SolveInfo) -> str:
@@ -172,6 +190,9 @@ def _converged(info: SolveInfo) -> str:
 
 def _max_iterations(info: SolveInfo) -> str:
     failed, k, _ = _counts(info, Status.MAX_ITERATIONS)
+    stalled = info.context.get("stalled")
+    if stalled is not None and bool(stalled.any()):
+        return _stalled(info)
     if info.solver == "ti.lissa":
         return (f"ti.lissa: {failed} of {k} right-hand sides did not meet tol={info.tol:g} (relative change of the "
                 f"recursion) within depth={info.context.get('depth')}; true relative residual up to "

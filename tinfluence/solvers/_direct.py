@@ -165,6 +165,6 @@ def _check_dict_only(v) -> None:
     ordered = [a for a in accessors if any(not isinstance(e, optree.MappingEntry) for e in a)]
     if ordered:
         raise ValueError(
-            f"ti.direct: `v` holds lists or tuples (leaf {ordered[0]}), whose order cannot be checked against a bare "
+            f"ti.direct: `v` holds lists or tuples (leaf {ordered[0].codify('v')}), whose order cannot be checked against a bare "
             "[P, P] matrix: a right-hand side in another order would be solved silently wrong. Pass the structure: "
             "ti.direct(ti.LinearOperator.from_matrix(H, like=params)), or an operator from ti.hvp / ti.ggn_vp.")

@@ -223,7 +223,9 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
     result is no better than x = 0 (relative residual ≥ 1, e.g. a scale just below half
     the largest eigenvalue, which diverges slowly), is `Status.DIVERGED` and raises
     `DivergenceError` asking to raise `scale`; a `tol` not met within `depth` raises
-    `ConvergenceError`. `on_failure="warn"` warns instead; `ihvp.solve(v)` never raises.
+    `ConvergenceError`. With `tol=None` a solve is judged only against divergence: LiSSA is
+    stochastic, and its residual (reported in `info.relative_residual`) rarely falls below
+    the mini-batch noise. `on_failure="warn"` warns instead; `ihvp.solve(v)` never raises.
 
     Randomness: all mini-batch indices `[repeats, depth, batch_size]` (then the power
     iteration's start) are drawn here, at construction, from a COPY of `generator`, so

@@ -121,6 +121,8 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
     per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)
+    dd.check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
+                        scale=0.0 if scale == "auto" else scale)
     if scale == "auto":
         scale = _auto_scale(loss, params, train, idx, shift=l2 + damping, chunk_size=chunk_size, generator=local,
                             group=group)

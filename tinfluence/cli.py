@@ -98,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.distributed:
             import torch.distributed as dist
 
-            dist.init_process_group("gloo")
-            group, lead = dist.group.WORLD, dist.get_rank() == 0
-        demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed,
-                 progress=lead and not args.no_progress, group=group,
-                 echo=(lambda line: print(line, flush=True)) if lead else (lambda line: None))
-        if group is not None:
-            dist.destroy_process_group()
+            from .distributed import init
+
+            group = init("gloo")
+            lead = dist.get_rank() == 0
+        try:
+            demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed,
+                     progress=lead and not args.no_progress, group=group,
+                     echo=(lambda line: print(line, flush=True)) if lead else (lambda line: None))
+        finally:
+            if group is not None:
+                dist.destroy_process_group()
     return 0
 
 

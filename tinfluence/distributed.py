@@ -62,7 +62,9 @@ def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
     peer (torch's default is 30 minutes), and the `group=` functions turn that failure into
     a `CollectiveError` that says so. Choose `timeout` above the longest stretch of local
     work one rank does between two collectives (one chunk of gradients, one solve's local
-    products). Call `torch.distributed.destroy_process_group()` on every rank before it exits.
+    products). End every rank with `torch.distributed.barrier()` after its last collective, then
+    `torch.distributed.destroy_process_group()`: destroying a gloo group while a peer's last sends
+    are in flight aborts the process (SIGABRT, "terminate called without an active exception").
 
     Args:
       backend: "gloo" (CPU) or "nccl" (CUDA).

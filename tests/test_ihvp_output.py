@@ -50,14 +50,14 @@ def solver(digits_lr):
 @pytest.mark.parametrize("kind", list(CASES))
 def test_influence_refuses_a_bad_ihvp_output(digits_lr, solver, kind):
     test = ti.take(digits_lr.test, slice(0, 5))
-    with pytest.raises(ValueError, match="^ti.influence: " + CASES[kind]):
+    with pytest.raises(TypeError if kind == "not_tensor" else ValueError, match="^ti.influence: " + CASES[kind]):
         ti.influence(digits_lr.loss, digits_lr.params, digits_lr.train, test, ihvp=_wrong(kind)(solver))
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_self_influence_refuses_a_bad_ihvp_output(digits_lr, solver, kind):
     train = ti.take(digits_lr.train, slice(0, 12))
-    with pytest.raises(ValueError, match="^ti.self_influence: " + CASES[kind].replace("k=5", "k=12")
+    with pytest.raises(TypeError if kind == "not_tensor" else ValueError, match="^ti.self_influence: " + CASES[kind].replace("k=5", "k=12")
                        .replace(r"\[5,", r"\[12,").replace(r"\[4,", r"\[11,").replace(r"\[6,", r"\[13,")
                        .replace("(4 vectors", "(11 vectors").replace("(6 vectors", "(13 vectors")):
         ti.self_influence(digits_lr.loss, digits_lr.params, train, ihvp=_wrong(kind)(solver))

@@ -57,10 +57,10 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
         computed (chunk by chunk), and the result is `[n_test, k]` with
         `result[t, j] = score[t, candidates[t, j]]`, in the order of `candidates`.
       group: a `torch.distributed` process group when `train` is this rank's contiguous
-        shard (`ti.distributed.shard`, shards in rank order). `test` is replicated on every
-        rank, `ihvp` must reduce over the group (e.g. `ti.cg(ti.hvp(ti.objective(...,
-        group=group), params))`), n is the global training size, and each rank scores
-        its own shard.
+        shard (`ti.distributed.shard`, shards in rank order). `params` and `test` are
+        replicated on every rank (checked: `ti.distributed.check_replicated`), `ihvp`
+        must reduce over the group (e.g. `ti.cg(ti.hvp(ti.objective(..., group=group),
+        params))`), n is the global training size, and each rank scores its own shard.
       gather: with a group, all-gather the shards' columns into the full
         `[n_test, n_train]` matrix on every rank (True, default) or return this rank's
         block `[n_test, n_local]` (False). With `candidates` (global ids) every rank
@@ -73,7 +73,10 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
 
     Raises:
       ValueError: `test` and `train` differ in structure or in per-example shapes, or either
-        is empty; `candidates` is not an integer `[n_test, k]` tensor of ids in [0, n_train).
+        is empty; `candidates` is not an integer `[n_test, k]` tensor of ids in [0, n_train);
+        `ihvp` returns something other than a finite stack shaped like its input (TypeError
+        for a leaf that is not a tensor); with a group, the ranks' `params` or `test` differ.
+      ti.distributed.CollectiveError: with a group, a peer died or stalled past the timeout.
 
     Example:
       >>> R = ti.objective(loss, train, l2=1e-2)
@@ -168,8 +171,8 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
       `params`; positive = helpful to itself.
 
     Raises:
-      ValueError: `ihvp` returns something other than a finite stack shaped like its input;
-        with a group, the ranks' `params` differ.
+      ValueError: `ihvp` returns something other than a finite stack shaped like its input
+        (TypeError: a leaf that is not a tensor); with a group, the ranks' `params` differ.
     """
     check_params("ti.self_influence", params)
     n_local = D.num_examples(train, name="train", where="ti.self_influence")
@@ -194,7 +197,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
         U = checked_solve("ti.self_influence", ihvp, dd.gather_rows(G, rows, group, where="ti.self_influence"))
         if stop > start:
             first = int(rows[:rank].sum())
-            parts.append(pair(G, tr.map(lambda leaf: leaf[first:first + stop - start], U)))
+            parts.append(pair(G, tr.map(lambda leaf, a=first, b=first + stop - start: leaf[a:b], U)))
     local = torch.cat(parts) if parts else tr.ravel(params).new_zeros(0)
     return dd.gather_columns(local / int(counts.sum()), group)
 
@@ -218,7 +221,7 @@ def checked_solve(where: str, ihvp: Callable, V):
     for path, v, u in zip(paths, leaves, outputs):
         name = ".".join(map(str, path))
         if not isinstance(u, torch.Tensor):
-            raise ValueError(f"{where}: `ihvp` returned a {type(u).__name__} for leaf {name!r}; {fix}.")
+            raise TypeError(f"{where}: `ihvp` returned a {type(u).__name__} for leaf {name!r}; {fix}.")
         if u.shape != v.shape:
             count = f" ({u.shape[0] if u.dim() else 'no'} vectors for k={k} right-hand sides)" \
                 if u.dim() == 0 or u.shape[0] != k else ""

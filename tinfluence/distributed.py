@@ -251,8 +251,10 @@ def gather_rows(local, counts: torch.Tensor, group, *, where: str = "ti.distribu
 
     `counts`: LongTensor `[world]`, every rank's number of rows (known to all ranks). All
     leaves travel in ONE all-gather, each rank's rows zero-padded to the largest count and
-    trimmed after. Leaves `[Σ counts, ...]`; every rank gets the same stack.
+    trimmed after. Leaves `[Σ counts, ...]`; every rank gets the same stack (`local` without a group).
     """
+    if group is None:
+        return local
     leaves = optree.tree_leaves(local, namespace="")
     flat = torch.cat([leaf.reshape(leaf.shape[0], math.prod(leaf.shape[1:])) for leaf in leaves], dim=1)  # [rows, P]
     padded = torch.nn.functional.pad(flat, (0, 0, 0, int(counts.max()) - flat.shape[0]))

@@ -180,13 +180,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
     counts = dd.sizes(n_local, group)                                   # [world]
     kernel = per_example_grad_fn(loss, where="ti.self_influence")
     pair = vmap(tr.vdot)
-    if group is None:
-        def chunk_scores(chunk):
-            G = kernel(params, chunk)                                   # leaves [B, ...]
-            return pair(G, checked_solve("ti.self_influence", ihvp, G))  # [B]
-
-        return D.chunk_cat(chunk_scores, train, chunk_size) / n_local
-    rank = dist.get_rank(group)
+    rank = 0 if group is None else dist.get_rank(group)
     per_rank = max(1, -(-(chunk_size or D.DEFAULT_CHUNK_SIZE) // len(counts)))
     parts = []
     for bounds in dd.rounds(counts, per_rank):                          # the same schedule on every rank

@@ -30,7 +30,7 @@ def run_once(quick: bool, timeout: float) -> tuple[bool, str, float]:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         tic = time.perf_counter()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         except subprocess.TimeoutExpired as err:
             return False, f"timed out after {timeout:.0f} s\n{err.stdout or ''}{err.stderr or ''}", timeout
         text = done.stdout + done.stderr

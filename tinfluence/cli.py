@@ -109,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if group is not None:
                 dist.destroy_process_group()
+        if group is not None:
+            # References to the group that outlive `run` (not visible to the garbage collector) keep gloo's
+            # C++ process group alive to interpreter shutdown, where its destructor races the backend's
+            # threads and aborts the process (SIGABRT, "terminate called without an active exception").
+            # A torchrun worker has nothing left to finalize: it ends here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     return 0
 
 

@@ -235,10 +235,8 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
         tic = time.perf_counter()
         scores[name] = METHODS[name].score(problem, test, generator)
         seconds[name] = time.perf_counter() - tic
-    if group is not None:
-        dist.barrier(group=group)   # every rank's last sends have landed before any rank tears the group down
-        if dist.get_rank(group) != 0:
-            return None
+    if group is not None and dist.get_rank(group) != 0:
+        return None
     sets = _retrain_sets(scores, top_k)
     retrained = sorted(set().union(*sets))
     echo(f"retraining without each of {len(retrained)} training points (top {top_k} by |score| of each method, "

@@ -62,9 +62,11 @@ def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
     peer (torch's default is 30 minutes), and the `group=` functions turn that failure into
     a `CollectiveError` that says so. Choose `timeout` above the longest stretch of local
     work one rank does between two collectives (one chunk of gradients, one solve's local
-    products). End every rank with `torch.distributed.barrier()` after its last collective, then
-    `torch.distributed.destroy_process_group()`: destroying a gloo group while a peer's last sends
-    are in flight aborts the process (SIGABRT, "terminate called without an active exception").
+    products). End every rank with `torch.distributed.destroy_process_group()`; if anything may
+    still refer to the group (closures, caches), end the process right after it
+    (`os._exit(0)` after flushing stdout and stderr, as `tinfluence demo --distributed` does):
+    a gloo group destroyed only at interpreter shutdown can abort the process (SIGABRT,
+    "terminate called without an active exception").
 
     Args:
       backend: "gloo" (CPU) or "nccl" (CUDA).

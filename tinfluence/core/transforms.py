@@ -20,7 +20,7 @@ import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from . import data as D
-from .. import distributed as dd
+from . import collectives as dd
 from . import tree as tr
 from .errors import check_params
 from .objective import Objective, example_loss, per_example
@@ -278,6 +278,7 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
     check_params("ti.hvp", params)
     cache = _resolved_cache("ti.hvp", cache, compile)
     if isinstance(f, Objective) and f.group is not None:
+        dd.check_replicated("ti.hvp", f.group, params=params, l2=f.l2)
         local = hvp(dataclasses.replace(f, l2=0.0, group=None), params, cache=cache, compile=compile)
         return _all_reducing(local, f.l2, f.group)
     if cache:
@@ -359,6 +360,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     if l2 < 0:
         raise ValueError(f"ti.ggn_vp: `l2` must be >= 0; got {l2}.")
     cache = _resolved_cache("ti.ggn_vp", cache, compile)
+    dd.check_replicated("ti.ggn_vp", group, params=params, l2=l2)
     n = dd.global_size(D.num_examples(data, name="data", where="ti.ggn_vp"), group)
     local_l2 = 0.0 if group is not None else l2
 

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import data as D
-from .. import distributed as dd
+from ..core import collectives as dd
 from ..core import tree as tr
 from ..core.errors import check_params, check_positive, fork_generator
 from ..core.objective import objective, per_example
@@ -125,6 +125,8 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
     per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)
+    dd.check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
+                        scale=0.0 if scale == "auto" else scale)
     full = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size, group=group), params, cache=False).damped(damping)
     if scale == "auto":
         scale = _auto_scale(loss, params, train, idx, full=full, shift=l2 + damping, generator=local, group=group)

@@ -57,3 +57,5 @@ from .knn import knn_candidates  # noqa: E402
 __all__ += ["knn_candidates"]
 from . import factored  # noqa: E402
 __all__ += ["factored"]
+from .kfac import ekfac, kfac  # noqa: E402
+__all__ += ["kfac", "ekfac"]

@@ -443,3 +443,45 @@ def test_errors(mlp_fit):
     curv = kfac(loss, params, data, damping=1e-3, **kw)
     with pytest.raises(ValueError, match=r"ti.kfac: `v` must have the structure of the parameters"):
         curv.ihvp({"0.weight": params["0.weight"]})
+
+
+# ---------------------------------------------------------------- sharded
+
+def _sharded_fit(rank, world, port, data, out):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        apply, params = _mlp()
+        loss, predict, output_loss = _fns(apply)
+        curv = ekfac(loss, params, ti.distributed.shard(data, rank, world), predict=predict, output_loss=output_loss,
+                     damping=0.1, damping_mode="relative", chunk_size=4, group=dist.group.WORLD)
+        torch.save((curv.n, ti.to_dense(curv.operator, params), [b.damping for b in curv.kronecker]),
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_fit_equals_one_process(mlp_fit, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    apply, params, data, loss, _ = mlp_fit
+    _, predict, output_loss = _fns(apply)
+    one = ekfac(loss, params, data, predict=predict, output_loss=output_loss, damping=0.1, damping_mode="relative")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_fit, args=(2, port, data, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        n, dense, dampings = torch.load(tmp_path / f"rank{rank}.pt")
+        assert n == len(data[0])
+        _close(dense, ti.to_dense(one.operator, params))
+        assert dampings == pytest.approx([b.damping for b in one.kronecker], rel=1e-12)

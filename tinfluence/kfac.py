@@ -64,7 +64,7 @@ RELATIVE_DEFAULT = 0.1   # kronfluence's heuristic: damping = 0.1 × mean eigenv
 
 # ---------------------------------------------------------------- the fitted value
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class KroneckerBlock:
     """One weight (and the bias folded into it) with Kronecker-factored curvature.
 
@@ -109,7 +109,7 @@ class KroneckerBlock:
         return self.left if self.activation_side == "right" else self.right
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DiagonalBlock:
     """A parameter outside any recognised layer: diagonal curvature.
 
@@ -129,7 +129,7 @@ class DiagonalBlock:
     damping: float
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Curvature:
     """A fitted block-diagonal curvature F̂ (K-FAC or EK-FAC blocks plus diagonal blocks).
 
@@ -575,7 +575,7 @@ def _cotangents(fisher: str, predict: Callable, output_loss: Callable, params: d
                          "(softmax(o) − ∂output_loss/∂o is not one-hot). For other losses use fisher=\"ggn\" (the exact "
                          'expectation over the model\'s distribution when the loss is a negative log-likelihood, e.g. '
                          'squared error) or "empirical".')
-    sampled = torch.multinomial(p, 1, generator=generator).squeeze(1)
+    sampled = torch.multinomial(p.to(generator.device), 1, generator=generator).squeeze(1).to(p.device)
     return (p - F.one_hot(sampled, p.shape[1]).to(p.dtype))[:, None]
 
 
@@ -612,7 +612,8 @@ def _factor_sums(captured: _Captured) -> dict:
         diagonal = _is_diagonal(uses)
         out["left"][w] = sum(_gram(l if diagonal else _dense(l), m) for l, _ in uses)
         out["right"][w] = sum(_gram(r, m) for _, r in uses)
-        out["positions"][w] = torch.tensor(float(sum(r.shape[0] * m * r.shape[2] for _, r in uses)), dtype=_F64)
+        out["positions"][w] = torch.tensor(float(sum(r.shape[0] * m * r.shape[2] for _, r in uses)), dtype=_F64,
+                                           device=uses[0][1].device)
     return out
 
 

@@ -362,6 +362,12 @@ def test_embedding_conv1d_and_fallback_equal_one_hot_and_hand_built_references()
     identity = kfac(loss, params, data, predict=predict, output_loss=output_loss, damping=1e-3, fallback="identity")
     v = ti.tree.random_like(params, generator=torch.Generator().manual_seed(0))
     _close(identity.ihvp(v)["norm.weight"], v["norm.weight"] / 1e-3)
+    relative = kfac(loss, params, data, predict=predict, output_loss=output_loss, damping=0.1, damping_mode="relative",
+                    fallback="identity")
+    dense = ti.to_dense(relative.operator, params)
+    factored = torch.cat([_frame_index(params, b.weight, b.bias, b.bias_side).reshape(-1) for b in relative.kronecker])
+    mean = dense.diagonal()[factored].mean()        # Σ eigenvalues / their number over the Kronecker blocks
+    assert [b.damping for b in relative.diagonal] == pytest.approx([0.1 * float(mean)] * 2, rel=1e-10)
 
 
 def test_tied_embedding_and_head_add_their_positions_to_one_block():

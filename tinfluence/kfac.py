@@ -696,8 +696,26 @@ def _check_loss(where: str, loss, predict, output_loss, params, batch) -> None:
                          "predict/output_loss split of the same loss.")
 
 
+def _kronecker_factors(plan: _Plan, sums: dict, n: int, m: int) -> dict:
+    """`{weight: (left, right, (eig(left), Q_L), (eig(right), Q_R))}` from pass 1's sums.
+
+    F̂ = (Σ l lᵀ) ⊗ (Σ r rᵀ) / (N · positions), split so that the activation side is the mean
+    over examples of Σ_t ã ãᵀ and the gradient side the mean over examples of (1/T) Σ_{c,t} g gᵀ.
+    A diagonal left factor (embeddings) keeps the identity as its basis (Q_L = None).
+    """
+    out = {}
+    for w, (_, _, _, activation) in plan.kronecker.items():
+        positions = float(sums["positions"][w])
+        scale = {activation: n * m, ("left" if activation == "right" else "right"): positions / m}
+        left, right = sums["left"][w] / scale["left"], sums["right"][w] / scale["right"]
+        out[w] = (left, right, (left.clamp_min(0), None) if left.dim() == 1 else _eigh(left), _eigh(right))
+    return out
+
+
 def _fit(where: str, method: str, loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode,
          fallback, chunk_size, group) -> Curvature:
+    """`ti.kfac` (method "kfac") and `ti.ekfac` ("ekfac"): pass 1 (factors, diagonals), eigendecompositions,
+    pass 2 for EK-FAC (corrected eigenvalues), damping per block."""
     _check(where, loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode, fallback,
            chunk_size)
     first = D.take(train, slice(0, min(8, D.num_examples(train))))
@@ -713,21 +731,13 @@ def _fit(where: str, method: str, loss, params, train, predict, output_loss, fis
         return dd.all_reduce(total, group)
 
     sums = sweep(_factor_sums)
-    m = _cotangent_count(fisher, predict, params, D.take(train, slice(0, 1)))
-    bases, factors = {}, {}
-    for w, (_, _, _, activation) in plan.kronecker.items():
-        # F̂ = (Σ l lᵀ) ⊗ (Σ r rᵀ) / (N · positions): the activation side is the mean over examples
-        # of Σ_t ã ãᵀ, the gradient side the mean over examples of (1/T) Σ_{c,t} g gᵀ
-        positions = float(sums["positions"][w])
-        scale = {activation: n * m, ("left" if activation == "right" else "right"): positions / m}
-        left, right = sums["left"][w] / scale["left"], sums["right"][w] / scale["right"]
-        (wl, QL), (wr, QR) = (left.clamp_min(0), None) if left.dim() == 1 else _eigh(left), _eigh(right)
-        bases[w] = (QL, QR)
-        factors[w] = (left, right, wl, wr)
+    factors = _kronecker_factors(plan, sums, n, _cotangent_count(fisher, predict, params, D.take(train, slice(0, 1))))
+    bases = {w: (QL, QR) for w, (_, _, (_, QL), (_, QR)) in factors.items()}
     if method == "ekfac":
         corrected = sweep(lambda captured: _corrected_sums(captured, bases))
     dtype = next(iter(params.values())).dtype
-    values = {w: (corrected[w] / n if method == "ekfac" else torch.outer(factors[w][2], factors[w][3])) for w in factors}
+    values = {w: corrected[w] / n if method == "ekfac" else torch.outer(factors[w][2][0], factors[w][3][0])
+              for w in factors}
     diagonals = {name: (sums["diag"][name] / n if fallback == "diagonal" else torch.zeros_like(sums["diag"][name]))
                  for name in plan.reasons}
     dampings = _dampings(damping, damping_mode, values, diagonals)
@@ -747,8 +757,9 @@ def _dampings(damping: float, mode: str, values: dict, diagonals: dict) -> dict:
     every = {**values, **diagonals}
     if mode == "absolute":
         return {name: float(damping) for name in every}
-    total = sum(float(v.sum()) for v in every.values()) / max(sum(v.numel() for v in every.values()), 1)
     means = {name: float(v.mean()) for name, v in every.items()}
+    curved = [v for name, v in every.items() if means[name] > 0]
+    total = sum(float(v.sum()) for v in curved) / max(sum(v.numel() for v in curved), 1)
     return {name: float(damping) * (mean if mean > 0 else total) for name, mean in means.items()}
 
 

@@ -31,8 +31,8 @@ from .methods.newton import newton_loo, newton_step_without
 from .methods.similarity import grad_cos, grad_dot
 from .methods.tracin import tracin, tracin_self_influence
 from .methods.trajectory import TrainingRun, group_influence, replay_effect, training_run, trajectory_influence
-from .solvers import (Eigenvalues, InverseOperator, Solution, SolveInfo, Status, cg, cg_solve, direct, eigenvalues, lissa,
-                      lissa_solve, minimize, nystrom)
+from .solvers import (Curvature, Eigenvalues, InverseOperator, Solution, SolveInfo, Status, cg, cg_solve, direct, ekfac,
+                      eigenvalues, kfac, lissa, lissa_solve, minimize, nystrom)
 from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, newton_trainer, pearson, sign_agreement,
                        spearman, topk_overlap)
 
@@ -53,7 +53,8 @@ __all__ = [
     "functionalize", "chunks", "from_loader", "num_examples", "take", "Objective", "objective",
     "per_example_grad_fn", "per_example_grads", "hvp", "ggn_vp", "hessian", "to_dense", "ravel", "unravel", "vdot",
     # solvers
-    "LinearOperator", "direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "minimize", "eigenvalues",
+    "LinearOperator", "direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "kfac", "ekfac", "Curvature",
+    "minimize", "eigenvalues",
     "Eigenvalues", "InverseOperator", "Solution", "SolveInfo", "Status", "ConvergenceError", "DivergenceError",
     # estimators
     "influence", "self_influence", "tracin", "tracin_self_influence", "empirical_if", "reverse_check", "ReverseCheck",

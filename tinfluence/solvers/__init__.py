@@ -10,11 +10,12 @@ right-hand sides solved together), and `ihvp.solve(v) -> Solution(x, info)` with
 from ..core.errors import ConvergenceError, DivergenceError
 from ._cg import cg, cg_solve
 from ._direct import direct
+from ._kfac import Curvature, ekfac, kfac
 from ._lanczos import Eigenvalues, eigenvalues
 from ._lissa import lissa, lissa_solve
 from ._minimize import minimize
 from ._nystrom import nystrom
 from ._result import InverseOperator, Solution, SolveInfo, Status
 
-__all__ = ["direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "eigenvalues", "Eigenvalues",
+__all__ = ["direct", "cg", "cg_solve", "nystrom", "kfac", "ekfac", "Curvature", "lissa", "lissa_solve", "eigenvalues", "Eigenvalues",
            "InverseOperator", "Solution", "SolveInfo", "Status", "minimize", "ConvergenceError", "DivergenceError"]

@@ -23,6 +23,8 @@ from .core.objective import Objective, objective
 from .core.transforms import ggn_vp, hessian, hvp, per_example_grad_fn, per_example_grads, to_dense
 from .core.tree import ravel, unravel, vdot
 from .io import influence_to_files, load_checkpoints
+from .methods.compressed import (ProjectedCurvature, Projector, compressed_grad_fn, compressed_grads,
+                                 compressed_influence, projected_curvature, projector)
 from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check
 from .methods.influence import influence, self_influence
 from .methods.knn import knn_candidates
@@ -58,4 +60,7 @@ __all__ = [
     # validation and result files
     "leave_one_out", "lbfgs_trainer", "newton_trainer", "pearson", "spearman", "topk_overlap", "sign_agreement",
     "lds", "LDSResult", "influence_to_files", "load_checkpoints",
+    # compressed gradients (LoGra), projected curvature
+    "Projector", "projector", "compressed_grad_fn", "compressed_grads", "ProjectedCurvature", "projected_curvature",
+    "compressed_influence",
 ]

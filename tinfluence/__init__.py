@@ -25,6 +25,7 @@ from .core.tree import ravel, unravel, vdot
 from .io import influence_to_files, load_checkpoints
 from .methods.compressed import (ProjectedCurvature, Projector, compressed_grad_fn, compressed_grads,
                                  compressed_influence, projected_curvature, projector)
+from .methods.tokens import query_token_influence, token_grads, train_token_influence
 from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check
 from .methods.influence import influence, self_influence
 from .methods.knn import knn_candidates
@@ -62,5 +63,5 @@ __all__ = [
     "lds", "LDSResult", "influence_to_files", "load_checkpoints",
     # compressed gradients (LoGra), projected curvature
     "Projector", "projector", "compressed_grad_fn", "compressed_grads", "ProjectedCurvature", "projected_curvature",
-    "compressed_influence",
+    "compressed_influence", "token_grads", "query_token_influence", "train_token_influence",
 ]

@@ -229,7 +229,7 @@ def _capture_kernel(loss: Callable, params: dict, batch, *, per_token: bool, whe
     axis (`jacrev` over the T losses: a vmap of T backward passes). Returns
     `(plan, formed {name: [B, *q, *shape]}, probe grads, layer inputs)`.
     """
-    summed = (lambda p, b: loss(p, b).sum(-1)) if per_token else loss
+    summed = (lambda p, b: _token_losses(loss, p, b, where).sum(-1)) if per_token else loss
     plan = fa._plan(summed, params, batch, where)
     factored, fallback = tr.partition(params, lambda name, _: name in plan.factorable)
     probes = tuple(probe for _, _, probe in plan.calls)

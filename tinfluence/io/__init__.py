@@ -4,7 +4,7 @@ compressed training gradients (`write_store`, `open_store`, `GradientStore`)."""
 
 from .checkpoints import load_checkpoints
 from .scores import ScoreWriter, influence_to_files, read_scores
-from .store import GradientStore, open_store, write_store
+from .store import GradientStore, create_store, open_store, write_store
 
-__all__ = ["ScoreWriter", "influence_to_files", "read_scores", "load_checkpoints", "GradientStore", "open_store",
-           "write_store"]
+__all__ = ["ScoreWriter", "influence_to_files", "read_scores", "load_checkpoints", "GradientStore", "create_store",
+           "open_store", "write_store"]

@@ -39,7 +39,7 @@ from ..core.errors import check_chunk_size
 from ..methods.compressed import Projector, ProjectedCurvature, compressed_grad_fn
 from .scores import _atomic_write
 
-__all__ = ["GradientStore", "write_store", "open_store"]
+__all__ = ["GradientStore", "create_store", "write_store", "open_store"]
 
 INDEX = "index.json"
 VERSION = 1
@@ -266,6 +266,28 @@ def _create(where: str, folder: Path, index: dict) -> GradientStore:
     return GradientStore(folder, index)
 
 
+def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="float32", chunk_rows: int = 1024,
+                 where: str = "ti.io.create_store") -> GradientStore:
+    """Returns an empty (or partly written) store for n rows of `projector.dim`; writes its index.
+
+    The building block of `write_store` for callers that fill the chunks themselves
+    (`GradientStore.write_chunk(j, rows)` for every j in `store.missing()`). An existing index in
+    `folder` must match (same projector, parameters, n, dtype, chunk_rows).
+
+    Raises:
+      ValueError: bad `dtype`/`chunk_rows`/`n`; a store with other settings in `folder`.
+    """
+    name = _dtype_name(where, dtype)
+    check_chunk_size(where, chunk_rows)
+    if not isinstance(projector, Projector):
+        raise TypeError(f"{where}: `projector` must be a ti.Projector (from ti.projector); got {type(projector).__name__}.")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}: `n` must be an int >= 1; got {n!r}.")
+    index = {"version": VERSION, "n": n, "dim": projector.dim, "dtype": name, "chunk_rows": chunk_rows,
+             "n_chunks": -(-n // chunk_rows), "fingerprint": projector.fingerprint, "params": _params_digest(params)}
+    return _create(where, Path(folder), index)
+
+
 def write_store(loss: Callable, params: dict, train, *, projector: Projector, folder, dtype="float32",
                 chunk_rows: int = 1024, chunk_size: int | None = None, group=None,
                 progress: bool = True) -> GradientStore:
@@ -302,24 +324,18 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
       Cost: one projected-gradient pass over the missing chunks; disk n·dim·itemsize bytes.
     """
     where = "ti.io.write_store"
-    name = _dtype_name(where, dtype)
-    check_chunk_size(where, chunk_rows)
     check_chunk_size(where, chunk_size)
-    if not isinstance(projector, Projector):
-        raise TypeError(f"{where}: `projector` must be a ti.Projector (from ti.projector); got {type(projector).__name__}.")
     n = D.num_examples(train, name="train", where=where)
-    index = {"version": VERSION, "n": n, "dim": projector.dim, "dtype": name, "chunk_rows": chunk_rows,
-             "n_chunks": -(-n // chunk_rows), "fingerprint": projector.fingerprint,
-             "params": _params_digest(params)}
-    folder = Path(folder)
+    make = lambda: create_store(folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
+                                chunk_rows=chunk_rows, where=where)
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     if rank == 0:
-        store = _create(where, folder, index)
+        store = make()
     if group is not None:
         dist.barrier(group)
         if rank != 0:
-            store = _create(where, folder, index)
-    lo, hi = dd.shard_bounds(index["n_chunks"], rank, world)
+            store = make()
+    lo, hi = dd.shard_bounds(store.n_chunks, rank, world)
     todo = [j for j in store.missing() if lo <= j < hi]
     kernel = compressed_grad_fn(loss, projector, where=where)
     for j in tqdm(todo, desc=f"store (rank {rank})" if group is not None else "store", disable=not progress):

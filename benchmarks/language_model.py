@@ -1,0 +1,176 @@
+"""The large-model path on CPU: a >= 1M-parameter byte decoder over 64-token windows of Python's
+standard library, compressed training gradients written to a store, 100 query sequences scored per token.
+
+Reports the time split (training gradients, store write, curvature, query), training tokens per
+second beside the floor (one plain forward + backward of the mean loss over the same tokens, in
+batches of the same size), and the peak RSS. Results go to a JSON file; benchmarks/RESULTS-lm.md
+discusses them.
+
+    OMP_NUM_THREADS=1 python benchmarks/language_model.py --quick           # 2,000 windows
+    OMP_NUM_THREADS=1 python benchmarks/language_model.py                   # 50,000 windows
+    python benchmarks/language_model.py --peer dattri ...                   # dattri's LoGra, same model and k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def build(args):
+    from tinfluence.text import ByteDecoder, stdlib_windows
+    torch.manual_seed(0)
+    model = ByteDecoder(d=args.d, layers=args.layers, heads=4, context=args.T).eval()
+    ids = stdlib_windows(args.T, args.n + args.queries, generator=torch.Generator().manual_seed(0))
+    return model, ids[:args.n], ids[args.n:]
+
+
+def _pretrain(model, ids, steps: int) -> None:
+    """A few Adam steps so the gradients are those of a model that has started to learn (not timed)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = ids[torch.randint(0, len(ids), (64,), generator=g)]
+        logits = model(batch)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def floor_seconds(model, ids, batch: int) -> float:
+    """One plain forward + backward of the mean next-byte loss over every window, in batches."""
+    start = time.perf_counter()
+    for i in range(0, len(ids), batch):
+        b = ids[i:i + batch]
+        logits = model(b)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+    return time.perf_counter() - start
+
+
+def run_tinfluence(args) -> dict:
+    import tinfluence as ti
+    from tinfluence.text import token_nll
+    model, train_ids, query_ids = build(args)
+    _pretrain(model, train_ids, args.pretrain)
+    apply, params = ti.functionalize(model)
+    P = sum(p.numel() for p in params.values())
+    token_loss = lambda p, b: token_nll(apply(p, b["input_ids"]), b["input_ids"])  # noqa: E731
+    seq_loss = lambda p, b: token_loss(p, b).sum(-1)  # noqa: E731
+    proj = ti.projector(params, k_in=args.k, k_out=args.k, generator=torch.Generator().manual_seed(0))
+    train = {"input_ids": train_ids}
+    folder = Path(tempfile.mkdtemp(prefix="tinfluence-lm-"))
+    try:
+        store = ti.io.create_store(folder, projector=proj, params=params, n=args.n, dtype=args.dtype,
+                                   chunk_rows=args.chunk)
+        kernel = ti.compressed_grad_fn(seq_loss, proj)
+        t_grad = t_write = 0.0
+        for j in range(store.n_chunks):       # write_store's loop, timed in two parts
+            start, stop = store.bounds(j)
+            t0 = time.perf_counter()
+            rows = kernel(params, ti.take(train, slice(start, stop)))
+            t1 = time.perf_counter()
+            store.write_chunk(j, rows)
+            t_write += time.perf_counter() - t1
+            t_grad += t1 - t0
+        t0 = time.perf_counter()
+        curvature = ti.projected_curvature(store, damping=args.damping, blocks=proj)
+        t_curv = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        queries = {"input_ids": query_ids}
+        top_tokens = []
+        for i in range(0, len(query_ids), args.query_batch):     # per-token scores, a batch of queries at a time
+            Q = ti.token_grads(token_loss, params, ti.take(queries, slice(i, i + args.query_batch)), projector=proj)
+            values, ids = store.topk(Q, 10, curvature)           # [b, T, 10] most helpful per query token
+            top_tokens.append(ids)
+        t_query = time.perf_counter() - t0
+        t_floor = floor_seconds(model, train_ids, args.chunk)
+        tokens = args.n * args.T
+        return {
+            "library": "tinfluence", "params": P, "n": args.n, "T": args.T, "k_in": args.k, "k_out": args.k,
+            "dim": proj.dim, "dtype": args.dtype, "chunk": args.chunk, "queries": len(query_ids),
+            "seconds": {"train_gradients": t_grad, "store_write": t_write, "curvature": t_curv,
+                        "query_per_token": t_query, "floor_forward_backward": t_floor},
+            "tokens_per_s": tokens / (t_grad + t_write), "floor_tokens_per_s": tokens / t_floor,
+            "fraction_of_floor": t_floor / (t_grad + t_write),
+            "query_tokens_per_s": len(query_ids) * args.T / t_query,
+            "store_bytes": sum(f.stat().st_size for f in folder.glob("chunk-*.bin")),
+            "peak_rss_gb": _rss_gb(), "threads": torch.get_num_threads(),
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_dattri(args) -> dict:
+    """dattri's LoGraAttributor on the same model and windows, proj_dim = k² per layer (its Kronecker width)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from dattri.algorithm.logra import LoGraAttributor
+    from dattri.task import AttributionTask
+    model, train_ids, query_ids = build(args)
+    _pretrain(model, train_ids, args.pretrain)
+
+    def loss_func(model_, batch, device):       # what LoGra's cache() calls: the summed loss of a batch
+        (x,) = batch
+        logits = model_(x.to(device))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1).to(device),
+                               reduction="sum")
+
+    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
+    attributor = LoGraAttributor(task, proj_dim=args.k * args.k, damping=args.damping, offload="cpu")
+    train_loader = DataLoader(TensorDataset(train_ids), batch_size=1, shuffle=False)
+    test_loader = DataLoader(TensorDataset(query_ids), batch_size=1, shuffle=False)
+    t0 = time.perf_counter()
+    attributor.cache(train_loader)
+    t_cache = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = attributor.attribute(train_loader, test_loader)
+    t_query = time.perf_counter() - t0
+    return {"library": "dattri LoGraAttributor", "n": args.n, "T": args.T, "proj_dim_per_layer": args.k * args.k,
+            "seconds": {"cache (gradients + preconditioners)": t_cache, "attribute (per sequence)": t_query},
+            "tokens_per_s": args.n * args.T / t_cache, "scores_shape": list(scores.shape), "peak_rss_gb": _rss_gb(),
+            "note": "batch_size=1: per-example gradients come from one backward per example (hooks)"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,000 training windows instead of 50,000")
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--T", type=int, default=64)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=5)
+    parser.add_argument("--k", type=int, default=16, help="k_in = k_out per matrix (k² numbers per matrix)")
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--query-batch", type=int, default=10)
+    parser.add_argument("--chunk", type=int, default=128, help="windows per store chunk (and per vectorized backward)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--damping", type=float, default=1e-2)
+    parser.add_argument("--pretrain", type=int, default=50)
+    parser.add_argument("--peer", choices=["dattri"], default=None)
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    args = parser.parse_args()
+    args.n = args.n or (2000 if args.quick else 50_000)
+    torch.set_num_threads(1)
+    result = run_dattri(args) if args.peer == "dattri" else run_tinfluence(args)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -100,7 +100,8 @@ def query_token_influence(token_loss: Callable, params: dict, queries, train, *,
 
 
 def train_token_influence(token_loss: Callable, params: dict, train, queries, *, projector: Projector,
-                          curvature: ProjectedCurvature, chunk_size: int | None = None) -> torch.Tensor:
+                          curvature: ProjectedCurvature, query_loss: Callable | None = None,
+                          chunk_size: int | None = None) -> torch.Tensor:
     """Returns the influence of each training token on each query's loss, `[n_query, n_train, T]`.
 
     `[q, z, t]` is the share of training sequence z's score on query q carried by z's token loss
@@ -111,9 +112,11 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
       token_loss: `(params, batch) -> Tensor[B, T]`, as for `ti.token_grads`.
       params: `dict[str, Tensor]`.
       train: training sequences (dict batch), leading axis n_train.
-      queries: query sequences, leading axis n_query; their loss is `token_loss(...).sum(-1)`.
+      queries: query sequences, leading axis n_query.
       projector: the projector the curvature was computed with.
       curvature: `ti.projected_curvature` of the whole training set's projected gradients.
+      query_loss: `(params, batch) -> Tensor[B]`, the query measure (e.g. one token's loss); default
+        `token_loss(...).sum(-1)`, the query sequence's loss.
       chunk_size: training sequences per vectorized backward.
 
     Returns:
@@ -126,9 +129,9 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
     where = "ti.train_token_influence"
     _check_curvature(where, curvature)
     check_chunk_size(where, chunk_size)
-    sequence_loss = lambda p, b: token_loss(p, b).sum(-1)  # noqa: E731
-    Q = curvature.query(D.chunk_cat(lambda c: compressed_grad_fn(sequence_loss, projector, where=where)(params, c),
-                                    queries, chunk_size))                                # [n_query, dim]
+    measure = query_loss or (lambda p, b: token_loss(p, b).sum(-1))
+    query_kernel = compressed_grad_fn(measure, projector, where=where)
+    Q = curvature.query(D.chunk_cat(lambda c: query_kernel(params, c), queries, chunk_size))   # [n_query, dim]
     kernel = compressed_grad_fn(token_loss, projector, per_token=True, where=where)
     D.num_examples(train, name="train", where=where)
     return D.chunk_cat(lambda c: torch.einsum("qd,ztd->qzt", Q, kernel(params, c).to(Q.dtype)), train, chunk_size, dim=1)

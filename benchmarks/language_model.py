@@ -118,22 +118,35 @@ def run_tinfluence(args) -> dict:
 
 def run_dattri(args) -> dict:
     """dattri's LoGraAttributor on the same model and windows, proj_dim = k² per layer (its Kronecker width)."""
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
     from dattri.algorithm.logra import LoGraAttributor
     from dattri.task import AttributionTask
-    model, train_ids, query_ids = build(args)
-    _pretrain(model, train_ids, args.pretrain)
+    from types import SimpleNamespace
+    decoder, train_ids, query_ids = build(args)
+    _pretrain(decoder, train_ids, args.pretrain)
+
+    class WithLoss(torch.nn.Module):
+        """dattri's dict-batch path reads `model(**batch).loss`: the summed next-byte loss."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            logits = self.inner(input_ids)
+            return SimpleNamespace(logits=logits, loss=F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"))
+
+    model = WithLoss(decoder).eval()
 
     def loss_func(model_, batch, device):       # what LoGra's cache() calls: the summed loss of a batch
-        (x,) = batch
-        logits = model_(x.to(device))
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1).to(device),
-                               reduction="sum")
+        return model_(batch["input_ids"].to(device)).loss
 
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
     attributor = LoGraAttributor(task, proj_dim=args.k * args.k, damping=args.damping, offload="cpu")
-    train_loader = DataLoader(TensorDataset(train_ids), batch_size=1, shuffle=False)
-    test_loader = DataLoader(TensorDataset(query_ids), batch_size=1, shuffle=False)
+    rows = lambda ids: [{"input_ids": x} for x in ids]  # noqa: E731   dict batches: dattri calls model(**batch)
+    train_loader = DataLoader(rows(train_ids), batch_size=args.peer_batch, shuffle=False)
+    test_loader = DataLoader(rows(query_ids), batch_size=args.peer_batch, shuffle=False)
     t0 = time.perf_counter()
     attributor.cache(train_loader)
     t_cache = time.perf_counter() - t0
@@ -143,7 +156,8 @@ def run_dattri(args) -> dict:
     return {"library": "dattri LoGraAttributor", "n": args.n, "T": args.T, "proj_dim_per_layer": args.k * args.k,
             "seconds": {"cache (gradients + preconditioners)": t_cache, "attribute (per sequence)": t_query},
             "tokens_per_s": args.n * args.T / t_cache, "scores_shape": list(scores.shape), "peak_rss_gb": _rss_gb(),
-            "note": "batch_size=1: per-example gradients come from one backward per example (hooks)"}
+            "batch_size": args.peer_batch,
+            "note": "per-example projected gradients from forward/backward hooks on nn.Linear layers, one backward per batch"}
 
 
 def main():
@@ -161,6 +175,7 @@ def main():
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--pretrain", type=int, default=50)
     parser.add_argument("--peer", choices=["dattri"], default=None)
+    parser.add_argument("--peer-batch", type=int, default=32)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     args.n = args.n or (2000 if args.quick else 50_000)

@@ -1,5 +1,7 @@
-"""The large-model path on CPU: a >= 1M-parameter byte decoder over 64-token windows of Python's
-standard library, compressed training gradients written to a store, 100 query sequences scored per token.
+"""The large-model path on CPU: compressed training gradients to a store, per-token query scores.
+
+A >= 1M-parameter byte decoder over 64-token windows of Python's standard library; the compressed
+training gradients are written to a store and 100 query sequences are scored per token.
 
 Reports the time split (training gradients, store write, curvature, query), training tokens per
 second beside the floor (one plain forward + backward of the mean loss over the same tokens, in
@@ -117,11 +119,12 @@ def run_tinfluence(args) -> dict:
 
 
 def run_dattri(args) -> dict:
-    """dattri's LoGraAttributor on the same model and windows, proj_dim = k² per layer (its Kronecker width)."""
-    from torch.utils.data import DataLoader
+    """Dattri's LoGraAttributor on the same model and windows, proj_dim = k² per layer (its Kronecker width)."""
+    from types import SimpleNamespace
+
     from dattri.algorithm.logra import LoGraAttributor
     from dattri.task import AttributionTask
-    from types import SimpleNamespace
+    from torch.utils.data import DataLoader
     decoder, train_ids, query_ids = build(args)
     _pretrain(decoder, train_ids, args.pretrain)
 

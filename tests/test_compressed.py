@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tinfluence as ti
 from tinfluence.text import ByteDecoder, stdlib_windows, token_nll

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import store_job
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tinfluence as ti
-
-import store_job
 
 JOB = Path(__file__).with_name("store_job.py")
 
@@ -54,7 +53,7 @@ def test_store_survives_random_sigkills_bit_for_bit(tmp_path):
            "OMP_NUM_THREADS": "1"}
     rng = random.Random(0)
     partial_kills = 0
-    for attempt in range(12):
+    for _ in range(12):
         proc = subprocess.Popen([sys.executable, str(JOB), str(folder), "bfloat16"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
         assert proc.stdout.readline().strip() == "ready"

@@ -93,6 +93,7 @@ class ByteDecoder(nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, input_ids, attention_mask=None):
+        """Logits `[B, T, vocab]` of `input_ids [B, T]`; `attention_mask [B, T]` (1 = keep) or None."""
         T = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos.weight[:T]
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -104,8 +105,11 @@ class ByteDecoder(nn.Module):
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-byte negative log-likelihood per position, `[B, T]`: position t scores token t+1 given ≤ t;
-    the last position, and positions whose next token is masked, are 0."""
+    """Next-byte negative log-likelihood per position, `[B, T]`.
+
+    Position t scores token t+1 given tokens ≤ t; the last position, and positions whose next
+    token is masked, are 0.
+    """
     nll = F.cross_entropy(logits[:, :-1].mT, input_ids[:, 1:], reduction="none")      # [B, T-1]
     if attention_mask is not None:
         nll = nll * attention_mask[:, 1:].to(nll.dtype)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dd
 from ..core import data as D
 from ..core.errors import check_chunk_size
-from ..methods.compressed import Projector, ProjectedCurvature, compressed_grad_fn
+from ..methods.compressed import ProjectedCurvature, Projector, compressed_grad_fn
 from .scores import _atomic_write
 
 __all__ = ["GradientStore", "create_store", "write_store", "open_store"]
@@ -82,6 +81,7 @@ class GradientStore:
         return self.n
 
     def path(self, j: int) -> Path:
+        """The file of chunk j."""
         return self.folder / f"chunk-{j:06d}.bin"
 
     def bounds(self, j: int) -> tuple[int, int]:
@@ -95,6 +95,7 @@ class GradientStore:
 
     @property
     def complete(self) -> bool:
+        """True once every chunk is written."""
         return not self.missing()
 
     def write_chunk(self, j: int, rows: torch.Tensor) -> None:
@@ -239,8 +240,10 @@ def open_store(folder) -> GradientStore:
 
 
 def _params_digest(params: dict) -> str:
-    """A digest of the parameters' names, shapes, dtypes, sums and first 256 values: a resume with
-    other parameters is refused without hashing every number."""
+    """A digest of the parameters' names, shapes, dtypes, sums and first 256 values.
+
+    A resume with other parameters is refused without hashing every number.
+    """
     h = hashlib.sha256()
     for name, p in params.items():
         flat = p.detach().reshape(-1)

@@ -50,8 +50,11 @@ KINDS = ("gaussian", "sjlt")
 
 @dataclass(frozen=True)
 class _Sketch:
-    """One random map `R^d -> R^k` on the last axis: a dense Gaussian `[k, d]`, or an SJLT given by
-    `rows [s, d]` (the s output rows of every input coordinate) and `signs [s, d]` (±1/√s)."""
+    """One random map `R^d -> R^k` on the last axis.
+
+    A dense Gaussian `matrix [k, d]`, or an SJLT given by `rows [s, d]` (the s output rows of every
+    input coordinate) and `signs [s, d]` (±1/√s).
+    """
 
     k: int
     matrix: torch.Tensor | None = None
@@ -81,8 +84,9 @@ def _draw(kind: str, k: int, d: int, sparsity: int, generator, dtype, device) ->
 
 @dataclass(frozen=True)
 class Projector:
-    """A fixed random projection of per-example gradients to `dim` numbers (a value, built by
-    `ti.projector`); the same object projects training and test gradients.
+    """A fixed random projection of per-example gradients to `dim` numbers.
+
+    A value built by `ti.projector`; the same object projects training and test gradients.
 
     Attributes:
       kind: "gaussian" or "sjlt".
@@ -114,8 +118,11 @@ class Projector:
         return p_out(p_in(m).mT).mT.reshape(*lead, -1)
 
     def project_factors(self, name: str, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        """`Σ_t (P_out G_t)(P_in A_t)ᵀ` for inputs `A [B, T, in]` and output gradients `G [B, *q, T, out]`
-        (q: optional query-token axes): `[B, *q, k_out·k_in]`, the gradient never formed."""
+        """`Σ_t (P_out G_t)(P_in A_t)ᵀ`, `[B, *q, k_out·k_in]`, the gradient never formed.
+
+        A `[B, T, in]` are a layer's inputs, G `[B, *q, T, out]` its output gradients (q: optional
+        query-token axes).
+        """
         p_out, p_in = self.matrices[name]
         a = p_in(A)                                      # [B, T, k_in]
         g = p_out(G)                                     # [B, *q, T, k_out]
@@ -283,8 +290,10 @@ def _compress(proj: Projector, params: dict, plan, formed: dict, probe_grads: tu
 
 def compressed_grad_fn(loss: Callable, proj: Projector, *, per_token: bool = False,
                        where: str = "ti.compressed_grads") -> Callable:
-    """Returns `(params, batch) -> [B, dim]` (or `[B, T, dim]` with `per_token`): projected per-example
-    gradients of a batch, from one vectorized backward. See `compressed_grads`."""
+    """Returns `(params, batch) -> [B, dim]` (`[B, T, dim]` with `per_token`), projected gradients.
+
+    One vectorized backward per call; see `compressed_grads` and `ti.token_grads`.
+    """
 
     def kernel(params, batch):
         if not isinstance(params, dict):

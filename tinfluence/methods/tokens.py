@@ -1,5 +1,6 @@
-"""Per-token influence for sequence models: which training sequences moved each query token's loss,
-and which training tokens moved a query's loss.
+"""Per-token influence for sequence models.
+
+Which training sequences moved each query token's loss, and which training tokens moved a query's loss.
 
 A sequence model's loss is a sum of token losses, `ℓ(z) = Σ_t ℓ_t(z)` (any masking and weighting
 inside `ℓ_t`); gradients are linear, so `∇ℓ(z) = Σ_t ∇ℓ_t(z)` and every per-token score sums over

@@ -70,7 +70,8 @@ def run_tinfluence(args) -> dict:
     from tinfluence.text import token_nll
     model, train_ids, query_ids = build(args)
     _pretrain(model, train_ids, args.pretrain)
-    apply, params = ti.functionalize(model)
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    apply, params = ti.functionalize(model, (lambda name, p: name in linear) if args.linear_only else None)
     P = sum(p.numel() for p in params.values())
     token_loss = lambda p, b: token_nll(apply(p, b["input_ids"]), b["input_ids"])  # noqa: E731
     seq_loss = lambda p, b: token_loss(p, b).sum(-1)  # noqa: E731
@@ -101,16 +102,23 @@ def run_tinfluence(args) -> dict:
             values, ids = store.topk(Q, 10, curvature)           # [b, T, 10] most helpful per query token
             top_tokens.append(ids)
         t_query = time.perf_counter() - t0
-        t_floor = floor_seconds(model, train_ids, args.chunk)
+        t0 = time.perf_counter()
+        per_sequence = store.influence(ti.compressed_grads(seq_loss, params, queries, projector=proj), curvature)
+        t_query_seq = time.perf_counter() - t0
+        floor_n = min(args.n, args.floor_n)
+        t_floor = floor_seconds(model, train_ids[:floor_n], args.chunk) * args.n / floor_n   # linear in n
         tokens = args.n * args.T
         return {
-            "library": "tinfluence", "params": P, "n": args.n, "T": args.T, "k_in": args.k, "k_out": args.k,
+            "library": "tinfluence", "params": P, "linear_only": args.linear_only, "n": args.n, "T": args.T, "k_in": args.k, "k_out": args.k,
             "dim": proj.dim, "dtype": args.dtype, "chunk": args.chunk, "queries": len(query_ids),
+            "floor_measured_on": floor_n,
             "seconds": {"train_gradients": t_grad, "store_write": t_write, "curvature": t_curv,
-                        "query_per_token": t_query, "floor_forward_backward": t_floor},
+                        "query_per_token": t_query, "query_per_sequence": t_query_seq,
+                        "floor_forward_backward": t_floor},
             "tokens_per_s": tokens / (t_grad + t_write), "floor_tokens_per_s": tokens / t_floor,
             "fraction_of_floor": t_floor / (t_grad + t_write),
             "query_tokens_per_s": len(query_ids) * args.T / t_query,
+            "per_sequence_shape": list(per_sequence.shape),
             "store_bytes": sum(f.stat().st_size for f in folder.glob("chunk-*.bin")),
             "peak_rss_gb": _rss_gb(), "threads": torch.get_num_threads(),
         }
@@ -163,6 +171,23 @@ def run_dattri(args) -> dict:
             "note": "per-example projected gradients from forward/backward hooks on nn.Linear layers, one backward per batch"}
 
 
+def compare(args) -> dict:
+    """tinfluence and dattri's LoGra alternately in one process (the interpreter that has dattri),
+    `args.repeats` times each, so both see the same machine load; medians and their ratio."""
+    import statistics
+    ours, peer = [], []
+    for _ in range(args.repeats):
+        r = run_tinfluence(args)
+        ours.append(r["seconds"]["train_gradients"] + r["seconds"]["store_write"] + r["seconds"]["curvature"])
+        p = run_dattri(args)
+        peer.append(p["seconds"]["cache (gradients + preconditioners)"])
+    a, b = statistics.median(ours), statistics.median(peer)
+    return {"n": args.n, "T": args.T, "k": args.k, "linear_only": args.linear_only,
+            "tinfluence_seconds (gradients + store + curvature)": ours,
+            "dattri_seconds (cache: gradients + preconditioners + ifvp)": peer,
+            "median_ratio_dattri_over_tinfluence": b / a, "last_tinfluence": r, "last_dattri": p}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2,000 training windows instead of 50,000")
@@ -177,13 +202,21 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--pretrain", type=int, default=50)
+    parser.add_argument("--floor-n", type=int, default=5000, help="windows the floor is timed on (scaled to n)")
+    parser.add_argument("--linear-only", action="store_true",
+                        help="attribute the nn.Linear weights only (the parameters dattri's LoGra covers)")
     parser.add_argument("--peer", choices=["dattri"], default=None)
     parser.add_argument("--peer-batch", type=int, default=32)
+    parser.add_argument("--compare", action="store_true", help="tinfluence and dattri alternately, --repeats times")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     args.n = args.n or (2000 if args.quick else 50_000)
     torch.set_num_threads(1)
-    result = run_dattri(args) if args.peer == "dattri" else run_tinfluence(args)
+    if args.compare:
+        result = compare(args)
+    else:
+        result = run_dattri(args) if args.peer == "dattri" else run_tinfluence(args)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -14,7 +14,7 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from . import distributed, io, plot
+from . import distributed, io, plot, text
 from .core import data, factored, tree
 from .core.data import chunks, from_loader, num_examples, take
 from .core.errors import ConvergenceError, DivergenceError
@@ -48,7 +48,7 @@ del _name
 
 __all__ = [
     # namespaces
-    "data", "tree", "factored", "distributed", "io", "plot",
+    "data", "tree", "factored", "distributed", "io", "plot", "text",
     # core: model, data, objective, kernels
     "functionalize", "chunks", "from_loader", "num_examples", "take", "Objective", "objective",
     "per_example_grad_fn", "per_example_grads", "hvp", "ggn_vp", "hessian", "to_dense", "ravel", "unravel", "vdot",

@@ -109,7 +109,8 @@ def run_tinfluence(args) -> dict:
         t_floor = floor_seconds(model, train_ids[:floor_n], args.chunk) * args.n / floor_n   # linear in n
         tokens = args.n * args.T
         return {
-            "library": "tinfluence", "params": P, "linear_only": args.linear_only, "n": args.n, "T": args.T, "k_in": args.k, "k_out": args.k,
+            "library": "tinfluence", "params": P, "linear_only": args.linear_only, "n": args.n, "T": args.T,
+            "k_in": args.k, "k_out": args.k,
             "dim": proj.dim, "dtype": args.dtype, "chunk": args.chunk, "queries": len(query_ids),
             "floor_measured_on": floor_n,
             "seconds": {"train_gradients": t_grad, "store_write": t_write, "curvature": t_curv,
@@ -128,11 +129,13 @@ def run_tinfluence(args) -> dict:
 
 def run_dattri(args) -> dict:
     """Dattri's LoGraAttributor on the same model and windows, proj_dim = k² per layer (its Kronecker width)."""
+    import os
     from types import SimpleNamespace
 
+    from torch.utils.data import DataLoader
+    os.chdir(tempfile.mkdtemp(prefix="dattri-"))   # dattri keeps batch_metadata.json in the working folder
     from dattri.algorithm.logra import LoGraAttributor
     from dattri.task import AttributionTask
-    from torch.utils.data import DataLoader
     decoder, train_ids, query_ids = build(args)
     _pretrain(decoder, train_ids, args.pretrain)
 
@@ -172,8 +175,11 @@ def run_dattri(args) -> dict:
 
 
 def compare(args) -> dict:
-    """tinfluence and dattri's LoGra alternately in one process (the interpreter that has dattri),
-    `args.repeats` times each, so both see the same machine load; medians and their ratio."""
+    """Times both libraries alternately in one process, `args.repeats` times each.
+
+    Run with the interpreter that has dattri; alternating lets both see the same machine load.
+    Returns the times, the median ratio and the last run of each.
+    """
     import statistics
     ours, peer = [], []
     for _ in range(args.repeats):
@@ -212,6 +218,7 @@ def main():
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     args.n = args.n or (2000 if args.quick else 50_000)
+    args.out = args.out and str(Path(args.out).resolve())    # the dattri run changes the working folder
     torch.set_num_threads(1)
     if args.compare:
         result = compare(args)

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     files are consistent at every moment, and the same command picks up where it stopped. A
     result folder that must not be touched ends it with status 2 and a message.
     """
+    from .core.errors import ConvergenceError
     from .pipeline import FolderError
 
     parser, demo_parser, run_parser = _parsers()
@@ -200,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     except FolderError as err:          # found before anything in OUT was changed
         print(f"tinfluence {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except ConvergenceError as err:     # training or a retraining did not converge: the finished results stay
+        print(f"tinfluence {args.command}: error: {err} The finished results stay in the output folder; change the "
+              "task's settings (a new folder) or rerun the same command to resume.", file=sys.stderr, flush=True)
+        return 1
 
 
 def _demo(demo_parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ from .io.scores import ScoreWriter, _atomic_write, _hash_tree, influence_to_file
 from .methods.empirical_if import empirical_if
 from .methods.similarity import grad_dot
 from .methods.tracin import tracin
-from .solvers import cg, direct, lissa, minimize
+from .solvers import cg, direct, lissa
 from .validate import lbfgs_trainer, leave_one_out, newton_trainer, pearson, sign_agreement, spearman
 from .validate.loo import leave_one_out_records
 
@@ -240,7 +240,7 @@ class Task:
     name: str = "task"
     checkpoint: str | None = None     # a file of trained parameters (torch.save of a dict) to load instead of training
     trained: bool = False             # `params` are already trained: skip step 1
-    fit: Callable | None = None       # (params, data) -> params, training from params; default L-BFGS on the objective
+    fit: Callable | None = None       # (params, data) -> params, training from params; default ti.lbfgs_trainer
     retrain: object = None            # "newton", "lbfgs" or (params, data) -> params; default: `fit`, else "lbfgs"
     method: tuple = ("cg",)
     l2: float = 0.0
@@ -449,7 +449,7 @@ def _trainer(task: Task, kind, params) -> Callable:
         return kind
     if kind == "newton":
         return newton_trainer(task.loss, params, task.train, l2=task.l2, gtol=task.tol("gtol"))
-    return lbfgs_trainer(task.loss, l2=task.l2, gtol=task.tol("gtol"))
+    return lbfgs_trainer(task.loss, l2=task.l2, gtol=task.tol("gtol"), newton_steps=5)
 
 
 def _fitted(task: Task, out: str, echo: Callable) -> dict:
@@ -464,9 +464,9 @@ def _fitted(task: Task, out: str, echo: Callable) -> dict:
         params = task.params
         echo("model: the task's trained parameters" + (f" ({task.checkpoint})" if task.checkpoint else ""))
     else:
-        fit = task.fit or (lambda p, data: minimize(objective(task.loss, data, l2=task.l2), p, gtol=task.tol("gtol")))
+        fit = task.fit or _trainer(task, "lbfgs", task.params)
         params = {k: v.detach() for k, v in fit(task.params, task.train).items()}
-        how = "the task's fit" if task.fit else f"L-BFGS to gradient max-norm {task.tol('gtol'):g}"
+        how = "the task's fit" if task.fit else f"L-BFGS and Newton-CG to gradient max-norm {task.tol('gtol'):g}"
         echo(f"model: trained in {time.perf_counter() - tic:.1f} s ({how})")
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in params.items()}, buffer)
@@ -516,7 +516,9 @@ def _score_stage(task: Task, name: str, params, folder: Path, meta: dict, progre
     done = writer.done & set(ids)
     if done:
         echo(f"scores {name}: resumed {len(done)}/{len(ids)} test points from {folder}")
-    if name in SCALE_FREE:        # the estimators outside ti.influence: the same files, block by block
+    if done == set(ids):
+        pass                      # nothing to compute: no curvature is built, the files are only read
+    elif name in SCALE_FREE:      # the estimators outside ti.influence: the same files, block by block
         for start in range(0, len(ids), block):
             part = ids[start:start + block]
             if set(part) <= writer.done:

@@ -35,7 +35,7 @@ def _examples(n_train: int, generator: torch.Generator):
     images = X.reshape(-1, 8, 8)
     z = (X - X[:n_train].mean(0)) / (X[:n_train].std(0) + 1e-6)
     patches = z.reshape(-1, 2, 4, 2, 4).permute(0, 1, 3, 2, 4).reshape(-1, 4, 16)    # 4 patches of 4×4 pixels
-    right = torch.rand(n, generator=generator) < 0.6
+    right = torch.rand(n, generator=generator, dtype=torch.float64) < 0.6
     word = torch.where(right, y, torch.randint(0, 10, (n,), generator=generator))
     fillers = 10 + torch.randint(0, FILLERS, (n, 2), generator=generator)
     text = torch.cat([word[:, None], fillers], dim=1)[:, torch.randperm(3, generator=generator)]
@@ -47,12 +47,12 @@ def _examples(n_train: int, generator: torch.Generator):
 class ImageText(torch.nn.Module):
     """Image tokens and text tokens in one space, pooled through tanh, then a linear classifier."""
 
-    def __init__(self):
+    def __init__(self, dtype=torch.float64):     # explicit dtypes: the same weights whatever the default dtype
         super().__init__()
-        self.patch = torch.nn.Linear(16, WIDTH)
-        self.position = torch.nn.Parameter(0.1 * torch.randn(4, WIDTH))
-        self.words = torch.nn.Embedding(VOCAB, WIDTH)
-        self.head = torch.nn.Linear(WIDTH, 10)
+        self.patch = torch.nn.Linear(16, WIDTH, dtype=dtype)
+        self.position = torch.nn.Parameter(0.1 * torch.randn(4, WIDTH, dtype=dtype))
+        self.words = torch.nn.Embedding(VOCAB, WIDTH, dtype=dtype)
+        self.head = torch.nn.Linear(WIDTH, 10, dtype=dtype)
 
     def forward(self, patches, text):
         tokens = torch.cat([self.patch(patches) + self.position, self.words(text)], dim=-2)   # [B, 7, WIDTH]
@@ -63,7 +63,7 @@ name = "multimodal"
 generator = torch.Generator().manual_seed(0)
 train, test, (train_images, test_images) = _examples(N_TRAIN, generator)
 torch.manual_seed(0)                                        # the initial weights
-apply, params = ti.functionalize(ImageText().double())
+apply, params = ti.functionalize(ImageText())
 
 
 def loss(params, batch):
@@ -78,7 +78,7 @@ def fit(params, data):
 
 l2 = 1e-2
 method = ["cg", "grad_dot"]           # classic influence, and the gradient dot product on its own scale
-damping = 0.0
+damping = 1e-2                        # the model is not convex: H may have small negative eigenvalues at θ̂
 retrain = fit                         # leave-one-out: the same training, warm-started from θ̂
 test_ids, top_k = [0, 1, 2], 10
 images, labels = (train_images, test_images), (train["y"], test["y"])

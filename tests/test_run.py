@@ -158,14 +158,16 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_results(referen
         with open(log, "w") as stdout:
             job = _start([*SMALL, "--no-progress"], out, stdout=stdout)
             _wait_for(job, lambda: "multimodal:" in log.read_text())      # the task file is loaded
-            time.sleep(rng.uniform(0, 0.8 * seconds))
+            time.sleep(rng.uniform(0, 0.6 * seconds))
             if job.poll() is None:
                 job.send_signal(how)
             _, stderr = job.communicate(timeout=300)
         if job.returncode == 0:
             break
-        if how == signal.SIGINT:
-            assert job.returncode == 130 and stderr.endswith("interrupted; rerun the same command to resume\n"), stderr
+        if how == signal.SIGINT and not (job.returncode == -signal.SIGINT and "wrote " in log.read_text()):
+            # (-SIGINT: the signal landed after the run's last line, while the interpreter was exiting)
+            assert job.returncode == 130 and stderr.endswith("interrupted; rerun the same command to resume\n"), \
+                (job.returncode, stderr, log.read_text())
         else:
             assert job.returncode == -signal.SIGKILL
         records = _loo(out)

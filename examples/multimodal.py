@@ -77,7 +77,7 @@ def fit(params, data):
 
 
 l2 = 1e-2
-method = ["cg", "grad_dot"]           # classic influence, and the gradient dot product on its own scale
+method = "cg"                          # classic influence; e.g. ["cg", "grad_dot"] compares the gradient dot product
 damping = 1e-2                        # the model is not convex: H may have small negative eigenvalues at θ̂
 retrain = fit                         # leave-one-out: the same training, warm-started from θ̂
 test_ids, top_k = [0, 1, 2], 10

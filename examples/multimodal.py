@@ -55,6 +55,7 @@ class ImageText(torch.nn.Module):
         self.head = torch.nn.Linear(WIDTH, 10, dtype=dtype)
 
     def forward(self, patches, text):
+        """Logits `[B, 10]` of patches `[B, 4, 16]` and word ids `[B, 3]`."""
         tokens = torch.cat([self.patch(patches) + self.position, self.words(text)], dim=-2)   # [B, 7, WIDTH]
         return self.head(torch.tanh(tokens).mean(-2))
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import optree
 import torch
@@ -133,9 +133,9 @@ class Folder:
         for entry in os.scandir(self.out):
             if entry.name.startswith(STAGING) and entry.is_dir():
                 shutil.rmtree(entry.path)
-        path, text = Path(self.out) / RUN_FILE, json.dumps(self.settings, indent=1).encode()
-        if not path.exists() or path.read_bytes() != text:
-            _atomic_write(path, text, WHERE)
+        run_file, text = Path(self.out) / RUN_FILE, json.dumps(self.settings, indent=1).encode()
+        if not run_file.exists() or run_file.read_bytes() != text:
+            _atomic_write(run_file, text, WHERE)
 
     @contextlib.contextmanager
     def staged(self) -> Iterator[str]:
@@ -241,7 +241,7 @@ class Task:
     checkpoint: str | None = None     # a file of trained parameters (torch.save of a dict) to load instead of training
     trained: bool = False             # `params` are already trained: skip step 1
     fit: Callable | None = None       # (params, data) -> params, training from params; default ti.lbfgs_trainer
-    retrain: object = None            # "newton", "lbfgs" or (params, data) -> params; default: `fit`, else "lbfgs"
+    retrain: Any = None               # "newton", "lbfgs" or (params, data) -> params; default: `fit`, else "lbfgs"
     method: tuple = ("cg",)
     l2: float = 0.0
     damping: float = 0.0
@@ -251,7 +251,7 @@ class Task:
     top_k: int = 10
     test_ids: tuple = (0, 1, 2)
     seed: int = 0
-    checkpoints: object = None        # for "tracin": [(params_t, lr_t), ...] or a function () -> that list
+    checkpoints: Any = None           # for "tracin": [(params_t, lr_t), ...] or a function () -> that list
     images: tuple | None = None       # (train images [n_train, H, W], test images [n_test, H, W]) for top_examples
     labels: tuple | None = None       # (train labels [n_train], test labels [n_test]) for the figures' titles
     path: str = field(default="", repr=False)
@@ -323,7 +323,7 @@ def _load_checkpoint(path: str, file: str, params: dict) -> dict:
     return {k: state[k].to(params[k].dtype) for k in params}
 
 
-def _choice(path: str, name: str, value, kinds) -> object:
+def _choice(path: str, name: str, value, kinds) -> Any:
     """`value` when it is of `kinds` (never a bool), else a TaskError naming the field."""
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
@@ -375,10 +375,10 @@ def load_task(path: str | os.PathLike, **overrides) -> Task:
                                          "lr_t), ...]` from a training run (or ti.load_checkpoints(...)), or drop 'tracin'.")
     given["method"] = method
     for name in ("l2", "damping"):
-        value = float(_choice(path, name, given.get(name, 0.0), (int, float)))
-        if not value >= 0:
-            raise _fail(path, name, f"must be >= 0; got {value}.")
-        given[name] = value
+        number = float(_choice(path, name, given.get(name, 0.0), (int, float)))
+        if not number >= 0:
+            raise _fail(path, name, f"must be >= 0; got {number}.")
+        given[name] = number
     for name in ("fit", "retrain"):
         value = given.get(name)
         if value is not None and not callable(value) and not (name == "retrain" and value in ("newton", "lbfgs")):

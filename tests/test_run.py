@@ -150,7 +150,8 @@ def _wait_for(job, ready, timeout=120):
 def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_results(reference, tmp_path):
     """SIGINT and SIGKILL at random moments of a run (training, scoring, retraining, writing); each
     rerun says what it resumes, nothing is lost or repeated, and the last equals the uninterrupted run."""
-    ref, _, seconds = reference
+    ref, printed, _ = reference
+    seconds = float(re.search(r"\(total ([\d.]+) s\)", printed).group(1))     # from the task's first line to the end
     reference_records = _loo(ref)
     rng = random.Random(20)
     out, log = tmp_path / "run", tmp_path / "stdout.txt"
@@ -159,7 +160,7 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_results(referen
         with open(log, "w") as stdout:
             job = _start([*SMALL, "--no-progress"], out, stdout=stdout)
             _wait_for(job, lambda: "multimodal:" in log.read_text())      # the task file is loaded
-            time.sleep(rng.uniform(0, 0.6 * seconds))
+            time.sleep(rng.uniform(0.02, 0.7) * seconds)
             if job.poll() is None:
                 job.send_signal(how)
             _, stderr = job.communicate(timeout=300)
@@ -277,3 +278,35 @@ def test_a_checkpoint_is_loaded_instead_of_training(tmp_path, capsys):
                             ihvp=ti.cg(ti.hvp(R, trained), tol=1e-12, maxiter=100))
     torch.testing.assert_close(ti.io.read_scores(tmp_path / "run" / "scores" / "direct", [0, 1, 2]), expected,
                                rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_fresh_replaces_only_the_pipelines_own_files(reference, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setenv("TINFLUENCE_EXAMPLE_N", "150")
+    assert main(["run", MULTIMODAL, "--method", "cg", "--test-ids", "3", "--top-k", "2", "--out", str(out), "--fresh",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"--fresh: deleted this pipeline's earlier files in {out}; starting afresh.")
+    assert (out / "notes.txt").read_text() == "mine"
+    records = _loo(out)
+    assert records[0]["meta"]["test_ids"] == [3] and len(records) == 3
+    assert sorted(p.name for p in (out / "scores" / "cg").iterdir()) == ["3.npy", "index.jsonl"]
+
+
+def test_ctrl_c_in_a_run_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    import tinfluence.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tinfluence.pipeline, "run_task", interrupted)
+    assert main(["run", "digits", "--out", str(tmp_path / "run"), "--no-progress"]) == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+
+
+def test_help_lists_run(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--help"])
+    assert stop.value.code == 0 and "TASK" in capsys.readouterr().out

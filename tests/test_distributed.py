@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -55,6 +56,35 @@ def _methods(params, train, test, group):
         "grad_dot": ti.grad_dot(_loss, params, train, test, group=group),
         "grad_cos": ti.grad_cos(_loss, params, train, test, group=group),
     }
+
+
+def _spawn(world, fn, args, out, *, timeout=60.0, deadline=60.0):
+    """Runs `fn(rank, world, *args)` in `world` gloo processes (collective `timeout` in seconds); each rank's
+    return value is saved to out/rankR.pt.
+
+    A hard deadline: processes still running after `deadline` seconds are killed and the test fails.
+    """
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), fn, args, str(out), timeout), nprocs=world,
+                                 join=False, start_method="spawn")
+    end = time.monotonic() + deadline
+    while not context.join(timeout=1.0):
+        if time.monotonic() > end:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__} over {world} processes still running after {deadline} s (a hang)")
+    paths = [os.path.join(out, f"rank{rank}.pt") for rank in range(world)]
+    return [torch.load(path) if os.path.exists(path) else None for path in paths]   # None: the rank died
+
+
+def _rank_main(rank, world, port, fn, args, out, timeout):
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    ti.distributed.init("gloo", timeout=timeout, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world, *args), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
 
 
 def _worker(rank, world, port, params, train, test, out):
@@ -112,3 +142,141 @@ def test_minimize_rejects_a_process_group_objective(digits_lr):
     grouped = ti.Objective(loss=digits_lr.loss, data=digits_lr.train, l2=0.0, chunk_size=None, n=1000, group=object())
     with pytest.raises(ValueError, match="ti.minimize: `f` is an objective over a process group"):
         ti.minimize(grouped, digits_lr.params)
+
+
+# --- self-influence over uneven shards: every collective solve gets the same right-hand sides ----------------
+
+UNEVEN = {2: [0, 75, 121], 3: [0, 50, 71, 121]}   # shard bounds: chunk counts differ between ranks
+
+
+def _self_influence_solvers(params, train, scale, group):
+    """`ti.self_influence` with every solver on `train` (a shard with a group); 48 right-hand sides per solve."""
+    R = ti.objective(_loss, train, l2=L2, group=group)
+    lissa = ti.lissa(_loss, params, train, l2=L2, damping=0.5, scale=scale, depth=40, batch_size=16,
+                     generator=torch.Generator().manual_seed(5), group=group)
+    solvers = {"direct": ti.direct(ti.hessian(R, params), damping=DAMPING),
+               "cg": ti.cg(ti.hvp(R, params), damping=DAMPING, tol=1e-12, maxiter=500),
+               "lissa": lissa}
+    return {name: ti.self_influence(_loss, params, train, ihvp=ihvp, chunk_size=48, group=group)
+            for name, ihvp in solvers.items()}
+
+
+def _sharded_self_influence(rank, world, params, train, scale):
+    start, stop = UNEVEN[world][rank], UNEVEN[world][rank + 1]
+    return _self_influence_solvers(params, ti.take(train, slice(start, stop)), scale, dist.group.WORLD)
+
+
+@pytest.fixture(scope="module")
+def lr121(digits_lr):
+    """121 training points (shards of 75/46 and 50/21/50), the optimum, LiSSA's scale and the 1-process scores."""
+    train = ti.take(digits_lr.train, slice(0, 121))
+    params = ti.minimize(ti.objective(_loss, train, l2=L2), ti.tree.zeros_like(digits_lr.params), gtol=1e-10,
+                         newton_steps=5)
+    scale = 4 * float(torch.linalg.eigvalsh(ti.hessian(ti.objective(_loss, train, l2=L2), params)).max())
+    return params, train, scale, _self_influence_solvers(params, train, scale, None)
+
+
+def test_one_process_self_influence_equals_dense_reference(lr121):
+    """Ground truth: diag(G (H + λI)⁻¹ Gᵀ) / n with H from torch.autograd.functional.hessian."""
+    params, train, _, got = lr121
+    flat = ti.ravel(params)
+    R = lambda x: _loss(ti.tree.unravel(x, params), train).mean() + L2 / 2 * x.pow(2).sum()  # noqa: E731
+    H = torch.autograd.functional.hessian(R, flat) + DAMPING * torch.eye(flat.numel())
+    G = ti.ravel(ti.per_example_grads(_loss, params, train), batch_ndim=1)
+    expected = (G * torch.linalg.solve(H, G.T).T).sum(1) / 121
+    for name in ("direct", "cg"):
+        torch.testing.assert_close(got[name], expected, rtol=1e-9, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_self_influence_equals_one_process_for_every_solver(lr121, world, tmp_path):
+    params, train, scale, expected = lr121
+    for rank, got in enumerate(_spawn(world, _sharded_self_influence, (params, train, scale), tmp_path)):
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-10, atol=0,
+                                       msg=lambda m, name=name, rank=rank: f"{name} (rank {rank}): {m}")
+
+
+# --- the ranks must agree on what is replicated ---------------------------------------------------------------
+
+def _mismatched_calls(rank, world, params, train, test):
+    """Each group call with rank 1 holding other parameters or test points; returns the messages raised."""
+    group = dist.group.WORLD
+    shard = ti.distributed.shard(train, rank, world)
+    nudged = {**params, "bias": params["bias"] + torch.eye(10)[3] * 1e-9} if rank == 1 else params
+    reordered = ti.take(test, torch.tensor([1, 0, 2, 3, 4])) if rank == 1 else test
+    R = ti.objective(_loss, shard, l2=L2, group=group)
+    ihvp = ti.direct(ti.hessian(R, params), damping=DAMPING)
+    predict = lambda p, b: b[0] @ p["weight"].T + p["bias"]  # noqa: E731
+    output_loss = lambda o, b: F.cross_entropy(o, b[1], reduction="none")  # noqa: E731
+    calls = {
+        "influence_test": lambda: ti.influence(_loss, params, shard, reordered, ihvp=ihvp, group=group),
+        "influence_params": lambda: ti.influence(_loss, nudged, shard, test, ihvp=ihvp, group=group),
+        "self_influence": lambda: ti.self_influence(_loss, nudged, shard, ihvp=ihvp, group=group),
+        "hvp": lambda: ti.hvp(R, nudged),
+        "hvp_l2": lambda: ti.hvp(ti.objective(_loss, shard, l2=L2 * (1 + rank), group=group), params),
+        "ggn_vp": lambda: ti.ggn_vp(predict, nudged, shard, output_loss=output_loss, l2=L2, group=group),
+        "lissa": lambda: ti.lissa(_loss, params, shard, l2=L2, scale=10.0, depth=5,
+                                  generator=torch.Generator().manual_seed(rank), group=group),
+    }
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except ValueError as err:
+            messages[name] = str(err)
+    return messages
+
+
+def test_ranks_with_different_params_or_test_points_are_refused(small_lr, tmp_path):
+    params, train, test, _ = small_lr
+    for got in _spawn(2, _mismatched_calls, (params, train, test), tmp_path):
+        expected = {"influence_test": ("ti.influence", "`test` differs from rank 0's on rank(s) [1]"),
+                    "influence_params": ("ti.influence", "`params` differs from rank 0's on rank(s) [1]"),
+                    "self_influence": ("ti.self_influence", "`params` differs from rank 0's on rank(s) [1]"),
+                    "hvp": ("ti.hvp", "`params` differs from rank 0's on rank(s) [1]"),
+                    "hvp_l2": ("ti.hvp", "`l2` differs from rank 0's on rank(s) [1]"),
+                    "ggn_vp": ("ti.ggn_vp", "`params` differs from rank 0's on rank(s) [1]"),
+                    "lissa": ("ti.lissa", "`generator` differs from rank 0's on rank(s) [1]")}
+        assert set(got) == set(expected)
+        for name, (where, what) in expected.items():
+            assert got[name].startswith(f"{where}: with `group`, every rank must pass the same"), got[name]
+            assert what in got[name], got[name]
+
+
+# --- a dead or stalled peer gives a bounded wait and a clear error --------------------------------------------
+
+def _stalled_influence(rank, world, params, train, test, fault, timeout):
+    """Rank 1 stalls (sleeps) or dies instead of joining; rank 0 reports what it got and how long it took."""
+    if rank == 1:
+        if fault == "dies":
+            os._exit(0)
+        time.sleep(3 * timeout)
+        return None
+    shard = ti.distributed.shard(train, rank, world)
+    ihvp = ti.direct(ti.hessian(ti.objective(_loss, shard, l2=L2), params))
+    tic = time.monotonic()
+    try:
+        ti.influence(_loss, params, shard, test, ihvp=ihvp, group=dist.group.WORLD)
+    except ti.distributed.CollectiveError as err:
+        return {"message": str(err), "seconds": time.monotonic() - tic}
+    return {"message": "no error", "seconds": time.monotonic() - tic}
+
+
+@pytest.mark.parametrize("fault", ["stalls", "dies"])
+def test_a_stalled_or_dead_peer_raises_within_the_timeout(small_lr, fault, tmp_path):
+    params, train, test, _ = small_lr
+    timeout = 2.0
+    got = _spawn(2, _stalled_influence, (params, train, test, fault, timeout), tmp_path, timeout=timeout,
+                 deadline=40.0)[0]
+    assert got["message"].startswith("ti.influence: a collective over the process group failed on rank 0 of 2 "
+                                     "after waiting"), got["message"]
+    assert "another rank died, stalled past the group's timeout" in got["message"]
+    assert "ti.distributed.init(timeout=...)" in got["message"]
+    assert got["seconds"] < 3 * timeout, got
+
+
+def test_init_rejects_a_bad_timeout():
+    with pytest.raises(ValueError, match=r"ti.distributed.init: `timeout` must be a finite number of seconds > 0; "
+                                         r"got -1"):
+        ti.distributed.init("gloo", timeout=-1)

@@ -22,6 +22,17 @@ def test_convex_recipe():
     assert "Pearson(influence, actual leave-one-out change)" in out
 
 
+def test_deep_float32_recipe():
+    out = _run(sys.executable, str(RECIPES / "deep_float32.py"))
+    assert "all converged: True" in out
+
+
+def test_huggingface_recipe():
+    pytest.importorskip("transformers")
+    out = _run(sys.executable, str(RECIPES / "huggingface.py"))
+    assert "most helpful training windows for query 0" in out
+
+
 @pytest.mark.slow
 def test_distributed_recipe():
     out = _run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

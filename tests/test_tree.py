@@ -65,7 +65,8 @@ def test_stack_unstack_and_batched_ravel(x, k):
     assert flat.shape == (k, tr.size(x))
     assert torch.equal(flat, torch.stack([tr.ravel(i) for i in items]))
     assert torch.equal(tr.ravel(tr.unravel(flat, x), batch_ndim=1), flat)
-    assert tr.has_leading_axis(stacked, x) and not tr.has_leading_axis(x, x)
+    op = ti.LinearOperator(lambda v: v, like=x)
+    assert op.is_stack(stacked) and not op.is_stack(x)
 
 
 @settings(max_examples=30, deadline=None)
@@ -109,7 +110,7 @@ def test_shape_errors_are_explained():
     with pytest.raises(ValueError, match="last dimension P=6"):
         tr.unravel(torch.zeros(5), x)
     with pytest.raises(ValueError, match="parameter shapes"):
-        tr.has_leading_axis({"w": torch.zeros(4, 4)}, x)
+        ti.LinearOperator(lambda v: v, like=x).is_stack({"w": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match="structure of the parameters"):
-        tr.has_leading_axis({"v": torch.zeros(2, 3)}, x)
+        ti.LinearOperator(lambda v: v, like=x).is_stack({"v": torch.zeros(2, 3)})
     assert ti.ravel is tr.ravel and ti.unravel is tr.unravel and ti.vdot is tr.vdot

@@ -20,6 +20,7 @@ from .core.data import chunks, from_loader, num_examples, take
 from .core.errors import ConvergenceError, DivergenceError
 from .core.model import Checkpoint, functionalize
 from .core.objective import Objective, objective
+from .core.operator import LinearOperator
 from .core.transforms import ggn_vp, hessian, hvp, per_example_grad_fn, per_example_grads, to_dense
 from .core.tree import ravel, unravel, vdot
 from .io import influence_to_files, load_checkpoints
@@ -30,7 +31,8 @@ from .methods.newton import newton_loo, newton_step_without
 from .methods.similarity import grad_cos, grad_dot
 from .methods.tracin import tracin, tracin_self_influence
 from .methods.trajectory import TrainingRun, group_influence, replay_effect, training_run, trajectory_influence
-from .solvers import CGState, LissaState, SolveInfo, cg, cg_solve, direct, lissa, lissa_solve, minimize, nystrom
+from .solvers import (Curvature, Eigenvalues, InverseOperator, Solution, SolveInfo, Status, cg, cg_solve, direct, ekfac,
+                      eigenvalues, kfac, lissa, lissa_solve, minimize, nystrom)
 from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, newton_trainer, pearson, sign_agreement,
                        spearman, topk_overlap)
 
@@ -40,7 +42,7 @@ except PackageNotFoundError:   # run from a source tree that was never installed
     __version__ = "0+unknown"
 
 # The import paths of the modules that moved into `core` keep working (`tinfluence.tree`, ...).
-for _name in ("data", "errors", "factored", "model", "objective", "optim", "scoring", "transforms", "tree"):
+for _name in ("data", "errors", "factored", "model", "objective", "operator", "optim", "scoring", "transforms", "tree"):
     sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{__name__}.core.{_name}")
 del _name
 
@@ -51,8 +53,9 @@ __all__ = [
     "functionalize", "chunks", "from_loader", "num_examples", "take", "Objective", "objective",
     "per_example_grad_fn", "per_example_grads", "hvp", "ggn_vp", "hessian", "to_dense", "ravel", "unravel", "vdot",
     # solvers
-    "direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "minimize", "SolveInfo", "CGState", "LissaState",
-    "ConvergenceError", "DivergenceError",
+    "LinearOperator", "direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "kfac", "ekfac", "Curvature",
+    "minimize", "eigenvalues",
+    "Eigenvalues", "InverseOperator", "Solution", "SolveInfo", "Status", "ConvergenceError", "DivergenceError",
     # estimators
     "influence", "self_influence", "tracin", "tracin_self_influence", "empirical_if", "reverse_check", "ReverseCheck",
     "grad_dot", "grad_cos", "newton_loo", "newton_step_without", "knn_candidates",

@@ -220,13 +220,25 @@ def _demo(demo_parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if args.distributed:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")
-        group, lead = dist.group.WORLD, dist.get_rank() == 0
-    demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed,
-             progress=lead and not args.no_progress, group=group,
-             echo=(lambda line: print(line, flush=True)) if lead else (lambda line: None))
+        from .distributed import init
+
+        group = init("gloo")
+        lead = dist.get_rank() == 0
+    try:
+        demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed,
+                 progress=lead and not args.no_progress, group=group,
+                 echo=(lambda line: print(line, flush=True)) if lead else (lambda line: None))
+    finally:
+        if group is not None:
+            dist.destroy_process_group()
     if group is not None:
-        dist.destroy_process_group()
+        # References to the group that outlive `run` (not visible to the garbage collector) keep gloo's
+        # C++ process group alive to interpreter shutdown, where its destructor races the backend's
+        # threads and aborts the process (SIGABRT, "terminate called without an active exception").
+        # A torchrun worker has nothing left to finalize: it ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

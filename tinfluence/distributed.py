@@ -10,19 +10,63 @@ Hessians are all-reduced; score matrices are computed for the local shard and, b
 all-gathered along the training axis, so every rank returns the matrix one process would.
 `group=None` (the default everywhere) never touches `torch.distributed`.
 
+The collective contract (what every rank must do so that the collectives pair up):
+  - every rank makes the same group calls, in the same order, with bitwise-identical
+    parameters, test points and options; each group call checks this at its start
+    (`check_replicated`: one all-gather of float64 checksums) and raises naming what
+    differs and on which ranks;
+  - every collective solve is given the SAME right-hand sides on every rank (the
+    operator sums the ranks' products of one vector): `ti.self_influence` all-gathers
+    each round's training gradients and solves their union, every rank keeping its rows;
+  - every rank makes equally many collective calls, whatever its shard size (a rank whose
+    shard is used up still joins the remaining rounds);
+  - waits are bounded: `init` sets the group's timeout, and a collective that fails
+    (a peer died, stalled past the timeout, or called something else) raises
+    `CollectiveError` saying so, with the time waited.
+
 Works with any backend whose collectives accept the parameters' device (gloo on CPU,
 nccl on CUDA).
 """
 
 from __future__ import annotations
 
-import torch
+import datetime
+import math
+
 import torch.distributed as dist
 
 from .core import data as D
-from .core import tree as tr
+from .core.collectives import (DEFAULT_TIMEOUT, CollectiveError, all_reduce, check_replicated, gather_columns,
+                               gather_rows, global_size, offset, rounds, sizes)
 
-__all__ = ["shard", "shard_bounds", "all_reduce", "global_size", "offset", "gather_columns"]
+__all__ = ["init", "CollectiveError", "check_replicated", "shard", "shard_bounds", "all_reduce", "global_size",
+           "offset", "sizes", "gather_columns", "gather_rows", "rounds"]
+
+
+def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
+    """Initializes the default process group with a bounded wait; returns `torch.distributed.group.WORLD`.
+
+    `torch.distributed.init_process_group(backend, timeout=timeout s, **kwargs)`: under
+    torchrun the rank, world size and rendezvous come from the environment. Every
+    collective then fails after `timeout` seconds instead of waiting for a dead or stalled
+    peer (torch's default is 30 minutes), and the `group=` functions turn that failure into
+    a `CollectiveError` that says so. Choose `timeout` above the longest stretch of local
+    work one rank does between two collectives (one chunk of gradients, one solve's local
+    products). End every rank with `torch.distributed.destroy_process_group()`; if anything may
+    still refer to the group (closures, caches), end the process right after it
+    (`os._exit(0)` after flushing stdout and stderr, as `tinfluence demo --distributed` does):
+    a gloo group destroyed only at interpreter shutdown can abort the process (SIGABRT,
+    "terminate called without an active exception").
+
+    Args:
+      backend: "gloo" (CPU) or "nccl" (CUDA).
+      timeout: seconds > 0 a collective waits for its peers (default 300).
+      **kwargs: passed on (`init_method`, `rank`, `world_size`, ...).
+    """
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"ti.distributed.init: `timeout` must be a finite number of seconds > 0; got {timeout!r}.")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)), **kwargs)
+    return dist.group.WORLD
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -59,65 +103,3 @@ def shard(data, rank: int, world: int):
         raise ValueError(f"ti.distributed.shard: `data` has {n} examples, fewer than world={world}; every shard needs one.")
     start, stop = shard_bounds(n, rank, world)
     return D.take(data, slice(start, stop))
-
-
-def _device(group) -> torch.device:
-    """Where the backend's collectives want small bookkeeping tensors: cuda for nccl, else cpu."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce(value, group):
-    """Returns the sum over ranks of a tensor or pytree of tensors (inputs are not modified).
-
-    All leaves travel in ONE collective (flattened and concatenated), whatever the pytree.
-    """
-    if group is None:
-        return value
-    flat = tr.ravel(value).detach().clone()
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    return tr.unravel(flat, value)
-
-
-def global_size(n_local: int, group) -> int:
-    """Returns Σ over ranks of `n_local` (the global number of examples); `n_local` without a group."""
-    if group is None:
-        return n_local
-    sizes = _sizes(n_local, group)
-    return int(sizes.sum())
-
-
-def _sizes(n_local: int, group) -> torch.Tensor:
-    """The shard sizes of all ranks, in rank order: LongTensor `[world]`."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor([n_local], dtype=torch.long, device=_device(group))
-    every = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
-    return torch.cat(every).cpu()
-
-
-def offset(n_local: int, group) -> tuple[int, int]:
-    """Returns `(start, n)`: this rank's first global example id and the global n."""
-    if group is None:
-        return 0, n_local
-    sizes = _sizes(n_local, group)
-    rank = dist.get_rank(group)
-    return int(sizes[:rank].sum()), int(sizes.sum())
-
-
-def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
-    """Returns the ranks' blocks `[..., n_local_r]` concatenated along the last axis, rank order.
-
-    Shards may differ in size: blocks are padded to the largest for the collective and
-    trimmed after.
-    """
-    if group is None:
-        return local
-    sizes = _sizes(local.shape[-1], group)
-    width = int(sizes.max())
-    padded = torch.nn.functional.pad(local, (0, width - local.shape[-1])).contiguous()
-    every = [torch.empty_like(padded) for _ in range(len(sizes))]
-    dist.all_gather(every, padded, group=group)
-    return torch.cat([block[..., :int(s)] for block, s in zip(every, sizes)], dim=-1)
-

@@ -11,7 +11,8 @@ import torch
 
 
 class ConvergenceError(RuntimeError):
-    """A solver missed its tolerance or met a breakdown; `.info` holds its diagnostics."""
+    """A solver missed its tolerance or met a breakdown; `.info` holds its diagnostics (a `ti.SolveInfo`
+    from `ti.cg`, `ti.lissa` and `ti.direct`)."""
 
     def __init__(self, message: str, info=None):
         super().__init__(message)
@@ -19,7 +20,8 @@ class ConvergenceError(RuntimeError):
 
 
 class DivergenceError(RuntimeError):
-    """An iteration blew up (non-finite or exploding iterate); `.info` holds its diagnostics."""
+    """An iteration blew up (non-finite or exploding iterate, or no better than x = 0); `.info` holds its
+    diagnostics (a `ti.SolveInfo` from `ti.lissa`)."""
 
     def __init__(self, message: str, info=None):
         super().__init__(message)

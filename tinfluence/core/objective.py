@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from . import data as D
-from .. import distributed as dd
+from . import collectives as dd
 from . import tree as tr
 from .errors import check_chunk_size
 

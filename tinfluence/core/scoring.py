@@ -16,7 +16,7 @@ from typing import Callable
 import optree
 import torch
 
-from .. import distributed as dd
+from . import collectives as dd
 from . import data as D
 from . import factored as fa
 from . import tree as tr

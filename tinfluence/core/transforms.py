@@ -20,10 +20,11 @@ import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from . import data as D
-from .. import distributed as dd
+from . import collectives as dd
 from . import tree as tr
 from .errors import check_params
 from .objective import Objective, example_loss, per_example
+from .operator import LinearOperator
 
 __all__ = ["per_example_grads", "per_example_grad_fn", "hvp", "ggn_vp", "hessian", "to_dense"]
 
@@ -131,19 +132,12 @@ def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = 
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
 
-def _accepting_stacks(apply_one: Callable, params, apply_many: Callable | None = None) -> Callable:
-    """Lifts `v -> C v` to also take a stack of vectors (leading axis k): `apply_many`, or vmap.
-
-    The operator carries the parameters it acts on as `.params`, so solvers can tell one
-    vector from a stack without being told.
-    """
-    apply_many = vmap(apply_one) if apply_many is None else apply_many
-
-    def operator(v):
-        return apply_many(v) if tr.has_leading_axis(v, params) else apply_one(v)
-
-    operator.params = params
-    return operator
+def _accepting_stacks(apply_one: Callable, params, apply_many: Callable | None = None, *,
+                      kind: str = "hessian") -> LinearOperator:
+    """Lifts `v -> C v` to a `ti.LinearOperator` on `params`: stacks (leading axis k) go to
+    `apply_many`, or vmap. It carries the parameters' structure, so solvers tell one vector
+    from a stack by `is_stack`, without being told."""
+    return LinearOperator(apply_one, params, many=apply_many, symmetric=True, kind=kind)
 
 
 def _summed(terms: list, l2: float) -> Callable:
@@ -158,7 +152,8 @@ def _summed(terms: list, l2: float) -> Callable:
     return apply
 
 
-def _chunked_operator(kernel: Callable, params, data, chunk_size: int | None, l2: float, compile: bool) -> Callable:
+def _chunked_operator(kernel: Callable, params, data, chunk_size: int | None, l2: float, compile: bool,
+                      kind: str = "hessian") -> LinearOperator:
     """`v -> Σ_chunks kernel(params, chunk, v) + l2·v`, on one vector or a stack (leading axis k).
 
     The chunk is an argument of `kernel`, not a closure: compiled, the single-vector kernel
@@ -171,18 +166,21 @@ def _chunked_operator(kernel: Callable, params, data, chunk_size: int | None, l2
     def bound(fn):
         return _summed([functools.partial(fn, params, chunk) for chunk in chunks], l2)
 
-    return _accepting_stacks(bound(one), params, bound(many))
+    return _accepting_stacks(bound(one), params, bound(many), kind=kind)
 
 
-def _all_reducing(local: Callable, l2: float, group) -> Callable:
-    """`v -> Σ_ranks local(v) + l2·v`: ONE all-reduce per application, the l2 term added once."""
+def _all_reducing(local: LinearOperator, l2: float, group) -> LinearOperator:
+    """`v -> Σ_ranks local(v) + l2·v`: ONE all-reduce per application (one vector or a whole
+    stack), the l2 term added once."""
 
-    def operator(v):
-        total = dd.all_reduce(local(v), group)
-        return tr.add_scaled(total, l2, v) if l2 else total
+    def reduced(apply):
+        def operator(v):
+            total = dd.all_reduce(apply(v), group)
+            return tr.add_scaled(total, l2, v) if l2 else total
+        return operator
 
-    operator.params = local.params
-    return operator
+    return LinearOperator(reduced(local.fn), local.like, many=reduced(local.many), symmetric=local.symmetric,
+                          psd=local.psd, kind=local.kind)
 
 
 def _retained_hvp(f: Callable, params) -> Callable:
@@ -268,8 +266,9 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
       compile: compile the recomputing form with torch.compile (inductor).
 
     Returns:
-      `Hv(v)`: `v` shaped like `params` -> H v likewise; `v` with leaves `[k, *shape]`
-      -> leaves `[k, *shape]` (k products in one vmapped call). Pure: the same `v` gives
+      `Hv`, a `ti.LinearOperator` (kind "hessian"): `v` shaped like `params` -> H v
+      likewise; `v` with leaves `[k, *shape]` -> leaves `[k, *shape]` (k products in one
+      vmapped call). Pure: the same `v` gives
       the same result, and `params` are never modified.
 
     Raises:
@@ -279,6 +278,7 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
     check_params("ti.hvp", params)
     cache = _resolved_cache("ti.hvp", cache, compile)
     if isinstance(f, Objective) and f.group is not None:
+        dd.check_replicated("ti.hvp", f.group, params=params, l2=f.l2)
         local = hvp(dataclasses.replace(f, l2=0.0, group=None), params, cache=cache, compile=compile)
         return _all_reducing(local, f.l2, f.group)
     if cache:
@@ -349,7 +349,8 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
         the global number of examples and each product is all-reduced once (l2·v added once).
 
     Returns:
-      `GNv(v)` on pytrees shaped like `params`, or on stacks with leading axis k. Pure.
+      `GNv`, a `ti.LinearOperator` (kind "ggn") on pytrees shaped like `params`, or on
+      stacks with leading axis k. Pure.
 
     Raises:
       TypeError: `compile` is not a bool.
@@ -359,6 +360,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     if l2 < 0:
         raise ValueError(f"ti.ggn_vp: `l2` must be >= 0; got {l2}.")
     cache = _resolved_cache("ti.ggn_vp", cache, compile)
+    dd.check_replicated("ti.ggn_vp", group, params=params, l2=l2)
     n = dd.global_size(D.num_examples(data, name="data", where="ti.ggn_vp"), group)
     local_l2 = 0.0 if group is not None else l2
 
@@ -369,7 +371,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
 
     if cache:
         terms = [_retained_ggn_term(*parts(chunk), params, n) for chunk in D.chunks(data, chunk_size)]
-        operator = _accepting_stacks(_summed(terms, local_l2), params)
+        operator = _accepting_stacks(_summed(terms, local_l2), params, kind="ggn")
     else:
         def chunk_ggn_vp(p, chunk, v):
             forward, output_grad = parts(chunk)
@@ -377,7 +379,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
             HJv = jvp(output_grad, (outputs,), (Jv,))[1]
             return tr.scale(1.0 / n, vjp(forward, p)[1](HJv)[0])
 
-        operator = _chunked_operator(chunk_ggn_vp, params, data, chunk_size, local_l2, compile)
+        operator = _chunked_operator(chunk_ggn_vp, params, data, chunk_size, local_l2, compile, kind="ggn")
     return operator if group is None else _all_reducing(operator, l2, group)
 
 

@@ -23,7 +23,7 @@ PyTree = Any
 __all__ = [
     "map", "add", "sub", "scale", "add_scaled", "vdot", "pairwise_vdot", "norm", "sq_norm",
     "zeros_like", "random_like", "ravel", "unravel", "size", "select", "partition",
-    "merge", "stack", "unstack", "leading_size", "has_leading_axis",
+    "merge", "stack", "unstack", "leading_size",
 ]
 
 
@@ -180,21 +180,3 @@ def leading_size(tree: PyTree) -> int:
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"ti.tree.leading_size: leaves must share one leading axis; got sizes {sorted(str(s) for s in sizes)}.")
     return sizes.pop()
-
-
-def has_leading_axis(v: PyTree, like: PyTree) -> bool:
-    """True when `v` is a stack of vectors shaped like `like` (one extra leading axis).
-
-    Raises ValueError when `v` is neither shaped like `like` nor a stack of such.
-    """
-    v_leaves, v_spec = optree.tree_flatten(v, namespace="")
-    like_leaves, like_spec = optree.tree_flatten(like, namespace="")
-    if v_spec != like_spec:
-        raise ValueError(f"`v` must have the structure of the parameters {like_spec}; got {v_spec}.")
-    if all(a.shape == b.shape for a, b in zip(v_leaves, like_leaves)):
-        return False
-    if all(a.shape[1:] == b.shape for a, b in zip(v_leaves, like_leaves)) and len({a.shape[0] for a in v_leaves}) == 1:
-        return True
-    got = [tuple(a.shape) for a in v_leaves]
-    want = [tuple(b.shape) for b in like_leaves]
-    raise ValueError(f"`v` leaves must have the parameter shapes {want} or a common leading axis on top of them; got {got}.")

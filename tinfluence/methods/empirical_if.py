@@ -10,7 +10,7 @@ import torch
 from torch.func import vmap
 
 from ..core import data as D
-from .. import distributed as dd
+from ..core import collectives as dd
 from ..core import tree as tr
 from ..core.errors import check_chunk_size, check_params, fork_generator
 from ..core.objective import example_loss, per_example

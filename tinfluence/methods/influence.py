@@ -6,20 +6,22 @@ from typing import Callable
 
 import optree
 import torch
+import torch.distributed as dist
 from torch.func import vmap
 
 from ..core import data as D
-from .. import distributed as dd
+from ..core import collectives as dd
 from ..core import tree as tr
 from ..core.errors import check_params
 from ..core.transforms import per_example_grad_fn, per_example_grads
+from ..solvers._result import report
 
 __all__ = ["influence", "self_influence"]
 
 
 def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: Callable | None = None,
               chunk_size: int | None = None, candidates: torch.Tensor | None = None, group=None,
-              gather: bool = True) -> torch.Tensor:
+              gather: bool = True, return_info: bool = False):
     """Returns the influence of every training example on every test example, `[n_test, n_train]`.
 
         score[t, i] = (1/n) ∇_θ m(θ̂, z_t)ᵀ (H + λI)⁻¹ ∇_θ ℓ(θ̂, z_i),
@@ -56,23 +58,31 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
         computed (chunk by chunk), and the result is `[n_test, k]` with
         `result[t, j] = score[t, candidates[t, j]]`, in the order of `candidates`.
       group: a `torch.distributed` process group when `train` is this rank's contiguous
-        shard (`ti.distributed.shard`, shards in rank order). `test` is replicated on every
-        rank, `ihvp` must reduce over the group (e.g. `ti.cg(ti.hvp(ti.objective(...,
-        group=group), params))`), n is the global training size, and each rank scores
-        its own shard.
+        shard (`ti.distributed.shard`, shards in rank order). `params` and `test` are
+        replicated on every rank (checked: `ti.distributed.check_replicated`), `ihvp`
+        must reduce over the group (e.g. `ti.cg(ti.hvp(ti.objective(..., group=group),
+        params))`), n is the global training size, and each rank scores its own shard.
       gather: with a group, all-gather the shards' columns into the full
         `[n_test, n_train]` matrix on every rank (True, default) or return this rank's
         block `[n_test, n_local]` (False). With `candidates` (global ids) every rank
         returns the full `[n_test, k]` result.
+      return_info: also return the solver's diagnostics of the test-gradient solve (one
+        `ti.SolveInfo`, per test point: status, iterations, true relative residual), e.g.
+        how many CG iterations a successful run took. Needs a solver of the library
+        (`ihvp.solve`); its `on_failure` policy still applies.
 
     Returns:
       Tensor `[n_test, n_train]` (`[n_test, k]` with `candidates`, `[n_test, n_local]` with
       `gather=False`), dtype and device of `params`; positive = helpful. With a group the
-      matrix equals a single process's on the concatenated shards.
+      matrix equals a single process's on the concatenated shards. With `return_info`, the
+      pair `(scores, info)`.
 
     Raises:
       ValueError: `test` and `train` differ in structure or in per-example shapes, or either
-        is empty; `candidates` is not an integer `[n_test, k]` tensor of ids in [0, n_train).
+        is empty; `candidates` is not an integer `[n_test, k]` tensor of ids in [0, n_train);
+        `ihvp` returns something other than a finite stack shaped like its input (TypeError
+        for a leaf that is not a tensor); with a group, the ranks' `params` or `test` differ.
+      ti.distributed.CollectiveError: with a group, a peer died or stalled past the timeout.
 
     Example:
       >>> R = ti.objective(loss, train, l2=1e-2)
@@ -85,16 +95,19 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     n_local = D.num_examples(train, name="train", where="ti.influence")
     n_test = D.num_examples(test, name="test", where="ti.influence")
     _check_alike(train, test)
+    dd.check_replicated("ti.influence", group, params=params, test=test)
     start, n = dd.offset(n_local, group)
     if candidates is not None:
         _check_candidates(candidates, n_test, n)
     G_test = per_example_grads(measure or loss, params, test, chunk_size=chunk_size)   # leaves [n_test, ...]
-    U = ihvp(G_test)                                                                   # leaves [n_test, ...]
+    U, info = checked_solve("ti.influence", ihvp, G_test, with_info=return_info)          # leaves [n_test, ...]
     kernel = per_example_grad_fn(loss, where="ti.influence")
     if candidates is not None:
-        return _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
-    local = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), train, chunk_size, dim=1) / n
-    return dd.gather_columns(local, group) if gather else local
+        scores = _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
+    else:
+        local = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), train, chunk_size, dim=1) / n
+        scores = dd.gather_columns(local, group) if gather else local
+    return (scores, info) if return_info else scores
 
 
 def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) -> torch.Tensor:
@@ -143,29 +156,98 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
     chunk (the chunk's gradients solved together as a stack of `chunk_size`); held at
     once: 2 × chunk_size × P numbers plus the n-vector result.
 
+    With a group, a collective `ihvp` (`ti.cg` over a group's operator, `ti.lissa(group=)`)
+    sums the ranks' products of ONE vector, so every rank must hand it the same
+    right-hand sides: the ranks work in rounds, each contributing up to
+    ⌈chunk_size / world⌉ of its own gradients; a round's gradients are all-gathered (one
+    collective of ≤ chunk_size × P numbers), every rank solves their union in one `ihvp`
+    call and keeps its own rows. Every rank joins every round (a rank whose shard is used
+    up contributes no rows), so the calls pair up whatever the shard sizes. Per rank:
+    the same solves as one process, the curvature products split over the ranks.
+
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
       params: `dict[str, Tensor]` at the optimum θ̂.
       train: training set, leading axis n.
       ihvp: `v ↦ (H + λI)⁻¹ v` accepting a stack.
-      chunk_size: examples per chunk, i.e. right-hand sides per `ihvp` call (default 1024).
-      group: a process group when `train` is this rank's shard (see `ti.influence`); the
-        ranks must hold equally many chunks, since every `ihvp` call is collective.
+      chunk_size: right-hand sides per `ihvp` call (default 1024; with a group, summed over ranks).
+      group: a process group when `train` is this rank's shard (see `ti.influence`);
+        shards may differ in size.
 
     Returns:
       Tensor `[n_train]` (gathered in rank order with a group), dtype and device of
       `params`; positive = helpful to itself.
+
+    Raises:
+      ValueError: `ihvp` returns something other than a finite stack shaped like its input
+        (TypeError: a leaf that is not a tensor); with a group, the ranks' `params` differ.
     """
     check_params("ti.self_influence", params)
-    n = dd.global_size(D.num_examples(train, name="train", where="ti.self_influence"), group)
+    n_local = D.num_examples(train, name="train", where="ti.self_influence")
+    dd.check_replicated("ti.self_influence", group, params=params)
+    counts = dd.sizes(n_local, group)                                   # [world]
     kernel = per_example_grad_fn(loss, where="ti.self_influence")
     pair = vmap(tr.vdot)
+    rank = 0 if group is None else dist.get_rank(group)
+    per_rank = max(1, -(-(chunk_size or D.DEFAULT_CHUNK_SIZE) // len(counts)))
+    parts = []
+    for bounds in dd.rounds(counts, per_rank):                          # the same schedule on every rank
+        rows = bounds[:, 1] - bounds[:, 0]                              # [world] rows of each rank this round
+        start, stop = (int(b) for b in bounds[rank])
+        mine = D.take(train, slice(start, stop))
+        G = kernel(params, mine) if stop > start else tr.map(lambda p: p.new_zeros((0, *p.shape)), params)
+        U, _ = checked_solve("ti.self_influence", ihvp, dd.gather_rows(G, rows, group, where="ti.self_influence"))
+        if stop > start:
+            first = int(rows[:rank].sum())
+            parts.append(pair(G, tr.map(lambda leaf, a=first, b=first + stop - start: leaf[a:b], U)))
+    local = torch.cat(parts) if parts else tr.ravel(params).new_zeros(0)
+    return dd.gather_columns(local / int(counts.sum()), group)
 
-    def chunk_scores(chunk):
-        G = kernel(params, chunk)          # leaves [B, ...]
-        return pair(G, ihvp(G))            # [B]
 
-    return dd.gather_columns(D.chunk_cat(chunk_scores, train, chunk_size) / n, group)
+def checked_solve(where: str, ihvp: Callable, V, *, with_info: bool = False):
+    """`(ihvp(V), info)` for a stack `V` (leaves `[k, ...]`), checked to be a finite stack shaped like `V`.
+
+    A solver returning another number of vectors, another structure, shape, dtype or
+    device, or a NaN/inf would otherwise turn into a silently wrong score matrix. Costs
+    one host sync (the finiteness test). `info` is the `ti.SolveInfo` of `ihvp.solve(V)`
+    with `with_info` (the solver's `on_failure` policy applied to it), else None.
+    """
+    if with_info:
+        solve = getattr(ihvp, "solve", None)
+        if not callable(solve):
+            raise TypeError(f"{where}: `return_info=True` needs a solver of the library (ti.cg, ti.lissa, ti.direct, "
+                            f"ti.ekfac(...).ihvp), whose `ihvp.solve(v)` reports its diagnostics; got "
+                            f"{type(ihvp).__name__}. Drop return_info for a plain function.")
+        U, info = solve(V)
+        report(info, getattr(ihvp, "on_failure", "raise"), stacklevel=4)
+    else:
+        U, info = ihvp(V), None
+    expected, got = optree.tree_structure(V, namespace=""), optree.tree_structure(U, namespace="")
+    fix = ("`ihvp` must map a stack of k vectors (leaves [k, ...]) to (H + λI)⁻¹ applied to each, a stack of the "
+           "same structure, shapes, dtype and device (ti.direct, ti.cg, ti.lissa do)")
+    if expected != got:
+        raise ValueError(f"{where}: `ihvp` returned structure {got} for an input of structure {expected}; {fix}.")
+    paths, leaves, _ = optree.tree_flatten_with_path(V, namespace="")
+    outputs = optree.tree_leaves(U, namespace="")
+    k = leaves[0].shape[0]
+    for path, v, u in zip(paths, leaves, outputs):
+        name = ".".join(map(str, path))
+        if not isinstance(u, torch.Tensor):
+            raise TypeError(f"{where}: `ihvp` returned a {type(u).__name__} for leaf {name!r}; {fix}.")
+        if u.shape != v.shape:
+            count = f" ({u.shape[0] if u.dim() else 'no'} vectors for k={k} right-hand sides)" \
+                if u.dim() == 0 or u.shape[0] != k else ""
+            raise ValueError(f"{where}: `ihvp` returned leaf {name!r} of shape {list(u.shape)} for an input of shape "
+                             f"{list(v.shape)}{count}; {fix}.")
+        if u.dtype != v.dtype or u.device != v.device:
+            raise ValueError(f"{where}: `ihvp` returned leaf {name!r} as {u.dtype} on {u.device} for an input "
+                             f"{v.dtype} on {v.device}; {fix}.")
+    finite = torch.stack([torch.isfinite(u).all() for u in outputs])
+    if not bool(finite.all()):
+        bad = [".".join(map(str, p)) for p, ok in zip(paths, finite.tolist()) if not ok]
+        raise ValueError(f"{where}: `ihvp` returned NaN or inf in leaf {bad[0]!r}: the solve failed. For ti.cg or "
+                         "ti.lissa raise `damping` (or LiSSA's `scale`), and keep on_failure='raise' to see why.")
+    return U, info
 
 
 def _check_alike(train, test) -> None:

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, NamedTuple
 
 import optree
 import torch
 
 from ..core import tree as tr
-from ..core.errors import ConvergenceError, check_positive
+from ..core.errors import check_positive
+from ..core.operator import as_operator
+from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
 
-__all__ = ["cg", "cg_solve", "SolveInfo", "CGState"]
-
-
-class SolveInfo(NamedTuple):
-    """Per-right-hand-side diagnostics of an iterative solve; each field is a tensor `[k]`
-    (0-d for a single right-hand side).
-
-    iterations: iterations this right-hand side ran (operator calls it took part in).
-    residual: final relative residual ‖r‖ / ‖v‖ (CG's recursively updated residual).
-    converged: whether it met the tolerance without breakdown.
-    """
-
-    iterations: torch.Tensor
-    residual: torch.Tensor
-    converged: torch.Tensor
+__all__ = ["cg", "cg_solve"]
 
 
-class CGState(NamedTuple):
+class _State(NamedTuple):
     """CG iterate for k right-hand sides: pytrees with leaves `[k, ...]`, per-RHS tensors `[k]`."""
 
     x: object
@@ -36,10 +23,10 @@ class CGState(NamedTuple):
     p: object
     rs: torch.Tensor          # ‖r‖², [k]
     rz: torch.Tensor          # rᵀ P⁻¹ r (= rs without a preconditioner), [k]
-    active: torch.Tensor      # still iterating, [k] bool
-    iterations: torch.Tensor  # [k]
-    curvature: torch.Tensor   # first pᵀ(H + λI)p <= 0 met, else +inf, [k]
-    broke_at: torch.Tensor    # iteration of that breakdown, else -1, [k]
+    active: torch.Tensor      # still updating, [k] bool
+    iterations: torch.Tensor  # updates made, [k]
+    curvature: torch.Tensor   # first pᵀ(H + λI)p / ‖p‖² <= 0 met, else NaN, [k]
+    broke: torch.Tensor       # met that breakdown, [k] bool
 
 
 def _per_rhs(s: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
@@ -58,33 +45,36 @@ def _dots(x, y) -> torch.Tensor:
     return torch.stack(leaves).sum(0)
 
 
-def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a / b where b != 0, else 0 (a right-hand side whose residual is exactly zero stays put)."""
-    nonzero = b != 0
-    return torch.where(nonzero, a / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(a))
+def _where(mask: torch.Tensor, new, old):
+    """Per right-hand side: `new` where `mask`, else `old` (stacks)."""
+    return tr.map(lambda a, b: torch.where(_per_rhs(mask, a), a, b), new, old)
 
 
-def _cg_step(apply, precondition, state: CGState, bound: torch.Tensor | None, it: int) -> CGState:
-    """One (preconditioned) CG iteration for every active right-hand side; pure, no host synchronization."""
-    Ap = apply(state.p)
-    pAp = _dots(state.p, Ap)
-    moving = state.active & (state.rs > 0)
-    broke = moving & (pAp <= 0) & (state.broke_at < 0)
-    active = state.active & ~broke
-    alpha = torch.where(active, _safe_div(state.rz, pAp), torch.zeros_like(pAp))
-    x = _axpy(state.x, alpha, state.p)
-    r = _axpy(state.r, -alpha, Ap)
-    rs = torch.where(active, _dots(r, r), state.rs)
+def _cg_step(apply, precondition, s: _State, stop: torch.Tensor) -> _State:
+    """One (preconditioned) CG iteration; pure, no host synchronization.
+
+    Masked: a right-hand side updates only while it is active, and it stops for good once
+    its recursive residual is at or below `stop` (its tolerance, or round-off), at
+    negative curvature, or when a step size is not finite. A converged right-hand side
+    therefore stays at its solution however many iterations follow.
+    """
+    Ap = apply(s.p)
+    pAp = _dots(s.p, Ap)
+    broke = s.active & ~(pAp > 0)
+    step = s.active & ~broke
+    alpha = s.rz / torch.where(step, pAp, torch.ones_like(pAp))
+    step = step & torch.isfinite(alpha)
+    alpha = torch.where(step, alpha, torch.zeros_like(alpha))
+    x = _axpy(s.x, alpha, s.p)
+    r = _axpy(s.r, -alpha, Ap)
+    rs = torch.where(step, _dots(r, r), s.rs)
     z = r if precondition is None else precondition(r)
-    rz = rs if precondition is None else torch.where(active, _dots(r, z), state.rz)
-    beta = _safe_div(rz, state.rz)
-    p = tr.map(lambda zi, pi: torch.where(_per_rhs(active, pi), zi + _per_rhs(beta, pi) * pi, pi), z, state.p)
-    iterations = state.iterations + active.to(state.iterations.dtype)
-    if bound is not None:
-        active = active & (rs > bound)
-    return CGState(x, r, p, rs, rz, active, iterations,
-                   torch.where(broke, pAp, state.curvature),
-                   torch.where(broke, torch.full_like(state.broke_at, it), state.broke_at))
+    rz = rs if precondition is None else torch.where(step, _dots(r, z), s.rz)
+    beta = rz / torch.where(step, s.rz, torch.ones_like(s.rz))
+    moving = step & torch.isfinite(beta) & (rs > stop)
+    p = _where(moving, _axpy(z, torch.where(moving, beta, torch.zeros_like(beta)), s.p), s.p)
+    curvature = torch.where(broke, pAp / _dots(s.p, s.p), s.curvature)
+    return _State(x, r, p, rs, rz, moving, s.iterations + step.to(s.iterations.dtype), curvature, s.broke | broke)
 
 
 def _check_options(where, damping, tol, atol, maxiter, check_every, on_failure):
@@ -92,12 +82,11 @@ def _check_options(where, damping, tol, atol, maxiter, check_every, on_failure):
     if tol is not None:
         check_positive(where, "tol", tol, allow_zero=True)
     check_positive(where, "atol", atol, allow_zero=True)
-    if not (isinstance(maxiter, int) and maxiter >= 1):
+    if isinstance(maxiter, bool) or not (isinstance(maxiter, int) and maxiter >= 1):
         raise ValueError(f"{where}: `maxiter` must be an int >= 1; got {maxiter!r}.")
-    if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
+    if check_every is not None and (isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1)):
         raise ValueError(f"{where}: `check_every` must be None or an int >= 1; got {check_every!r}.")
-    if on_failure not in ("raise", "warn"):
-        raise ValueError(f'{where}: `on_failure` must be "raise" or "warn"; got {on_failure!r}.')
+    check_on_failure(where, on_failure)
 
 
 def _check_preconditioner(where, preconditioner):
@@ -106,129 +95,145 @@ def _check_preconditioner(where, preconditioner):
                         f"ti.nystrom(operator, rank=50, generator=g); got {type(preconditioner).__name__}.")
 
 
-def _is_stack(v, like, operator) -> bool:
-    """Whether `v` is a stack of k vectors shaped like `like` (default: the operator's parameters)."""
-    if like is None and isinstance(v, torch.Tensor) and v.dim() in (1, 2):
-        return v.dim() == 2
-    like = like if like is not None else _operator_params(operator)
-    if like is None:
-        raise TypeError(
-            "ti.cg: cannot tell whether `v` is one vector or a stack of k vectors: pass `like=params` to ti.cg / "
-            "ti.cg_solve (the parameters the operator acts on), or use an operator from ti.hvp or ti.ggn_vp.")
-    try:
-        return tr.has_leading_axis(v, like)
-    except ValueError as err:
-        raise ValueError(f"ti.cg: {err}") from None
+def under_transform(v) -> bool:
+    """Whether `v` is being traced by `torch.func.vmap` or `torch.compile` (no host sync possible)."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(torch._C._functorch.is_batchedtensor(leaf) for leaf in optree.tree_leaves(v, namespace="")
+               if isinstance(leaf, torch.Tensor))
 
 
-def _operator_params(operator):
-    """The parameters an operator from ti.hvp / ti.ggn_vp was built at, or None."""
-    return getattr(operator, "params", None)
+def _check_traceable(where: str, tol, v) -> None:
+    """A tolerance needs data-dependent stopping, which vmap and torch.compile cannot trace."""
+    if tol is not None and under_transform(v):
+        raise ValueError(
+            f"{where}: under torch.func.vmap or torch.compile, `tol` must be None: stopping at a tolerance is "
+            f"data-dependent control flow (got tol={tol:g}). Pass ti.cg(..., tol=None, maxiter=N) to run exactly N "
+            "iterations (a converged right-hand side stays at its solution); check convergence outside the "
+            "transform with ihvp.solve(v).info.")
 
 
-def _run(operator, v, *, damping, tol, atol, maxiter, check_every, like, preconditioner):
-    """The CG driver: returns (x, info, state) with the final state for breakdown reports."""
-    stacked = _is_stack(v, like, operator)
+def _run(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, where):
+    """The CG driver: returns (X, state, V, apply, stacked) on stacks."""
+    stacked = op.is_stack(v, where=where)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
-    op = operator if stacked else (lambda P: tr.map(lambda leaf: leaf.unsqueeze(0), operator(tr.map(lambda leaf: leaf[0], P))))
-    apply = (lambda P: tr.add_scaled(op(P), damping, P)) if damping else op
+    base = op.on_stacks(stacked)
+    apply = (lambda P: tr.add_scaled(base(P), damping, P)) if damping else base
     norms_sq = _dots(V, V)                                               # [k]
     k = norms_sq.shape[0]
-    bound = None if tol is None else torch.clamp(tol**2 * norms_sq, min=atol**2)
+    eps = torch.finfo(norms_sq.dtype).eps
+    stop = eps**2 * norms_sq                                             # recursive residual at round-off
+    if tol is not None:
+        stop = torch.maximum(stop, torch.clamp(tol**2 * norms_sq, min=atol**2))
     z = V if preconditioner is None else preconditioner(V)
-    state = CGState(
+    state = _State(
         x=tr.zeros_like(V), r=V, p=z, rs=norms_sq, rz=norms_sq if preconditioner is None else _dots(V, z),
-        active=norms_sq > (0 if bound is None else bound),
-        iterations=torch.zeros(k, dtype=torch.long, device=norms_sq.device),
-        curvature=torch.full_like(norms_sq, float("inf")),
-        broke_at=torch.full((k,), -1, dtype=torch.long, device=norms_sq.device))
+        active=norms_sq > stop, iterations=torch.zeros(k, dtype=torch.long, device=norms_sq.device),
+        curvature=torch.full_like(norms_sq, float("nan")), broke=torch.zeros_like(norms_sq, dtype=torch.bool))
     if check_every is None:                                              # a host sync is free on CPU
         check_every = 1 if norms_sq.device.type == "cpu" else 10
     for it in range(maxiter):
-        state = _cg_step(apply, preconditioner, state, bound, it)
+        state = _cg_step(apply, preconditioner, state, stop)
         if tol is not None and (it + 1) % check_every == 0 and not bool(state.active.any()):
             break
-    residual = torch.sqrt(_safe_div(state.rs, norms_sq))
-    ok = state.broke_at < 0
-    converged = ok if bound is None else ok & (state.rs <= bound)
-    info = SolveInfo(state.iterations, residual, converged)
-    x = state.x
-    if not stacked:
-        x, info = tr.map(lambda leaf: leaf[0], x), SolveInfo(*(t[0] for t in info))
-    return x, info, state
+    return state, V, apply, stacked, stop
+
+
+def true_residual(apply: Callable, X, V) -> torch.Tensor:
+    """‖(H + λI)x − v‖ / ‖v‖ per right-hand side, `[k]` (0 for v = 0 solved by x = 0): one operator call."""
+    R = tr.sub(apply(X), V)
+    v_sq = _dots(V, V)
+    return torch.sqrt(_dots(R, R) / torch.where(v_sq > 0, v_sq, torch.ones_like(v_sq)))
+
+
+def judged_tol(tol, atol, dtype) -> float:
+    """The relative residual a status is judged against: `tol`, or √eps of the dtype for fixed iterations."""
+    return float(torch.finfo(dtype).eps ** 0.5) if tol is None else tol
+
+
+def _solve(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, where) -> Solution:
+    state, V, apply, stacked, stop = _run(op, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter,
+                                          check_every=check_every, preconditioner=preconditioner, where=where)
+    residual = true_residual(apply, state.x, V)
+    judged = judged_tol(tol, atol, residual.dtype)
+    v_norm = torch.sqrt(_dots(V, V))
+    met = (residual <= judged) | (residual * v_norm <= atol)
+    status = torch.where(state.broke, Status.BREAKDOWN, torch.where(met, Status.CONVERGED, Status.MAX_ITERATIONS))
+    # the recursive residual met tol but the true one did not: tol is below the attainable accuracy
+    stalled = ~met & ~state.broke & (state.rs <= stop) if tol is not None else torch.zeros_like(met)
+    info = SolveInfo(status.to(torch.long), state.iterations, residual, state.curvature, solver=where, tol=judged,
+                     context={"maxiter": maxiter, "damping": damping, "kind": op.kind, "dtype": residual.dtype,
+                              "stalled": stalled})
+    if stacked:
+        return Solution(state.x, info)
+    return Solution(tr.map(lambda leaf: leaf[0], state.x), info.single())
 
 
 def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0,
-             maxiter: int = 100, check_every: int | None = None, like=None, preconditioner: Callable | None = None):
-    """Returns `(x, info)`: x ≈ (H + λI)⁻¹ v by conjugate gradients, and its diagnostics.
+             maxiter: int = 100, check_every: int | None = None, preconditioner: Callable | None = None) -> Solution:
+    """`ti.cg(operator, ...).solve(v)`: returns `Solution(x, info)` and never raises for a numerical failure.
 
-    Same algorithm and options as `ti.cg`, but it never raises for a numerical failure:
-    a right-hand side that meets negative curvature stops there, and every right-hand
-    side reports in `info` whether it converged. Matches `scipy.sparse.linalg.cg`
-    iterate for iterate (started from x₀ = 0).
-
-    Args:
-      operator: `u -> H u` on pytrees shaped like the parameters and on stacks of them
-        (leading axis k), e.g. `ti.hvp(R, params)` or `ti.ggn_vp(...)`, or on tensors `[P]`/`[k, P]`.
-      v: one right-hand side shaped like the parameters, or a stack with leaves `[k, ...]`.
-      damping, tol, atol, maxiter, check_every, like, preconditioner: as in `ti.cg`.
+    Same algorithm and options as `ti.cg`; matches `scipy.sparse.linalg.cg` iterate for
+    iterate (started from x₀ = 0). Unpacks as `x, info = ti.cg_solve(...)`.
 
     Returns:
-      x: like `v` (structure, shapes, dtype, device).
-      info: `SolveInfo(iterations, residual, converged)`, tensors `[k]` (0-d for one vector).
+      `Solution(x, info)`: x like `v`; `info` a `ti.SolveInfo` (fields `[k]`, 0-d for one vector).
 
     Raises:
-      ValueError: invalid options, or `v` shaped neither like the parameters nor a stack of them.
-      TypeError: `v` is a pytree and the parameters are unknown (pass `like=params`).
+      ValueError: invalid options, or `v` shaped neither like the operator's vectors nor a stack of them.
+      TypeError: `v` is a pytree and the operator is a plain function on tensors.
     """
-    _check_options("ti.cg_solve", damping, tol, atol, maxiter, check_every, "raise")
-    _check_preconditioner("ti.cg_solve", preconditioner)
-    x, info, _ = _run(operator, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every, like=like,
-                      preconditioner=preconditioner)
-    return x, info
+    return cg(operator, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
+              preconditioner=preconditioner, where="ti.cg_solve").solve(v)
 
 
 def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0, maxiter: int = 100,
-       check_every: int | None = None, on_failure: str = "raise", like=None,
-       preconditioner: Callable | None = None) -> Callable:
-    """Returns a function that applies (H + λI)⁻¹ by conjugate gradients.
+       check_every: int | None = None, on_failure: str = "raise", preconditioner: Callable | None = None,
+       where: str = "ti.cg") -> InverseOperator:
+    """Returns `ihvp`, which applies (H + λI)⁻¹ by conjugate gradients.
 
     Solves (H + λI) x = v for all right-hand sides at once: `v` may carry a leading
     axis of k vectors, each with its own step sizes, so k test points cost ONE operator
     call per iteration (one pass over the training data for `ti.hvp`), not k. A
-    right-hand side stops once ‖r‖ ≤ max(tol·‖v‖, atol); the loop ends when all have
-    stopped (checked every `check_every` iterations, one host sync each) or at `maxiter`.
+    right-hand side stops once ‖r‖ ≤ max(tol·‖v‖, atol) (recursive residual) or at
+    round-off (‖r‖ ≤ eps·‖v‖), at negative curvature, or at a non-finite step size; the
+    loop ends when all have stopped (checked every `check_every` iterations, one host
+    sync each) or at `maxiter`. The status is then judged on the TRUE residual
+    ‖(H + λI)x − v‖ / ‖v‖, recomputed with one more operator call.
 
-    Single vector or stack: the returned function compares `v`'s leaf shapes with the
-    parameters the operator acts on: `like=params` when given, else those of an operator
-    from `ti.hvp` / `ti.ggn_vp`; a plain tensor is one vector if 1-D, a stack if 2-D.
+    Single vector or stack: `operator.is_stack(v)` (a `ti.LinearOperator`, e.g. from
+    `ti.hvp` / `ti.ggn_vp`, or `ti.LinearOperator(fn, like=params)`); a plain function
+    acts on tensors, a 1-D `v` being one vector and a 2-D `v` a stack.
 
     Args:
-      operator: `u -> H u`, e.g. `ti.hvp(R, params)` or `ti.ggn_vp(...)`; it must accept a
-        stack (leading axis k) and H + λI must be symmetric positive definite.
+      operator: `u -> H u`, a `ti.LinearOperator` or a plain function on tensors; it must
+        accept a stack (leading axis k) and H + λI must be symmetric positive definite.
       damping: λ ≥ 0, added to the diagonal.
       tol: relative residual per right-hand side. `None` runs exactly `maxiter`
         iterations with no data-dependent branch and no check (safe under
-        `torch.func.vmap` and `torch.compile(fullgraph=True)`); nothing is raised then.
+        `torch.func.vmap` and `torch.compile(fullgraph=True)`): `ihvp(v)` then raises
+        nothing, and `ihvp.solve(v)` judges the true residual against √eps of the dtype.
       atol: absolute residual floor (for right-hand sides near zero).
       maxiter: iterations, each one operator call.
       check_every: iterations between checks for "all done" (each is one host sync);
         the per-right-hand-side stopping itself is exact at every iteration. `None`:
         every iteration on CPU (a sync costs nothing there), every 10th on an accelerator.
       on_failure: "raise" a `ConvergenceError`, or "warn" and return the iterate.
-      like: the parameter pytree, to tell a single vector from a stack.
       preconditioner: `V -> P⁻¹ V` on stacks (leading axis k), symmetric positive
         definite, e.g. `ti.nystrom(operator, rank=50, generator=g, damping=λ)`: the
         iteration becomes preconditioned CG, stopping on the unpreconditioned ‖r‖ all the
         same. It pays when a few large eigenvalues set the condition number.
+      where: the public call named in messages.
 
     Returns:
-      `ihvp(v) -> x`, pure; `x` has the structure, shapes, dtype and device of `v`.
+      `ihvp`: `ihvp(v) -> x` (x has the structure, shapes, dtype and device of `v`), and
+      `ihvp.solve(v) -> ti.Solution(x, info)`, which never raises for numerical failure.
 
     Raises:
       ValueError: at construction, for damping < 0, tol < 0, atol < 0, maxiter < 1,
-        check_every < 1 or an unknown on_failure.
-      ConvergenceError: at call time, if a right-hand side misses `tol` within `maxiter`
+        check_every < 1 or an unknown on_failure; at call time, a `tol` under vmap or
+        torch.compile (pass tol=None).
+      ConvergenceError: from `ihvp(v)`, if a right-hand side misses `tol` within `maxiter`
         or meets pᵀ(H + λI)p ≤ 0; `err.info` is the `SolveInfo`.
 
     Example:
@@ -241,37 +246,18 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
       Hestenes & Stiefel, Methods of conjugate gradients for solving linear systems, 1952.
       Frangella, Tropp & Udell, Randomized Nyström Preconditioning, 2023 (`ti.nystrom`).
     """
-    _check_options("ti.cg", damping, tol, atol, maxiter, check_every, on_failure)
-    _check_preconditioner("ti.cg", preconditioner)
+    _check_options(where, damping, tol, atol, maxiter, check_every, on_failure)
+    _check_preconditioner(where, preconditioner)
+    op = as_operator(operator, where=where)
+    options = dict(damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
+                   preconditioner=preconditioner, where=where)
 
-    def ihvp(v):
-        x, info, state = _run(operator, v, damping=damping, tol=tol, atol=atol, maxiter=maxiter,
-                              check_every=check_every, like=like, preconditioner=preconditioner)
-        if tol is not None:
-            _report(state, info, tol=tol, maxiter=maxiter, damping=damping, on_failure=on_failure)
-        return x
+    def solve(v) -> Solution:
+        _check_traceable(where, tol, v)
+        return _solve(op, v, **options)
 
-    return ihvp
+    def apply(v):
+        state, _, _, stacked, _ = _run(op, v, **options)
+        return state.x if stacked else tr.map(lambda leaf: leaf[0], state.x)
 
-
-def _report(state: CGState, info: SolveInfo, *, tol, maxiter, damping, on_failure) -> None:
-    """Raises (or warns) on negative curvature or a right-hand side that missed `tol`."""
-    broke = state.broke_at >= 0
-    if bool(broke.any()):
-        j = int(torch.nonzero(broke)[0])
-        message = (
-            f"ti.cg: negative curvature pᵀ(H + λI)p = {float(state.curvature[j]):.3e} at iteration {int(state.broke_at[j])} "
-            f"(right-hand side {j}): H + λI is not positive definite at these parameters (damping={damping:g}). "
-            "Raise `damping` above the magnitude of the most negative eigenvalue of H, or use ti.ggn_vp, "
-            "which is positive semi-definite.")
-    elif not bool(info.converged.all()):
-        failed = ~info.converged.reshape(-1)
-        message = (
-            f"ti.cg: {int(failed.sum())} of {failed.numel()} right-hand sides did not converge in maxiter={maxiter} "
-            f"iterations (worst relative residual {float(info.residual.max()):.1e} > tol={tol:g}). Raise `maxiter` or "
-            "`damping`, or use ti.ggn_vp, which is positive semi-definite. Per-right-hand-side diagnostics: err.info.")
-    else:
-        return
-    if on_failure == "raise":
-        raise ConvergenceError(message, info=info)
-    warnings.warn(message, stacklevel=3)
+    return InverseOperator(solve, on_failure=on_failure, apply=apply if tol is None else None, where=where)

@@ -2,79 +2,123 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import optree
 import torch
 
 from ..core.errors import check_positive
+from ..core.operator import LinearOperator
+from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure, report
 
 __all__ = ["direct"]
 
 
-def direct(H: torch.Tensor, *, damping: float = 0.0) -> Callable:
-    """Returns a function that applies (H + λI)⁻¹ with a dense factorization of H + λI.
+def direct(H, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOperator:
+    """Returns `ihvp`, which applies (H + λI)⁻¹ with a dense factorization of H + λI.
 
     H + λI is factorized once, here (Cholesky, P³/3 flops); each call is then two
     triangular solves, P² flops per right-hand side, with no data-dependent branch, so
-    the returned function is pure, vmappable and compile-safe.
+    `ihvp(v)` is pure, vmappable and compile-safe.
 
-    A matrix carries no pytree structure, so the returned function reads it from `v`:
-    all leaves of `v` are flattened in optree order (the order of `ti.tree.ravel`, which
-    `ti.hessian` and `ti.to_dense` use) and the result is reshaped back to `v`'s leaves.
-    If `v` holds P numbers it is one vector; if its leaves share a leading axis k and
-    hold k·P numbers it is a stack of k right-hand sides, solved together. (A stack of
-    one holds P numbers too; both readings give the same numbers.) A plain tensor `[P]`
-    or `[k, P]` works the same way.
+    Structure of `v`: with `H` a `ti.LinearOperator` (from `ti.hvp`, `ti.ggn_vp`, or
+    `ti.LinearOperator.from_matrix(M, like=params)`), `v` must have the operator's
+    structure (dict keys matched by name, list and tuple order as in the parameters) or be
+    a stack of it; anything else raises, naming the mismatch. With a bare matrix `[P, P]`
+    (ordered as `ti.tree.ravel`, as `ti.hessian` and `ti.to_dense` produce), `v` is a
+    tensor `[P]` / `[k, P]`, or a pytree of dicts only (optree sorts dict keys, so the
+    order is that of the parameters'); a pytree with lists or tuples cannot be matched
+    to a bare matrix and raises (wrap the matrix with `ti.LinearOperator.from_matrix`).
 
-    If H + λI is not positive definite, the solve falls back to its eigendecomposition
-    (inverting the nonzero eigenvalues, a pseudo-inverse) with a warning: an indefinite
-    curvature makes influence scores unreliable, and the fix is more damping or the
-    Gauss-Newton matrix.
+    If H + λI is not positive definite (indefinite or singular), that is the solve's
+    status (`Status.BREAKDOWN`, with the smallest eigenvalue in `info.curvature`):
+    `ihvp(v)` raises `ConvergenceError`, or with on_failure="warn" warns and solves with
+    the eigendecomposition (a pseudo-inverse of the nonzero eigenvalues).
 
     Args:
-      H: `[P, P]` symmetric matrix, e.g. `ti.hessian(R, params)` or `ti.to_dense(op, params)`.
+      H: `[P, P]` symmetric matrix (e.g. `ti.hessian(R, params)`), or a `ti.LinearOperator`,
+        formed densely with `ti.to_dense` (P operator calls) unless it holds `.matrix`.
       damping: λ ≥ 0 added to the diagonal.
+      on_failure: "raise" or "warn", as in `ti.cg`.
 
     Returns:
-      `ihvp(v) -> x = (H + λI)⁻¹ v`: `x` has the structure, shapes, dtype and device of `v`.
+      `ihvp(v) -> x = (H + λI)⁻¹ v` (structure, shapes, dtype and device of `v`), and
+      `ihvp.solve(v) -> ti.Solution(x, info)`, never raising for numerical failure.
 
     Raises:
-      TypeError: `H` is not a tensor.
+      TypeError: `H` is neither a tensor nor a `ti.LinearOperator`.
       ValueError: `H` is not square, not symmetric or not finite; `damping` < 0; at call
-        time, `v` holds neither P nor k·P numbers.
-
-    Warns:
-      UserWarning: H + λI is not positive definite; the eigendecomposition is used.
+        time, `v` is not shaped like the operator's vectors (nor a stack of them).
+      ConvergenceError: from `ihvp(v)`, when H + λI is not positive definite.
 
     Example:
       >>> H = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
       >>> ti.direct(H)(torch.tensor([1., 2.], dtype=torch.float64))
       tensor([0.0909, 0.6364], dtype=torch.float64)
     """
-    A = _checked_matrix(H, damping)
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        solve = lambda B: torch.cholesky_solve(B, L)  # noqa: E731  # B: [P, k]
+    check_on_failure("ti.direct", on_failure)
+    matrix, op = _matrix_and_structure(H)
+    A = _checked_matrix(matrix, damping)
+    L, failed = torch.linalg.cholesky_ex(A)
+    positive = int(failed) == 0
+    lowest = torch.full((), float("nan"), dtype=A.dtype, device=A.device)
+    if positive:
+        solve_flat = lambda B: torch.cholesky_solve(B, L)  # noqa: E731  # B: [P, k]
     else:
-        solve = _eigh_solve(A, damping)
+        solve_flat, lowest = _eigh_solve(A)
+    context = {"damping": damping, "kind": op.kind if op is not None else "dense", "dtype": A.dtype}
 
-    def ihvp(v):
+    def flat(v):
+        """(x, V [k, P] flat, X [k, P] flat, stacked) for one vector or a stack."""
         leaves, spec = optree.tree_flatten(v, namespace="")
-        batch = _batch_shape(leaves, A.shape[0])
+        stacked = _is_stack(op, v, leaves, A.shape[0])
+        batch = (leaves[0].shape[0],) if stacked else ()
         B = torch.cat([leaf.reshape(*batch, -1) for leaf in leaves], dim=-1)   # [*batch, P]
-        X = solve(B.reshape(-1, A.shape[0]).T.to(A.dtype)).T.reshape(B.shape).to(B.dtype)
+        X = solve_flat(B.reshape(-1, A.shape[0]).T.to(A.dtype)).T.reshape(B.shape).to(B.dtype)
         parts = torch.split(X, [leaf[(0,) * len(batch)].numel() for leaf in leaves], dim=-1)
-        return optree.tree_unflatten(spec, [p.reshape(leaf.shape) for p, leaf in zip(parts, leaves)])
+        x = optree.tree_unflatten(spec, [p.reshape(leaf.shape) for p, leaf in zip(parts, leaves)])
+        return x, B.reshape(-1, A.shape[0]), X.reshape(-1, A.shape[0]), stacked
 
-    return ihvp
+    def solve(v) -> Solution:
+        x, B, X, stacked = flat(v)
+        R = X.to(A.dtype) @ A.T - B.to(A.dtype)
+        b_norm = B.to(A.dtype).norm(dim=-1)
+        residual = R.norm(dim=-1) / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+        k = B.shape[0]
+        status = torch.full((k,), int(Status.CONVERGED if positive else Status.BREAKDOWN), dtype=torch.long,
+                            device=A.device)
+        tol = float(torch.finfo(A.dtype).eps ** 0.5)
+        info = SolveInfo(status, torch.zeros(k, dtype=torch.long, device=A.device), residual, lowest.expand(k),
+                         solver="ti.direct", tol=tol, context=context)
+        return Solution(x, info if stacked else info.single())
+
+    def apply(v):
+        if not positive:
+            report(solve(v).info, on_failure, stacklevel=4)
+        return flat(v)[0]
+
+    return InverseOperator(solve, on_failure=on_failure, apply=apply, where="ti.direct")
+
+
+def _matrix_and_structure(H) -> tuple[torch.Tensor, LinearOperator | None]:
+    """The dense matrix, and the operator whose structure `v` must have (None for a bare matrix)."""
+    if isinstance(H, LinearOperator):
+        if H.like is None:
+            raise TypeError("ti.direct: the operator carries no structure: pass the dense matrix itself, or "
+                            "ti.LinearOperator(fn, like=params).")
+        matrix = getattr(H, "matrix", None)
+        if matrix is None:
+            from ..transforms import to_dense
+            matrix = to_dense(H, H.like)
+        return matrix, H
+    if not isinstance(H, torch.Tensor):
+        raise TypeError(f"ti.direct: `H` must be a [P, P] tensor (ti.hessian or ti.to_dense) or a ti.LinearOperator; "
+                        f"got {type(H).__name__}.")
+    return H, None
 
 
 def _checked_matrix(H, damping) -> torch.Tensor:
     """H + λI, after checking H is a finite, square, symmetric matrix and λ ≥ 0."""
-    if not isinstance(H, torch.Tensor):
-        raise TypeError(f"ti.direct: `H` must be a [P, P] tensor (ti.hessian or ti.to_dense); got {type(H).__name__}.")
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"ti.direct: `H` must be a square [P, P] matrix; got shape {tuple(H.shape)}.")
     check_positive("ti.direct", "damping", damping, allow_zero=True)
@@ -86,30 +130,41 @@ def _checked_matrix(H, damping) -> torch.Tensor:
     return H + damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
-def _eigh_solve(A: torch.Tensor, damping: float) -> Callable:
-    """B ↦ A⁺ B from the eigendecomposition of a symmetric, not positive-definite A."""
+def _eigh_solve(A: torch.Tensor) -> tuple[Callable, torch.Tensor]:
+    """(B ↦ A⁺ B, smallest eigenvalue) from the eigendecomposition of a symmetric, not positive-definite A."""
     evals, Q = torch.linalg.eigh(A)
-    lowest = float(evals[0])
-    warnings.warn(
-        f"ti.direct: H + λI is not positive definite (smallest eigenvalue {lowest:.3e} with damping={damping:g}); "
-        "solving with its eigendecomposition (a pseudo-inverse), which makes influence scores unreliable. "
-        f"Raise `damping` above {max(-lowest, 0.0):.3e}, or use the Gauss-Newton matrix (ti.ggn_vp), "
-        "which is positive semi-definite.", stacklevel=3)
     cutoff = evals.abs().max() * A.shape[0] * torch.finfo(A.dtype).eps
     inverse = torch.where(evals.abs() > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    return lambda B: Q @ (inverse[:, None] * (Q.T @ B))
+    return (lambda B: Q @ (inverse[:, None] * (Q.T @ B))), evals[0]
 
 
-def _batch_shape(leaves, P: int) -> tuple:
-    """() when the leaves hold P numbers, (k,) when they share a leading axis k and hold k·P."""
-    total = sum(leaf.numel() for leaf in leaves)
+def _is_stack(op: LinearOperator | None, v, leaves, P: int) -> bool:
+    """One vector or a stack: by the operator's structure, or, for a bare matrix, by counting P."""
     if not leaves:
         raise ValueError("ti.direct: `v` has no tensors.")
-    if total == P:
-        return ()
+    if op is not None:
+        return op.is_stack(v, where="ti.direct")
+    if not isinstance(v, torch.Tensor):
+        _check_dict_only(v)
+    total = sum(leaf.numel() for leaf in leaves)
     firsts = {leaf.shape[0] if leaf.dim() else None for leaf in leaves}
-    if len(firsts) == 1 and None not in firsts and total == firsts.pop() * P:
-        return (leaves[0].shape[0],)
+    if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == P:
+        return True
+    if total == P and not (isinstance(v, torch.Tensor) and v.dim() != 1):
+        return False
+    if not isinstance(v, torch.Tensor) and len(firsts) == 1 and None not in firsts and total == firsts.pop() * P:
+        return True
     raise ValueError(
         f"ti.direct: `v` must hold P={P} numbers (one vector shaped like the parameters) or k·P with a common "
         f"leading axis k (a stack); got leaves {[tuple(leaf.shape) for leaf in leaves]} ({total} numbers).")
+
+
+def _check_dict_only(v) -> None:
+    """A bare matrix can be matched only to pytrees whose order is fixed by names: dicts (sorted keys)."""
+    accessors = optree.tree_flatten_with_accessor(v, namespace="")[0]
+    ordered = [a for a in accessors if any(not isinstance(e, optree.MappingEntry) for e in a)]
+    if ordered:
+        raise ValueError(
+            f"ti.direct: `v` holds lists or tuples (leaf {ordered[0].codify('v')}), whose order cannot be checked against a bare "
+            "[P, P] matrix: a right-hand side in another order would be solved silently wrong. Pass the structure: "
+            "ti.direct(ti.LinearOperator.from_matrix(H, like=params)), or an operator from ti.hvp / ti.ggn_vp.")

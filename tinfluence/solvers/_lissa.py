@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ..core import data as D
-from .. import distributed as dd
+from ..core import collectives as dd
 from ..core import tree as tr
-from ..core.errors import DivergenceError, check_params, check_positive, fork_generator
+from ..core.errors import check_params, check_positive, fork_generator
 from ..core.objective import objective, per_example
 from ..core.transforms import hvp
-from ._cg import SolveInfo, _dots
+from ._cg import _dots, under_transform, true_residual
+from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
 
-__all__ = ["lissa", "lissa_solve", "LissaState"]
+__all__ = ["lissa", "lissa_solve"]
 
 POWER_ITERATIONS = 20
 SAFETY = 1.5          # scale = SAFETY × (largest eigenvalue estimate of H + λI, full data and mini-batches)
@@ -91,50 +93,59 @@ def _power_iteration(apply: Callable, params, generator) -> float:
     return float(estimate)
 
 
-def _auto_scale(loss, params, train, idx, *, shift, chunk_size, generator, group) -> float:
-    """SAFETY × the largest eigenvalue estimate of H + λI over the full data and the first
-    BATCHES_CHECKED mini-batches the recursion will use."""
-    full = hvp(objective(loss, train, chunk_size=chunk_size, group=group), params, cache=False)
+def _auto_scale(loss, params, train, idx, *, full, shift, generator, group) -> float:
+    """SAFETY × the largest eigenvalue estimate of H + λI over the full data (`full`) and the
+    first BATCHES_CHECKED mini-batches the recursion will use."""
     batch_hvp = _ids_hvp(loss, params, train, group)
     single = lambda f: (lambda u: tr.add_scaled(tr.map(lambda t: t[0], f(tr.map(lambda t: t[None], u))), shift, u))  # noqa: E731
-    operators = [lambda u: tr.add_scaled(full(u), shift, u)]
+    operators = [full.fn]
     operators += [single(lambda U, i=i: batch_hvp(i, U)) for i in idx.reshape(-1, idx.shape[-1])[:BATCHES_CHECKED]]
     return SAFETY * max(_power_iteration(op, params, generator) for op in operators)
 
 
 def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, batch_size, generator, tol, chunk_size,
              group):
-    """Checks the options, draws every mini-batch index (global ids) up front and resolves `scale`."""
+    """Checks the options, draws every mini-batch index (global ids) up front, resolves `scale` and
+    builds the full-data operator H + λI (for `scale="auto"` and the true residual)."""
     check_params(where, params)
     n_local = D.num_examples(train, name="train", where=where)
     n = dd.global_size(n_local, group)
     check_positive(where, "l2", l2, allow_zero=True)
     check_positive(where, "damping", damping, allow_zero=True)
     for name, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
-        if not (isinstance(value, int) and value >= 1):
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{where}: `{name}` must be an int >= 1; got {value!r}.")
     if tol is not None:
         check_positive(where, "tol", tol)
-    if not (scale == "auto" or (isinstance(scale, (int, float)) and scale > 0)):
-        raise ValueError(f'{where}: `scale` must be "auto" or a number > 0 (above the largest eigenvalue of H + λI); got {scale!r}.')
+    if not (scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                and math.isfinite(scale) and scale > 0)):
+        raise ValueError(f'{where}: `scale` must be "auto" or a finite number > 0 (above half the largest eigenvalue '
+                         f'of H + λI; scale="auto" estimates it); got {scale!r}.')
     local = fork_generator(generator) if generator is not None else torch.Generator().manual_seed(0)
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
     per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)
+    dd.check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
+                        scale=0.0 if scale == "auto" else scale)
+    full = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size, group=group), params, cache=False).damped(damping)
     if scale == "auto":
-        scale = _auto_scale(loss, params, train, idx, shift=l2 + damping, chunk_size=chunk_size, generator=local,
-                            group=group)
-    return idx, float(scale)
+        scale = _auto_scale(loss, params, train, idx, full=full, shift=l2 + damping, generator=local, group=group)
+    return idx, float(scale), full
 
 
 def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress, group):
-    """Runs every repeat of the recursion on the stack `v`; returns (x, SolveInfo)."""
+    """Runs every repeat of the recursion on the stack `v`; returns (x, change [k], steps [k], diverged [k]).
+
+    The recursion stops early, for every right-hand side, when one blows up (non-finite,
+    or ‖h_j‖ > GROWTH·(j+1)·‖v‖): the iterate is then meaningless and is reported so.
+    """
     repeats, depth = idx.shape[:2]
     batch_hvp = _ids_hvp(loss, params, train, group)
     v_norm = torch.sqrt(_dots(v, v))                                    # [k]
     total = tr.zeros_like(v)
     change = torch.zeros_like(v_norm)
     steps = torch.zeros_like(v_norm, dtype=torch.long)
+    diverged = torch.zeros_like(v_norm, dtype=torch.bool)
     bar = tqdm(total=repeats * depth, desc="ti.lissa", disable=not progress)
     for r in range(repeats):
         state = LissaState(v, 0)
@@ -145,63 +156,52 @@ def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress, grou
             if (j + 1) % CHECK_EVERY and j + 1 < depth:
                 continue
             h_norm = torch.sqrt(_dots(state.h, state.h))
-            _check_divergence(h_norm, v_norm, j + 1, scale)
+            diverged = ~torch.isfinite(h_norm) | (h_norm > GROWTH * (j + 2) * v_norm)
             diff = tr.sub(state.h, previous)
             change = torch.sqrt(_dots(diff, diff)) / h_norm.clamp_min(torch.finfo(h_norm.dtype).tiny)
-            if tol is not None and bool((change <= tol).all()):
+            if bool(diverged.any()) or (tol is not None and bool((change <= tol).all())):
                 break
         steps = steps + state.depth
         total = tr.add(total, state.h)
+        if bool(diverged.any()):
+            break
     bar.close()
-    converged = torch.ones_like(change, dtype=torch.bool) if tol is None else change <= tol
-    return tr.scale(1.0 / (repeats * scale), total), SolveInfo(steps, change, converged)
+    return tr.scale(1.0 / (repeats * scale), total), change, steps, diverged
 
 
-def _check_divergence(h_norm, v_norm, depth, scale) -> None:
-    bad = ~torch.isfinite(h_norm) | (h_norm > GROWTH * (depth + 1) * v_norm)
-    if bool(bad.any()):
-        j = int(torch.nonzero(bad)[0])
-        raise DivergenceError(
-            f"ti.lissa: the recursion diverged at depth {depth} (‖h‖ grew from {float(v_norm[j]):.1e} to "
-            f"{float(h_norm[j]):.1e}, right-hand side {j}). `scale`={scale:g} must exceed the largest eigenvalue of "
-            "H + λI on every mini-batch; raise `scale` (or use scale=\"auto\").",
-            info={"depth": depth, "norm": h_norm})
+def _solution(where, loss, params, train, v, idx, full, *, tol, depth, scale, damping, **options) -> Solution:
+    """Single vector or stack: runs the recursion on a stack and judges it on the true residual."""
+    stacked = full.is_stack(v, where=where)
+    V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
+    x, change, steps, diverged = _run(loss, params, train, V, idx, tol=tol, scale=scale, damping=damping, **options)
+    residual = true_residual(full.on_stacks(True), x, V)
+    diverged = diverged | ~(residual < 1.0)                     # no better than x = 0
+    met = torch.ones_like(diverged) if tol is None else change <= tol
+    status = torch.where(diverged, Status.DIVERGED, torch.where(met, Status.CONVERGED, Status.MAX_ITERATIONS))
+    info = SolveInfo(status.to(torch.long), steps, residual, torch.full_like(residual, float("nan")), solver=where,
+                     tol=1.0 if tol is None else tol,
+                     context={"depth": depth, "scale": scale, "damping": damping, "kind": "hessian",
+                              "dtype": residual.dtype})
+    if stacked:
+        return Solution(x, info)
+    return Solution(tr.map(lambda leaf: leaf[0], x), info.single())
 
 
 def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: float = 0.0, scale="auto",
                 depth: int = 1000, repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None,
-                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None):
-    """Returns `(x, info)`: x ≈ (H + λI)⁻¹ v by LiSSA, and per-right-hand-side diagnostics.
-
-    The same computation as `ti.lissa(...)(v)`; `info = SolveInfo(iterations, residual,
-    converged)` holds, per right-hand side, the recursion steps run (summed over
-    repeats), the last relative change ‖h_j − h_{j−1}‖ / ‖h_j‖ and whether it met `tol`
-    (always True when `tol` is None). Arguments as in `ti.lissa`.
-    """
-    idx, scale = _prepare("ti.lissa_solve", loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
-                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size,
-                          group=group)
-    return _solve_any(loss, params, train, v, idx, l2=l2, damping=damping, scale=scale, tol=tol, progress=progress,
-                      where="ti.lissa_solve", group=group)
-
-
-def _solve_any(loss, params, train, v, idx, *, where, **options):
-    """Single vector or stack: runs the recursion on a stack and returns `v`'s form."""
-    try:
-        stacked = tr.has_leading_axis(v, params)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
-    x, info = _run(loss, params, train, V, idx, **options)
-    if stacked:
-        return x, info
-    return tr.map(lambda leaf: leaf[0], x), SolveInfo(*(t[0] for t in info))
+                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None) -> Solution:
+    """`ti.lissa(loss, params, train, ...).solve(v)`: returns `Solution(x, info)`, never raising for a
+    numerical failure. Arguments as in `ti.lissa`; unpacks as `x, info = ti.lissa_solve(...)`."""
+    return lissa(loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth, repeats=repeats,
+                 batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size, progress=progress,
+                 group=group, where="ti.lissa_solve").solve(v)
 
 
 def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
           repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
-          chunk_size: int | None = None, progress: bool = False, group=None) -> Callable:
-    """Returns a function that applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
+          chunk_size: int | None = None, progress: bool = False, group=None, on_failure: str = "raise",
+          where: str = "ti.lissa") -> InverseOperator:
+    """Returns `ihvp`, which applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
 
     With A = H + λI, H the Hessian of R(θ) = mean loss + (l2/2)‖θ‖² at `params`, and a
     fresh mini-batch B_j of `batch_size` training examples at every step,
@@ -215,10 +215,19 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
     scale: the recursion contracts only if `scale` exceeds (half of) the largest
     eigenvalue of every mini-batch's A_B. `scale="auto"` runs 20 power iterations of the
     full-data A (20 Hessian-vector products over the training set, `chunk_size` examples
-    at a time, from a start drawn from `generator`) and takes 2 × the estimate: the
-    factor covers the estimate's shortfall and mini-batches whose curvature exceeds the
-    mean. A recursion that still blows up (non-finite, or ‖h_j‖ > 10·(j+1)·‖v‖) raises
-    `DivergenceError` asking to raise `scale`; a NaN is never returned.
+    at a time, from a start drawn from `generator`) and of the first 10 mini-batches, and
+    takes 1.5 × the largest estimate: the factor covers the estimate's shortfall and
+    mini-batches whose curvature exceeds the ones checked.
+
+    Failure is reported as in `ti.cg`: every solve ends with the TRUE relative residual
+    ‖(H + λI)x − v‖/‖v‖ (one full-data Hessian-vector product, `chunk_size` examples at a
+    time). A recursion that blows up (non-finite, or ‖h_j‖ > 10·(j+1)·‖v‖), or whose
+    result is no better than x = 0 (relative residual ≥ 1, e.g. a scale just below half
+    the largest eigenvalue, which diverges slowly), is `Status.DIVERGED` and raises
+    `DivergenceError` asking to raise `scale`; a `tol` not met within `depth` raises
+    `ConvergenceError`. With `tol=None` a solve is judged only against divergence: LiSSA is
+    stochastic, and its residual (reported in `info.relative_residual`) rarely falls below
+    the mini-batch noise. `on_failure="warn"` warns instead; `ihvp.solve(v)` never raises.
 
     Randomness: all mini-batch indices `[repeats, depth, batch_size]` (then the power
     iteration's start) are drawn here, at construction, from a COPY of `generator`, so
@@ -232,7 +241,7 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
       train: training set, leading axis n; mini-batches are drawn from it with replacement.
       l2: the objective's weight decay (its Hessian adds l2·I), as in `ti.objective`.
       damping: λ ≥ 0.
-      scale: "auto" or a number > 0.
+      scale: "auto" or a finite number > 0.
       depth: recursion steps per repeat (each one mini-batch HVP for all right-hand sides).
       repeats: independent runs averaged (variance falls like 1/repeats).
       batch_size: examples per mini-batch.
@@ -241,6 +250,8 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
         ‖h_j − h_{j−1}‖/‖h_j‖ ≤ tol (checked every 10 steps); None runs the full depth.
       chunk_size: examples per chunk in the power iteration.
       progress: show a tqdm bar over the recursion steps.
+      on_failure: "raise" or "warn", as in `ti.cg`.
+      where: the public call named in messages.
       group: a `torch.distributed` process group when `train` is this rank's contiguous
         shard (`ti.distributed.shard`). Every rank draws the same global mini-batch ids from
         the same generator, evaluates the part of each mini-batch it holds, and the
@@ -249,28 +260,36 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
 
     Returns:
       `ihvp(v) -> x`, deterministic; `v` shaped like `params` or a stack (leading axis k,
-      solved together: one vmapped mini-batch HVP per step for all k); `x` like `v`.
+      solved together: one batched mini-batch HVP per step for all k); `x` like `v`.
+      `ihvp.solve(v) -> ti.Solution(x, info)` with the per-right-hand-side status.
 
     Raises:
-      ValueError: at construction, for invalid options; at call time, for `v` shaped
-        neither like `params` nor a stack of them.
-      DivergenceError: at call time, if the recursion blows up (raise `scale`).
+      ValueError: at construction, for invalid options (`scale` not finite and > 0); at
+        call time, for `v` shaped neither like `params` nor a stack of them.
+      DivergenceError: from `ihvp(v)`, if the recursion diverged (raise `scale`).
+      ConvergenceError: from `ihvp(v)`, if `tol` was not met within `depth`.
 
     Notes:
       Cost: repeats × depth mini-batch HVPs (each ≈ a few gradients on `batch_size`
-      examples, batched over k) plus 20 full-data HVPs for `scale="auto"`. Not vmappable
+      examples, batched over k), one full-data HVP for the residual, plus 20 full-data
+      HVPs for `scale="auto"`. Not vmappable
       (divergence checks synchronize every 10 steps).
 
     References:
       Agarwal, Bullins & Hazan, Second-order stochastic optimization for machine learning
       in linear time, JMLR 2017; Koh & Liang, ICML 2017 (its use for influence).
     """
-    idx, scale = _prepare("ti.lissa", loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
-                          repeats=repeats, batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size,
-                          group=group)
+    check_on_failure(where, on_failure)
+    idx, scale, full = _prepare(where, loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
+                                repeats=repeats, batch_size=batch_size, generator=generator, tol=tol,
+                                chunk_size=chunk_size, group=group)
 
-    def ihvp(v):
-        return _solve_any(loss, params, train, v, idx, l2=l2, damping=damping, scale=scale, tol=tol,
-                          progress=progress, where="ti.lissa", group=group)[0]
+    def solve(v) -> Solution:
+        if under_transform(v):
+            raise ValueError(f"{where}: LiSSA cannot run under torch.func.vmap or torch.compile: its divergence and "
+                             "tolerance checks synchronize with the host. Call it outside the transform, or use "
+                             "ti.cg(..., tol=None) or ti.direct inside it.")
+        return _solution(where, loss, params, train, v, idx, full, l2=l2, damping=damping, scale=scale, tol=tol,
+                         depth=depth, progress=progress, group=group)
 
-    return ihvp
+    return InverseOperator(solve, on_failure=on_failure, where=where)

@@ -8,11 +8,12 @@ import torch
 
 from ..core import tree as tr
 from ..core.errors import check_positive, fork_generator
+from ..core.operator import LinearOperator, as_operator
 
 __all__ = ["nystrom"]
 
 
-def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, damping: float = 0.0, like=None) -> Callable:
+def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, damping: float = 0.0) -> LinearOperator:
     """Returns `P⁻¹`, a preconditioner for (C + λI) from a rank-r Nyström sketch of C, for `ti.cg`.
 
     C ≈ U Λ Uᵀ is sketched from ONE operator call on r random directions (a stack of r
@@ -29,23 +30,21 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
     same call gives the same preconditioner.
 
     Args:
-      operator: `u -> C u`, symmetric positive semi-definite, accepting a stack of vectors
-        (leading axis r), e.g. `ti.hvp(R, params)` or `ti.ggn_vp(...)`.
+      operator: `u -> C u`, a `ti.LinearOperator` with its structure (`ti.hvp(R, params)`,
+        `ti.ggn_vp(...)`, or `ti.LinearOperator(fn, like=params)`; `like=torch.zeros(P)` for
+        an operator on tensors), symmetric positive semi-definite, accepting a stack.
       rank: r ≥ 1, the number of sketched directions (at most P).
       generator: `torch.Generator` for the random directions.
       damping: λ ≥ 0, the same damping passed to `ti.cg`.
-      like: the parameters (a pytree, or a tensor `[P]` for an operator on tensors `[k, P]`),
-        when `operator` does not carry `.params` as those from ti.hvp / ti.ggn_vp do.
 
     Returns:
-      `precondition(V) -> P⁻¹ V` on stacks of vectors shaped like the parameters (leading
-      axis k; `[k, P]` tensors for a tensor operator), same shapes out, for
-      `ti.cg(..., preconditioner=)`; symmetric positive definite (no sign change).
+      `P⁻¹`, a `ti.LinearOperator` (kind "preconditioner", positive definite) on vectors
+      shaped like the operator's and on stacks of them, for `ti.cg(..., preconditioner=)`.
 
     Raises:
       ValueError: `rank` not an int in [1, P], `damping` < 0, or a sketch in which C + λI
         is numerically singular (add damping).
-      TypeError: `generator` is not a `torch.Generator`, or the parameters are unknown.
+      TypeError: `generator` is not a `torch.Generator`, or the operator carries no structure.
 
     References:
       Frangella, Tropp & Udell, Randomized Nyström Preconditioning, SIAM J. Matrix Anal.
@@ -55,9 +54,11 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
     check_positive(where, "damping", damping, allow_zero=True)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{where}: `generator` must be a torch.Generator; got {type(generator).__name__}.")
-    like = like if like is not None else getattr(operator, "params", None)
+    op = as_operator(operator, where=where)
+    like = op.like
     if like is None:
-        raise TypeError(f"{where}: cannot tell the shapes of the vectors: pass `like=params`, or use an operator "
+        raise TypeError(f"{where}: cannot tell the shapes of the vectors: wrap the function as "
+                        "ti.LinearOperator(fn, like=params) (like=torch.zeros(P) on tensors), or use an operator "
                         "from ti.hvp or ti.ggn_vp.")
     flat = tr.ravel(like)
     P = flat.shape[-1]
@@ -66,7 +67,7 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
 
     omega = torch.randn(P, rank, generator=fork_generator(generator), dtype=flat.dtype, device=generator.device)
     omega = torch.linalg.qr(omega.to(flat.device)).Q                               # [P, r], orthonormal
-    Y = tr.ravel(operator(tr.unravel(omega.T, like)), batch_ndim=1).T               # [P, r] = C Ω
+    Y = tr.ravel(op.many(tr.unravel(omega.T, like)), batch_ndim=1).T                # [P, r] = C Ω
     shift = torch.finfo(flat.dtype).eps * torch.linalg.matrix_norm(Y)
     Y = Y + shift * omega
     L, info = torch.linalg.cholesky_ex(omega.T @ Y)
@@ -86,4 +87,7 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
         X = tr.ravel(V, batch_ndim=1)                                               # [k, P]
         return tr.unravel(X + ((X @ U) * scale) @ U.T, like)
 
-    return precondition
+    def one(v):
+        return tr.map(lambda leaf: leaf[0], precondition(tr.map(lambda leaf: leaf[None], v)))
+
+    return LinearOperator(one, like, many=precondition, symmetric=True, psd=True, kind="preconditioner")

@@ -1,0 +1,198 @@
+"""tinfluence's EK-FAC beside kronfluence's, settings matched, and EK-FAC-preconditioned CG.
+
+    python benchmarks/kfac_vs_kronfluence.py              # digits-lr and digits-mlp, writes RESULTS-kfac.md
+    python benchmarks/kfac_vs_kronfluence.py --task digits-mlp --repeats 3
+
+Settings matched (strategy "ekfac"):
+- Fisher labels: the given labels (tinfluence `fisher="empirical"`, kronfluence
+  `FactorArguments(use_empirical_fisher=True)`; its task's training loss is the cross entropy
+  summed over the batch, so per-example gradients are those of each example's loss).
+- Normalization: kronfluence divides its covariance and eigenvalue-correction sums by the
+  number of examples (one position per example here), as tinfluence's factors are means over
+  examples: both fit the Fisher of the MEAN loss.
+- Damping: kronfluence adds `damping_factor` to every corrected eigenvalue (None would mean
+  0.1 × the module's mean eigenvalue, tinfluence's `damping_mode="relative", damping=0.1`);
+  both get damping = l2, the objective's weight decay, so (F̂ + l2 I) stands for the
+  objective's curvature.
+- Scale and sign: kronfluence's pairwise score is g_testᵀ (F̂ + λI)⁻¹ g_train for the
+  measurement "test cross entropy" (positive = the training example lowers the test loss,
+  helpful); tinfluence's is (1/n) times that with the same sign, so tinfluence = kronfluence / n.
+- dtypes: float64 for every factor, gradient and score in both; float64 eigendecompositions.
+
+Each library runs in its own process (kronfluence from the peers' environment, /work/venv-peers
+by default) on the same task file, one thread each; time is the whole fit + score call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+PEERS_PYTHON = os.environ.get("PEERS_PYTHON", "/work/venv-peers/bin/python")
+
+
+def _split(task):
+    from tasks import pure
+
+    apply, params, loss = pure(task)
+    return params, loss, (lambda p, b: apply(p, b[0])), (lambda o, b: F.cross_entropy(o, b[1], reduction="none"))
+
+
+def tinfluence_ekfac(task, method: str = "ekfac", fisher: str = "empirical"):
+    """`(seconds, scores [n_test, n_train])`: fit (`fisher`, damping = l2) and score."""
+    import tinfluence as ti
+
+    params, loss, predict, output_loss = _split(task)
+    fit = ti.ekfac if method == "ekfac" else ti.kfac
+    start = time.perf_counter()
+    curv = fit(loss, params, task.train, predict=predict, output_loss=output_loss, fisher=fisher, damping=task.l2)
+    scores = ti.influence(loss, params, task.train, task.test, ihvp=curv.ihvp)
+    return time.perf_counter() - start, scores
+
+
+def kronfluence_ekfac(task):
+    """`(seconds, scores)` of kronfluence's EK-FAC with the empirical Fisher, as the library returns them."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence_adapter import _kronfluence_task
+    from peers import _batch
+    from torch.utils.data import TensorDataset
+
+    dtype = task.dtype
+    start = time.perf_counter()
+    ktask = _kronfluence_task(torch.Generator().manual_seed(0))      # sample=False under the empirical Fisher
+    model = task.make_model()
+    model = prepare_model(torch.nn.Sequential(model) if task.kind == "lr" else model, ktask)
+    with tempfile.TemporaryDirectory(prefix="kronfluence-") as folder:
+        analyzer = Analyzer(analysis_name="kfac", model=model, task=ktask, cpu=True, disable_tqdm=True, output_dir=folder)
+        train, test = TensorDataset(*task.train), TensorDataset(*task.test)
+        factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, activation_covariance_dtype=dtype,
+                                      gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+        analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=_batch(task),
+                                 factor_args=factor_args)
+        score_args = ScoreArguments(damping_factor=task.l2, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
+                                    score_dtype=dtype)
+        analyzer.compute_pairwise_scores(scores_name="ekfac", factors_name="ekfac", query_dataset=test,
+                                         train_dataset=train, per_device_query_batch_size=task.n_test,
+                                         per_device_train_batch_size=_batch(task), score_args=score_args)
+        scores = analyzer.load_pairwise_scores("ekfac")["all_modules"]
+    return time.perf_counter() - start, scores
+
+
+def preconditioned_cg(task, tol: float):
+    """`(plain, preconditioned)`, each `(seconds, max iterations, scores)`: CG over the Gauss-Newton matrix + l2 I,
+    without and with the EK-FAC preconditioner (fisher="ggn", damping = l2; its fit is inside the timing)."""
+    import tinfluence as ti
+
+    params, loss, predict, output_loss = _split(task)
+    out = []
+    for precondition in (False, True):
+        start = time.perf_counter()
+        ggn = ti.ggn_vp(predict, params, task.train, output_loss=output_loss)
+        pre = None
+        if precondition:
+            pre = ti.ekfac(loss, params, task.train, predict=predict, output_loss=output_loss, fisher="ggn",
+                           damping=task.l2).preconditioner
+        G = ti.per_example_grads(loss, params, task.test)
+        X, info = ti.cg_solve(ggn, G, damping=task.l2, tol=tol, maxiter=2000, preconditioner=pre)
+        scores = ti.tree.pairwise_vdot(X, ti.per_example_grads(loss, params, task.train)) / task.n_train
+        out.append((time.perf_counter() - start, int(info.iterations.max()), scores))
+    return out
+
+
+def _pearson(a, b) -> float:
+    a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def _relative(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _child(path: str, out: str, repeats: int) -> None:
+    import tasks
+
+    torch.set_num_threads(1)
+    task = tasks.load(path)
+    torch.save(min((kronfluence_ekfac(task) for _ in range(repeats)), key=lambda r: r[0]), out)
+
+
+def _kronfluence_in_peers(path: str, repeats: int) -> tuple:
+    """kronfluence's best `(seconds, scores)` of `repeats` calls in one process of the peers' environment."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "scores.pt")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+        proc = subprocess.run([PEERS_PYTHON, os.path.abspath(__file__), "--child", path, out, str(repeats)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        return torch.load(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=3)
+    parser.add_argument("--task", action="append", choices=["digits-lr", "digits-mlp"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS-kfac.md"))
+    args = parser.parse_args()
+    if args.child:
+        return _child(args.child[0], args.child[1], int(args.child[2]))
+    torch.set_num_threads(1)
+    import run
+    import tasks
+
+    from tinfluence import __file__ as where
+
+    lines = ["# EK-FAC: tinfluence beside kronfluence", "",
+             f"Machine: {run.machine(1)}; tinfluence from `{os.path.dirname(where)}`", "",
+             "Command: `python benchmarks/kfac_vs_kronfluence.py " + " ".join(sys.argv[1:]) + "`", "",
+             "Settings matched as in the script's docstring (empirical Fisher, damping = l2 = 1e-2, float64, "
+             "tinfluence = kronfluence / n). Time: best of the repeats (each library's repeats in one process), each the "
+             "whole fit + score call, one thread.", ""]
+    for name in args.task or ["digits-lr", "digits-mlp"]:
+        task, path = run.built(tasks, name, 1000, 100)
+        t_ti, s_ti = min((tinfluence_ekfac(task) for _ in range(args.repeats)), key=lambda r: r[0])
+        t_kf, s_kf = _kronfluence_in_peers(path, args.repeats)
+        t_k, s_k = min((tinfluence_ekfac(task, "kfac") for _ in range(args.repeats)), key=lambda r: r[0])
+        t_g, s_g = min((tinfluence_ekfac(task, "ekfac", "ggn") for _ in range(args.repeats)), key=lambda r: r[0])
+        s_kf = s_kf.to(s_ti.dtype) / task.n_train
+        lines += [f"## {name} ({task.n_train} train × {task.n_test} test, P = "
+                  f"{sum(v.numel() for v in task.state.values())})", "",
+                  "| method | fit + score (s) | vs kronfluence | rel. diff. to kronfluence | Pearson with exact |",
+                  "|---|---|---|---|---|",
+                  f"| tinfluence EK-FAC | {t_ti:.3f} | {t_kf / t_ti:.1f}× faster | {_relative(s_ti, s_kf):.1e} | "
+                  f"{_pearson(s_ti, task.exact):.4f} |",
+                  f"| tinfluence K-FAC | {t_k:.3f} | {t_kf / t_k:.1f}× faster | {_relative(s_k, s_kf):.1e} | "
+                  f"{_pearson(s_k, task.exact):.4f} |",
+                  f"| tinfluence EK-FAC, fisher=\"ggn\" (exact output Hessian) | {t_g:.3f} | {t_kf / t_g:.1f}× faster | "
+                  f"— | {_pearson(s_g, task.exact):.4f} |",
+                  f"| kronfluence EK-FAC | {t_kf:.3f} | 1 | 0 | {_pearson(s_kf, task.exact):.4f} |", "",
+                  f"max |tinfluence − kronfluence/n| / max |kronfluence/n| = "
+                  f"{float((s_ti - s_kf).abs().max() / s_kf.abs().max()):.1e}", ""]
+        if task.kind == "mlp":
+            lines += ["Conjugate gradients over the Gauss-Newton matrix + l2·I (the exact reference's matrix), all "
+                      "test points as one stack; EK-FAC fitted with fisher=\"ggn\", damping = l2, its fit inside the time:",
+                      "", "| CG | tol | iterations | time (s) | Pearson with exact |", "|---|---|---|---|---|"]
+            for tol in (1e-3, 1e-8):
+                (t0, i0, s0), (t1, i1, s1) = preconditioned_cg(task, tol)
+                lines += [f"| plain | {tol:g} | {i0} | {t0:.2f} | {_pearson(s0, task.exact):.6f} |",
+                          f"| EK-FAC-preconditioned | {tol:g} | {i1} | {t1:.2f} | {_pearson(s1, task.exact):.6f} |"]
+            lines.append("")
+        print("\n".join(lines), flush=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

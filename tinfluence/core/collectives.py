@@ -1,0 +1,195 @@
+"""Collectives over a `torch.distributed` process group, as kernels, solvers and estimators need them.
+
+Every function is the identity (no `torch.distributed` call) when `group` is None, so the
+layers above call them unconditionally. All leaves of a pytree travel in ONE collective.
+Every collective of the library goes through `_collective`, which turns a backend failure
+(a peer died, stalled past the group's timeout, or made another call) into a
+`CollectiveError` saying so. The set-up of a run (`init`, `shard`) is `ti.distributed`'s;
+the contract every rank must keep is written there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import optree
+import torch
+import torch.distributed as dist
+
+from . import tree as tr
+
+__all__ = ["CollectiveError", "check_replicated", "all_reduce", "global_size", "offset", "sizes", "gather_columns",
+           "gather_rows", "rounds", "DEFAULT_TIMEOUT"]
+
+
+DEFAULT_TIMEOUT = 300.0   # seconds a collective waits for its peers before failing (torch's default is 30 min)
+_CHECKSUM_WIDTH = 1021    # period of the checksum's position weights (a prime)
+
+
+class CollectiveError(RuntimeError):
+    """A collective over the process group failed: a peer process died, stalled past the group's timeout,
+    or called a different collective."""
+
+
+def _collective(where: str, group, call):
+    """Runs one collective; a backend failure becomes a `CollectiveError` naming the rank and the wait."""
+    tic = time.monotonic()
+    try:
+        return call()
+    except RuntimeError as err:
+        waited = time.monotonic() - tic
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        raise CollectiveError(
+            f"{where}: a collective over the process group failed on rank {rank} of {world} after waiting "
+            f"{waited:.1f} s: another rank died, stalled past the group's timeout, or made a different call "
+            f"(backend: {first}). Look at the other ranks' output for their own error; every rank must make the "
+            "same group calls with the same arguments. If a rank is only slow, raise the timeout "
+            "(ti.distributed.init(timeout=...)); then rerun.") from err
+
+
+def _device(group) -> torch.device:
+    """Where the backend's collectives want small bookkeeping tensors: cuda for nccl, else cpu."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(value, group, *, where: str = "ti.distributed.all_reduce"):
+    """Returns the sum over ranks of a tensor or pytree of tensors (inputs are not modified).
+
+    All leaves travel in ONE collective (flattened and concatenated), whatever the pytree.
+    """
+    if group is None:
+        return value
+    flat = tr.ravel(value).detach().clone()
+    _collective(where, group, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))
+    return tr.unravel(flat, value)
+
+
+def _all_gather(where: str, group, tensor: torch.Tensor) -> list:
+    """The ranks' equally shaped `tensor`s, in rank order (one collective)."""
+    every = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    _collective(where, group, lambda: dist.all_gather(every, tensor.contiguous(), group=group))
+    return every
+
+
+def _checksum(value) -> torch.Tensor:
+    """float64 `[4]`: (number of elements, Σx, Σ wᵢxᵢ, Σ|xᵢ|) over a pytree of tensors or numbers.
+
+    The weights wᵢ = a(i mod 1021)·b(i div 1021), a and b fixed cosines, make the last
+    entry depend on every element's position, so reordered or altered elements change it.
+    One pass over the data in float64; no weight vector of the data's size is built.
+    """
+    leaves = [torch.as_tensor(leaf) for leaf in optree.tree_leaves(value, namespace="")]
+    total = torch.zeros(4, dtype=torch.float64)
+    for leaf in leaves:
+        flat = leaf.detach().reshape(-1).to(torch.float64)
+        rows = -(-flat.numel() // _CHECKSUM_WIDTH)
+        grid = torch.nn.functional.pad(flat, (0, rows * _CHECKSUM_WIDTH - flat.numel())).reshape(rows, _CHECKSUM_WIDTH)
+        a = torch.cos(0.7548776662 * torch.arange(1, _CHECKSUM_WIDTH + 1, dtype=torch.float64, device=flat.device))
+        b = torch.cos(0.5698402910 * torch.arange(1, rows + 1, dtype=torch.float64, device=flat.device))
+        weighted = ((grid * a).sum(1) * b).sum()
+        total = total + torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
+                                     flat.sum(), weighted, flat.abs().sum()]).cpu()
+    return total
+
+
+def check_replicated(where: str, group, **named) -> None:
+    """Raises ValueError unless every rank holds the same value for each named argument.
+
+    `named` maps argument names (e.g. `params`, `test`, `l2`) to pytrees of tensors or
+    numbers that the collective contract requires to be identical on every rank. One
+    all-gather of 4 float64 checksums per argument; costs one pass over the values.
+    Equality is bitwise up to float64 summation round-off: retraining on every rank
+    passes only when the training is deterministic; otherwise load or broadcast one
+    rank's parameters.
+    """
+    if group is None or not named:
+        return
+    names = list(named)
+    mine = torch.stack([_checksum(named[name]) for name in names]).to(_device(group))   # [m, 4]
+    every = torch.stack(_all_gather(where, group, mine)).cpu()                              # [world, m, 4]
+    bound = 64 * torch.finfo(torch.float64).eps * every[..., 3].amax(0)                    # [m] round-off of the sums
+    differs = ((every - every[0]).abs() > bound[:, None]).any(-1)                          # [world, m]
+    if differs.any():
+        parts = [f"`{name}` differs from rank 0's on rank(s) {differs[:, j].nonzero().flatten().tolist()}"
+                 for j, name in enumerate(names) if differs[:, j].any()]
+        raise ValueError(
+            f"{where}: with `group`, every rank must pass the same {', '.join(f'`{n}`' for n in names)} (only the "
+            f"training data is sharded); {'; '.join(parts)}. Give every rank the same values (load them from one "
+            "file, or broadcast rank 0's with torch.distributed.broadcast), or shard them with ti.distributed.shard "
+            "if they are training data.")
+
+
+def global_size(n_local: int, group) -> int:
+    """Returns Σ over ranks of `n_local` (the global number of examples); `n_local` without a group."""
+    if group is None:
+        return n_local
+    sizes = _sizes(n_local, group)
+    return int(sizes.sum())
+
+
+def _sizes(n_local: int, group) -> torch.Tensor:
+    """The shard sizes of all ranks, in rank order: LongTensor `[world]`."""
+    mine = torch.tensor([n_local], dtype=torch.long, device=_device(group))
+    return torch.cat(_all_gather("ti.distributed", group, mine)).cpu()
+
+
+def sizes(n_local: int, group) -> torch.Tensor:
+    """The shard sizes of all ranks in rank order, LongTensor `[world]` (`[n_local]` without a group)."""
+    return torch.tensor([n_local]) if group is None else _sizes(n_local, group)
+
+
+def offset(n_local: int, group) -> tuple[int, int]:
+    """Returns `(start, n)`: this rank's first global example id and the global n."""
+    if group is None:
+        return 0, n_local
+    sizes = _sizes(n_local, group)
+    rank = dist.get_rank(group)
+    return int(sizes[:rank].sum()), int(sizes.sum())
+
+
+def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
+    """Returns the ranks' blocks `[..., n_local_r]` concatenated along the last axis, rank order.
+
+    Shards may differ in size: blocks are padded to the largest for the collective and
+    trimmed after.
+    """
+    if group is None:
+        return local
+    widths = _sizes(local.shape[-1], group)
+    padded = torch.nn.functional.pad(local, (0, int(widths.max()) - local.shape[-1]))
+    every = _all_gather("ti.distributed.gather_columns", group, padded)
+    return torch.cat([block[..., :int(s)] for block, s in zip(every, widths)], dim=-1)
+
+
+def gather_rows(local, counts: torch.Tensor, group, *, where: str = "ti.distributed.gather_rows"):
+    """Returns the ranks' stacks (pytrees with leading axis `counts[r]`) concatenated in rank order.
+
+    `counts`: LongTensor `[world]`, every rank's number of rows (known to all ranks). All
+    leaves travel in ONE all-gather, each rank's rows zero-padded to the largest count and
+    trimmed after. Leaves `[Σ counts, ...]`; every rank gets the same stack (`local` without a group).
+    """
+    if group is None:
+        return local
+    leaves = optree.tree_leaves(local, namespace="")
+    flat = torch.cat([leaf.reshape(leaf.shape[0], math.prod(leaf.shape[1:])) for leaf in leaves], dim=1)  # [rows, P]
+    padded = torch.nn.functional.pad(flat, (0, 0, 0, int(counts.max()) - flat.shape[0]))
+    every = _all_gather(where, group, padded)
+    union = torch.cat([block[:int(c)] for block, c in zip(every, counts)])     # [Σ counts, P]
+    like = tr.map(lambda leaf: leaf[0] if leaf.shape[0] else leaf.new_zeros(leaf.shape[1:]), local)
+    return tr.unravel(union, like)
+
+
+def rounds(counts: torch.Tensor, per_round: int) -> list:
+    """The collective schedule over shards of sizes `counts` `[world]`, `per_round` rows per rank per round.
+
+    Returns one LongTensor `[world, 2]` per round, the (start, stop) of every rank's rows
+    in that round (empty, start == stop, once a rank's shard is used up). Every rank gets
+    the same list, so every rank makes the same number of collective calls.
+    """
+    total = max(1, -(-int(counts.max()) // per_round))
+    return [torch.stack([counts.clamp(max=r * per_round), counts.clamp(max=(r + 1) * per_round)], dim=1)
+            for r in range(total)]

@@ -1,0 +1,911 @@
+"""K-FAC and EK-FAC: Kronecker-factored curvature, fitted once, as a value.
+
+For a layer whose weight gradient is a sum of outer products over the positions t at which
+the layer is applied (T = 1 for an MLP layer, the output locations of a convolution, the
+tokens of an embedding), written in the weight's own coordinates as
+
+    ∇_W ℓ_n = Σ_t l_nt r_ntᵀ,   W viewed as a matrix [d0, d1] (d0 = W.shape[0], d1 = the rest),
+
+the Fisher block (1/N) Σ_n vec(∇_W ℓ_n) vec(∇_W ℓ_n)ᵀ is approximated (Martens & Grosse
+2015; for positions, Grosse & Martens 2016: independent positions, homogeneous statistics) by
+
+    F̂_W = L ⊗ R,   L = Σ_{n,t} l lᵀ, R = Σ_{n,t} r rᵀ, scaled by 1 / (N · positions)
+
+(vec row-major, as `ti.tree.ravel` flattens W). For `nn.Linear` l = g (the gradient of the
+example's loss with respect to the layer's output) and r = ã = [a, 1] (its input with a bias
+column): L/N·T = S = E_n[(1/T) Σ_t g gᵀ] and R/N = A = E_n[Σ_t ã ãᵀ]. A convolution's r are
+its im2col patches (`F.unfold`), an embedding's l are one-hot token vectors (L diagonal: the
+token counts), GPT-2's `Conv1D` (`torch.addmm(b, x, W)`, W `[in, out]`) has l = ã, r = g.
+Several uses of one weight (tied weights) add their positions to the same sums.
+
+K-FAC inverts F̂_W + λI exactly in the eigenbasis Q_L ⊗ Q_R of the factors, with
+eigenvalues s_i a_j. EK-FAC (George et al. 2018) keeps that basis and replaces the
+eigenvalues by the second moments of the per-example gradients in it,
+Λ_ij = (1/N) Σ_n [(Q_Lᵀ ∇_W ℓ_n Q_R)_ij]², from a second pass over the data.
+
+Everything else (norm scales, biases outside recognised layers, grouped convolutions,
+weights used in any other way) gets a diagonal block: the diagonal of the same Fisher from
+per-example gradients (`fallback="diagonal"`), or zero curvature, i.e. (λI)⁻¹
+(`fallback="identity"`). `Curvature.summary()` lists which parameter got which treatment.
+
+Capture: as in `ti.factored`, the model runs example by example (`vmap`, each a batch of
+one) under a `torch.overrides.TorchFunctionMode` that recognises the layer calls by the
+identity of their weight tensor (`functional_call` hands over the very tensors of `params`),
+adds a zero probe to each such call's output and records its input; one `vjp` per example,
+vmapped over the pseudo-gradients of the chosen Fisher, gives the output gradients g and the
+fallback parameters' per-example gradients together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch.func import vjp, vmap
+from torch.overrides import TorchFunctionMode
+
+from ..core import data as D
+from ..core import collectives as dd
+from ..core import tree as tr
+from ..core.errors import check_chunk_size, check_params, fork_generator
+from ..core.factored import _holds_tensor, _linear_args
+from ..core.objective import per_example
+from ..core.operator import LinearOperator
+from ..core.transforms import hessian_fn
+from ._result import InverseOperator, Solution, SolveInfo, Status
+
+__all__ = ["Curvature", "DiagonalBlock", "KroneckerBlock", "ekfac", "kfac"]
+
+FISHERS = ("empirical", "true", "ggn")
+RELATIVE_DEFAULT = 0.1   # kronfluence's heuristic: damping = 0.1 × mean eigenvalue
+
+
+# ---------------------------------------------------------------- the fitted value
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KroneckerBlock:
+    """One weight (and the bias folded into it) with Kronecker-factored curvature.
+
+    The weight is viewed as a matrix `[d0, d1]` (d0 = `shape[0]`, d1 = the rest flattened);
+    a folded bias adds a column (`bias_side="right"`, nn.Linear, convolutions: `[W | b]`) or
+    a row (`"left"`, GPT-2 Conv1D: `[W; bᵀ]`), so the block's frame is `[d0', d1']`.
+
+    Attributes:
+      weight, bias: parameter names (`bias` None when none is folded in).
+      kind: the layer calls that use the weight, e.g. "linear", "conv2d", "embedding+linear" (tied).
+      bias_side: "left", "right" or None.
+      activation_side: which factor holds the layer inputs ("right": A = `right`, S = `left`).
+      left, right: the factors `[d0', d0']` and `[d1', d1']` (`left` a vector `[d0]`, the
+        diagonal, for embeddings), normalized so that `F̂ = left ⊗ right` (see the module docstring).
+      left_basis, right_basis: their eigenvectors (float64 eigendecomposition; `left_basis`
+        None when `left` is diagonal: the identity).
+      eigenvalues: `[d0', d1']`, F̂'s eigenvalues in that basis: K-FAC `outer(eig(left), eig(right))`,
+        EK-FAC the corrected second moments.
+      damping: λ of this block.
+    """
+
+    weight: str
+    bias: str | None
+    kind: str
+    bias_side: str | None
+    activation_side: str
+    left: torch.Tensor
+    right: torch.Tensor
+    left_basis: torch.Tensor | None
+    right_basis: torch.Tensor
+    eigenvalues: torch.Tensor
+    damping: float
+
+    @property
+    def A(self) -> torch.Tensor:
+        """The activation-side factor (inputs, with the bias column)."""
+        return self.right if self.activation_side == "right" else self.left
+
+    @property
+    def S(self) -> torch.Tensor:
+        """The gradient-side factor (output gradients)."""
+        return self.left if self.activation_side == "right" else self.right
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiagonalBlock:
+    """A parameter outside any recognised layer: diagonal curvature.
+
+    Attributes:
+      name: the parameter.
+      diagonal: shaped like the parameter: (1/N) Σ_n Σ_c (∂ℓ_nc/∂θ)² over the Fisher's
+        pseudo-gradients ("diagonal"), or zeros ("identity": (F̂ + λI)⁻¹ = I/λ).
+      treatment: "diagonal" or "identity".
+      reason: why the parameter is not Kronecker-factored.
+      damping: λ of this block.
+    """
+
+    name: str
+    diagonal: torch.Tensor
+    treatment: str
+    reason: str
+    damping: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Curvature:
+    """A fitted block-diagonal curvature F̂ (K-FAC or EK-FAC blocks plus diagonal blocks).
+
+    A value: it holds factors, eigenbases and eigenvalues (memory O(Σ d0² + d1² + P)) and
+    composes with the solvers and estimators:
+
+    - `ihvp` (a `ti.InverseOperator`): `ihvp(v)` = (F̂ + λI)⁻¹ v, exact in each block's
+      eigenbasis, for `ti.influence(..., ihvp=curv.ihvp)` and `ti.self_influence`;
+      `ihvp.solve(v)` returns it with its `SolveInfo` (status converged, 0 iterations, the
+      true relative residual of the damped system). Calling the value itself gives `ihvp(v)`.
+    - `operator` (a `ti.LinearOperator`, positive semi-definite): v ↦ F̂ v (no damping),
+      e.g. for `ti.to_dense` or as a cheap operator for `ti.cg`.
+    - `preconditioner` (a `ti.LinearOperator` of kind "preconditioner"): V ↦ (F̂ + λI)⁻¹ V,
+      for `ti.cg(op, damping=λ, preconditioner=curv.preconditioner)`.
+
+    All take one vector shaped like the parameters or a stack (leaves `[k, *shape]`) and
+    cost O(k · Σ_blocks d0'·d1'·(d0' + d1')). λ is per block (see `damping_mode` of `ti.kfac`).
+    """
+
+    method: str
+    fisher: str
+    n: int
+    damping: float
+    damping_mode: str
+    kronecker: tuple
+    diagonal: tuple
+    params: dict = dataclasses.field(repr=False)
+
+    @property
+    def ihvp(self) -> InverseOperator:
+        """(F̂ + λI)⁻¹ as a `ti.InverseOperator` (callable, with `.solve(v) -> Solution`)."""
+        return InverseOperator(functools.partial(_solve, self), on_failure="raise",
+                               apply=functools.partial(_apply, self, mode="inverse"), where=f"ti.{self.method}")
+
+    @property
+    def operator(self) -> LinearOperator:
+        """v ↦ F̂ v, without damping."""
+        fn = functools.partial(_apply, self, mode="forward")
+        return LinearOperator(fn, self.params, many=fn, psd=True, kind="custom")
+
+    @property
+    def preconditioner(self) -> LinearOperator:
+        """V ↦ (F̂ + λI)⁻¹ V, for `ti.cg(..., preconditioner=)`."""
+        fn = functools.partial(_apply, self, mode="inverse")
+        return LinearOperator(fn, self.params, many=fn, psd=True, kind="preconditioner")
+
+    def __call__(self, v):
+        return _apply(self, v, mode="inverse")
+
+    def summary(self) -> str:
+        """One line per block: parameter(s), shape, treatment, factor sizes, damping."""
+        where = "ti.ekfac" if self.method == "ekfac" else "ti.kfac"
+        head = (f"{where}: {self.fisher} Fisher of the mean loss over {self.n} examples, damping {self.damping:g} "
+                f"({self.damping_mode})")
+        lines = [head]
+        for b in self.kronecker:
+            names = b.weight + (f" + {b.bias}" if b.bias else "")
+            shape = list(self.params[b.weight].shape)
+            left = f"diagonal {b.left.shape[0]}" if b.left_basis is None else "×".join(map(str, b.left.shape))
+            factors = f"left {left}, right {'×'.join(map(str, b.right.shape))}"
+            values = "corrected eigenvalues" if self.method == "ekfac" else "Kronecker eigenvalues"
+            lines.append(f"  {names} {shape}: Kronecker ({b.kind}); {factors}; {values}; λ={b.damping:.3g}")
+        for b in self.diagonal:
+            what = "diagonal Fisher" if b.treatment == "diagonal" else "identity (zero curvature)"
+            lines.append(f"  {b.name} {list(b.diagonal.shape)}: {what} ({b.reason}); λ={b.damping:.3g}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def _to_frame(block: KroneckerBlock, V: dict, shape) -> torch.Tensor:
+    """`[k, d0', d1']`: the block's weight (and folded bias) of a stack V."""
+    W = V[block.weight]
+    W = W.reshape(W.shape[0], shape[0], -1)
+    if block.bias_side == "right":
+        return torch.cat([W, V[block.bias][:, :, None]], 2)
+    if block.bias_side == "left":
+        return torch.cat([W, V[block.bias][:, None, :]], 1)
+    return W
+
+
+def _from_frame(block: KroneckerBlock, X: torch.Tensor, shape) -> dict:
+    """The inverse of `_to_frame`: `{weight: [k, *shape], bias: [k, ...]}`."""
+    out = {}
+    if block.bias_side == "right":
+        X, out[block.bias] = X[:, :, :-1], X[:, :, -1]
+    elif block.bias_side == "left":
+        X, out[block.bias] = X[:, :-1], X[:, -1]
+    out[block.weight] = X.reshape(X.shape[0], *shape)
+    return out
+
+
+def _scaled(values: torch.Tensor, damping: float, mode: str) -> torch.Tensor:
+    """The factor each eigen-coordinate is multiplied by: 1/(Λ + λ), Λ, or Λ + λ."""
+    return {"inverse": 1.0 / (values + damping), "forward": values, "damped": values + damping}[mode]
+
+
+def _block_apply(block: KroneckerBlock, X: torch.Tensor, mode: str) -> torch.Tensor:
+    """Q f(Λ) Qᵀ X on frames `[k, d0', d1']`, Q = Q_L ⊗ Q_R, f as `_scaled`."""
+    QL, QR = block.left_basis, block.right_basis
+    Y = X @ QR if QL is None else QL.mT @ X @ QR
+    Y = Y * _scaled(block.eigenvalues, block.damping, mode)
+    return Y @ QR.mT if QL is None else QL @ Y @ QR.mT
+
+
+def _apply(curv: Curvature, v, *, mode: str):
+    """(F̂ + λI)⁻¹ v ("inverse"), F̂ v ("forward") or (F̂ + λI) v ("damped"), for one vector or a stack."""
+    stacked = LinearOperator(lambda u: u, curv.params).is_stack(v, where=f"ti.{curv.method}")
+    V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
+    out = {}
+    for block in curv.kronecker:
+        shape = curv.params[block.weight].shape
+        out.update(_from_frame(block, _block_apply(block, _to_frame(block, V, shape), mode), shape))
+    for block in curv.diagonal:
+        out[block.name] = V[block.name] * _scaled(block.diagonal, block.damping, mode)
+    out = {name: out[name] for name in curv.params}
+    return out if stacked else tr.map(lambda leaf: leaf[0], out)
+
+
+def _solve(curv: Curvature, v) -> Solution:
+    """`Solution(x, info)`: the exact block inverse and the true relative residual of the damped system."""
+    stacked = LinearOperator(lambda u: u, curv.params).is_stack(v, where=f"ti.{curv.method}")
+    V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
+    X = _apply(curv, V, mode="inverse")
+    residual = tr.map(torch.sub, _apply(curv, X, mode="damped"), V)
+    norms = torch.stack([leaf.reshape(leaf.shape[0], -1).pow(2).sum(1) for leaf in optree.tree_leaves(V, namespace="")])
+    res = torch.stack([leaf.reshape(leaf.shape[0], -1).pow(2).sum(1) for leaf in optree.tree_leaves(residual, namespace="")])
+    relative = (res.sum(0) / norms.sum(0).clamp_min(torch.finfo(norms.dtype).tiny)).sqrt()
+    k = relative.shape[0]
+    info = SolveInfo(torch.full((k,), int(Status.CONVERGED), dtype=torch.long, device=relative.device),
+                     torch.zeros(k, dtype=torch.long, device=relative.device), relative,
+                     torch.full_like(relative, float("nan")), solver=f"ti.{curv.method}", tol=0.0,
+                     context={"damping": curv.damping})
+    return Solution(X if stacked else tr.map(lambda leaf: leaf[0], X), info if stacked else info.single())
+
+
+# ---------------------------------------------------------------- recognising layer calls
+
+class _Call(NamedTuple):
+    """A recognised layer call: kind, input (indices for an embedding), weight, bias, options."""
+
+    kind: str           # "linear", "conv", "embedding", "addmm"
+    input: object
+    weight: torch.Tensor
+    bias: object
+    options: tuple      # conv: (stride, padding, dilation); embedding: (padding_idx,)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+_ACTIVATION_SIDE = {"linear": "right", "conv": "right", "embedding": "left", "addmm": "left"}
+
+
+def _bound(names: tuple, args, kwargs) -> dict:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _layer_call(func, args, kwargs) -> _Call | None:
+    """The call as a Kronecker-factorable layer, or None (grouped convolutions, max_norm embeddings, ...)."""
+    if func is F.linear:
+        a, W, b = _linear_args(args, kwargs)
+        if W.dim() == 2 and (b is None or b.dim() == 1):
+            return _Call("linear", a, W, b, ())
+    elif func in (F.conv1d, F.conv2d):
+        c = _bound(_CONV_ARGS, args, kwargs)
+        if c.get("groups", 1) == 1:
+            return _Call("conv", c["input"], c["weight"], c.get("bias"),
+                         (c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1)))
+    elif func is F.embedding:
+        c = _bound(_EMBEDDING_ARGS, args, kwargs)
+        if c.get("max_norm") is None and not c.get("scale_grad_by_freq", False):
+            return _Call("embedding", c["input"], c["weight"], None, (c.get("padding_idx"),))
+    elif func is torch.addmm:
+        c = _bound(("input", "mat1", "mat2"), args, kwargs)
+        if c.get("beta", 1) == 1 and c.get("alpha", 1) == 1 and c["mat1"].dim() == 2 and c["mat2"].dim() == 2 \
+                and c["input"].dim() == 1:
+            return _Call("addmm", c["mat1"], c["mat2"], c["input"], ())
+    return None
+
+
+def _kind_name(call: _Call) -> str:
+    if call.kind == "conv":
+        return f"conv{call.weight.dim() - 2}d"
+    return "conv1d (GPT-2, addmm)" if call.kind == "addmm" else call.kind
+
+
+class _Uses(TorchFunctionMode):
+    """Records, in one forward, how every parameter tensor is used (recognised by identity).
+
+    `roles[name]`: "weight" (the weight of a recognised layer call), ("bias", weight name,
+    activation side) or "other" (any other call whose result holds a tensor). `calls`: per
+    recognised call with a parameter weight, `(call, weight name, bias name, zero probe)`.
+    """
+
+    def __init__(self, names: dict):
+        super().__init__()
+        self.names = names
+        self.roles: dict = {}
+        self.calls: list = []
+
+    def _note(self, tensor, role):
+        name = self.names.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        if name is not None:
+            self.roles.setdefault(name, set()).add(role)
+        return name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        call = _layer_call(func, args, kwargs)
+        w = None if call is None else self.names.get(id(call.weight))
+        if w is not None:
+            for leaf in optree.tree_leaves((call.input, call.options), namespace=""):
+                self._note(leaf, "other")
+            self._note(call.weight, "weight")
+            b = self._note(call.bias, ("bias", w, _ACTIVATION_SIDE[call.kind]))
+            self.calls.append((call, w, b, torch.zeros_like(out)))
+        elif _holds_tensor(out):
+            for leaf in optree.tree_leaves((args, kwargs), namespace=""):
+                self._note(leaf, "other")
+        return out
+
+
+class _Probing(TorchFunctionMode):
+    """Adds `probes[k]` to the output of the k-th recognised call whose weight is in `probed`
+    (ids) and records that call's input."""
+
+    def __init__(self, probed: set, probes: tuple, where: str):
+        super().__init__()
+        self.probed, self.probes, self.where = probed, probes, where
+        self.inputs: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        call = _layer_call(func, args, kwargs)
+        if call is None or id(call.weight) not in self.probed:
+            return out
+        k = len(self.inputs)
+        if k >= len(self.probes) or tuple(out.shape) != tuple(self.probes[k].shape):
+            self._differs()
+        self.inputs.append(call.input)
+        return out + self.probes[k]
+
+    def check_complete(self) -> None:
+        if len(self.inputs) != len(self.probes):
+            self._differs()
+
+    def _differs(self):
+        raise RuntimeError(
+            f"{self.where}: the forward made other layer calls under vmap than in a plain call on one example "
+            f"(expected {len(self.probes)} calls with output shapes {[tuple(p.shape) for p in self.probes]}); "
+            "`predict` must run the same layers for every example.")
+
+
+class _Plan(NamedTuple):
+    """Which parameters are Kronecker-factored, the biases folded into them, and the probed calls."""
+
+    kronecker: dict    # weight name -> (bias name or None, bias side or None, kind label, activation side)
+    reasons: dict      # every other parameter -> why it falls back
+    calls: list        # per probed call: (call options, kind, weight name, has folded bias, probe)
+
+
+def _plan(predict: Callable, params: dict, example_batch, where: str) -> _Plan:
+    """Runs `predict` on one example under `_Uses` and classifies the parameters.
+
+    A weight is factored when every use is as the weight of a recognised layer call and no
+    other name holds the same tensor; a bias is folded into its weight when every use is as
+    the bias of calls of that one factored weight with one activation side (the first such
+    bias per weight; others fall back).
+    """
+    counts: dict = {}
+    for t in params.values():
+        counts[id(t)] = counts.get(id(t), 0) + 1
+    names = {id(t): name for name, t in params.items() if counts[id(t)] == 1}
+    uses = _Uses(names)
+    with torch.no_grad(), uses:
+        predict(params, example_batch)
+    weights = {name for name, roles in uses.roles.items() if roles == {"weight"}}
+    kronecker, reasons = {}, {}
+    for name, roles in uses.roles.items():
+        if name in weights or len(roles) != 1:
+            continue
+        (role,) = roles
+        if isinstance(role, tuple) and role[1] in weights and role[1] not in kronecker:
+            kronecker[role[1]] = (name, role[2])
+    calls, kinds, firsts = [], {}, {}
+    for call, w, b, probe in uses.calls:
+        if w in weights:
+            folded = kronecker.get(w, (None, None))[0]
+            calls.append((call.options, call.kind, w, b is not None and b == folded, probe))
+            kinds.setdefault(w, []).append(_kind_name(call))
+            firsts.setdefault(w, call.kind)
+    kronecker = {w: (*kronecker.get(w, (None, None)), "+".join(dict.fromkeys(kinds[w])),
+                     kronecker.get(w, (None, None))[1] or _ACTIVATION_SIDE[firsts[w]])
+                 for w in params if w in weights}
+    folded = {b for b, *_ in kronecker.values() if b is not None}
+    for name in params:
+        if name in kronecker or name in folded:
+            continue
+        roles = uses.roles.get(name)
+        reasons[name] = ("not used by predict" if roles is None else
+                         "one tensor under several names" if counts[id(params[name])] > 1 else
+                         "bias outside a factored layer" if all(isinstance(r, tuple) for r in roles) else
+                         "used outside a recognised layer")
+    return _Plan(kronecker, reasons, calls)
+
+
+# ---------------------------------------------------------------- per-example capture
+
+class _Index(NamedTuple):
+    """One-hot vectors kept as indices: `ids` `[B, T]`, `weight` `[B, T]` (0 at padding_idx), `size`."""
+
+    ids: torch.Tensor
+    weight: torch.Tensor
+    size: int
+
+    def dense(self) -> torch.Tensor:
+        return (F.one_hot(self.ids, self.size).to(self.weight.dtype) * self.weight[..., None])[:, None]
+
+
+def _pairs(n: int, value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _explicit_padding(padding, kernel: tuple, dilation: tuple) -> list:
+    """`[(before, after)]` per spatial axis for an int, tuple, "valid" or "same" padding."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in _pairs(len(kernel), padding)]
+
+
+def _patches(x: torch.Tensor, kernel: tuple, options: tuple) -> torch.Tensor:
+    """im2col: `[N, C, *spatial]` -> `[N, positions, C·prod(kernel)]` (`F.unfold`, output locations row-major)."""
+    stride, padding, dilation = options
+    n = len(kernel)
+    stride, dilation = _pairs(n, stride), _pairs(n, dilation)
+    pads = _explicit_padding(padding, kernel, dilation)
+    x = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
+    if n == 1:
+        x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
+    return F.unfold(x, kernel, dilation=dilation, stride=stride).mT
+
+
+def _sides(kind: str, options: tuple, shape, x, g: torch.Tensor):
+    """`(l, r)` of one call for B examples: dense `[B, m', T, d]` (m' = 1 or m) or `_Index`.
+
+    g: the probe gradients `[B, m, *call output]`.
+    """
+    B, m = g.shape[:2]
+    if kind == "linear":
+        return g.reshape(B, m, -1, shape[0]), x.reshape(B, 1, -1, shape[1])
+    if kind == "addmm":
+        return x.reshape(B, 1, -1, shape[0]), g.reshape(B, m, -1, shape[1])
+    if kind == "embedding":
+        ids = x.reshape(B, -1).long()
+        weight = torch.ones(ids.shape, dtype=g.dtype, device=g.device)
+        padding_idx = options[0]
+        if padding_idx is not None:
+            weight = weight * (ids != padding_idx % shape[0]).to(g.dtype)
+        return _Index(ids, weight, shape[0]), g.reshape(B, m, -1, shape[1])
+    channels, kernel = shape[1], tuple(shape[2:])
+    spatial = x.shape[-len(kernel):]
+    patches = _patches(x.reshape(-1, channels, *spatial), kernel, options)             # [B·N1, L, C·K]
+    G = g.reshape(B, m, -1, shape[0], patches.shape[1]).transpose(-1, -2)               # [B, m, N1, L, out]
+    return G.reshape(B, m, -1, shape[0]), patches.reshape(B, 1, -1, patches.shape[-1])
+
+
+def _with_bias_column(side, flags: float, B: int, T: int):
+    """`side` with a column of `flags` (1 where the call adds the folded bias, else 0)."""
+    dense = side.dense() if isinstance(side, _Index) else side
+    column = torch.full((B, dense.shape[1], T, 1), flags, dtype=dense.dtype, device=dense.device)
+    return torch.cat([dense, column], -1)
+
+
+class _Captured(NamedTuple):
+    fallback: dict       # per-example pseudo-gradients of the fallback parameters, [B, m, *shape]
+    sides: dict          # weight name -> list of (l, r) per use
+    m: int
+
+
+def _capture_fn(predict: Callable, params: dict, plan: _Plan, where: str) -> Callable:
+    """Returns `(chunk, U) -> _Captured`: one vjp per example with the m cotangents U `[B, m, *output]`."""
+    held = set(plan.kronecker) | {b for b, *_ in plan.kronecker.values() if b is not None}
+    closed, fallback = tr.partition(params, lambda name, _: name in held)
+    probes = tuple(probe for *_, probe in plan.calls)
+    probed = {id(params[w]) for w in plan.kronecker}
+
+    def example(fb, example, cotangents):
+        def forward(fb, probes):
+            with _Probing(probed, probes, where) as probing:
+                out = predict(tr.merge(fb, closed), D.batch_of_one(example))
+            probing.check_complete()
+            return out, tuple(probing.inputs)
+
+        _, pull, inputs = vjp(forward, fb, probes, has_aux=True)
+        fb_grads, probe_grads = vmap(pull)(cotangents.unsqueeze(1))
+        return fb_grads, probe_grads, inputs
+
+    batched = vmap(example, in_dims=(None, 0, 0))
+
+    def capture(chunk, U):
+        fb_grads, probe_grads, inputs = batched(fallback, chunk, U)
+        B, m = U.shape[:2]
+        sides: dict = {w: [] for w in plan.kronecker}
+        for (options, kind, w, has_bias, _), g, x in zip(plan.calls, probe_grads, inputs):
+            l, r = _sides(kind, options, params[w].shape, x, g)
+            side = plan.kronecker[w][1]
+            if side is not None:
+                T = r.shape[2]
+                l, r = (_with_bias_column(l, float(has_bias), B, T), r) if side == "left" else \
+                       (l, _with_bias_column(r, float(has_bias), B, T))
+            sides[w].append((l, r))
+        return _Captured(dict(fb_grads), sides, m)
+
+    return capture
+
+
+# ---------------------------------------------------------------- Fisher pseudo-gradients
+
+def _cotangents(fisher: str, predict: Callable, output_loss: Callable, params: dict, chunk, generator, where: str):
+    """`U [B, m, *output]`: per example, the m output cotangents u with F_n = Σ_c J_nᵀ u_c u_cᵀ J_n.
+
+    empirical: m = 1, u = ∂ℓ/∂o at the given labels. true: m = 1, u = softmax(o) − onehot(ŷ),
+    ŷ ~ Categorical(softmax(o)) (cross entropy of logits only, checked). ggn: m = O (outputs per
+    example), the columns of a square root of ∂²ℓ/∂o² (its eigendecomposition).
+    """
+    with torch.no_grad():
+        o = predict(params, chunk)
+    o = o.detach()
+    if fisher == "ggn":
+        def example_hessian(oi, example):
+            return hessian_fn(lambda q: per_example(output_loss, q[None], D.batch_of_one(example), where=where,
+                                                 name="output_loss")[0])(oi)
+
+        H = vmap(example_hessian)(o, chunk).reshape(o.shape[0], o[0].numel(), o[0].numel())
+        w, Q = torch.linalg.eigh((H + H.mT) / 2)
+        if bool((w < -1e-6 * w.abs().amax(-1, keepdim=True).clamp_min(1e-30)).any()):
+            raise ValueError(f'{where}: fisher="ggn" needs an output loss convex in the outputs; ∂²output_loss/∂o² has '
+                             f"eigenvalue {float(w.min()):.3e} < 0. Use fisher=\"empirical\".")
+        R = Q * w.clamp_min(0).sqrt()[:, None, :]
+        return R.mT.reshape(o.shape[0], -1, *o.shape[1:])
+    with torch.enable_grad():
+        q = o.clone().requires_grad_(True)
+        u = torch.autograd.grad(per_example(output_loss, q, chunk, where=where, name="output_loss").sum(), q)[0]
+    if fisher == "empirical":
+        return u[:, None]
+    if o.dim() != 2:
+        raise ValueError(f'{where}: fisher="true" samples class labels from softmax(outputs) and needs outputs '
+                         f"[B, classes]; `predict` returned {list(o.shape)}. Use fisher=\"ggn\" (its exact expectation) "
+                         'or "empirical".')
+    p = torch.softmax(o, -1)
+    label = p - u
+    tol = math.sqrt(torch.finfo(o.dtype).eps)
+    if not (bool(((label - label.round()).abs() <= tol).all()) and bool(((label.round().sum(-1) - 1).abs() == 0).all())
+            and bool((label.round() >= 0).all())):
+        raise ValueError(f'{where}: fisher="true" samples labels from softmax(outputs), the predictive distribution of '
+                         "a cross entropy of logits against one class label; `output_loss` is not that "
+                         "(softmax(o) − ∂output_loss/∂o is not one-hot). For other losses use fisher=\"ggn\" (the exact "
+                         'expectation over the model\'s distribution when the loss is a negative log-likelihood, e.g. '
+                         'squared error) or "empirical".')
+    sampled = torch.multinomial(p.to(generator.device), 1, generator=generator).squeeze(1).to(p.device)
+    return (p - F.one_hot(sampled, p.shape[1]).to(p.dtype))[:, None]
+
+
+# ---------------------------------------------------------------- sums over the data
+
+_F64 = torch.float64
+
+
+def _dense(side) -> torch.Tensor:
+    """A side as a dense float64 tensor `[B, m', T, d]` (one-hot indices materialized)."""
+    return (side.dense() if isinstance(side, _Index) else side).to(_F64)
+
+
+def _is_diagonal(uses: list) -> bool:
+    """Whether every use's left side is one-hot (a pure embedding): the left factor is diagonal."""
+    return all(isinstance(l, _Index) for l, _ in uses)
+
+
+def _gram(side, m: int) -> torch.Tensor:
+    """Σ over examples, cotangents and positions of x xᵀ (a side without the m axis counts m times)."""
+    if isinstance(side, _Index):
+        return torch.zeros(side.size, dtype=_F64, device=side.ids.device).index_add_(
+            0, side.ids.reshape(-1), (side.weight.reshape(-1) * m).to(_F64))
+    X = side.to(_F64).reshape(-1, side.shape[-1])
+    return X.mT @ X * (m / side.shape[1])
+
+
+def _factor_sums(captured: _Captured) -> dict:
+    """Pass 1 of a chunk: left/right sums and positions per factored weight, squared fallback gradients."""
+    m = captured.m
+    out = {"diag": {name: g.to(_F64).pow(2).sum((0, 1)) for name, g in captured.fallback.items()},
+           "left": {}, "right": {}, "positions": {}}
+    for w, uses in captured.sides.items():
+        diagonal = _is_diagonal(uses)
+        out["left"][w] = sum(_gram(l if diagonal else _dense(l), m) for l, _ in uses)
+        out["right"][w] = sum(_gram(r, m) for _, r in uses)
+        out["positions"][w] = torch.tensor(float(sum(r.shape[0] * m * r.shape[2] for _, r in uses)), dtype=_F64,
+                                           device=uses[0][1].device)
+    return out
+
+
+def _corrected_sums(captured: _Captured, bases: dict) -> dict:
+    """Pass 2 of a chunk (EK-FAC): Σ_n Σ_c (Q_Lᵀ ∇_W ℓ_nc Q_R)² per factored weight."""
+    out = {}
+    for w, uses in captured.sides.items():
+        QL, QR = bases[w]
+        if QL is None:
+            out[w] = _indexed_squares([l for l, _ in uses], [_dense(r) @ QR for _, r in uses], captured.m)
+            continue
+        G = sum((_dense(l) @ QL).mT @ (_dense(r) @ QR) for l, r in uses)           # [B, m, d0', d1']
+        out[w] = G.pow(2).sum((0, 1))
+    return out
+
+
+def _indexed_squares(lefts: list, rights: list, m: int) -> torch.Tensor:
+    """Σ_n Σ_c (Σ_t onehot_t r_tᵀ)² for one-hot left sides, without forming the `[B, size, d]` gradients."""
+    ids = torch.cat([l.ids for l in lefts], 1)                                        # [B, T]
+    weight = torch.cat([l.weight for l in lefts], 1).to(_F64)
+    R = torch.cat([r.expand(r.shape[0], m, *r.shape[2:]) for r in rights], 2)         # [B, m, T, d]
+    B, size = ids.shape[0], lefts[0].size
+    keys = (torch.arange(B, device=ids.device)[:, None] * size + ids).reshape(-1)
+    distinct, position = torch.unique(keys, return_inverse=True)
+    rows = (R * weight[:, None, :, None]).permute(0, 2, 1, 3).reshape(-1, *R.shape[1:2], R.shape[-1])
+    sums = torch.zeros(len(distinct), *rows.shape[1:], dtype=_F64, device=R.device).index_add_(0, position, rows)
+    return torch.zeros(size, R.shape[-1], dtype=_F64, device=R.device).index_add_(0, distinct % size, sums.pow(2).sum(1))
+
+
+def _cotangent_count(fisher: str, predict: Callable, params: dict, example_batch) -> int:
+    """m, the pseudo-gradients per example: the outputs per example for "ggn", else 1."""
+    if fisher != "ggn":
+        return 1
+    with torch.no_grad():
+        return predict(params, example_batch)[0].numel()
+
+
+def _eigh(matrix: torch.Tensor):
+    """Float64 eigendecomposition of a symmetric PSD factor, eigenvalues clamped at 0 (round-off)."""
+    w, Q = torch.linalg.eigh((matrix + matrix.mT) / 2)
+    return w.clamp_min(0), Q
+
+
+# ---------------------------------------------------------------- the public calls
+
+def _check(where: str, loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode,
+           fallback, chunk_size) -> None:
+    for name, fn in (("loss", loss), ("predict", predict), ("output_loss", output_loss)):
+        if not callable(fn):
+            raise TypeError(f"{where}: `{name}` must be a function; got {type(fn).__name__}.")
+    if not isinstance(params, dict):
+        raise TypeError(f"{where}: `params` must be a dict[str, Tensor] (as ti.functionalize returns) to name the "
+                        f"layers' weights; got {type(params).__name__}.")
+    check_params(where, params)
+    check_chunk_size(where, chunk_size)
+    D.num_examples(train, name="train", where=where)
+    if fisher not in FISHERS:
+        raise ValueError(f'{where}: `fisher` must be "empirical", "true" or "ggn"; got {fisher!r}.')
+    if fisher == "true" and not isinstance(generator, torch.Generator):
+        raise TypeError(f'{where}: fisher="true" samples labels and needs `generator=torch.Generator()` (seeded); '
+                        f"got {type(generator).__name__}.")
+    if damping_mode not in ("absolute", "relative"):
+        raise ValueError(f'{where}: `damping_mode` must be "absolute" or "relative"; got {damping_mode!r}.')
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+        raise ValueError(f"{where}: `damping` must be a number > 0 (F̂ is singular in general: the output gradients of "
+                         f"softmax cross entropy sum to zero); got {damping!r}. Pass the objective's l2, or "
+                         f'damping={RELATIVE_DEFAULT}, damping_mode="relative".')
+    if fallback not in ("diagonal", "identity"):
+        raise ValueError(f'{where}: `fallback` must be "diagonal" or "identity"; got {fallback!r}.')
+
+
+def _check_loss(where: str, loss, predict, output_loss, params, batch) -> None:
+    """`loss` must equal `output_loss(predict(...))`: the scores use one, the curvature the other."""
+    with torch.no_grad():
+        direct = per_example(loss, params, batch, where=where)
+        composed = per_example(output_loss, predict(params, batch), batch, where=where, name="output_loss")
+    if not torch.allclose(direct, composed, rtol=1e-5, atol=1e-8):
+        raise ValueError(f"{where}: `loss(params, batch)` must equal `output_loss(predict(params, batch), batch)`; on "
+                         f"the first examples they differ by {float((direct - composed).abs().max()):.3e}. Pass the "
+                         "predict/output_loss split of the same loss.")
+
+
+def _kronecker_factors(plan: _Plan, sums: dict, n: int, m: int) -> dict:
+    """`{weight: (left, right, (eig(left), Q_L), (eig(right), Q_R))}` from pass 1's sums.
+
+    F̂ = (Σ l lᵀ) ⊗ (Σ r rᵀ) / (N · positions), split so that the activation side is the mean
+    over examples of Σ_t ã ãᵀ and the gradient side the mean over examples of (1/T) Σ_{c,t} g gᵀ.
+    A diagonal left factor (embeddings) keeps the identity as its basis (Q_L = None).
+    """
+    out = {}
+    for w, (_, _, _, activation) in plan.kronecker.items():
+        positions = float(sums["positions"][w])
+        scale = {activation: n * m, ("left" if activation == "right" else "right"): positions / m}
+        left, right = sums["left"][w] / scale["left"], sums["right"][w] / scale["right"]
+        out[w] = (left, right, (left.clamp_min(0), None) if left.dim() == 1 else _eigh(left), _eigh(right))
+    return out
+
+
+def _fit(where: str, method: str, loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode,
+         fallback, chunk_size, group) -> Curvature:
+    """`ti.kfac` (method "kfac") and `ti.ekfac` ("ekfac"): pass 1 (factors, diagonals), eigendecompositions,
+    pass 2 for EK-FAC (corrected eigenvalues), damping per block."""
+    _check(where, loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode, fallback,
+           chunk_size)
+    first = D.take(train, slice(0, min(8, D.num_examples(train))))
+    _check_loss(where, loss, predict, output_loss, params, first)
+    plan = _plan(predict, params, D.take(train, slice(0, 1)), where)
+    capture = _capture_fn(predict, params, plan, where)
+    n = dd.global_size(D.num_examples(train), group)
+
+    def sweep(statistics: Callable):
+        local = generator if generator is None else fork_generator(generator)
+        total = D.chunk_sum(lambda chunk: statistics(capture(chunk, _cotangents(
+            fisher, predict, output_loss, params, chunk, local, where))), train, chunk_size)
+        return dd.all_reduce(total, group)
+
+    sums = sweep(_factor_sums)
+    factors = _kronecker_factors(plan, sums, n, _cotangent_count(fisher, predict, params, D.take(train, slice(0, 1))))
+    bases = {w: (QL, QR) for w, (_, _, (_, QL), (_, QR)) in factors.items()}
+    if method == "ekfac":
+        corrected = sweep(lambda captured: _corrected_sums(captured, bases))
+    dtype = next(iter(params.values())).dtype
+    values = {w: corrected[w] / n if method == "ekfac" else torch.outer(factors[w][2][0], factors[w][3][0])
+              for w in factors}
+    diagonals = {name: (sums["diag"][name] / n if fallback == "diagonal" else torch.zeros_like(sums["diag"][name]))
+                 for name in plan.reasons}
+    dampings = _dampings(damping, damping_mode, values, diagonals)
+    kronecker = tuple(
+        KroneckerBlock(w, bias, kind, side, activation, *(t.to(dtype) for t in factors[w][:2]),
+                       None if bases[w][0] is None else bases[w][0].to(dtype), bases[w][1].to(dtype),
+                       values[w].to(dtype), dampings[w])
+        for w, (bias, side, kind, activation) in plan.kronecker.items())
+    diagonal = tuple(DiagonalBlock(name, diagonals[name].to(dtype), fallback, plan.reasons[name], dampings[name])
+                     for name in plan.reasons)
+    return Curvature(method, fisher, n, float(damping), damping_mode, kronecker, diagonal, params)
+
+
+def _dampings(damping: float, mode: str, values: dict, diagonals: dict) -> dict:
+    """λ per block: `damping`, or `damping` × the block's mean eigenvalue (the whole curvature's mean
+    for a block with none: identity fallback, unused parameters)."""
+    every = {**values, **diagonals}
+    if mode == "absolute":
+        return {name: float(damping) for name in every}
+    means = {name: float(v.mean()) for name, v in every.items()}
+    curved = [v for name, v in every.items() if means[name] > 0]
+    total = sum(float(v.sum()) for v in curved) / max(sum(v.numel() for v in curved), 1)
+    return {name: float(damping) * (mean if mean > 0 else total) for name, mean in means.items()}
+
+
+def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss: Callable, fisher: str = "empirical",
+         generator: torch.Generator | None = None, damping: float, damping_mode: str = "absolute",
+         fallback: str = "diagonal", chunk_size: int | None = None, group=None) -> Curvature:
+    """Fits K-FAC (Martens & Grosse 2015; convolutions as in Grosse & Martens 2016): F̂ = ⊕_layers L ⊗ R.
+
+    Per recognised layer (`nn.Linear`/`F.linear`, `nn.Conv1d`/`nn.Conv2d` with groups = 1,
+    `nn.Embedding` without max_norm, GPT-2's `Conv1D`; see the module docstring) the factors
+    A = E_n[Σ_t ã ãᵀ] (inputs with a bias column when the layer's bias is a parameter used
+    only there; im2col patches for convolutions; token counts, a diagonal, for embeddings)
+    and S = E_n[(1/T) Σ_t Σ_c g gᵀ] (output gradients of each example's loss, or of the
+    Fisher's pseudo-gradients c), so that A ⊗ S approximates the Fisher block of the MEAN
+    loss (1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ, exactly for one example and T = 1. Both are eigendecomposed
+    in float64; `ihvp` then inverts F̂ + λI exactly in that basis. Every other parameter gets
+    a `fallback` block; `curv.summary()` says which parameter got which.
+
+    Fisher (`fisher`):
+      - "empirical": gradients at the given labels (what kronfluence calls the empirical Fisher).
+      - "true": one label per example drawn from the model's predictive distribution,
+        Categorical(softmax(outputs)), through `generator` (copied, so the caller's is not
+        advanced and the same call gives the same curvature; pass 2 of EK-FAC sees the same
+        labels). Only for cross entropy of logits `[B, classes]` against a class label
+        (checked: softmax(o) − ∂output_loss/∂o must be one-hot); other losses are refused
+        with a pointer to "ggn".
+      - "ggn": the exact expectation of "true" for any output loss convex in the outputs
+        (the Gauss-Newton matrix): per example, the m = O columns of a square root of
+        ∂²output_loss/∂o² (O outputs per example, checked positive semi-definite) are
+        back-propagated, so it costs O backward passes per example instead of one.
+
+    Damping: absolute (λ = `damping` for every block), or relative (λ_block = `damping` ×
+    the block's mean eigenvalue, kronfluence's heuristic with damping = 0.1; a block with no
+    curvature, such as an identity fallback, uses the whole curvature's mean). To stand for
+    the objective `ti.objective(loss, train, l2=l2)`, pass damping = l2 (plus any extra).
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss, equal to
+        `output_loss(predict(params, batch), batch)` (checked on the first examples).
+      params: `dict[str, Tensor]` (as from `ti.functionalize`); the layers' weights are
+        recognised by identity, so `predict` must use these very tensors.
+      train: the training set, leading axis n (this rank's shard with `group`).
+      predict: `(params, batch) -> outputs [B, ...]`, e.g. `lambda p, b: apply(p, b[0])`.
+      output_loss: `(outputs, batch) -> Tensor[B]`.
+      fisher: "empirical", "true" or "ggn" (above).
+      generator: `torch.Generator`, required for fisher="true".
+      damping: λ > 0 (absolute), or the multiple of the mean eigenvalue (relative).
+      damping_mode: "absolute" or "relative".
+      fallback: "diagonal" (the diagonal of the same Fisher from per-example gradients)
+        or "identity" (zero curvature: (F̂ + λI)⁻¹ = I/λ) for parameters outside recognised layers.
+      chunk_size: examples per vectorized capture (default 1024).
+      group: a `torch.distributed` process group when `train` is this rank's shard: every
+        sum (factors, positions, diagonals, EK-FAC corrections) is all-reduced once per
+        pass and N is the global size, so every rank holds the same curvature (with
+        fisher="true" each rank draws its shard's labels from its own copy of `generator`).
+
+    Returns:
+      `Curvature`: `ihvp(v)` = (F̂ + λI)⁻¹ v, `operator(v)` = F̂ v, `preconditioner(V)`, on
+      one vector shaped like `params` or a stack (leading axis k). With `ti.influence(loss,
+      params, train, test, ihvp=curv.ihvp)` the score is (1/n) g_testᵀ (F̂ + λI)⁻¹ g_z, the
+      library's sign (positive = helpful); `ti.self_influence` likewise.
+
+    Cost: one pass over the data, each chunk one vmapped vjp per example with m
+    cotangents (m = 1, or O for "ggn") plus B·m·T·(d0² + d1²) flops for the factor sums;
+    eigendecompositions O(Σ d0³ + d1³); an `ihvp` on k vectors O(k Σ d0'·d1'·(d0' + d1')).
+    Memory: O(Σ_layers d0² + d1² + P) for the value (never P²), plus one chunk's captured
+    inputs and output gradients.
+
+    Raises:
+      TypeError: a function argument not callable, `params` not a dict of floating
+        tensors, no `generator` for fisher="true".
+      ValueError: bad `fisher`, `damping`, `damping_mode`, `fallback` or `chunk_size`;
+        `loss` not equal to `output_loss(predict(...))`; fisher="true" with an output loss
+        that is not cross entropy; fisher="ggn" with a non-convex output loss.
+      RuntimeError: the forward makes other layer calls under vmap than on one example.
+
+    Example:
+      >>> predict = lambda p, b: apply(p, b[0])
+      >>> output_loss = lambda o, b: F.cross_entropy(o, b[1], reduction="none")
+      >>> curv = ti.kfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-3)
+      >>> scores = ti.influence(loss, params, train, test, ihvp=curv.ihvp)   # [n_test, n_train]
+
+    References:
+      Martens & Grosse, Optimizing neural networks with Kronecker-factored approximate curvature, ICML 2015.
+      Grosse & Martens, A Kronecker-factored approximate Fisher matrix for convolution layers, ICML 2016.
+    """
+    return _fit("ti.kfac", "kfac", loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode,
+                fallback, chunk_size, group)
+
+
+def ekfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss: Callable, fisher: str = "empirical",
+          generator: torch.Generator | None = None, damping: float, damping_mode: str = "absolute",
+          fallback: str = "diagonal", chunk_size: int | None = None, group=None) -> Curvature:
+    """Fits EK-FAC (George et al. 2018): K-FAC's eigenbasis with eigenvalues corrected from the gradients.
+
+    Everything as `ti.kfac`, then a second pass over the data replaces each block's
+    eigenvalues s_i a_j by Λ_ij = (1/N) Σ_n Σ_c [(Q_Sᵀ ∇_W ℓ_nc Q_A)_ij]², the second
+    moments of the per-example (pseudo-)gradients in the Kronecker eigenbasis: the best
+    diagonal in that basis, so the block's trace equals the exact Fisher block's. Relative
+    damping uses the mean of the corrected eigenvalues (as kronfluence does).
+
+    Matched with kronfluence (`FactorArguments(strategy="ekfac", use_empirical_fisher=True)`,
+    `ScoreArguments(damping_factor=λ)`, float64): tinfluence's scores equal kronfluence's
+    pairwise scores divided by n (its score is g_testᵀ (F̂ + λI)⁻¹ g_train without the 1/n,
+    same sign), to 4e-16 relative on digits logistic regression (benchmarks/RESULTS-kfac.md).
+
+    Args, Returns, Raises: as `ti.kfac`.
+
+    Cost: `ti.kfac`'s plus a second pass whose per-chunk memory is B·m·d0'·d1' per layer
+    (the chunk's rotated per-example gradients; embeddings only B·m·T·d1).
+
+    Example:
+      >>> curv = ti.ekfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-3)
+      >>> ihvp = ti.cg(ti.ggn_vp(predict, params, train, output_loss=output_loss), damping=1e-3,
+      ...              preconditioner=curv.preconditioner)
+
+    References:
+      George, Laurent, Bouthillier, Ballas & Vincent, Fast approximate natural gradient descent
+      in a Kronecker-factored eigenbasis, NeurIPS 2018.
+      Grosse et al., Studying large language model generalization with influence functions, 2023.
+    """
+    return _fit("ti.ekfac", "ekfac", loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode,
+                fallback, chunk_size, group)

@@ -20,6 +20,8 @@ def _doctest_problem(request):
         return
     import tinfluence as ti
 
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)     # as a user's session starts (the tests' own modules use float64)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(65, 8, generator=g, dtype=torch.float64)
     y = (x[:, :3] + 0.5 * torch.randn(65, 3, generator=g, dtype=torch.float64)).argmax(1)
@@ -41,3 +43,4 @@ def _doctest_problem(request):
         ti=ti, torch=torch, F=F, model=model, apply=apply, params=params, loss=loss, predict=predict,
         output_loss=output_loss, train=train, test=test, top_k=torch.tensor([0, 5, 10, 15]))
     yield
+    torch.set_default_dtype(default)

@@ -48,16 +48,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import tasks as T
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import tasks as T  # noqa: E402
-import tinfluence as ti  # noqa: E402
+import tinfluence as ti
 
 CACHE = os.path.join(HERE, ".cache", "ladder")
 FRACTIONS = (0.01, 0.10, 0.50)          # share of the training points removed
-REPEATS, REPEAT_BELOW = 2, 30.0   # a method is called twice (the time is the faster call) when its first call took < 30 s
+REPEATS, REPEAT_BELOW = 2, 10.0   # a method is called twice (the time is the faster call) when its first call took < 10 s
 PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/python")
 
 
@@ -105,7 +105,7 @@ def module(kind: str, d: int, c: int, hidden: int) -> nn.Module:
         return nn.Linear(d, c)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, c))
-    side = int(round(d ** 0.5))
+    side = round(d ** 0.5)
     return nn.Sequential(nn.Unflatten(1, (1, side, side)), nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
                          nn.Flatten(), nn.Linear(8 * (side // 2) ** 2, c))
 
@@ -188,7 +188,7 @@ def train_sgd(task: LadderTask, seeds: list, *, weights: torch.Tensor | None = N
 
 def train_optimum(task: LadderTask, kept: torch.Tensor) -> dict:
     """The regularized optimum on the kept examples: L-BFGS + Newton (gtol 1e-10), warm-started from θ̂."""
-    apply, params, loss = T.pure(task)
+    _, params, loss = T.pure(task)
     trainer = ti.lbfgs_trainer(loss, l2=task.l2, gtol=1e-10, newton_steps=5)
     fitted = trainer(params, ti.take(task.train, kept))
     return {k: v.detach().clone() for k, v in fitted.items()}
@@ -531,15 +531,15 @@ def run_method(name: str, task_path: str, python: str, timeout: float) -> dict:
                PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run([python, os.path.abspath(__file__), "--child", f.name], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     finally:
         os.unlink(f.name)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        last = (proc.stderr.strip().splitlines() or [f"exited with status {proc.returncode}, no message "
-                                                     "(a negative status is the signal that killed it)"])[-1]
+        silent = f"exited with status {proc.returncode}, no message (a negative status is the signal that killed it)"
+        last = (proc.stderr.strip().splitlines() or [silent])[-1]
         return {"error": last[:200]}
     return dict(json.loads(lines[-1][len("RESULT "):]), scores=torch.load(out))
 
@@ -606,20 +606,24 @@ def figure(spec: Spec, rows: list, path: str, settings: str) -> None:
 
     ok = [r for r in rows if "eval" in r]
     vs = variants(spec)
-    fig, axes = plt.subplots(len(vs), len(FRACTIONS), figsize=(5.0 * len(FRACTIONS), 3.9 * len(vs) + 1.6),
+    fig, axes = plt.subplots(len(vs), len(FRACTIONS), figsize=(5.0 * len(FRACTIONS), 3.9 * len(vs) + 1.8),
                              squeeze=False, sharex=True)
-    cmap = plt.get_cmap("tab20")
+    labels = sorted({r["method"] for r in ok})
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    color = {label: palette[i % len(palette)] for i, label in enumerate(labels)}   # one colour per method, any library
     markers = {"tinfluence": "o", "kronfluence": "s", "dattri": "^", "traker": "D", "captum": "v", "bergson": "P"}
     handles = {}
     for i, v in enumerate(vs):
         for j, removed in enumerate(FRACTIONS):
             ax = axes[i][j]
             c = f"{v}/{removed:g}"
-            for k, r in enumerate(ok):
+            for r in ok:
                 mean, low, high = r["eval"][c]
-                h = ax.errorbar(max(r["seconds"], 1e-3), mean, yerr=[[mean - low], [high - mean]], fmt=markers.get(r["library"], "X"),
-                                color=cmap(k % 20), markersize=8, capsize=3,
-                                markeredgecolor="black" if r["library"] == "tinfluence" else "none")
+                ours = r["library"] == "tinfluence"
+                h = ax.errorbar(max(r["seconds"], 1e-3), mean, yerr=[[mean - low], [high - mean]],
+                                fmt=markers.get(r["library"], "X"), color=color[r["method"]], markersize=9 if ours else 8,
+                                capsize=3, markeredgecolor="black" if ours else color[r["method"]],
+                                markerfacecolor=color[r["method"]] if ours else "white", markeredgewidth=1.5)
                 handles.setdefault(f"{r['library']}: {r['method']}", h)
             ax.set_xscale("log")
             ax.axhline(0, color="grey", lw=0.6)
@@ -630,8 +634,9 @@ def figure(spec: Spec, rows: list, path: str, settings: str) -> None:
             if j == 0:
                 ax.set_ylabel("LDS (Spearman, mean over test points)")
     fig.suptitle(f"{spec.name}: time against LDS — {settings}", fontsize=12)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.025 * ((len(handles) + 3) // 4), 1, 0.95))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=9, frameon=False,
+               title="filled, black edge: tinfluence; hollow: peers (marker = library, colour = method)", title_fontsize=9)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(handles) + 3) // 4) / len(vs), 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -681,7 +686,7 @@ def run_task(spec: Spec, args, methods_hash: str) -> list[str]:
     return ([f"## {spec.name}", "", settings_text(spec) + f"; ground truth: {len(records)} retrained models "
              f"(built in {gt_seconds:.0f} s with {args.workers} processes; one base training run takes {train_s:.2g} s); "
              f"LOO over {spec.loo} training ids (same schedule, example weight 0)" +
-             (f"; TRAK ensembles of independently seeded models trained on all the data (their training is not in the time)"
+             ("; TRAK ensembles of independently seeded models trained on all the data (their training is not in the time)"
               if spec.kind != "lr" else ""), "",
              f"![{spec.name}](ladder-{spec.name}.png)", ""] + task_table(spec, rows) +
             ["", "Best tinfluence method against the best peer:", ""] + best_vs_peers(spec, rows) + ["", "Settings:", ""] +
@@ -712,13 +717,13 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     report = ["# The accuracy ladder", "", f"Machine: {run.machine(1)}", "",
               f"Command: `python benchmarks/{' '.join(['ladder.py', *sys.argv[1:]])}`", "",
-              "LDS: Spearman correlation, over retrained models, between the predicted change of a test point's loss "
+              ("LDS: Spearman correlation, over retrained models, between the predicted change of a test point's loss "
               "(the sum of the removed examples' scores) and its retrained loss, averaged over test points, ± the half "
               "width of ti.lds's 95 % interval over test points. LOO ρ / rs: Pearson / Spearman over all (test point, "
               "removed id) pairs of the scores and the actual leave-one-out change of the loss. Time: the whole call in "
               "a fresh process (wrapping, fitting, scoring every test point), one thread, the faster of two calls when "
               f"the first took under {REPEAT_BELOW:g} s (the first call also pays one-time warm-up: lazy imports, "
-              "torch.func tracing); peak MB: the rise of peak RSS over both calls.", ""]
+              "torch.func tracing); peak MB: the rise of peak RSS over both calls."), ""]
     for name in names:
         spec = SPECS[name]
         if args.quick:

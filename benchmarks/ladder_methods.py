@@ -13,20 +13,20 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tasks import pure
 
 import tinfluence as ti
-from tasks import pure
 
 PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/python")
 DEEP = ("mlp", "cnn")
 ALL = ("lr", "mlp", "cnn")
 CG_TOL, NYSTROM_RANK = 1e-3, 100
-TRAK_DIM = 2048
+TRAK_DIM = 512        # dattri's default; traker's 2048 exceeds n_train = 1000 and leaves ΦᵀΦ singular
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,15 @@ class Method:
     kinds: tuple = ALL
     needs_ti: tuple = ()           # tinfluence attributes it calls that may not exist yet
     needs_module: str | None = None  # the peer's import name
+    ensemble: int = 0              # independently trained models it needs (TRAK)
     note: str = ""
 
     def unavailable(self, task) -> str | None:
         """Why this method cannot run on `task` (None when it can)."""
         if task.kind not in self.kinds:
             return f"does not apply to {task.kind} models"
+        if self.ensemble > task.spec.ensemble:
+            return f"needs {self.ensemble} ensemble models; this run trains {task.spec.ensemble} (--quick)"
         missing = [f"ti.{a}" for a in self.needs_ti if not hasattr(ti, a)]
         if missing:
             return f"not available in this version ({', '.join(missing)} does not exist)"
@@ -59,7 +62,7 @@ _IMPORTABLE: dict = {}
 def _importable(module: str) -> bool:
     if module not in _IMPORTABLE:
         _IMPORTABLE[module] = os.path.exists(PEERS_PYTHON) and subprocess.run(
-            [PEERS_PYTHON, "-c", f"import {module}"], capture_output=True).returncode == 0
+            [PEERS_PYTHON, "-c", f"import {module}"], capture_output=True, check=False).returncode == 0
     return _IMPORTABLE[module]
 
 
@@ -188,7 +191,7 @@ def _ensemble(task, k: int) -> list:
     return list(task.ensemble[:k])
 
 
-def dattri_trak(task, k: int = 10):
+def dattri_trak(task, k: int):
     """dattri's TRAKAttributor over k independently trained models, CPU projector, float64 gradients."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
@@ -274,18 +277,22 @@ REGISTRY = {
     "grad-cos": Method("grad-cos", "tinfluence", grad_cos),
     "kronfluence-ekfac": Method("EK-FAC", "kronfluence", kronfluence_ekfac, needs_module="kronfluence",
                                 note="benchmarks/kronfluence_adapter.py: true Fisher, damping_factor = l2"),
-    "dattri-cg": Method("IF-CG", "dattri", dattri_cg, needs_module="dattri",
+    "dattri-cg": Method("influence, CG", "dattri", dattri_cg, needs_module="dattri",
                         note="IFAttributorCG, regularization = l2, library default 10 iterations"),
     "dattri-tracin": Method("TracIn", "dattri", dattri_tracin, needs_module="dattri",
                             note="TracInAttributor over the same checkpoints, default 512-dim projection"),
-    "dattri-trak-10": Method("TRAK-10", "dattri", lambda task: dattri_trak(task, 10), needs_module="dattri",
+    "dattri-trak-1": Method("TRAK-1", "dattri", lambda task: dattri_trak(task, 1), needs_module="dattri"),
+    "dattri-trak-10": Method("TRAK-10", "dattri", lambda task: dattri_trak(task, 10), kinds=DEEP, needs_module="dattri",
+                             ensemble=10,
                              note="TRAKAttributor over 10 models, margin output, library defaults (512-dim projection on CPU, "
                                   "no regularization)"),
     "traker-trak-1": Method("TRAK-1", "traker", lambda task: traker_trak(task, 1), needs_module="trak",
                             note=f"TRAKer, BasicProjector on CPU, {TRAK_DIM} dims (at most P), float32 (its stores), "
                                  "library defaults otherwise (no lambda_reg)"),
-    "traker-trak-10": Method("TRAK-10", "traker", lambda task: traker_trak(task, 10), kinds=DEEP, needs_module="trak"),
-    "traker-trak-50": Method("TRAK-50", "traker", lambda task: traker_trak(task, 50), kinds=DEEP, needs_module="trak"),
+    "traker-trak-10": Method("TRAK-10", "traker", lambda task: traker_trak(task, 10), kinds=DEEP, needs_module="trak",
+                             ensemble=10),
+    "traker-trak-50": Method("TRAK-50", "traker", lambda task: traker_trak(task, 50), kinds=DEEP, needs_module="trak",
+                             ensemble=50),
     "captum-tracin": Method("TracIn", "captum", captum_tracin, needs_module="captum",
                             note="TracInCP over the same checkpoints"),
     "bergson": Method("bergson", "bergson", bergson, needs_module="bergson"),

@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
-import ladder as L  # noqa: E402
-import tasks as T  # noqa: E402
+import ladder as L
+import tasks as T
 
 TINY = replace(L.SPECS["digits-lr"], n_train=60, n_test=20, subsets=6, loo=4, epochs=2, every=1)
 

@@ -322,6 +322,7 @@ def chunks(todo: list) -> list:
 
 
 _WORKER: dict = {}
+REUSED = {"models": 0, "results": 0}      # found in the cache by this run (reported with its wall time)
 
 
 def _init_worker(path: str) -> None:
@@ -391,6 +392,7 @@ def ground_truth(spec: Spec, folder: str, task_path: str, *, workers: int = 2, l
     path = os.path.join(folder, "ground-truth.jsonl")
     ident = identity(spec)
     done = read_records(path, ident)
+    REUSED["models"] += len(done)
     todo = []
     for name, mask in jobs(spec):
         if name in done:
@@ -538,10 +540,19 @@ def run_method(name: str, task_path: str, python: str, timeout: float) -> dict:
         os.unlink(f.name)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        silent = f"exited with status {proc.returncode}, no message (a negative status is the signal that killed it)"
-        last = (proc.stderr.strip().splitlines() or [silent])[-1]
-        return {"error": last[:200]}
+        return {"error": failure(proc.returncode, proc.stderr)}
     return dict(json.loads(lines[-1][len("RESULT "):]), scores=torch.load(out))
+
+
+def failure(status: int, stderr: str) -> str:
+    """One line saying why a child failed: its last error line, or the signal that killed it."""
+    errors = [line.strip() for line in stderr.splitlines() if "Error" in line or "Exception" in line]
+    if errors:
+        return errors[-1][:200]
+    if status < 0:
+        return (f"killed by signal {-status}" + (" (SIGKILL: the out-of-memory killer, or a kill from outside)"
+                                                   if status == -9 else ""))
+    return f"exited with status {status} and no error message"
 
 
 def cached_method(name: str, task_path: str, python: str, timeout: float, methods_hash: str) -> dict:
@@ -549,6 +560,7 @@ def cached_method(name: str, task_path: str, python: str, timeout: float, method
     folder = os.path.dirname(task_path)
     path = os.path.join(folder, f"result-{name}-{methods_hash}.pt")
     if os.path.exists(path):
+        REUSED["results"] += 1
         return torch.load(path, weights_only=False)
     result = run_method(name, task_path, python, timeout)
     if "error" not in result or "timed out" in result["error"]:
@@ -678,7 +690,7 @@ def run_task(spec: Spec, args, methods_hash: str) -> list[str]:
                              eval=evaluate(spec, records, result["scores"])))
         shown = rows[-1].get("error") or f"{rows[-1]['seconds']:.2f} s, LDS {rows[-1]['eval']}"
         print(f"  {spec.name:10s} {name:18s} {shown}", flush=True)
-    png = os.path.join(HERE, f"ladder-{spec.name}.png")
+    png = os.path.join(args.figures, f"ladder-{spec.name}.png")
     figure(spec, rows, png, settings_text(spec))
     train_s = task.info.get("train_seconds", float("nan"))
     notes = [f"- {m.label} ({m.library}): {m.note}" for n, m in LM.REGISTRY.items() if m.note and
@@ -703,6 +715,7 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--cache", default=CACHE)
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS-ladder.md"))
+    parser.add_argument("--figures", default=HERE, help="folder of the ladder-<task>.png figures")
     args = parser.parse_args(argv)
     if args.child:
         child(args.child)
@@ -734,7 +747,8 @@ def main(argv=None) -> None:
             report += [f"## {name}", "", message, ""]
             continue
         report += run_task(spec, args, methods_hash)
-    report += [f"Whole run: {time.perf_counter() - start:.0f} s.", ""]
+    report += [f"Whole run: {time.perf_counter() - start:.0f} s; reused from the cache: {REUSED['models']} retrained "
+               f"models and {REUSED['results']} method results.", ""]
     text = "\n".join(report) + "\n"
     print(text)
     with open(args.out, "w") as f:

@@ -254,8 +254,10 @@ def cost(kind: str, train, test100, repeats: int) -> dict:
 
 
 def one_block(fn):
-    """`fn()` with every cotangent stack in one batched autograd backward per step (the reverse pass before
-    large stacks went in row blocks through vmap over torch.func.vjp)."""
+    """`fn()` with every cotangent stack in one batched autograd backward per step.
+
+    The reverse pass as it was before large stacks went in row blocks through vmap over torch.func.vjp.
+    """
     saved, T.LARGE_STACK = T.LARGE_STACK, 1 << 62
     try:
         return fn()

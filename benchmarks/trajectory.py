@@ -13,6 +13,10 @@ trajectory influence (`ti.trajectory_influence`), TracIn (checkpoints at every e
 row shows the nonlinearity: the 10 most helpful examples of a point removed together,
 first order (`ti.group_influence`) against the exact replay.
 
+For the 64-128-10 MLP and a small digits CNN also EK-FAC (`ti.ekfac`) and Gauss-Newton (`ti.cg` over
+`ti.ggn_vp`) influence at the final parameters; and on the MLP the LDS (`ti.lds`) of every method over random
+removal subsets of 1 %, 10 % and 50 %, each "retrained" by the exact same-schedule replay.
+
 Cost: the time of one `trajectory_influence` for 1 and for 100 test measures (every state
 kept, and checkpointed at ⌈T/L⌉ + L states) relative to one training run.
 

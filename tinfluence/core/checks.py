@@ -1,0 +1,236 @@
+"""Argument checks shared by every public function: one rule and one message format each.
+
+Every message reads `{call}: `{argument}` must be {expected}; got {value}.` followed, where
+there is one, by the fix. `call` is the public function as a user writes it (`ti.cg`); it
+is passed down by the public function, never part of a public signature. Numbers follow
+one rule everywhere: a bool is never an int or a float, strings and None are refused
+unless None is documented, and every float must be finite.
+
+Cost: these run once per call on Python scalars and tensor metadata, except
+`finite_chunk`, one reduction per chunk of already-computed values (see docs/design.md,
+"Validation").
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import optree
+import torch
+
+
+class ArgumentError(TypeError, ValueError):
+    """A bad argument: both a TypeError and a ValueError, so either `except` catches it."""
+
+__all__ = [
+    "ArgumentError",
+    "integer", "number", "probability", "flag", "choice", "function", "chunk_size", "ids",
+    "params", "floating_like", "finite_chunk", "describe",
+]
+
+
+def describe(value: Any) -> str:
+    """A short description of `value` for a message: its repr for scalars, type and shape for tensors."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{type(value).__name__} {text[:57]}..."
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool and not value.is_complex()
+    return isinstance(value, numbers.Integral)
+
+
+def _is_real(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
+def integer(call: str, name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+            none: bool = False, hint: str = "") -> int | None:
+    """`value` as a Python int in [minimum, maximum]; None passes when `none`. A bool is not an int.
+
+    `hint`, when given, is appended to the message (the fix, e.g. "Pass chunk_size=256.").
+    """
+    if value is None and none:
+        return None
+    bounds = _bounds(minimum, maximum)
+    expected = f"{'None or ' if none else ''}an int{bounds}"
+    if not _is_int(value):
+        raise ArgumentError(_message(call, name, expected, describe(value), hint))
+    out = int(value)
+    if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
+        raise ArgumentError(_message(call, name, expected, str(out), hint))
+    return out
+
+
+def number(call: str, name: str, value: Any, *, minimum: float | None = None, exclusive: bool = False,
+           maximum: float | None = None, none: bool = False, hint: str = "") -> float | None:
+    """`value` as a finite Python float >= minimum (> with `exclusive`) and <= maximum; None passes when `none`.
+
+    Accepts Python and numpy reals and 0-d real tensors; a bool, a string, None (unless
+    `none`), nan and ±inf are refused. `hint` is appended to the message.
+    """
+    if value is None and none:
+        return None
+    low = "" if minimum is None else f"{'>' if exclusive else '>='} {minimum:g}"
+    high = "" if maximum is None else f"{' and ' if low else ''}<= {maximum:g}"
+    expected = f"{'None or ' if none else ''}" + (f"{low}{high} (a finite number)" if low or high else "a finite number")
+    if not _is_real(value):
+        raise ArgumentError(_message(call, name, expected, describe(value), hint))
+    out = float(value)
+    if not math.isfinite(out) or (minimum is not None and (out <= minimum if exclusive else out < minimum)) \
+            or (maximum is not None and out > maximum):
+        raise ArgumentError(_message(call, name, expected, repr(out), hint))
+    return out
+
+
+def probability(call: str, name: str, value: Any) -> float:
+    """`value` as a float in [0, 1]."""
+    return number(call, name, value, minimum=0.0, maximum=1.0)
+
+
+def flag(call: str, name: str, value: Any) -> bool:
+    """`value`, which must be True or False (not 0/1, not None)."""
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{call}: `{name}` must be True or False; got {describe(value)}.")
+    return value
+
+
+def choice(call: str, name: str, value: Any, options: Sequence) -> Any:
+    """`value`, which must be one of `options`."""
+    if not any(value == option and type(value) is type(option) for option in options):
+        listed = ", ".join(repr(o) for o in options)
+        raise ArgumentError(f"{call}: `{name}` must be one of {listed}; got {describe(value)}.")
+    return value
+
+
+def function(call: str, name: str, value: Any, shape: str, *, none: bool = False) -> Callable | None:
+    """`value`, which must be callable; `shape` is its expected signature, e.g. "(params, batch) -> Tensor[B]"."""
+    if value is None and none:
+        return None
+    if not callable(value):
+        raise ArgumentError(f"{call}: `{name}` must be {'None or ' if none else ''}a function {shape}; got {describe(value)}.")
+    return value
+
+
+def chunk_size(call: str, value: Any) -> int | None:
+    """`chunk_size`: None (the default, 1024) or an int >= 1."""
+    return integer(call, "chunk_size", value, minimum=1, none=True)
+
+
+def ids(call: str, name: str, value: Any, n: int, *, unique: bool = False) -> torch.Tensor:
+    """Training ids: a sequence or 1-D integer tensor of values in [0, n), as a LongTensor `[m]`."""
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        items = list(value) if isinstance(value, (list, tuple, range)) else None
+        if items is None or not all(_is_int(i) for i in items):
+            raise ArgumentError(f"{call}: `{name}` must be a list or 1-D integer tensor of training ids in [0, {n}); "
+                            f"got {describe(value)}.")
+        tensor = torch.tensor([int(i) for i in items], dtype=torch.long)
+    if tensor.dim() != 1 or tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.is_complex():
+        raise ArgumentError(f"{call}: `{name}` must be a 1-D integer tensor of training ids in [0, {n}); "
+                        f"got {describe(tensor)}.")
+    if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= n):
+        raise ArgumentError(f"{call}: `{name}` must hold training ids in [0, {n}); "
+                         f"got values in [{int(tensor.min())}, {int(tensor.max())}].")
+    if unique and torch.unique(tensor).numel() != tensor.numel():
+        raise ArgumentError(f"{call}: `{name}` must not repeat an id; got {tensor.numel()} ids, "
+                         f"{torch.unique(tensor).numel()} distinct.")
+    return tensor.long()
+
+
+def params(call: str, value: Any, name: str = "params") -> torch.Tensor:
+    """Parameters: a dict (or other mapping / pytree, not a bare list) of finite floating
+    tensors of ONE dtype on ONE device. Returns the first leaf, the reference for
+    `floating_like`.
+
+    Cost: one `isfinite(...).all()` per leaf (P numbers read once per call).
+    """
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        raise ArgumentError(
+            f"{call}: `{name}` must be a dict name -> tensor, like the `params` of ti.functionalize(model); got a "
+            f"{type(value).__name__} of {len(value)} items. From tensors in the module's order, build it with "
+            "dict(zip(names, tensors)).")
+    paths, leaves, _ = optree.tree_flatten_with_path(value, namespace="")
+    if not leaves:
+        raise ArgumentError(f"{call}: `{name}` has no tensors; expected a dict of parameter tensors, e.g. the "
+                            f"`params` of ti.functionalize(model); got {describe(value)}.")
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise ArgumentError(f"{call}: `{name}` leaf {_name(path)} must be a tensor; got {type(leaf).__name__}.")
+        if not leaf.is_floating_point():
+            raise ArgumentError(f"{call}: `{name}` leaf {_name(path)} must be floating point; got {leaf.dtype}. "
+                            "Cast it, e.g. params = {k: v.double() for k, v in params.items()}.")
+    kinds = {(leaf.dtype, leaf.device) for leaf in leaves}
+    if len(kinds) > 1:
+        listed = ", ".join(f"{_name(p)}: {leaf.dtype} on {leaf.device}" for p, leaf in zip(paths, leaves))
+        raise ArgumentError(f"{call}: every `{name}` leaf must have one dtype and device; got {listed}. Cast them "
+                        "alike, e.g. model.double() before ti.functionalize, or {k: v.to(torch.float64) ...}.")
+    for path, leaf in zip(paths, leaves):
+        if not bool(torch.isfinite(leaf).all()):
+            raise ArgumentError(f"{call}: `{name}` leaf {_name(path)} has non-finite values (nan or inf); "
+                                "pass finite parameters (retrain, or check how they were loaded).")
+    return leaves[0]
+
+
+def floating_like(call: str, name: str, data: Any, reference: torch.Tensor) -> None:
+    """Every tensor of `data` on `reference`'s device, and every floating one of its dtype."""
+    paths, leaves, _ = optree.tree_flatten_with_path(data, namespace="")
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if leaf.device != reference.device:
+            raise ArgumentError(f"{call}: `{name}` leaf {_name(path)} is on {leaf.device}, the parameters on "
+                             f"{reference.device}; move it, e.g. {name} = ti.tree.map(lambda t: t.to('{reference.device}'), {name}).")
+        if leaf.is_floating_point() and leaf.dtype != reference.dtype:
+            raise ArgumentError(f"{call}: `{name}` leaf {_name(path)} is {leaf.dtype}, the parameters {reference.dtype}; "
+                            f"cast the data to the parameters' dtype (or the model to the data's), e.g. "
+                            f"x.to({reference.dtype}).")
+
+
+def finite_chunk(call: str, name: str, values: Any, start: int, what: str = "gradients") -> None:
+    """Raises ValueError naming the example ids and the leaf if a stack `[c, ...]` holds nan or inf.
+
+    One reduction per leaf (`isfinite(leaf.sum())` is false exactly when the leaf has a nan or
+    inf, or when its finite values overflow on summation); the ids are looked up only then.
+    """
+    paths, leaves, _ = optree.tree_flatten_with_path(values, namespace="")
+    for path, leaf in zip(paths, leaves):
+        if bool(torch.isfinite(leaf.sum())):
+            continue
+        bad = (~torch.isfinite(leaf.reshape(leaf.shape[0], -1))).any(1).nonzero().flatten()
+        if bad.numel() == 0:
+            continue
+        shown = ", ".join(str(int(i) + start) for i in bad[:10]) + (", ..." if bad.numel() > 10 else "")
+        raise ArgumentError(f"{call}: the {what} of {bad.numel()} example(s) of `{name}` are not finite (nan or inf) "
+                         f"in leaf {_name(path)}: ids {shown}. Check those rows of `{name}` (and the loss at them) "
+                         "for nan/inf, or drop them.")
+
+
+def _message(call: str, name: str, expected: str, got: str, hint: str) -> str:
+    """The one message format: `{call}: `{name}` must be {expected}; got {got}.` and the fix."""
+    return f"{call}: `{name}` must be {expected}; got {got}." + (f" {hint}" if hint else "")
+
+
+def _name(path: tuple) -> str:
+    """A leaf's path as every message prints it (optree's path tuple, e.g. `('fc.weight',)`)."""
+    return str(path)
+
+
+def _bounds(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    return "" if maximum is None else f" <= {maximum}"

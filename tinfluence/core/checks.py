@@ -82,9 +82,15 @@ def number(call: str, name: str, value: Any, *, minimum: float | None = None, ex
     """
     if value is None and none:
         return None
-    low = "" if minimum is None else f"{'>' if exclusive else '>='} {minimum:g}"
-    high = "" if maximum is None else f"{' and ' if low else ''}<= {maximum:g}"
-    expected = f"{'None or ' if none else ''}" + (f"{low}{high} (a finite number)" if low or high else "a finite number")
+    if minimum is not None and maximum is not None:
+        bounds = f"in {'(' if exclusive else '['}{minimum:g}, {maximum:g}]"   # an interval: finite by itself
+    elif minimum is not None:
+        bounds = f"{'>' if exclusive else '>='} {minimum:g} "
+    else:
+        bounds = "" if maximum is None else f"<= {maximum:g} "
+    if not bounds.startswith("in "):
+        bounds = f"{bounds}(a finite number)" if bounds else "a finite number"
+    expected = f"{'None or ' if none else ''}{bounds}"
     if not _is_real(value):
         raise ArgumentError(_message(call, name, expected, describe(value), hint))
     out = float(value)
@@ -199,8 +205,11 @@ def floating_like(call: str, name: str, data: Any, reference: torch.Tensor) -> N
                             f"x.to({reference.dtype}).")
 
 
-def finite_chunk(call: str, name: str, values: Any, start: int, what: str = "gradients") -> None:
-    """Raises ValueError naming the example ids and the leaf if a stack `[c, ...]` holds nan or inf.
+def finite_chunk(call: str, name: str, values: Any, start: int, what: str = "gradients", hint: str = "") -> None:
+    """Raises `ArgumentError` naming the example ids and the leaf if a stack `[c, ...]` holds nan or inf.
+
+    `values` are already computed per-example quantities of `name`'s examples `start`,
+    `start + 1`, ... (gradients, losses); `what` says which, `hint` replaces the default fix.
 
     One reduction per leaf (`isfinite(leaf.sum())` is false exactly when the leaf has a nan or
     inf, or when its finite values overflow on summation); the ids are looked up only then.
@@ -213,9 +222,9 @@ def finite_chunk(call: str, name: str, values: Any, start: int, what: str = "gra
         if bad.numel() == 0:
             continue
         shown = ", ".join(str(int(i) + start) for i in bad[:10]) + (", ..." if bad.numel() > 10 else "")
-        raise ArgumentError(f"{call}: the {what} of {bad.numel()} example(s) of `{name}` are not finite (nan or inf) "
-                         f"in leaf {_name(path)}: ids {shown}. Check those rows of `{name}` (and the loss at them) "
-                         "for nan/inf, or drop them.")
+        raise ArgumentError(f"{call}: the {what} of {bad.numel()} example(s) of `{name}` are not finite (nan or inf)"
+                            f"{f' in leaf {_name(path)}' if path else ''}: ids {shown}. "
+                            + (hint or f"Check those rows of `{name}` (and the loss at them) for nan/inf, or drop them."))
 
 
 def _message(call: str, name: str, expected: str, got: str, hint: str) -> str:

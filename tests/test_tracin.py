@@ -88,7 +88,7 @@ def test_errors(run):
         ti.tracin(loss, [], train, test)
     with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints\[0\]` must be a \(params, lr\) pair or a ti.Checkpoint\(params, lr, frozen\); got dict"):
         ti.tracin(loss, [params], train, test)
-    with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints\[1\] lr` must be > 0 \(a finite number\); got -0.1"):
+    with pytest.raises(ValueError, match=r"ti.tracin: `checkpoints\[1\] lr` must be > 0; got -0.1"):
         ti.tracin(loss, [(params, 0.1), (params, -0.1)], train, test)
     with pytest.raises(ValueError, match=r"ti.tracin: checkpoint 1 does not have the parameter names and shapes of checkpoint 0"):
         ti.tracin(loss, [(params, 0.1), ({"0.weight": params["0.weight"]}, 0.1)], train, test)

@@ -78,25 +78,26 @@ def number(call: str, name: str, value: Any, *, minimum: float | None = None, ex
     """`value` as a finite Python float >= minimum (> with `exclusive`) and <= maximum; None passes when `none`.
 
     Accepts Python and numpy reals and 0-d real tensors; a bool, a string, None (unless
-    `none`), nan and ±inf are refused. `hint` is appended to the message.
+    `none`), nan and ±inf are refused ("must be a finite number >= 0; got nan"), and a finite
+    number out of range names the bound ("must be >= 0; got -1.0"). `hint` is appended.
     """
     if value is None and none:
         return None
     if minimum is not None and maximum is not None:
         bounds = f"in {'(' if exclusive else '['}{minimum:g}, {maximum:g}]"   # an interval: finite by itself
     elif minimum is not None:
-        bounds = f"{'>' if exclusive else '>='} {minimum:g} "
+        bounds = f"{'>' if exclusive else '>='} {minimum:g}"
     else:
-        bounds = "" if maximum is None else f"<= {maximum:g} "
-    if not bounds.startswith("in "):
-        bounds = f"{bounds}(a finite number)" if bounds else "a finite number"
-    expected = f"{'None or ' if none else ''}{bounds}"
+        bounds = "" if maximum is None else f"<= {maximum:g}"
+    finite = bounds if bounds.startswith("in ") else f"a finite number {bounds}".rstrip()
+    lead = "None or " if none else ""
     if not _is_real(value):
-        raise ArgumentError(_message(call, name, expected, describe(value), hint))
+        raise ArgumentError(_message(call, name, lead + finite, describe(value), hint))
     out = float(value)
-    if not math.isfinite(out) or (minimum is not None and (out <= minimum if exclusive else out < minimum)) \
-            or (maximum is not None and out > maximum):
-        raise ArgumentError(_message(call, name, expected, repr(out), hint))
+    if not math.isfinite(out):
+        raise ArgumentError(_message(call, name, lead + finite, repr(out), hint))
+    if (minimum is not None and (out <= minimum if exclusive else out < minimum)) or (maximum is not None and out > maximum):
+        raise ArgumentError(_message(call, name, lead + bounds, repr(out), hint))
     return out
 
 
@@ -134,25 +135,38 @@ def chunk_size(call: str, value: Any) -> int | None:
     return integer(call, "chunk_size", value, minimum=1, none=True)
 
 
-def ids(call: str, name: str, value: Any, n: int, *, unique: bool = False) -> torch.Tensor:
-    """Training ids: a sequence or 1-D integer tensor of values in [0, n), as a LongTensor `[m]`."""
+def ids(call: str, name: str, value: Any, n: int, *, unique: bool = False, empty: bool = False) -> torch.Tensor:
+    """Training ids: a list, range, array or 1-D integer tensor of values in [0, n), as a LongTensor `[m]`.
+
+    Refused, each with its own message: another type, not 1-D, empty (unless `empty`),
+    not integers (floats, bools), out of range (the first bad id and its position), and,
+    with `unique`, a repeated id. Cost: one pass over the ids.
+    """
+    expected = f"a list or 1-D integer tensor of training ids in [0, n={n})"
     if isinstance(value, torch.Tensor):
         tensor = value
+    elif isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise ArgumentError(_message(call, name, expected, describe(value), ""))
     else:
-        items = list(value) if isinstance(value, (list, tuple, range)) else None
-        if items is None or not all(_is_int(i) for i in items):
-            raise ArgumentError(f"{call}: `{name}` must be a list or 1-D integer tensor of training ids in [0, {n}); "
-                            f"got {describe(value)}.")
-        tensor = torch.tensor([int(i) for i in items], dtype=torch.long)
-    if tensor.dim() != 1 or tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.is_complex():
-        raise ArgumentError(f"{call}: `{name}` must be a 1-D integer tensor of training ids in [0, {n}); "
-                        f"got {describe(tensor)}.")
-    if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= n):
-        raise ArgumentError(f"{call}: `{name}` must hold training ids in [0, {n}); "
-                         f"got values in [{int(tensor.min())}, {int(tensor.max())}].")
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentError(_message(call, name, expected, describe(value), "")) from None
+    if tensor.dim() != 1:
+        raise ArgumentError(f"{call}: `{name}` must be 1-D (a list of training ids); got shape {list(tensor.shape)}.")
+    if tensor.numel() == 0:
+        if empty:
+            return torch.empty(0, dtype=torch.long, device=tensor.device)
+        raise ArgumentError(f"{call}: `{name}` is empty; it must hold at least one training id.")
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise ArgumentError(f"{call}: `{name}` must hold integer training ids; got dtype {tensor.dtype}. "
+                            "Pass ints, e.g. ids.long() (a bool mask becomes ids with mask.nonzero().flatten()).")
+    bad = (tensor < 0) | (tensor >= n)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ArgumentError(f"{call}: `{name}` ids must lie in [0, n={n}); got {int(tensor[pos])} at position {pos}.")
     if unique and torch.unique(tensor).numel() != tensor.numel():
-        raise ArgumentError(f"{call}: `{name}` must not repeat an id; got {tensor.numel()} ids, "
-                         f"{torch.unique(tensor).numel()} distinct.")
+        raise ArgumentError(f"{call}: `{name}` repeats a training id; give each id once (e.g. with torch.unique).")
     return tensor.long()
 
 

@@ -27,12 +27,13 @@ __all__ = ["check_inputs", "stacked_grads", "over_train", "row_sq_norms", "grad_
 
 
 def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_size=None,
-                 names: tuple[str, str] = ("train", "test")) -> torch.Tensor:
+                 names: tuple[str, str] = ("train", "test"), alike: bool = True) -> torch.Tensor:
     """The checks every estimator `(loss, params, train, test, **options)` makes up front.
 
     `loss` callable; `params` a dict of finite tensors of one floating dtype and device;
     `train` (and `test`) pytrees with a leading example axis, on that device and, where
-    floating, of that dtype; `test` shaped like `train` (`ti.data.check_alike`);
+    floating, of that dtype; `test` shaped like `train` (`ti.data.check_alike`; not with
+    `alike=False`, when `test` goes to a `measure` of its own);
     `chunk_size` None or an int >= 1. Returns the reference parameter leaf. Cost: one
     `isfinite` pass over the parameters, metadata otherwise.
     """
@@ -43,7 +44,7 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
         if data is not None:
             D.num_examples(data, name=name, where=call)
             checks.floating_like(call, name, data, ref)
-    if test is not None:
+    if test is not None and alike:
         D.check_alike(call, train, test, names)
     return ref
 

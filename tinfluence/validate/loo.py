@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..core import data as D
 from ..core import tree as tr
+from ..core import checks
 from ..core.errors import ConvergenceError, check_params
 from ..core.objective import objective, per_example
 from ..solvers._minimize import gradient, max_norm, minimize
@@ -133,15 +134,7 @@ def measure_all(measure: Callable, params, test, chunk_size: int | None, where: 
 
 
 def _check_indices(indices, n: int, where: str) -> list[int]:
-    ids = torch.as_tensor(indices)
-    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"{where}: `indices` must be a 1-d sequence of integer training ids; got {ids.dtype} of shape {list(ids.shape)}.")
-    if ids.numel() and not bool(((ids >= 0) & (ids < n)).all()):
-        bad = ids[(ids < 0) | (ids >= n)][0].item()
-        raise ValueError(f"{where}: `indices` must lie in [0, {n - 1}] (the training set has {n} points); got {bad}.")
-    if ids.unique().numel() != ids.numel():
-        raise ValueError(f"{where}: `indices` must be distinct; drop the repeated ids (e.g. with torch.unique).")
-    return ids.tolist()
+    return checks.ids(where, "indices", indices, n, unique=True, empty=True).tolist()
 
 
 def _settings(where: str, meta, params, train, test) -> dict:

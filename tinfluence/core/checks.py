@@ -27,7 +27,7 @@ class ArgumentError(TypeError, ValueError):
 __all__ = [
     "ArgumentError",
     "integer", "number", "probability", "flag", "choice", "function", "chunk_size", "ids",
-    "params", "floating_like", "finite_chunk", "describe",
+    "params", "floating_like", "finite_chunk", "describe", "is_int", "is_real",
 ]
 
 
@@ -39,7 +39,8 @@ def describe(value: Any) -> str:
     return text if len(text) <= 60 else f"{type(value).__name__} {text[:57]}..."
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """True for a Python or numpy integer or a 0-d integer tensor; never for a bool."""
     if isinstance(value, bool):
         return False
     if isinstance(value, torch.Tensor):
@@ -47,7 +48,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
+    """True for a Python or numpy real or a 0-d real tensor; never for a bool."""
     if isinstance(value, bool):
         return False
     if isinstance(value, torch.Tensor):
@@ -65,7 +67,7 @@ def integer(call: str, name: str, value: Any, *, minimum: int | None = None, max
         return None
     bounds = _bounds(minimum, maximum)
     expected = f"{'None or ' if none else ''}an int{bounds}"
-    if not _is_int(value):
+    if not is_int(value):
         raise ArgumentError(_message(call, name, expected, describe(value), hint))
     out = int(value)
     if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
@@ -74,8 +76,10 @@ def integer(call: str, name: str, value: Any, *, minimum: int | None = None, max
 
 
 def number(call: str, name: str, value: Any, *, minimum: float | None = None, exclusive: bool = False,
-           maximum: float | None = None, none: bool = False, hint: str = "") -> float | None:
-    """`value` as a finite Python float >= minimum (> with `exclusive`) and <= maximum; None passes when `none`.
+           maximum: float | None = None, exclusive_max: bool = False, none: bool = False,
+           hint: str = "") -> float | None:
+    """`value` as a finite Python float >= minimum (> with `exclusive`) and <= maximum (< with
+    `exclusive_max`); None passes when `none`.
 
     Accepts Python and numpy reals and 0-d real tensors; a bool, a string, None (unless
     `none`), nan and ±inf are refused ("must be a finite number >= 0; got nan"), and a finite
@@ -84,19 +88,20 @@ def number(call: str, name: str, value: Any, *, minimum: float | None = None, ex
     if value is None and none:
         return None
     if minimum is not None and maximum is not None:
-        bounds = f"in {'(' if exclusive else '['}{minimum:g}, {maximum:g}]"   # an interval: finite by itself
+        bounds = f"in {'(' if exclusive else '['}{minimum:g}, {maximum:g}{')' if exclusive_max else ']'}"
     elif minimum is not None:
         bounds = f"{'>' if exclusive else '>='} {minimum:g}"
     else:
-        bounds = "" if maximum is None else f"<= {maximum:g}"
+        bounds = "" if maximum is None else f"{'<' if exclusive_max else '<='} {maximum:g}"
     finite = bounds if bounds.startswith("in ") else f"a finite number {bounds}".rstrip()
     lead = "None or " if none else ""
-    if not _is_real(value):
+    if not is_real(value):
         raise ArgumentError(_message(call, name, lead + finite, describe(value), hint))
     out = float(value)
     if not math.isfinite(out):
         raise ArgumentError(_message(call, name, lead + finite, repr(out), hint))
-    if (minimum is not None and (out <= minimum if exclusive else out < minimum)) or (maximum is not None and out > maximum):
+    if (minimum is not None and (out <= minimum if exclusive else out < minimum)) \
+            or (maximum is not None and (out >= maximum if exclusive_max else out > maximum)):
         raise ArgumentError(_message(call, name, lead + bounds, repr(out), hint))
     return out
 
@@ -179,9 +184,9 @@ def params(call: str, value: Any, name: str = "params") -> torch.Tensor:
     """
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         raise ArgumentError(
-            f"{call}: `{name}` must be a dict name -> tensor, like the `params` of ti.functionalize(model); got a "
-            f"{type(value).__name__} of {len(value)} items. From tensors in the module's order, build it with "
-            "dict(zip(names, tensors)).")
+            f"{call}: `{name}` must be a dict[str, Tensor] (name -> tensor, like the `params` of "
+            f"ti.functionalize(model)); got {type(value).__name__} of {len(value)} items. From tensors in the "
+            "module's order, build it with dict(zip(names, tensors)).")
     paths, leaves, _ = optree.tree_flatten_with_path(value, namespace="")
     if not leaves:
         raise ArgumentError(f"{call}: `{name}` has no tensors; expected a dict of parameter tensors, e.g. the "

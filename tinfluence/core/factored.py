@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import data as D
 from . import tree as tr
-from .errors import check_chunk_size, check_params
+from . import checks
 from .objective import per_example
 
 __all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "sq_norms", "materialize"]
@@ -278,11 +278,11 @@ def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None =
       for one batched backward of the mean loss.
     """
     where = "ti.factored.grad_factors"
-    if not callable(loss):
-        raise TypeError(f"{where}: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
-    check_params(where, params)
-    check_chunk_size(where, chunk_size)
+    checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
+    ref = checks.params(where, params)
+    checks.chunk_size(where, chunk_size)
     D.num_examples(data, name="data", where=where)
+    checks.floating_like(where, "data", data, ref)
     kernel = grad_factor_fn(loss, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 

@@ -66,6 +66,9 @@ def lbfgs_trainer(loss: Callable, *, l2: float = 0.0, gtol: float = 1e-10, maxit
     Raises:
       ConvergenceError: from `train_fn`, when the gradient stays above `gtol`.
     """
+    _check_training("ti.lbfgs_trainer", loss, l2, gtol, maxiter, chunk_size)
+    newton_steps = checks.integer("ti.lbfgs_trainer", "newton_steps", newton_steps, minimum=0)
+
     def train_fn(params, data):
         return minimize(objective(loss, data, l2=l2, chunk_size=chunk_size), params, gtol=gtol,
                         maxiter=maxiter, newton_steps=newton_steps)
@@ -105,6 +108,7 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
 
     Cost: one dense Hessian (P×P) at construction; per call, iterations × one gradient.
     """
+    _check_training("ti.newton_trainer", loss, l2, gtol, maxiter, chunk_size)
     check_params("ti.newton_trainer", params)
     solve = direct(hessian(objective(loss, train, l2=l2, chunk_size=chunk_size), params))
 
@@ -124,6 +128,15 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
                                "far from `train`.", info=theta)
 
     return train_fn
+
+
+def _check_training(where: str, loss, l2, gtol, maxiter, chunk_size) -> None:
+    """The options a trainer factory shares, checked when it is built (not at the first retraining)."""
+    checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
+    checks.number(where, "l2", l2, minimum=0.0)
+    checks.number(where, "gtol", gtol, minimum=0.0, exclusive=True)
+    checks.integer(where, "maxiter", maxiter, minimum=1)
+    checks.chunk_size(where, chunk_size)
 
 
 def measure_all(measure: Callable, params, test, chunk_size: int | None, where: str) -> torch.Tensor:
@@ -327,8 +340,13 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
     where = "ti.leave_one_out"
     for name, fn in (("train_fn", train_fn), ("measure", measure)):
         if not callable(fn):
-            raise TypeError(f"{where}: `{name}` must be a function; got {type(fn).__name__}.")
-    check_params(where, params)
+            raise checks.ArgumentError(f"{where}: `{name}` must be a function; got {type(fn).__name__}.")
+    ref = checks.params(where, params)
+    checks.chunk_size(where, chunk_size)
+    checks.flag(where, "progress", progress)
+    for name, data in (("train", train), ("test", test)):
+        D.num_examples(data, name=name, where=where)
+        checks.floating_like(where, name, data, ref)
     settings = _settings(where, meta, params, train, test)
     n_train, n_test = settings["n_train"], settings["n_test"]
     ids = _check_indices(indices, n_train, where)

@@ -24,6 +24,7 @@ import torch
 class ArgumentError(TypeError, ValueError):
     """A bad argument: both a TypeError and a ValueError, so either `except` catches it."""
 
+
 __all__ = [
     "ArgumentError",
     "integer", "number", "probability", "flag", "choice", "function", "chunk_size", "ids",
@@ -78,8 +79,9 @@ def integer(call: str, name: str, value: Any, *, minimum: int | None = None, max
 def number(call: str, name: str, value: Any, *, minimum: float | None = None, exclusive: bool = False,
            maximum: float | None = None, exclusive_max: bool = False, none: bool = False,
            hint: str = "") -> float | None:
-    """`value` as a finite Python float >= minimum (> with `exclusive`) and <= maximum (< with
-    `exclusive_max`); None passes when `none`.
+    """`value` as a finite Python float in range; None passes when `none`.
+
+    The range is >= minimum (> with `exclusive`) and <= maximum (< with `exclusive_max`).
 
     Accepts Python and numpy reals and 0-d real tensors; a bool, a string, None (unless
     `none`), nan and ±inf are refused ("must be a finite number >= 0; got nan"), and a finite
@@ -176,9 +178,10 @@ def ids(call: str, name: str, value: Any, n: int, *, unique: bool = False, empty
 
 
 def params(call: str, value: Any, name: str = "params") -> torch.Tensor:
-    """Parameters: a dict (or other mapping / pytree, not a bare list) of finite floating
-    tensors of ONE dtype on ONE device. Returns the first leaf, the reference for
-    `floating_like`.
+    """Checks parameters and returns the first leaf, the reference for `floating_like`.
+
+    Parameters are a dict (or another mapping or pytree, not a bare list) of finite
+    floating tensors of ONE dtype on ONE device.
 
     Cost: one `isfinite(...).all()` per leaf (P numbers read once per call).
     """

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
+from . import checks
 from . import data as D
 from . import tree as tr
-from . import checks
 from .objective import per_example
 
 __all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "sq_norms", "materialize"]
@@ -125,7 +125,8 @@ class _Uses(TorchFunctionMode):
 
 class _Probing(TorchFunctionMode):
     """Adds `probes[k]` to the output of the k-th F.linear call whose weight or bias is in
-    `probed` (ids of the factorable parameters) and records that call's input."""
+    `probed` (ids of the factorable parameters) and records that call's input.
+    """
 
     def __init__(self, probed: set, probes: tuple, where: str):
         super().__init__()
@@ -186,7 +187,8 @@ def _plan(loss: Callable, params: dict, batch, where: str) -> _Plan:
 
 def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str) -> Callable:
     """Returns `(fallback, probes, batch) -> ((fallback grads, probe grads), layer inputs)`,
-    one `vmap(grad)` over the examples of `batch`; `rest` (the factorable parameters) is closed over."""
+    one `vmap(grad)` over the examples of `batch`; `rest` (the factorable parameters) is closed over.
+    """
 
     def example_loss(fallback, probes, example):
         with _Probing(probed, probes, where) as probing:

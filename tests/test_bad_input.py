@@ -170,6 +170,7 @@ ERRORS = [
     ("newton-nan-row", lambda c: ti.newton_loo(c.loss, c.params, _with_row(c.train, 6, NAN), c.test, l2=L2, indices=[0]), E, r"^ti.newton_loo: the gradients of 1 example\(s\) of `train` are not finite .*: ids 6\."),
     ("newton-gn-inf-row", lambda c: ti.newton_loo(c.loss, c.params, _with_row(c.train, 8, INF), c.test, l2=L2, indices=[0], predict=c.predict, output_loss=c.output_loss), E, r"^ti.newton_loo: the gradients .* of `train` .*: ids 8\."),
     ("newton-nan-test", lambda c: ti.newton_loo(c.loss, c.params, c.train, _with_row(c.test, 0, NAN), l2=L2, indices=[1]), E, r"^ti.newton_loo: the `measure` values of 1 example\(s\) of `test` .*: ids 0\."),
+    ("grad-dot-product-overflow", lambda c: ti.grad_dot(lambda p, b: 1e200 * c.loss(p, b), c.params, c.train, c.test), E, r"^ti.grad_dot: the scores \(finite gradients whose products overflow\) of \d+ example\(s\) of `train` are not finite"),
     ("params-nan", lambda c: ti.grad_dot(c.loss, {**c.params, "bias": torch.full((C,), NAN)}, c.train, c.test), E, r"^ti.grad_dot: `params` leaf \('bias',\) has non-finite values"),
     ("influence-nan-row", lambda c: ti.influence(c.loss, c.params, _with_row(c.train, 5, NAN), c.test, ihvp=lambda v: v), E, r"^ti.influence: the gradients .* of `train` .*: ids 5\.", SOLVER_MERGE),
     # --- dtypes, devices, containers ---

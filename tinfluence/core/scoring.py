@@ -90,14 +90,25 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
 
     `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`, or `GradFactors` when
     `factored`) to a tensor whose last axis is c (e.g. `[n_test, c]` or `[c]`); the result's
-    last axis is n_train. Every chunk's gradients are checked to be finite, as in
-    `stacked_grads` (with a group, the ids named are those of this rank's shard). With a
+    last axis is n_train. Every chunk's result is checked to be finite with one reduction
+    over `fn(G)` (`[n_test, c]`, far fewer numbers than G): a nan or inf gradient makes its
+    column non-finite, and only then are the gradients searched to name the ids and the
+    leaf (with a group, the ids of this rank's shard). With a
     process group, `train` is this rank's shard and the shards' results are all-gathered
     in rank order.
     """
-    kernel = _checked(_grad_kernel(loss, factored, where, "loss"), params, where, data_name)
-    local = D.chunk_cat(lambda start, chunk: fn(kernel(start, chunk)), train, chunk_size, dim=-1, call=where,
-                        indexed=True)
+    kernel = _grad_kernel(loss, factored, where, "loss")
+
+    def columns(start, chunk):
+        G = kernel(params, chunk)
+        out = fn(G)
+        if not bool(torch.isfinite(out.sum())):     # a non-finite gradient reaches its column: look only then
+            checks.finite_chunk(where, data_name, G, start)
+            checks.finite_chunk(where, data_name, out.reshape(-1, out.shape[-1]).T, start,
+                                what="scores (finite gradients whose products overflow)")
+        return out
+
+    local = D.chunk_cat(columns, train, chunk_size, dim=-1, call=where, indexed=True)
     return dd.gather_columns(local, group)
 
 

@@ -6,8 +6,13 @@ replaced by a no-op (monkeypatched), interleaved, best of `--repeats` runs (the 
 - `ti.influence` (what it checks today: parameters, data, the test gradients per chunk);
 - `ti.grad_dot`, which runs the shared scoring path with a finiteness check on every
   training chunk's gradients (the path `ti.influence` moves onto);
-- the finiteness check of every training chunk's gradients alone, as a share of one
-  `ti.influence` call: the cost `ti.influence` gains when it uses the shared path.
+- the finiteness check of every training chunk's gradients alone (`checks.finite_chunk`, the
+  dearer form, c·P numbers per chunk), as a share of one `ti.influence` call: an upper bound
+  of what `ti.influence` gains when it uses the shared path (which reduces the scores instead).
+
+Wall-clock on/off differences on a shared machine are noise of a few percent either way, so
+each call is also run with every check function timed (outermost calls only): "time inside
+checks" is their summed time over the call's time, the least of the runs.
 
 Tasks: digits logistic regression (1000 train, 100 test, float64, `ti.direct` on the dense
 Hessian) and, when Debian's dataset-fashion-mnist is installed, Fashion-MNIST logistic
@@ -38,7 +43,7 @@ from tinfluence.core import data as D
 from tinfluence.demo import load_digits_split  # noqa: E402
 
 CHECKS = ("integer", "number", "probability", "flag", "choice", "function", "chunk_size", "ids", "params",
-          "floating_like", "finite_chunk")
+          "floating_like", "finite_chunk", "finite_scores")
 
 
 @contextmanager
@@ -50,7 +55,7 @@ def checks_off():
     def passthrough(name):
         if name == "params":
             return lambda call, value, name="params": optree.tree_leaves(value, namespace="")[0]
-        if name in ("floating_like", "finite_chunk"):
+        if name in ("floating_like", "finite_chunk", "finite_scores"):
             return lambda *a, **k: None
         if name == "chunk_size":
             return lambda call, value: value
@@ -65,6 +70,47 @@ def checks_off():
         for name, fn in saved.items():
             setattr(checks, name, fn)
         D.check_alike = alike
+
+
+@contextmanager
+def counted(total: list):
+    """Every check function (and `ti.data.check_alike`) timed; the outermost calls' seconds summed into `total[0]`."""
+    saved = {name: getattr(checks, name) for name in CHECKS}
+    alike = D.check_alike
+    depth = [0]
+
+    def timer(fn):
+        def run(*a, **k):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    total[0] += time.perf_counter() - start
+        return run
+
+    try:
+        for name in CHECKS:
+            setattr(checks, name, timer(saved[name]))
+        D.check_alike = timer(alike)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(checks, name, fn)
+        D.check_alike = alike
+
+
+def check_share(fn, repeats: int) -> float:
+    """Seconds inside the checks over the seconds of the whole call, the least of `repeats` runs."""
+    shares = []
+    for _ in range(repeats):
+        total = [0.0]
+        with counted(total):
+            seconds = timed(fn)
+        shares.append(total[0] / seconds)
+    return min(shares)
 
 
 def timed(fn) -> float:
@@ -147,13 +193,16 @@ def main() -> None:
         name, loss, params, train, test, ihvp, chunk = task
         inf = ratio(functools.partial(ti.influence, loss, params, train, test, ihvp=ihvp, chunk_size=chunk), args.repeats)
         dot = ratio(functools.partial(ti.grad_dot, loss, params, train, test, chunk_size=chunk), args.repeats)
+        inside = (check_share(functools.partial(ti.influence, loss, params, train, test, ihvp=ihvp, chunk_size=chunk), 3),
+                  check_share(functools.partial(ti.grad_dot, loss, params, train, test, chunk_size=chunk), args.repeats))
         share = finite_share(loss, params, train, chunk, inf[0], args.repeats)
-        rows.append((name, inf, dot, share))
-    lines = ["| task | ti.influence on / off (s) | overhead | ti.grad_dot on / off (s) | overhead | "
-             "finite check of all training chunks / ti.influence |", "|---|---|---|---|---|---|"]
-    for name, inf, dot, share in rows:
-        lines.append(f"| {name} | {inf[0]:.3f} / {inf[1]:.3f} | {100 * inf[2]:+.2f}% | {dot[0]:.3f} / {dot[1]:.3f} | "
-                     f"{100 * dot[2]:+.2f}% | {100 * share:.2f}% |")
+        rows.append((name, inf, dot, inside, share))
+    lines = ["| task | ti.influence on / off (s) | wall overhead | time inside checks | ti.grad_dot on / off (s) | "
+             "wall overhead | time inside checks | gradient finiteness of every training chunk / ti.influence |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, inf, dot, inside, share in rows:
+        lines.append(f"| {name} | {inf[0]:.3f} / {inf[1]:.3f} | {100 * inf[2]:+.2f}% | {100 * inside[0]:.2f}% | "
+                     f"{dot[0]:.3f} / {dot[1]:.3f} | {100 * dot[2]:+.2f}% | {100 * inside[1]:.2f}% | {100 * share:.2f}% |")
     text = "\n".join(lines + [""] + notes)
     print(text)
     if args.out:

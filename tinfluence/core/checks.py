@@ -28,7 +28,7 @@ class ArgumentError(TypeError, ValueError):
 __all__ = [
     "ArgumentError",
     "integer", "number", "probability", "flag", "choice", "function", "chunk_size", "ids",
-    "params", "floating_like", "finite_chunk", "describe", "is_int", "is_real",
+    "params", "floating_like", "finite_chunk", "finite_scores", "describe", "is_int", "is_real",
 ]
 
 
@@ -247,6 +247,21 @@ def finite_chunk(call: str, name: str, values: Any, start: int, what: str = "gra
         raise ArgumentError(f"{call}: the {what} of {bad.numel()} example(s) of `{name}` are not finite (nan or inf)"
                             f"{f' in leaf {_name(path)}' if path else ''}: ids {shown}. "
                             + (hint or f"Check those rows of `{name}` (and the loss at them) for nan/inf, or drop them."))
+
+
+def finite_scores(call: str, name: str, out: torch.Tensor, grads: Any, start: int) -> None:
+    """Raises `ArgumentError` naming the ids if a chunk's result `out` (last axis: its c examples) is not finite.
+
+    One reduction over `out` (e.g. `[n_test, c]` scores, far fewer numbers than the c·P
+    gradients `grads` they come from): a nan or inf gradient makes its column non-finite.
+    Only then are `grads` searched (the ids and the leaf), and if they are finite the
+    columns of `out` itself are named (finite gradients whose products overflow).
+    """
+    if bool(torch.isfinite(out.sum())):
+        return
+    finite_chunk(call, name, grads, start)
+    finite_chunk(call, name, out.reshape(-1, out.shape[-1]).T, start,
+                 what="scores (finite gradients whose products overflow)")
 
 
 def _message(call: str, name: str, expected: str, got: str, hint: str) -> str:

@@ -102,10 +102,7 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
     def columns(start, chunk):
         G = kernel(params, chunk)
         out = fn(G)
-        if not bool(torch.isfinite(out.sum())):     # a non-finite gradient reaches its column: look only then
-            checks.finite_chunk(where, data_name, G, start)
-            checks.finite_chunk(where, data_name, out.reshape(-1, out.shape[-1]).T, start,
-                                what="scores (finite gradients whose products overflow)")
+        checks.finite_scores(where, data_name, out, G, start)   # one reduction of [.., c]; G searched on failure
         return out
 
     local = D.chunk_cat(columns, train, chunk_size, dim=-1, call=where, indexed=True)

@@ -116,7 +116,7 @@ def probability(call: str, name: str, value: Any) -> float:
 def flag(call: str, name: str, value: Any) -> bool:
     """`value`, which must be True or False (not 0/1, not None)."""
     if not isinstance(value, bool):
-        raise ArgumentError(f"{call}: `{name}` must be True or False; got {describe(value)}.")
+        raise ArgumentError(f"{call}: `{name}` must be True or False; got {describe(value)} ({type(value).__name__}).")
     return value
 
 

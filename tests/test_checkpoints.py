@@ -116,7 +116,7 @@ def test_checkpoint_errors(saved):
         ti.tracin(loss, [ckpts[0], ti.Checkpoint(params, lr, {"0.weight": frozen["0.weight"]})], train, test)
     with pytest.raises(TypeError, match=r"ti.tracin: the `frozen` of checkpoint 0 must be a dict name -> tensor \(the state outside `params`.*\) or None; got list"):
         ti.tracin(loss, [ti.Checkpoint(params, lr, [frozen["0.weight"]])], train, test)
-    with pytest.raises(TypeError, match=r"ti.tracin: the `params` of checkpoint 0 must be a dict when it has `frozen` state; got list"):
+    with pytest.raises(TypeError, match=r"ti.tracin: checkpoint 0: `params` must be a dict\[str, Tensor\] .*; got list"):
         ti.tracin(loss, [ti.Checkpoint(list(params.values()), lr, frozen)], train, test)
     with pytest.raises(ValueError, match=r"ti.tracin_self_influence: `checkpoints\[0\]` must be a \(params, lr\) pair or "
                                          r"a ti.Checkpoint\(params, lr, frozen\); got tuple of length 4"):

@@ -286,7 +286,7 @@ def test_loo_scatter_and_top_examples_and_hist(tmp_path, generator):
     (lambda: ti.plot.top_examples(torch.zeros(5, 2, 2), torch.zeros(4), torch.zeros(2, 2)),
      r"ti.plot.top_examples: `scores` must be \[n_train\] = \[5\] \(one test point's row\); got \[4\]"),
     (lambda: ti.plot.top_examples(torch.zeros(5, 2, 2), torch.zeros(5), torch.zeros(2, 2), k=6),
-     r"ti.plot.top_examples: `k` must be between 1 and 5; got 6"),
+     r"ti.plot.top_examples: `k` must be an int in \[1, 5\]; got 6"),
     (lambda: ti.plot.score_hist({}), r"ti.plot.score_hist: `scores` is empty"),
 ])
 def test_plot_errors(call, match):

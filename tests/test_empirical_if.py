@@ -111,7 +111,7 @@ def test_reverse_check_matches_its_limit_and_the_forward_scores(digits_lr):
 
 def test_errors(case):
     loss, params, train, test = case
-    with pytest.raises(ValueError, match=r"ti.empirical_if: `radius` must be a finite number > 0; got 0"):
+    with pytest.raises(ValueError, match=r"ti.empirical_if: `radius` must be > 0; got 0"):
         ti.empirical_if(loss, params, train, test, radius=0)
     with pytest.raises(ValueError, match=r"ti.empirical_if: `directions` needs an explicit `generator`"):
         ti.empirical_if(loss, params, train, test, directions=4)

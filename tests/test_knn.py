@@ -43,7 +43,7 @@ def test_candidate_scores_index_the_dense_matrix(digits_lr):
 
 def test_bad_k_features_and_candidates(digits_lr):
     train, test = ti.take(digits_lr.train, slice(0, 20)), ti.take(digits_lr.test, slice(0, 3))
-    with pytest.raises(ValueError, match=r"ti.knn_candidates: `k` must be an int in \[1, n_train=20\]; got 21"):
+    with pytest.raises(ValueError, match=r"ti.knn_candidates: `k` must be an int in \[1, 20\]; got 21"):
         ti.knn_candidates(_inputs, digits_lr.params, train, test, k=21)
     with pytest.raises(ValueError, match=r"ti.knn_candidates: `features_fn` must return a \[B, F\] tensor .* got shape \[3\]"):
         ti.knn_candidates(lambda p, b: b[1], digits_lr.params, train, test, k=2)

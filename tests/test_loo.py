@@ -155,10 +155,10 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
 
 
 @pytest.mark.parametrize("indices, match", [
-    ([0, 10], r"ti.leave_one_out: `indices` must lie in \[0, 9\] \(the training set has 10 points\); got 10"),
-    ([-1], r"ti.leave_one_out: `indices` must lie in \[0, 9\]"),
-    ([1, 1], r"ti.leave_one_out: `indices` must be distinct"),
-    ([0.5], r"ti.leave_one_out: `indices` must be a 1-d sequence of integer training ids; got torch.float"),
+    ([0, 10], r"ti.leave_one_out: `indices` ids must lie in \[0, n=10\); got 10 at position 1"),
+    ([-1], r"ti.leave_one_out: `indices` ids must lie in \[0, n=10\); got -1"),
+    ([1, 1], r"ti.leave_one_out: `indices` repeats a training id"),
+    ([0.5], r"ti.leave_one_out: `indices` must hold integer training ids; got dtype torch.float"),
 ])
 def test_bad_indices(indices, match):
     train_fn, params, train, test, measure, _ = _toy()

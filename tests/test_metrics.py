@@ -58,8 +58,8 @@ def test_sign_agreement_overall_and_top_k():
     (lambda: ti.pearson(torch.zeros(3), torch.zeros(4)), r"ti.pearson: `scores` and `actual` must have the same shape; got \[3\] and \[4\]"),
     (lambda: ti.spearman(torch.zeros(1), torch.zeros(1)), r"ti.spearman: needs at least 2 values along the last axis; got shape \[1\]"),
     (lambda: ti.pearson(torch.tensor([1.0, float("nan")]), torch.zeros(2)), r"ti.pearson: `scores` has non-finite values"),
-    (lambda: ti.topk_overlap(torch.zeros(4), torch.zeros(4), 5), r"ti.topk_overlap: `k` must be between 1 and the number of values per row \(4\); got 5"),
-    (lambda: ti.sign_agreement(torch.zeros(4), torch.zeros(4), k=0), r"ti.sign_agreement: `k` must be between 1"),
+    (lambda: ti.topk_overlap(torch.zeros(4), torch.zeros(4), 5), r"ti.topk_overlap: `k` must be an int in \[1, 4\]; got 5. \(the number of values per row is 4.\)"),
+    (lambda: ti.sign_agreement(torch.zeros(4), torch.zeros(4), k=0), r"ti.sign_agreement: `k` must be an int in \[1, 4\]; got 0"),
 ])
 def test_metric_errors(call, match):
     with pytest.raises(ValueError, match=match):
@@ -110,7 +110,7 @@ def test_lds_same_generator_same_result_and_generator_untouched(digits_lr, gener
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(subsets=2), r"ti.lds: `subsets` must be >= 3 to rank subsets against each other; got 2"),
+    (dict(subsets=2), r"ti.lds: `subsets` must be an int >= 3; got 2. \(at least 3 to rank subsets against each other\)"),
     (dict(fraction=1.0), r"ti.lds: `fraction` must be in \(0, 1\); got 1.0"),
     (dict(confidence=0.0), r"ti.lds: `confidence` must be in \(0, 1\); got 0.0"),
     (dict(scores=torch.zeros(3, 3)), r"ti.lds: `scores` must be \[n_test, n_train\] = \[5, 10\]; got \[3, 3\]"),

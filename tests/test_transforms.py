@@ -142,5 +142,5 @@ def test_from_loader_and_chunks():
     assert torch.equal(ti.from_loader(ds)[1], y)
     sizes = [ti.num_examples(c) for c in ti.chunks((X, y), 4)]
     assert sizes == [4, 4, 2]
-    with pytest.raises(ValueError, match="`size` must be >= 1"):
+    with pytest.raises(ValueError, match="`size` must be None or an int >= 1"):
         next(ti.chunks((X, y), 0))

@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import distributed, io, plot, text
 from .core import data, factored, optim, tree
 from .core.data import chunks, from_loader, num_examples, take
+from .core.checks import ArgumentError
 from .core.errors import ConvergenceError, DivergenceError
 from .core.model import Checkpoint, functionalize
 from .core.objective import Objective, objective
@@ -45,7 +46,8 @@ except PackageNotFoundError:   # run from a source tree that was never installed
     __version__ = "0+unknown"
 
 # The import paths of the modules that moved into `core` keep working (`tinfluence.tree`, ...).
-for _name in ("data", "errors", "factored", "model", "objective", "operator", "optim", "scoring", "transforms", "tree"):
+for _name in ("checks", "data", "errors", "factored", "model", "objective", "operator", "optim", "scoring", "transforms",
+              "tree"):
     sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{__name__}.core.{_name}")
 del _name
 
@@ -58,7 +60,7 @@ __all__ = [
     # solvers
     "LinearOperator", "direct", "cg", "cg_solve", "nystrom", "lissa", "lissa_solve", "kfac", "ekfac", "Curvature",
     "minimize", "eigenvalues",
-    "Eigenvalues", "InverseOperator", "Solution", "SolveInfo", "Status", "ConvergenceError", "DivergenceError",
+    "Eigenvalues", "InverseOperator", "Solution", "SolveInfo", "Status", "ConvergenceError", "DivergenceError", "ArgumentError",
     # estimators
     "influence", "self_influence", "tracin", "tracin_self_influence", "empirical_if", "reverse_check", "ReverseCheck",
     "grad_dot", "grad_cos", "newton_loo", "newton_step_without", "knn_candidates",

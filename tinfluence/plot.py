@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .core import checks
 from .validate.metrics import pearson
 
 __all__ = ["loo_scatter", "top_examples", "score_hist"]
@@ -154,8 +155,10 @@ def top_examples(images, scores, test_image, *, k: int = 5, labels=None, test_la
     if scores.dim() not in (1, 2) or scores.shape[-1] != n:
         raise ValueError(f"ti.plot.top_examples: `scores` must be [n_train] = [{n}] (one test point's row); "
                          f"got {list(scores.shape)}. For several test points pass [n_test, {n}].")
-    if not 1 <= k <= n:
-        raise ValueError(f"ti.plot.top_examples: `k` must be between 1 and {n}; got {k}.")
+    k = checks.integer("ti.plot.top_examples", "k", k, minimum=1, maximum=n)
+    if not bool(torch.isfinite(scores).all()):
+        raise checks.ArgumentError("ti.plot.top_examples: `scores` has non-finite values (nan or inf); a ranking of "
+                                   "them is meaningless. Pass finite scores.")
     shape = image_shape or tuple(images.shape[1:])
     tests = torch.as_tensor(test_image).detach().cpu()
     rows = scores.reshape(-1, n)
@@ -204,6 +207,7 @@ def score_hist(scores: Mapping, *, bins: int = 50, path=None):
     """
     if not scores:
         raise ValueError("ti.plot.score_hist: `scores` is empty; pass {method name: scores}.")
+    checks.integer("ti.plot.score_hist", "bins", bins, minimum=1)
     fig = _figure(3.2 * len(scores), 2.8)
     axes = fig.subplots(1, len(scores), squeeze=False).ravel()
     for ax, (name, s) in zip(axes, scores.items()):

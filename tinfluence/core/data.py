@@ -12,15 +12,23 @@ from typing import Callable, Iterator
 import optree
 import torch
 
+from . import checks
 from . import tree as tr
 
 DEFAULT_CHUNK_SIZE = 1024
 
-__all__ = ["num_examples", "chunks", "chunk_sum", "chunk_cat", "take", "batch_of_one", "from_loader", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["num_examples", "count_examples", "check_alike", "chunks", "chunk_sum", "chunk_cat", "take", "batch_of_one", "from_loader",
+           "DEFAULT_CHUNK_SIZE"]
 
 
-def num_examples(data, *, name: str = "data", where: str = "ti") -> int:
-    """The common leading-axis size n of every tensor leaf of `data`.
+def num_examples(data) -> int:
+    """The common leading-axis size n of every tensor leaf of `data` (checked as `count_examples`)."""
+    return count_examples(data, name="data", call="ti.num_examples")
+
+
+def count_examples(data, *, name: str = "data", call: str = "ti") -> int:
+    """The common leading-axis size n of every tensor leaf of `data`, for the public call `call`
+    whose argument `name` it is (the names its errors give).
 
     Raises:
       TypeError: a leaf is not a tensor.
@@ -28,20 +36,20 @@ def num_examples(data, *, name: str = "data", where: str = "ti") -> int:
     """
     paths, leaves, _ = optree.tree_flatten_with_path(data, namespace="")
     if not leaves:
-        raise ValueError(f"{where}: `{name}` has no tensors; expected a pytree of tensors sharing a leading example axis, e.g. (x, y).")
+        raise ValueError(f"{call}: `{name}` has no tensors; expected a pytree of tensors sharing a leading example axis, e.g. (x, y).")
     sizes = {}
     for path, leaf in zip(paths, leaves):
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"{where}: `{name}` leaf {path} must be a tensor; got {type(leaf).__name__}.")
+            raise TypeError(f"{call}: `{name}` leaf {path} must be a tensor; got {type(leaf).__name__}.")
         if leaf.dim() == 0:
-            raise ValueError(f"{where}: `{name}` leaf {path} is 0-d; every leaf needs a leading example axis.")
+            raise ValueError(f"{call}: `{name}` leaf {path} is 0-d; every leaf needs a leading example axis.")
         sizes[path] = leaf.shape[0]
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{p}: {s}" for p, s in sizes.items())
-        raise ValueError(f"{where}: `{name}` leaves must share one leading (example) axis; got {listed}.")
+        raise ValueError(f"{call}: `{name}` leaves must share one leading (example) axis; got {listed}.")
     n = next(iter(sizes.values()))
     if n == 0:
-        raise ValueError(f"{where}: `{name}` is empty (0 examples).")
+        raise ValueError(f"{call}: `{name}` is empty (0 examples).")
     return n
 
 
@@ -55,36 +63,64 @@ def batch_of_one(example) -> object:
     return tr.map(lambda leaf: leaf.unsqueeze(0), example)
 
 
-def chunks(data, size: int | None = None) -> Iterator:
-    """Consecutive slices of at most `size` examples (default 1024), in order."""
+def check_alike(call: str, train, test, names: tuple[str, str] = ("train", "test")) -> None:
+    """Raises `ArgumentError` unless `test` has `train`'s pytree structure and per-example leaf shapes.
+
+    Scores pair every test example with every training example through one loss, so both
+    must be batches of the same kind of example. Cost: metadata only.
+    """
+    a, b = names
+    train_spec, test_spec = optree.tree_structure(train, namespace=""), optree.tree_structure(test, namespace="")
+    if train_spec != test_spec:
+        raise checks.ArgumentError(f"{call}: `{b}` must have the structure of `{a}` {train_spec}; got {test_spec}. "
+                                   f"Pass both as the same kind of batch, e.g. (x, y) pairs.")
+    paths, train_leaves, _ = optree.tree_flatten_with_path(train, namespace="")
+    for path, x, y in zip(paths, train_leaves, optree.tree_leaves(test, namespace="")):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape[1:] != y.shape[1:]:
+            raise checks.ArgumentError(
+                f"{call}: `{b}` leaf {path} must have per-example shape "
+                f"{list(x.shape[1:])} like `{a}`; got {list(y.shape[1:])}. Reshape or pad `{b}` to `{a}`'s "
+                "per-example shape.")
+
+
+def chunks(data, size: int | None = None, *, call: str = "ti.data.chunks", name: str = "size") -> Iterator:
+    """Consecutive slices of at most `size` examples (default 1024), in order.
+
+    `call` and `name` are the public call and argument named when `size` is not None or an
+    int >= 1 (a public function passes its own, e.g. `("ti.grad_dot", "chunk_size")`).
+    """
+    size = checks.integer(call, name, size, minimum=1, none=True)
     size = DEFAULT_CHUNK_SIZE if size is None else size
-    if size < 1:
-        raise ValueError(f"ti.data.chunks: `size` must be >= 1; got {size}.")
     n = num_examples(data)
     for start in range(0, n, size):
         yield take(data, slice(start, start + size))
 
 
-def chunk_sum(fn: Callable, data, chunk_size: int | None = None):
+def chunk_sum(fn: Callable, data, chunk_size: int | None = None, *, call: str = "ti.data.chunk_sum"):
     """Σ over chunks of `fn(chunk)`, a tensor or pytree of tensors.
 
     The single place where a sum over the training set is reduced; a sharded run
     reduces the same partial sums across processes.
     """
     total = None
-    for chunk in chunks(data, chunk_size):
+    for chunk in chunks(data, chunk_size, call=call, name="chunk_size"):
         part = fn(chunk)
         total = part if total is None else tr.add(total, part)
     return total
 
 
-def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0):
+def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0, call: str = "ti.data.chunk_cat",
+              indexed: bool = False):
     """`fn(chunk)` for every chunk, concatenated along `dim` (a tensor or a pytree of tensors).
 
     The single place where per-chunk results over a data set are stitched together, e.g.
-    per-example gradients (`dim=0`) or score columns `[n_test, c]` (`dim=1`).
+    per-example gradients (`dim=0`) or score columns `[n_test, c]` (`dim=1`). With
+    `indexed`, `fn(start, chunk)` also gets the id of the chunk's first example (for
+    messages that name examples).
     """
-    parts = [fn(chunk) for chunk in chunks(data, chunk_size)]
+    size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    parts = [fn(j * size, chunk) if indexed else fn(chunk)
+             for j, chunk in enumerate(chunks(data, chunk_size, call=call, name="chunk_size"))]
     return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves, dim=dim), *parts)
 
 

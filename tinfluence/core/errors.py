@@ -1,4 +1,4 @@
-"""Exceptions for numerical failures and the small checks that build tinfluence's messages.
+"""Exceptions for numerical failures, and the historical names of the argument checks (now `checks`).
 
 Every message starts with the public call (`ti.cg: ...`), names the argument, states what
 was expected and what was got, and where there is one, the fix.
@@ -6,8 +6,10 @@ was expected and what was got, and where there is one, the fix.
 
 from __future__ import annotations
 
-import optree
 import torch
+
+from . import checks
+from .checks import ArgumentError  # noqa: F401  (re-exported)
 
 
 class ConvergenceError(RuntimeError):
@@ -29,16 +31,13 @@ class DivergenceError(RuntimeError):
 
 
 def check_positive(where: str, name: str, value, *, allow_zero: bool = False) -> None:
-    """Raises ValueError unless `value` > 0 (or >= 0 with `allow_zero`)."""
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        raise ValueError(f"{where}: `{name}` must be {'>= 0' if allow_zero else '> 0'}; got {value}.")
+    """Raises `ArgumentError` unless `value` is a finite number > 0 (>= 0 with `allow_zero`); `checks.number`."""
+    checks.number(where, name, value, minimum=0.0, exclusive=not allow_zero)
 
 
 def check_chunk_size(where: str, chunk_size) -> None:
-    """Raises ValueError unless `chunk_size` is None or an int >= 1."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{where}: `chunk_size` must be None or an int >= 1; got {chunk_size!r}.")
+    """Raises `ArgumentError` unless `chunk_size` is None or an int >= 1 (not a bool); `checks.chunk_size`."""
+    checks.chunk_size(where, chunk_size)
 
 
 def fork_generator(generator: torch.Generator) -> torch.Generator:
@@ -50,15 +49,5 @@ def fork_generator(generator: torch.Generator) -> torch.Generator:
 
 
 def check_params(where: str, params) -> None:
-    """Parameters must be floating-point, finite tensors in a pytree."""
-    leaves = optree.tree_flatten_with_path(params, namespace="")
-    paths, values = leaves[0], leaves[1]
-    if not values:
-        raise ValueError(f"{where}: `params` has no tensors; expected a dict of parameter tensors.")
-    for path, leaf in zip(paths, values):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"{where}: `params` leaf {path} must be a tensor; got {type(leaf).__name__}.")
-        if not leaf.is_floating_point():
-            raise TypeError(f"{where}: `params` leaf {path} must be floating point; got {leaf.dtype}.")
-        if not bool(torch.isfinite(leaf).all()):
-            raise ValueError(f"{where}: `params` leaf {path} has non-finite values (nan or inf).")
+    """Parameters: a dict of finite floating tensors of one dtype and device; `checks.params`."""
+    checks.params(where, params)

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
+from . import checks
 from . import data as D
 from . import tree as tr
-from .errors import check_chunk_size, check_params
 from .objective import per_example
 
 __all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "sq_norms", "materialize"]
@@ -125,7 +125,8 @@ class _Uses(TorchFunctionMode):
 
 class _Probing(TorchFunctionMode):
     """Adds `probes[k]` to the output of the k-th F.linear call whose weight or bias is in
-    `probed` (ids of the factorable parameters) and records that call's input."""
+    `probed` (ids of the factorable parameters) and records that call's input.
+    """
 
     def __init__(self, probed: set, probes: tuple, where: str):
         super().__init__()
@@ -186,7 +187,8 @@ def _plan(loss: Callable, params: dict, batch, where: str) -> _Plan:
 
 def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str) -> Callable:
     """Returns `(fallback, probes, batch) -> ((fallback grads, probe grads), layer inputs)`,
-    one `vmap(grad)` over the examples of `batch`; `rest` (the factorable parameters) is closed over."""
+    one `vmap(grad)` over the examples of `batch`; `rest` (the factorable parameters) is closed over.
+    """
 
     def example_loss(fallback, probes, example):
         with _Probing(probed, probes, where) as probing:
@@ -218,7 +220,7 @@ def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs
     return GradFactors(linear=linear, dense=dense)
 
 
-def grad_factor_fn(loss: Callable, *, where: str = "ti.factored.grad_factors") -> Callable:
+def grad_factor_fn(loss: Callable) -> Callable:
     """Returns `(params, batch) -> GradFactors`, the per-example gradients of a batch, factored.
 
     Each call first runs the loss once on the batch's first example (no gradient) to see
@@ -234,6 +236,12 @@ def grad_factor_fn(loss: Callable, *, where: str = "ti.factored.grad_factors") -
       TypeError: `params` is not a `dict[str, Tensor]`.
       RuntimeError: the forward under vmap made other F.linear calls than the plain one.
     """
+    return factor_fn(loss, call="ti.factored.grad_factors")
+
+
+def factor_fn(loss: Callable, *, call: str) -> Callable:
+    """`grad_factor_fn` for the public call `call` (the name its errors give)."""
+    where = call
 
     def kernel(params, batch):
         if not isinstance(params, dict):
@@ -244,7 +252,7 @@ def grad_factor_fn(loss: Callable, *, where: str = "ti.factored.grad_factors") -
         probes = tuple(probe for _, _, probe in plan.calls)
         probed = {id(t) for t in factored.values()}
         (dense, probe_grads), inputs = _factor_kernel(loss, factored, probed, where)(fallback, probes, batch)
-        return _assemble(plan, params, dict(dense), probe_grads, inputs, D.num_examples(batch, name="batch", where=where))
+        return _assemble(plan, params, dict(dense), probe_grads, inputs, D.count_examples(batch, name="batch", call=where))
 
     return kernel
 
@@ -278,12 +286,12 @@ def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None =
       for one batched backward of the mean loss.
     """
     where = "ti.factored.grad_factors"
-    if not callable(loss):
-        raise TypeError(f"{where}: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
-    check_params(where, params)
-    check_chunk_size(where, chunk_size)
-    D.num_examples(data, name="data", where=where)
-    kernel = grad_factor_fn(loss, where=where)
+    checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
+    ref = checks.params(where, params)
+    checks.chunk_size(where, chunk_size)
+    D.count_examples(data, name="data", call=where)
+    checks.floating_like(where, "data", data, ref)
+    kernel = factor_fn(loss, call=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
 

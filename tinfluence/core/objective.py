@@ -10,7 +10,7 @@ import torch
 from . import data as D
 from . import collectives as dd
 from . import tree as tr
-from .errors import check_chunk_size
+from . import checks
 
 __all__ = ["objective", "Objective", "per_example", "example_loss"]
 
@@ -18,16 +18,27 @@ LossFn = Callable  # (params, batch) -> Tensor[B], one value per example
 
 
 def per_example(loss: LossFn, params, batch, *, where: str = "ti", name: str = "loss") -> torch.Tensor:
-    """`loss(params, batch)`, checked to be a floating tensor of shape [B] (B = examples in `batch`)."""
+    """`loss(params, batch)`, checked to be a floating tensor of shape [B] (B = examples in `batch`).
+
+    `where` is the public call and `name` the argument (`loss`, `measure`, ...) named when
+    the output is not one floating value per example. An integer output (e.g. a count of
+    errors) is refused: it has no gradient, and every score built on it would be 0.
+    Cost: metadata only, so it also runs under vmap and torch.compile.
+    """
     out = loss(params, batch)
-    b = D.num_examples(batch, name="batch", where=where)
+    b = D.count_examples(batch, name="batch", call=where)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b,):
         got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
+        raise checks.ArgumentError(
             f"{where}: `{name}` must return one value per example, shape [{b}] (the leading axis of the batch); "
             f'it returned {got}. Use reduction="none" (e.g. F.cross_entropy(logits, y, reduction="none")) '
             "or return the per-example vector before .mean()."
         )
+    if not out.is_floating_point():
+        raise checks.ArgumentError(
+            f"{where}: `{name}` must return floating values (a differentiable loss); it returned {out.dtype}, whose "
+            f"gradient is zero everywhere. Return a floating loss, e.g. F.cross_entropy(..., reduction=\"none\"), "
+            "not a count or an argmax comparison.")
     return out
 
 
@@ -66,7 +77,7 @@ class Objective:
 
     def local_sum(self, params) -> torch.Tensor:
         """(1/n) Σ over this process's examples of loss(θ, z_i), 0-d (the whole mean loss without a group)."""
-        return D.chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size)
+        return D.chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size, call="ti.objective")
 
     def __call__(self, params) -> torch.Tensor:
         """R(θ), a 0-d tensor.
@@ -96,10 +107,8 @@ def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = N
       An `Objective`: call it on parameters for a 0-d tensor; pass it to `ti.hvp`,
       `ti.hessian` or `ti.cg` for curvature.
     """
-    if l2 < 0:
-        raise ValueError(f"ti.objective: `l2` must be >= 0; got {l2}.")
-    check_chunk_size("ti.objective", chunk_size)
-    if not callable(loss):
-        raise TypeError(f"ti.objective: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
-    n = dd.global_size(D.num_examples(data, name="data", where="ti.objective"), group)
+    l2 = checks.number("ti.objective", "l2", l2, minimum=0.0)
+    checks.chunk_size("ti.objective", chunk_size)
+    checks.function("ti.objective", "loss", loss, "(params, batch) -> Tensor[B]")
+    n = dd.global_size(D.count_examples(data, name="data", call="ti.objective"), group)
     return Objective(loss=loss, data=data, l2=float(l2), chunk_size=chunk_size, n=n, group=group)

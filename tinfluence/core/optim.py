@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from . import checks
 from . import tree as tr
 
 __all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "check_optimizer", "sgd"]
@@ -51,16 +52,9 @@ class AdamState(NamedTuple):
 
 def _check_hyper(where: str, name: str, value, *, low: float = 0.0, high: float = math.inf,
                  open_low: bool = False, open_high: bool = False) -> float:
-    """`value` as a float in the interval from `low` to `high` (ends open as told), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}: `{name}` must be a number; got {type(value).__name__}.")
-    v = float(value)
-    above = v > low if open_low else v >= low
-    below = v < high if open_high else v <= high
-    if not (math.isfinite(v) and above and below):
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise ValueError(f"{where}: `{name}` must lie in {interval}; got {value!r}.")
-    return v
+    """`value` as a finite float from `low` to `high` (ends open as told); `checks.number`."""
+    return checks.number(where, name, value, minimum=low, exclusive=open_low,
+                         maximum=None if high == math.inf else high, exclusive_max=open_high)
 
 
 def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> Optimizer:
@@ -83,6 +77,7 @@ def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: b
     lr = _check_hyper(where, "lr", lr, open_low=True)
     momentum = _check_hyper(where, "momentum", momentum, high=1.0, open_high=True)
     weight_decay = _check_hyper(where, "weight_decay", weight_decay)
+    nesterov = checks.flag(where, "nesterov", nesterov)
     if nesterov and momentum == 0:
         raise ValueError(f"{where}: `nesterov=True` needs `momentum` > 0; got momentum=0.")
 
@@ -176,8 +171,8 @@ def adamw(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
 
 
 def check_optimizer(where: str, optimizer) -> None:
-    """Raises TypeError unless `optimizer` has callable `init` and `step` (an `Optimizer` or the user's own)."""
+    """Raises `ArgumentError` (a TypeError) unless `optimizer` has callable `init` and `step` (an `Optimizer` or the user's own)."""
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "step", None))):
-        raise TypeError(f"{where}: `step` must be a pure optimizer with `init(params) -> state` and "
+        raise checks.ArgumentError(f"{where}: `step` must be a pure optimizer with `init(params) -> state` and "
                         "`step(params, state, grads) -> (params, state)`, e.g. ti.optim.sgd(lr=0.1) or "
                         f"ti.optim.Optimizer(init=..., step=...); got {type(optimizer).__name__}.")

@@ -22,6 +22,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 from . import data as D
 from . import collectives as dd
 from . import tree as tr
+from . import checks
 from .errors import check_params
 from .objective import Objective, example_loss, per_example
 from .operator import LinearOperator
@@ -30,9 +31,8 @@ __all__ = ["per_example_grads", "per_example_grad_fn", "hvp", "ggn_vp", "hessian
 
 
 def _check_compile(where: str, compile) -> None:
-    """Raises TypeError unless `compile` is a bool."""
-    if not isinstance(compile, bool):
-        raise TypeError(f"{where}: `compile` must be True or False; got {compile!r} ({type(compile).__name__}).")
+    """Raises `ArgumentError` (a TypeError) unless `compile` is a bool."""
+    checks.flag(where, "compile", compile)
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -72,7 +72,7 @@ def _vector_and_stack(kernel: Callable, in_dims: tuple, compile: bool) -> tuple[
     return (_compiled(kernel), _compiled(stacked)) if compile else (kernel, stacked)
 
 
-def per_example_grad_fn(loss: Callable, *, compile: bool = False, where: str = "ti.per_example_grads") -> Callable:
+def per_example_grad_fn(loss: Callable, *, compile: bool = False) -> Callable:
     """Returns `(params, batch) -> G`, the gradient of each example's loss.
 
     `G` has the structure of `params`, each leaf `[B, *param.shape]`, with
@@ -95,14 +95,44 @@ def per_example_grad_fn(loss: Callable, *, compile: bool = False, where: str = "
     Args:
       loss: `(params, batch) -> Tensor[B]`, one loss per example.
       compile: compile the kernel with torch.compile (inductor).
-      where: the public call named in error messages.
 
     Raises:
       TypeError: `compile` is not a bool.
     """
-    _check_compile(where, compile)
-    kernel = vmap(grad(example_loss(loss, where=where)), in_dims=(None, 0))
+    return grad_fn(loss, compile=compile, call="ti.per_example_grads")
+
+
+def grad_fn(loss: Callable, *, compile: bool = False, call: str, name: str = "loss") -> Callable:
+    """`per_example_grad_fn` for the public call `call`, whose argument `name` (`loss`,
+    `measure`, ...) is the function differentiated: the name its errors give."""
+    _check_compile(call, compile)
+    checks.function(call, name, loss, "(params, batch) -> Tensor[B]")
+    kernel = vmap(grad(example_loss(loss, where=call, name=name)), in_dims=(None, 0))
     return _compiled(kernel) if compile else kernel
+
+
+def grads(loss: Callable, params, data, *, chunk_size=None, compile: bool = False, call: str, name: str = "loss",
+          data_name: str = "data"):
+    """Per-example gradients of `data` (leaves `[n, *shape]`), each chunk checked to be finite.
+
+    The checked path behind `ti.per_example_grads` for any public call: `params` (one
+    floating dtype and device), `data` (a leading example axis, that dtype and device),
+    `chunk_size` and the gradients themselves (one reduction per leaf and chunk; the ids and
+    the leaf are named on failure) are checked with `call`'s name and the argument names
+    `name` and `data_name`.
+    """
+    ref = checks.params(call, params)
+    D.count_examples(data, name=data_name, call=call)
+    checks.floating_like(call, data_name, data, ref)
+    checks.chunk_size(call, chunk_size)
+    kernel = grad_fn(loss, compile=compile, call=call, name=name)
+
+    def chunk_grads(start, chunk):
+        G = kernel(params, chunk)
+        checks.finite_chunk(call, data_name, G, start)
+        return G
+
+    return D.chunk_cat(chunk_grads, data, chunk_size, call=call, indexed=True)
 
 
 def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = None, compile: bool = False):
@@ -124,12 +154,12 @@ def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = 
         compiled code across calls, keep a compiled `per_example_grad_fn` yourself.
 
     Raises:
-      TypeError: `compile` is not a bool.
+      ArgumentError (a TypeError and a ValueError): `compile` not a bool, `chunk_size` not
+        None or an int >= 1, parameters not one floating dtype and device, `data` of another
+        dtype or device, a loss that is not one floating value per example, or a gradient
+        that is not finite (the message names the example ids and the leaf).
     """
-    check_params("ti.per_example_grads", params)
-    D.num_examples(data, name="data", where="ti.per_example_grads")
-    kernel = per_example_grad_fn(loss, compile=compile)
-    return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
+    return grads(loss, params, data, chunk_size=chunk_size, compile=compile, call="ti.per_example_grads")
 
 
 def _accepting_stacks(apply_one: Callable, params, apply_many: Callable | None = None, *,
@@ -275,7 +305,10 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
       TypeError: `compile` is not a bool.
       ValueError: `cache=True` together with `compile=True`.
     """
-    check_params("ti.hvp", params)
+    ref = checks.params("ti.hvp", params)
+    checks.function("ti.hvp", "f", f, "params -> 0-d tensor, e.g. ti.objective(loss, train)")
+    if isinstance(f, Objective):
+        checks.floating_like("ti.hvp", "f.data", f.data, ref)
     cache = _resolved_cache("ti.hvp", cache, compile)
     if isinstance(f, Objective) and f.group is not None:
         dd.check_replicated("ti.hvp", f.group, params=params, l2=f.l2)
@@ -356,12 +389,15 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
       TypeError: `compile` is not a bool.
       ValueError: `l2` < 0, or `cache=True` together with `compile=True`.
     """
-    check_params("ti.ggn_vp", params)
-    if l2 < 0:
-        raise ValueError(f"ti.ggn_vp: `l2` must be >= 0; got {l2}.")
+    ref = checks.params("ti.ggn_vp", params)
+    l2 = checks.number("ti.ggn_vp", "l2", l2, minimum=0.0)
+    checks.chunk_size("ti.ggn_vp", chunk_size)
+    checks.function("ti.ggn_vp", "predict", predict, "(params, batch) -> Tensor[B, ...]")
+    checks.function("ti.ggn_vp", "output_loss", output_loss, "(outputs, batch) -> Tensor[B]")
     cache = _resolved_cache("ti.ggn_vp", cache, compile)
     dd.check_replicated("ti.ggn_vp", group, params=params, l2=l2)
-    n = dd.global_size(D.num_examples(data, name="data", where="ti.ggn_vp"), group)
+    n = dd.global_size(D.count_examples(data, name="data", call="ti.ggn_vp"), group)
+    checks.floating_like("ti.ggn_vp", "data", data, ref)
     local_l2 = 0.0 if group is not None else l2
 
     def parts(chunk):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.model import Checkpoint, functionalize
 
 __all__ = ["load_checkpoints"]
@@ -46,13 +46,15 @@ def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Calla
     where = "ti.load_checkpoints"
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, Sequence) or not paths:
         raise ValueError(f"{where}: `paths` must be a non-empty list of file paths; got {paths!r}.")
-    single = isinstance(lrs, (int, float)) or (isinstance(lrs, torch.Tensor) and lrs.dim() == 0)
-    rates = [lrs] * len(paths) if single else list(lrs)
+    if checks.is_real(lrs):
+        rates = [checks.number(where, "lrs", lrs, minimum=0.0, exclusive=True)] * len(paths)
+    elif isinstance(lrs, (str, bytes)) or not hasattr(lrs, "__len__"):
+        raise checks.ArgumentError(f"{where}: `lrs` must be one number > 0 or a sequence of them, one per path; got "
+                                   f"{checks.describe(lrs)}. Pass e.g. lrs=0.1 or lrs=[0.1] * len(paths).")
+    else:
+        rates = [checks.number(where, f"lrs[{t}]", lr, minimum=0.0, exclusive=True) for t, lr in enumerate(lrs)]
     if len(rates) != len(paths):
         raise ValueError(f"{where}: `lrs` must be one number or have one entry per path; got {len(rates)} for {len(paths)} paths.")
-    for t, lr in enumerate(rates):
-        if not (math.isfinite(float(lr)) and float(lr) > 0):
-            raise ValueError(f"{where}: `lrs[{t}]` must be finite and > 0; got {lr}.")
     _, chosen = functionalize(model, trainable)
     own = model.state_dict()
     tied = _tied(model)

@@ -328,7 +328,7 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
     """
     where = "ti.io.write_store"
     check_chunk_size(where, chunk_size)
-    n = D.num_examples(train, name="train", where=where)
+    n = D.count_examples(train, name="train", call=where)
     make = lambda: create_store(folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
                                 chunk_rows=chunk_rows, where=where)
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))

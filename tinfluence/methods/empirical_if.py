@@ -3,7 +3,6 @@ and the reverse check that perturbs along training gradients instead."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -12,9 +11,10 @@ from torch.func import vmap
 from ..core import data as D
 from ..core import collectives as dd
 from ..core import tree as tr
-from ..core.errors import check_chunk_size, check_params, fork_generator
+from ..core import checks
+from ..core.errors import fork_generator
 from ..core.objective import example_loss, per_example
-from ..core.scoring import row_sq_norms, stacked_grads
+from ..core.scoring import check_inputs, row_sq_norms, stacked_grads
 
 __all__ = ["empirical_if", "reverse_check", "ReverseCheck"]
 
@@ -92,12 +92,10 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
       Liu et al., NeurIPS 2022 (EmpiricalIF), and its reverse check (`ti.reverse_check`).
     """
     where = "ti.empirical_if"
-    check_params(where, params)
-    D.num_examples(train, name="train", where=where)
-    D.num_examples(test, name="test", where=where)
-    check_chunk_size(where, chunk_size)
-    _check_radius(where, radius)
+    check_inputs(where, loss, params, train, test, chunk_size=chunk_size)
+    radius = _check_radius(where, radius)
     base_test = per_example(loss, params, test, where=where)  # [n_test]
+    checks.finite_chunk(where, "test", base_test, 0, what="losses")
     if directions is None:
         if generator is not None:
             raise ValueError(f"{where}: `generator` is only used with `directions`; pass directions=... or drop generator.")
@@ -107,8 +105,8 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         d_test = vmap(example_loss(loss, where=where))(thetas, doubled) - base_test.repeat(2)  # [2 n_test]
         combine = _paired_products
     else:
-        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
-            raise ValueError(f"{where}: `directions` must be an int >= 1 (or None for ascent/descent); got {directions!r}.")
+        directions = checks.integer(where, "directions", directions, minimum=1,
+                                    hint="Pass e.g. directions=64, or None for ascent/descent.")
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"{where}: `directions` needs an explicit `generator`, "
                              f"e.g. generator=torch.Generator().manual_seed(0); got {type(generator).__name__}.")
@@ -116,17 +114,28 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         thetas = _plus_minus(params, radius, V)
         d_test = vmap(loss, in_dims=(0, None))(thetas, test) - base_test  # [2m, n_test]
         combine = _averaged_products
+    _perturbed_finite(where, "test", d_test.reshape(-1, base_test.shape[0]), radius)
 
-    def chunk_scores(chunk):
-        d_train = vmap(loss, in_dims=(0, None))(thetas, chunk) - per_example(loss, params, chunk, where=where)  # [2k, c]
+    def chunk_scores(start, chunk):
+        base = per_example(loss, params, chunk, where=where)                                  # [c]
+        checks.finite_chunk(where, "train", base, start, what="losses")
+        d_train = vmap(loss, in_dims=(0, None))(thetas, chunk) - base                          # [2k, c]
+        _perturbed_finite(where, "train", d_train, radius, start)
         return combine(d_test, d_train)
 
-    return dd.gather_columns(D.chunk_cat(chunk_scores, train, chunk_size, dim=1), group)
+    return dd.gather_columns(D.chunk_cat(chunk_scores, train, chunk_size, dim=1, call=where, indexed=True), group)
 
 
-def _check_radius(where: str, radius) -> None:
-    if not (isinstance(radius, (int, float)) and not isinstance(radius, bool) and math.isfinite(radius) and radius > 0):
-        raise ValueError(f"{where}: `radius` must be a finite number > 0; got {radius!r}.")
+def _perturbed_finite(where: str, name: str, d: torch.Tensor, radius: float, start: int = 0) -> None:
+    """Raises `ArgumentError` naming the examples of `name` whose loss at a perturbed θ ± r·v is
+    not finite (the model overflows there). `d` is `[2k, c]`, c examples from id `start`; one reduction."""
+    if not bool(torch.isfinite(d.sum())):
+        checks.finite_chunk(where, name, d.T, start, what="losses at the perturbed parameters θ ± r·v",
+                            hint=f"Lower `radius` (now {radius:g}) if the loss overflows there.")
+
+
+def _check_radius(where: str, radius) -> float:
+    return checks.number(where, "radius", radius, minimum=0.0, exclusive=True, hint="Pass e.g. radius=1e-3.")
 
 
 class ReverseCheck(NamedTuple):
@@ -179,17 +188,16 @@ def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tenso
       of one example each (vmapped).
     """
     where = "ti.reverse_check"
-    check_params(where, params)
-    n = D.num_examples(train, name="train", where=where)
-    if D.num_examples(test_point, name="test_point", where=where) != 1:
+    check_inputs(where, loss, params, train, test_point, names=("train", "test_point"))
+    n = D.count_examples(train, name="train", call=where)
+    if D.count_examples(test_point, name="test_point", call=where) != 1:
         raise ValueError(f"{where}: `test_point` must hold exactly one example (leading axis 1); "
                          f"got {D.num_examples(test_point)}. Use ti.take(test, slice(j, j + 1)).")
     if not isinstance(scores, torch.Tensor) or scores.reshape(-1).shape != (n,) or scores.dim() > 2:
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"{where}: `scores` must have shape [n_train] = [{n}] (or [1, {n}]); got {got}.")
-    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 0.5):
-        raise ValueError(f"{where}: `ratio` must be in (0, 0.5]; got {ratio!r}.")
-    _check_radius(where, radius)
+    ratio = checks.number(where, "ratio", ratio, minimum=0.0, exclusive=True, maximum=0.5)
+    radius = _check_radius(where, radius)
     scores = scores.reshape(-1)
     k = max(1, round(ratio * n))
     order = torch.argsort(scores, descending=True)

@@ -12,8 +12,9 @@ from torch.func import vmap
 from ..core import data as D
 from ..core import collectives as dd
 from ..core import tree as tr
-from ..core.errors import check_params
-from ..core.transforms import per_example_grad_fn, per_example_grads
+from ..core import checks
+from ..core.scoring import check_inputs, over_train
+from ..core.transforms import grad_fn, grads
 from ..solvers._result import report
 
 __all__ = ["influence", "self_influence"]
@@ -91,21 +92,24 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     References:
       Koh & Liang, Understanding black-box predictions via influence functions, ICML 2017.
     """
-    check_params("ti.influence", params)
-    n_local = D.num_examples(train, name="train", where="ti.influence")
-    n_test = D.num_examples(test, name="test", where="ti.influence")
-    _check_alike(train, test)
-    dd.check_replicated("ti.influence", group, params=params, test=test)
+    call = "ti.influence"
+    check_inputs(call, loss, params, train, test, chunk_size=chunk_size, alike=measure is None)
+    checks.flag(call, "gather", gather)
+    checks.flag(call, "return_info", return_info)
+    n_local = D.count_examples(train, name="train", call=call)
+    n_test = D.count_examples(test, name="test", call=call)
+    dd.check_replicated(call, group, params=params, test=test)
     start, n = dd.offset(n_local, group)
     if candidates is not None:
         _check_candidates(candidates, n_test, n)
-    G_test = per_example_grads(measure or loss, params, test, chunk_size=chunk_size)   # leaves [n_test, ...]
-    U, info = checked_solve("ti.influence", ihvp, G_test, with_info=return_info)          # leaves [n_test, ...]
-    kernel = per_example_grad_fn(loss, where="ti.influence")
+    G_test = grads(measure or loss, params, test, chunk_size=chunk_size, call=call,
+                   name="loss" if measure is None else "measure", data_name="test")             # leaves [n_test, ...]
+    U, info = checked_solve(call, ihvp, G_test, with_info=return_info)                        # leaves [n_test, ...]
     if candidates is not None:
+        kernel = grad_fn(loss, call=call)
         scores = _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
     else:
-        local = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), train, chunk_size, dim=1) / n
+        local = over_train(lambda G: tr.pairwise_vdot(U, G), loss, params, train, chunk_size=chunk_size, where=call) / n
         scores = dd.gather_columns(local, group) if gather else local
     return (scores, info) if return_info else scores
 
@@ -182,11 +186,11 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
       ValueError: `ihvp` returns something other than a finite stack shaped like its input
         (TypeError: a leaf that is not a tensor); with a group, the ranks' `params` differ.
     """
-    check_params("ti.self_influence", params)
-    n_local = D.num_examples(train, name="train", where="ti.self_influence")
+    check_inputs("ti.self_influence", loss, params, train, chunk_size=chunk_size)
+    n_local = D.count_examples(train, name="train", call="ti.self_influence")
     dd.check_replicated("ti.self_influence", group, params=params)
     counts = dd.sizes(n_local, group)                                   # [world]
-    kernel = per_example_grad_fn(loss, where="ti.self_influence")
+    kernel = grad_fn(loss, call="ti.self_influence")
     pair = vmap(tr.vdot)
     rank = 0 if group is None else dist.get_rank(group)
     per_rank = max(1, -(-(chunk_size or D.DEFAULT_CHUNK_SIZE) // len(counts)))
@@ -196,6 +200,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
         start, stop = (int(b) for b in bounds[rank])
         mine = D.take(train, slice(start, stop))
         G = kernel(params, mine) if stop > start else tr.map(lambda p: p.new_zeros((0, *p.shape)), params)
+        checks.finite_chunk("ti.self_influence", "train", G, start)
         U, _ = checked_solve("ti.self_influence", ihvp, dd.gather_rows(G, rows, group, where="ti.self_influence"))
         if stop > start:
             first = int(rows[:rank].sum())
@@ -248,16 +253,3 @@ def checked_solve(where: str, ihvp: Callable, V, *, with_info: bool = False):
         raise ValueError(f"{where}: `ihvp` returned NaN or inf in leaf {bad[0]!r}: the solve failed. For ti.cg or "
                          "ti.lissa raise `damping` (or LiSSA's `scale`), and keep on_failure='raise' to see why.")
     return U, info
-
-
-def _check_alike(train, test) -> None:
-    """`test` must have `train`'s structure and per-example leaf shapes."""
-    train_spec, test_spec = optree.tree_structure(train, namespace=""), optree.tree_structure(test, namespace="")
-    if train_spec != test_spec:
-        raise ValueError(f"ti.influence: `test` must have the structure of `train` {train_spec}; got {test_spec}.")
-    paths, train_leaves, _ = optree.tree_flatten_with_path(train, namespace="")
-    for path, a, b in zip(paths, train_leaves, optree.tree_leaves(test, namespace="")):
-        if a.shape[1:] != b.shape[1:]:
-            raise ValueError(
-                f"ti.influence: `test` leaf {path} must have per-example shape {list(a.shape[1:])} like `train`; "
-                f"got {list(b.shape[1:])}.")

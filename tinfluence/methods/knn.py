@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from ..core import data as D
+from ..core import checks
 from ..core.errors import check_params
 
 __all__ = ["knn_candidates"]
@@ -57,10 +58,13 @@ def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_
       Efficient Model Interpretation and Debugging, EMNLP 2021.
     """
     where = "ti.knn_candidates"
+    checks.function(where, "features_fn", features_fn, "(params, batch) -> Tensor[B, F]")
     check_params(where, params)
-    n_train = D.num_examples(train, name="train", where=where)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_train:
-        raise ValueError(f"{where}: `k` must be an int in [1, n_train={n_train}]; got {k!r}.")
+    n_train = D.count_examples(train, name="train", call=where)
+    D.count_examples(test, name="test", call=where)
+    D.check_alike(where, train, test)
+    checks.chunk_size(where, chunk_size)
+    k = checks.integer(where, "k", k, minimum=1, maximum=n_train, hint=f"(n_train = {n_train}.)")
     query = _features(features_fn, params, test, chunk_size, where)                     # [n_test, F]
     best_d = torch.empty(query.shape[0], 0, dtype=query.dtype, device=query.device)
     best_i = torch.empty(query.shape[0], 0, dtype=torch.long, device=query.device)

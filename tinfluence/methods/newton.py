@@ -34,6 +34,7 @@ without `predict` from exact per-example Hessians, for small P) and solved direc
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -41,9 +42,11 @@ from torch.func import grad, jacrev, vmap
 
 from ..core import data as D
 from ..core import tree as tr
-from ..core.errors import ConvergenceError, check_params
+from ..core import checks
+from ..core.errors import ConvergenceError
 from ..core.objective import objective, per_example
-from ..core.transforms import hessian as dense_hessian, hessian_fn, per_example_grads
+from ..core.scoring import check_inputs
+from ..core.transforms import grads, hessian as dense_hessian, hessian_fn
 
 __all__ = ["newton_loo", "newton_step_without"]
 
@@ -108,19 +111,24 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
       ...                       predict=predict, output_loss=output_loss)          # [n_test, 4]
     """
     where = "ti.newton_loo"
-    n = _check(where, params, train, l2, damping, predict, output_loss)
-    measure = loss if measure is None else measure
-    D.num_examples(test, name="test", where=where)
+    n, l2, damping = _check(where, loss, params, train, test, l2, damping, predict, output_loss, chunk_size,
+                            alike=measure is None)
+    measure = loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
     sets = _removals(where, n, indices, groups)
     stacked = _newton_params(where, loss, params, train, sets, l2=l2, damping=damping,
                              predict=predict, output_loss=output_loss, chunk_size=chunk_size)
     k = len(sets)
     at_all = vmap(measure, in_dims=(0, None))
-    parts = []
-    for chunk in D.chunks(test, chunk_size):
+
+    def changes(start, chunk):
         base = per_example(measure, params, chunk, where=where, name="measure")  # [b]
-        parts.append(at_all(stacked, chunk).reshape(k, -1) - base)            # [k, b]
-    return torch.cat(parts, dim=1).T
+        checks.finite_chunk(where, "test", base, start, what="`measure` values")
+        delta = at_all(stacked, chunk).reshape(k, -1) - base                   # [k, b]
+        checks.finite_chunk(where, "test", delta.T, start, what="`measure` changes after the Newton steps",
+                            hint="The stepped parameters make `measure` overflow: raise `damping`.")
+        return delta
+
+    return D.chunk_cat(changes, test, chunk_size, dim=1, call=where, indexed=True).T
 
 
 def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remove,
@@ -144,45 +152,67 @@ def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remov
       As `ti.newton_loo`, for `remove` in place of a group.
     """
     where = "ti.newton_step_without"
-    n = _check(where, params, train, l2, damping, predict, output_loss)
+    n, l2, damping = _check(where, loss, params, train, None, l2, damping, predict, output_loss, chunk_size)
     sets = [_as_ids(where, "remove", remove, n, unique=True)]
     stacked = _newton_params(where, loss, params, train, sets, l2=l2, damping=damping,
                              predict=predict, output_loss=output_loss, chunk_size=chunk_size)
     return tr.map(lambda leaf: leaf[0], stacked)
 
 
-def _check(where, params, train, l2, damping, predict, output_loss) -> int:
-    check_params(where, params)
-    if l2 < 0:
-        raise ValueError(f"{where}: `l2` must be >= 0; got {l2}.")
-    if damping < 0:
-        raise ValueError(f"{where}: `damping` must be >= 0; got {damping}.")
+def _check(where, loss, params, train, test, l2, damping, predict, output_loss, chunk_size, *,
+           alike: bool = True) -> tuple:
+    """`(n, l2, damping)` after the checks every Newton call makes (see `ti.newton_loo`'s Raises);
+    `test` must be shaped like `train` when `alike` (no `measure` of its own)."""
+    check_inputs(where, loss, params, train, test, chunk_size=chunk_size, alike=alike)
+    l2 = checks.number(where, "l2", l2, minimum=0.0)
+    damping = checks.number(where, "damping", damping, minimum=0.0)
+    checks.function(where, "predict", predict, "(params, batch) -> Tensor[B, ...]", none=True)
+    checks.function(where, "output_loss", output_loss, "(outputs, batch) -> Tensor[B]", none=True)
     if (predict is None) != (output_loss is None):
-        raise ValueError(f"{where}: give both `predict` and `output_loss` (Gauss-Newton curvature factors) or "
-                         f"neither (exact per-example Hessians, small models); got only "
-                         f"`{'predict' if output_loss is None else 'output_loss'}`.")
-    return D.num_examples(train, name="train", where=where)
+        raise checks.ArgumentError(
+            f"{where}: give both `predict` and `output_loss` (Gauss-Newton curvature factors) or "
+            f"neither (exact per-example Hessians, small models); got only "
+            f"`{'predict' if output_loss is None else 'output_loss'}`.")
+    n = D.count_examples(train, name="train", call=where)
+    if predict is not None:
+        _check_consistent(where, loss, params, D.take(train, slice(0, CONSISTENCY_EXAMPLES)), predict, output_loss)
+    return n, l2, damping
+
+
+# Training examples on which `output_loss(predict(θ, z), z) == loss(θ, z)` is checked.
+CONSISTENCY_EXAMPLES = 4
+
+
+def _check_consistent(where, loss, params, batch, predict, output_loss) -> None:
+    """Raises `ArgumentError` unless `output_loss(predict(θ, z), z)` equals `loss(θ, z)` to round-off on `batch`.
+
+    The Gauss-Newton factors come from `predict` and `output_loss` and the gradients from
+    `loss`; if they describe different objectives the Newton steps are silently wrong.
+    Cost: two forward passes over `CONSISTENCY_EXAMPLES` examples.
+    """
+    with torch.no_grad():
+        direct_ = per_example(loss, params, batch, where=where)
+        outputs = predict(params, batch)
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() == 0 or outputs.shape[0] != direct_.shape[0]:
+            got = f"shape {list(outputs.shape)}" if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise checks.ArgumentError(f"{where}: `predict` must return the model outputs `[B, ...]` "
+                                       f"(B = {direct_.shape[0]}); it returned {got}.")
+        composed = per_example(output_loss, outputs, batch, where=where, name="output_loss")
+    tol = 1e3 * torch.finfo(direct_.dtype).eps * (1.0 + direct_.abs())
+    if not bool(((composed - direct_).abs() <= tol).all()):
+        raise checks.ArgumentError(
+            f"{where}: `output_loss(predict(params, batch), batch)` must equal `loss(params, batch)` (the curvature "
+            f"comes from `predict`/`output_loss`, the gradients from `loss`); on the first {direct_.shape[0]} "
+            f"training examples they give {composed.tolist()} and {direct_.tolist()}. Make `predict` return the "
+            "model outputs that `loss` feeds to `output_loss`, with the same reduction='none' loss.")
 
 
 def _as_ids(where, name, value, n, *, unique) -> torch.Tensor:
     """`value` as a 1-D int64 tensor of training ids, checked against n."""
-    ids = torch.as_tensor(value)
-    if ids.dim() != 1:
-        raise ValueError(f"{where}: `{name}` must be 1-D (a list of training ids); got shape {list(ids.shape)}.")
-    if ids.numel() == 0:
-        raise ValueError(f"{where}: `{name}` is empty; it must hold at least one training id.")
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"{where}: `{name}` must hold integer training ids; got dtype {ids.dtype}.")
-    bad = (ids < 0) | (ids >= n)
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{where}: `{name}` ids must lie in [0, n={n}); got {int(ids[pos])} at position {pos}.")
-    if unique:
-        if ids.unique().numel() != ids.numel():
-            raise ValueError(f"{where}: `{name}` repeats a training id; each example can be removed once.")
-        if ids.numel() >= n:
-            raise ValueError(f"{where}: `{name}` removes all n={n} training examples; keep at least one.")
-    return ids.long()
+    ids = checks.ids(where, name, value, n, unique=unique)
+    if unique and ids.numel() >= n:
+        raise checks.ArgumentError(f"{where}: `{name}` removes all n={n} training examples; keep at least one.")
+    return ids
 
 
 def _removals(where, n, indices, groups) -> list:
@@ -202,19 +232,22 @@ def _removals(where, n, indices, groups) -> list:
 
 def _newton_params(where, loss, params, train, sets, *, l2, damping, predict, output_loss, chunk_size):
     """θ̂ + Δ_S for every set S, stacked: leaves `[k, *shape]` in the order of `sets`."""
-    n = D.num_examples(train, name="train", where=where)
+    n = D.count_examples(train, name="train", call=where)
     theta = tr.ravel(params)
     G = n * tr.ravel(grad(objective(loss, train, chunk_size=chunk_size))(params))   # Σ_i ∇ℓ_i, [P]
     A = _curvature_sum(where, loss, params, train, predict, output_loss, chunk_size)       # Σ_i ∇²ℓ_i, [P, P]
+    _check_sums(where, loss, params, train, G, A, chunk_size)
     eigvals, Q = torch.linalg.eigh(A)
+    norms = []
     sizes = torch.tensor([len(s) for s in sets])
     steps = theta.new_empty(len(sets), theta.numel())
     for size in sizes.unique().tolist():                 # one batched solve per distinct group size
         pos = (sizes == size).nonzero().flatten()
         ids = torch.stack([sets[j] for j in pos.tolist()]).to(theta.device)   # [g, s]
         c = (n - size) * (l2 + damping)
-        rhs = G - _group_sum(per_example_grads(loss, params, D.take(train, ids.flatten()), chunk_size=chunk_size),
-                             ids.shape) + (n - size) * l2 * theta                    # [g, P]
+        removed = grads(loss, params, D.take(train, ids.flatten()), chunk_size=chunk_size, call=where, data_name="train")
+        norms.append(tr.ravel(removed, batch_ndim=1).norm(dim=1))
+        rhs = G - _group_sum(removed, ids.shape) + (n - size) * l2 * theta                # [g, P]
         J, Omega = _factors(where, loss, params, D.take(train, ids.flatten()), predict, output_loss)
         try:
             steps[pos.to(steps.device)] = -_solve_without(A, eigvals, Q, c, J, Omega, ids.shape, rhs)
@@ -222,7 +255,40 @@ def _newton_params(where, loss, params, train, sets, *, l2, damping, predict, ou
             raise _singular(where) from None
     if not bool(torch.isfinite(steps).all()):
         raise _singular(where)
+    warn_if_not_stationary(where, G / n + l2 * theta, torch.cat(norms).mean() / n)
     return tr.unravel(theta + steps, params)
+
+
+# ‖∇R(θ̂)‖ above this fraction of one example's share of the gradient, mean ‖∇ℓ_i‖/n, is warned about.
+STATIONARY_FRACTION = 0.1
+
+
+def warn_if_not_stationary(where: str, gradient: torch.Tensor, share: torch.Tensor) -> None:
+    """Warns when ‖∇R(θ̂)‖ exceeds `STATIONARY_FRACTION` of `share`, one example's share of the gradient.
+
+    Removing one example moves the optimum by about H⁻¹∇ℓ_z/n; a training gradient of that
+    size moves it as much, so the estimates then mix the removal with the rest of training.
+    Cost: one norm of the [P] gradient.
+    """
+    size, scale = float(gradient.norm()), float(share)
+    if size > STATIONARY_FRACTION * scale:
+        warnings.warn(
+            f"{where}: `params` is far from a stationary point of the training objective: ‖∇R(θ)‖ = {size:.3g}, "
+            f"{size / max(scale, torch.finfo(gradient.dtype).tiny):.3g}× one example's share of the gradient "
+            f"(mean ‖∇ℓ_i‖/n = {scale:.3g}). Influence estimates assume θ̂ at the optimum of ti.objective(loss, train, "
+            "l2=l2) with the same `l2`; train further (e.g. ti.minimize(R, params, gtol=1e-10)) or check `l2`.",
+            stacklevel=3)
+
+
+def _check_sums(where, loss, params, train, G, A, chunk_size) -> None:
+    """Raises `ArgumentError` naming the examples and leaf when the gradient sum `G` or curvature
+    sum `A` is not finite: one reduction each; the culprits are searched for only then."""
+    if bool(torch.isfinite(G.sum() + A.sum())):
+        return
+    grads(loss, params, train, chunk_size=chunk_size, call=where, data_name="train")   # raises naming the ids
+    raise checks.ArgumentError(
+        f"{where}: every training gradient is finite but the curvature sum is not; check `predict` and "
+        "`output_loss` (or the loss's second derivatives) for overflow on `train`.")
 
 
 def _singular(where) -> ConvergenceError:

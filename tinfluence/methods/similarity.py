@@ -6,19 +6,9 @@ from typing import Callable
 
 import torch
 
-from ..core import data as D
-from ..core.errors import check_chunk_size, check_params
-from ..core.scoring import check_factored, grad_products, over_train, stacked_grads
+from ..core.scoring import check_factored, check_inputs, grad_products, over_train, stacked_grads
 
 __all__ = ["grad_dot", "grad_cos"]
-
-
-def _check_inputs(where: str, loss, params, train, test) -> None:
-    if not callable(loss):
-        raise TypeError(f"{where}: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
-    check_params(where, params)
-    D.num_examples(train, name="train", where=where)
-    D.num_examples(test, name="test", where=where)
 
 
 def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = None, group=None,
@@ -48,9 +38,12 @@ def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = No
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      TypeError / ValueError: a non-callable `loss`, bad parameters (not a dict with
-        `factored=True`), data sets without a common leading axis, a loss that is not
-        per-example, a bad `chunk_size` or a non-bool `factored`.
+      ArgumentError (a TypeError and a ValueError): a non-callable `loss`; parameters that
+        are not finite tensors of one floating dtype and device (or not a dict with
+        `factored=True`); data sets without a common leading axis, of another dtype or
+        device, or `test` shaped unlike `train`; a loss that is not one floating value per
+        example; a gradient that is not finite (the ids and leaf are named); a bad
+        `chunk_size` or a non-bool `factored`.
 
     Notes:
       Cost: one per-example gradient pass over test and one over train; one matrix product
@@ -64,8 +57,7 @@ def grad_dot(loss: Callable, params, train, test, *, chunk_size: int | None = No
       784-128-10 MLP (float32) takes 3.8 s.
     """
     where = "ti.grad_dot"
-    _check_inputs(where, loss, params, train, test)
-    check_chunk_size(where, chunk_size)
+    check_inputs(where, loss, params, train, test, chunk_size=chunk_size)
     check_factored(where, factored)
     pairwise, _ = grad_products(factored)
     G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where, factored=factored)
@@ -109,8 +101,7 @@ def grad_cos(loss: Callable, params, train, test, *, chunk_size: int | None = No
       linear layer's squared norms cost n·T²·(in + out)).
     """
     where = "ti.grad_cos"
-    _check_inputs(where, loss, params, train, test)
-    check_chunk_size(where, chunk_size)
+    check_inputs(where, loss, params, train, test, chunk_size=chunk_size)
     check_factored(where, factored)
     pairwise, sq_norms = grad_products(factored)
     G_test = stacked_grads(loss, params, test, chunk_size=chunk_size, where=where, factored=factored)

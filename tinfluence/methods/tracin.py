@@ -9,10 +9,10 @@ from typing import Callable
 import optree
 import torch
 
-from ..core import data as D
-from ..core.errors import check_chunk_size, check_params, fork_generator
+from ..core import checks
+from ..core.errors import check_params, fork_generator
 from ..core.model import Checkpoint
-from ..core.scoring import check_factored, grad_products, over_train, stacked_grads
+from ..core.scoring import check_factored, check_inputs, grad_products, over_train, stacked_grads
 
 __all__ = ["tracin", "tracin_self_influence"]
 
@@ -50,9 +50,8 @@ def _check_checkpoint(where: str, t: int, item) -> Checkpoint:
     ckpt = item if isinstance(item, Checkpoint) else Checkpoint(*item)
     params, lr, frozen = ckpt.params, ckpt.lr, ckpt.frozen
     check_params(f"{where}: checkpoint {t}", params)
-    lr = float(lr)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"{where}: the learning rate of checkpoint {t} must be finite and > 0; got {lr}.")
+    lr = checks.number(where, f"checkpoints[{t}] lr", lr, minimum=0.0, exclusive=True,
+                       hint="Give each checkpoint the learning rate in force after it, e.g. (params_t, 0.1).")
     frozen = {} if frozen is None else frozen
     if not isinstance(frozen, Mapping) or not all(isinstance(v, torch.Tensor) for v in frozen.values()):
         raise TypeError(f"{where}: the `frozen` of checkpoint {t} must be a dict name -> tensor (the state outside "
@@ -157,9 +156,7 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
     """
     where = "ti.tracin"
     ckpts = _check_checkpoints(where, checkpoints)
-    D.num_examples(train, name="train", where=where)
-    D.num_examples(test, name="test", where=where)
-    check_chunk_size(where, chunk_size)
+    check_inputs(where, loss, ckpts[0].params, train, test, chunk_size=chunk_size)
     check_factored(where, factored)
     if factored and projection_dim is not None:
         raise ValueError(f"{where}: `projection_dim` needs the per-example gradients formed, which `factored=True` avoids; "
@@ -183,8 +180,8 @@ def _projection_or_identity(where: str, params, projection_dim, generator) -> Ca
         if generator is not None:
             raise ValueError(f"{where}: `generator` is only used with `projection_dim`; pass projection_dim=... or drop generator.")
         return lambda G: G
-    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
-        raise ValueError(f"{where}: `projection_dim` must be an int >= 1; got {projection_dim!r}.")
+    projection_dim = checks.integer(where, "projection_dim", projection_dim, minimum=1,
+                                    hint="Pass e.g. projection_dim=512, or None for exact products.")
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"{where}: `projection_dim` needs an explicit `generator`, "
                          f"e.g. generator=torch.Generator().manual_seed(0); got {type(generator).__name__}.")
@@ -224,8 +221,7 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
     """
     where = "ti.tracin_self_influence"
     ckpts = _check_checkpoints(where, checkpoints)
-    D.num_examples(train, name="train", where=where)
-    check_chunk_size(where, chunk_size)
+    check_inputs(where, loss, ckpts[0].params, train, chunk_size=chunk_size)
     check_factored(where, factored)
     _, sq_norms = grad_products(factored)
     total = None

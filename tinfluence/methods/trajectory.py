@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from ..core import data as D
 from ..core import tree as tr
-from ..core.errors import check_chunk_size, check_params, fork_generator
+from ..core import checks
+from ..core.errors import fork_generator
 from ..core.objective import per_example
 from ..core.optim import check_optimizer
-from ..core.transforms import per_example_grad_fn
+from ..core.transforms import grad_fn
 
 __all__ = ["TrainingRun", "group_influence", "replay_effect", "training_run", "trajectory_influence"]
 
@@ -86,10 +87,11 @@ class TrainingRun:
         E.g. `[(θ, lr) for θ in run.params_at(range(0, run.steps, steps_per_epoch))]` are the
         checkpoints of `ti.tracin`. Cost: one training run up to max(steps).
         """
-        wanted = [int(t) for t in steps]
-        if not wanted or min(wanted) < 0 or max(wanted) > self.steps:
-            raise ValueError(f"ti.TrainingRun.params_at: `steps` must be a non-empty sequence of ints in [0, {self.steps}]; "
-                             f"got {wanted}.")
+        items = list(steps) if hasattr(steps, "__iter__") and not isinstance(steps, (str, bytes)) else None
+        if not items or not all(checks.is_int(t) and 0 <= int(t) <= self.steps for t in items):
+            raise checks.ArgumentError(f"ti.TrainingRun.params_at: `steps` must be a non-empty sequence of ints in "
+                                       f"[0, {self.steps}]; got {checks.describe(steps)}.")
+        wanted = [int(t) for t in items]
         parts, kept = (self.loss, self.train, self.optimizer, self.batches), {}
         theta, state = self.params0, self.optimizer.init(self.params0)
         for t in range(max(wanted) + 1):
@@ -152,9 +154,7 @@ def _trained(loss, params0, train, optimizer, batches: tuple, weights: torch.Ten
 
 
 def _check_count(where: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: `{name}` must be an int >= 1; got {value!r}.")
-    return value
+    return checks.integer(where, name, value, minimum=1)
 
 
 def training_run(loss: Callable, params0, train, step, *, epochs: int, batch_size: int,
@@ -186,11 +186,11 @@ def training_run(loss: Callable, params0, train, step, *, epochs: int, batch_siz
       Cost: epochs · ⌈n/batch_size⌉ gradient evaluations of a batch.
     """
     where = "ti.training_run"
-    if not callable(loss):
-        raise TypeError(f"{where}: `loss` must be a function (params, batch) -> Tensor[B]; got {type(loss).__name__}.")
-    check_params(where, params0)
+    checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
+    ref = checks.params(where, params0, name="params0")
     check_optimizer(where, step)
-    n = D.num_examples(train, name="train", where=where)
+    n = D.count_examples(train, name="train", call=where)
+    checks.floating_like(where, "train", train, ref)
     epochs = _check_count(where, "epochs", epochs)
     batch_size = _check_count(where, "batch_size", batch_size)
     if not isinstance(generator, torch.Generator):
@@ -301,8 +301,8 @@ def _state_bytes(theta, state) -> int:
 
 def _segment_length(where: str, steps: int, per_state: int, memory_budget) -> tuple[int, bool]:
     """(segment length L, keep every state?): all T states when they fit, else checkpoints every ⌈√T⌉ steps."""
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"{where}: `memory_budget` must be an int number of bytes >= 1; got {memory_budget!r}.")
+    memory_budget = checks.integer(where, "memory_budget", memory_budget, minimum=1,
+                                   hint="It is a number of bytes, e.g. memory_budget=2**30.")
     length = max(1, math.isqrt(steps - 1) + 1) if steps > 1 else 1      # ⌈√T⌉
     if steps * per_state <= memory_budget:
         return length, True
@@ -435,11 +435,10 @@ def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = N
     where = "ti.trajectory_influence"
     if not isinstance(run, TrainingRun):
         raise TypeError(f"{where}: `run` must be a TrainingRun from ti.training_run(...); got {type(run).__name__}.")
-    n_test = D.num_examples(test, name="test", where=where)
-    check_chunk_size(where, chunk_size)
-    measure = run.loss if measure is None else measure
-    if not callable(measure):
-        raise TypeError(f"{where}: `measure` must be a function (params, batch) -> Tensor[B]; got {type(measure).__name__}.")
+    n_test = D.count_examples(test, name="test", call=where)
+    checks.chunk_size(where, chunk_size)
+    measure = run.loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
+    checks.floating_like(where, "test", test, run.weights)
     theta_T = run.final_params()
     length, keep_all = _segment_length(where, run.steps, _state_bytes(theta_T, run.final_state()), memory_budget)
     folder = None if out is None else Path(out)
@@ -456,7 +455,7 @@ def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = N
     states = _States(run, length, keep_all)
     remaining = run.steps * (len(starts) - len(done)) - (0 if resume is None else run.steps - resume["position"])
     bar = tqdm(total=remaining, desc=where, disable=not progress)
-    measure_grads = per_example_grad_fn(measure, where=where)
+    measure_grads = grad_fn(measure, call=where, name="measure")
     for c in range(len(done), len(starts)):
         if resume is None:
             sweep = _start(measure_grads(theta_T, D.take(test, slice(starts[c], starts[c] + size))), run)
@@ -559,8 +558,9 @@ def replay_effect(run: TrainingRun, test, groups, *, measure: Callable | None = 
     where = "ti.replay_effect"
     if not isinstance(run, TrainingRun):
         raise TypeError(f"{where}: `run` must be a TrainingRun from ti.training_run(...); got {type(run).__name__}.")
-    D.num_examples(test, name="test", where=where)
-    measure = run.loss if measure is None else measure
+    D.count_examples(test, name="test", call=where)
+    checks.floating_like(where, "test", test, run.weights)
+    measure = run.loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
     mask = _group_masks(where, groups, run.weights.shape[0], run.weights.device)
 
     def measured(params):

@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple
 import optree
 import torch
 
+from ..core import checks
 from ..core import tree as tr
 from ..core.errors import check_positive
 from ..core.operator import as_operator
@@ -82,10 +83,8 @@ def _check_options(where, damping, tol, atol, maxiter, check_every, on_failure):
     if tol is not None:
         check_positive(where, "tol", tol, allow_zero=True)
     check_positive(where, "atol", atol, allow_zero=True)
-    if isinstance(maxiter, bool) or not (isinstance(maxiter, int) and maxiter >= 1):
-        raise ValueError(f"{where}: `maxiter` must be an int >= 1; got {maxiter!r}.")
-    if check_every is not None and (isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1)):
-        raise ValueError(f"{where}: `check_every` must be None or an int >= 1; got {check_every!r}.")
+    checks.integer(where, "maxiter", maxiter, minimum=1)
+    checks.integer(where, "check_every", check_every, minimum=1, none=True)
     check_on_failure(where, on_failure)
 
 

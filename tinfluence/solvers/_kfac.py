@@ -695,7 +695,7 @@ def _check(where: str, loss, params, train, predict, output_loss, fisher, genera
                         f"layers' weights; got {type(params).__name__}.")
     check_params(where, params)
     check_chunk_size(where, chunk_size)
-    D.num_examples(train, name="train", where=where)
+    D.count_examples(train, name="train", call=where)
     if fisher not in FISHERS:
         raise ValueError(f'{where}: `fisher` must be "empirical", "true" or "ggn"; got {fisher!r}.')
     if fisher == "true" and not isinstance(generator, torch.Generator):

@@ -108,7 +108,7 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     """Checks the options, draws every mini-batch index (global ids) up front, resolves `scale` and
     builds the full-data operator H + λI (for `scale="auto"` and the true residual)."""
     check_params(where, params)
-    n_local = D.num_examples(train, name="train", where=where)
+    n_local = D.count_examples(train, name="train", call=where)
     n = dd.global_size(n_local, group)
     check_positive(where, "l2", l2, allow_zero=True)
     check_positive(where, "damping", damping, allow_zero=True)

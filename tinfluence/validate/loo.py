@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..core import data as D
 from ..core import tree as tr
+from ..core import checks
 from ..core.errors import ConvergenceError, check_params
 from ..core.objective import objective, per_example
 from ..solvers._minimize import gradient, max_norm, minimize
@@ -65,6 +66,9 @@ def lbfgs_trainer(loss: Callable, *, l2: float = 0.0, gtol: float = 1e-10, maxit
     Raises:
       ConvergenceError: from `train_fn`, when the gradient stays above `gtol`.
     """
+    _check_training("ti.lbfgs_trainer", loss, l2, gtol, maxiter, chunk_size)
+    newton_steps = checks.integer("ti.lbfgs_trainer", "newton_steps", newton_steps, minimum=0)
+
     def train_fn(params, data):
         return minimize(objective(loss, data, l2=l2, chunk_size=chunk_size), params, gtol=gtol,
                         maxiter=maxiter, newton_steps=newton_steps)
@@ -104,6 +108,7 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
 
     Cost: one dense Hessian (P×P) at construction; per call, iterations × one gradient.
     """
+    _check_training("ti.newton_trainer", loss, l2, gtol, maxiter, chunk_size)
     check_params("ti.newton_trainer", params)
     solve = direct(hessian(objective(loss, train, l2=l2, chunk_size=chunk_size), params))
 
@@ -125,6 +130,15 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
     return train_fn
 
 
+def _check_training(where: str, loss, l2, gtol, maxiter, chunk_size) -> None:
+    """The options a trainer factory shares, checked when it is built (not at the first retraining)."""
+    checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
+    checks.number(where, "l2", l2, minimum=0.0)
+    checks.number(where, "gtol", gtol, minimum=0.0, exclusive=True)
+    checks.integer(where, "maxiter", maxiter, minimum=1)
+    checks.chunk_size(where, chunk_size)
+
+
 def measure_all(measure: Callable, params, test, chunk_size: int | None, where: str) -> torch.Tensor:
     """`measure(params, z)` for every test point, chunk by chunk: `[n_test]`, detached."""
     with torch.no_grad():
@@ -133,15 +147,7 @@ def measure_all(measure: Callable, params, test, chunk_size: int | None, where: 
 
 
 def _check_indices(indices, n: int, where: str) -> list[int]:
-    ids = torch.as_tensor(indices)
-    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"{where}: `indices` must be a 1-d sequence of integer training ids; got {ids.dtype} of shape {list(ids.shape)}.")
-    if ids.numel() and not bool(((ids >= 0) & (ids < n)).all()):
-        bad = ids[(ids < 0) | (ids >= n)][0].item()
-        raise ValueError(f"{where}: `indices` must lie in [0, {n - 1}] (the training set has {n} points); got {bad}.")
-    if ids.unique().numel() != ids.numel():
-        raise ValueError(f"{where}: `indices` must be distinct; drop the repeated ids (e.g. with torch.unique).")
-    return ids.tolist()
+    return checks.ids(where, "indices", indices, n, unique=True, empty=True).tolist()
 
 
 def _settings(where: str, meta, params, train, test) -> dict:
@@ -151,8 +157,8 @@ def _settings(where: str, meta, params, train, test) -> dict:
     except (TypeError, ValueError) as err:
         raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers (dicts, lists, str, int, "
                         f"float, bool, None); got {type(meta).__name__} ({err}).") from None
-    settings = {"meta": meta, "n_train": D.num_examples(train, name="train", where=where),
-                "n_test": D.num_examples(test, name="test", where=where),
+    settings = {"meta": meta, "n_train": D.count_examples(train, name="train", call=where),
+                "n_test": D.count_examples(test, name="test", call=where),
                 "dtype": str(optree.tree_leaves(params, namespace="")[0].dtype).removeprefix("torch.")}
     run = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return settings | {"run": run}
@@ -334,8 +340,13 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
     where = "ti.leave_one_out"
     for name, fn in (("train_fn", train_fn), ("measure", measure)):
         if not callable(fn):
-            raise TypeError(f"{where}: `{name}` must be a function; got {type(fn).__name__}.")
-    check_params(where, params)
+            raise checks.ArgumentError(f"{where}: `{name}` must be a function; got {type(fn).__name__}.")
+    ref = checks.params(where, params)
+    checks.chunk_size(where, chunk_size)
+    checks.flag(where, "progress", progress)
+    for name, data in (("train", train), ("test", test)):
+        D.count_examples(data, name=name, call=where)
+        checks.floating_like(where, name, data, ref)
     settings = _settings(where, meta, params, train, test)
     n_train, n_test = settings["n_train"], settings["n_test"]
     ids = _check_indices(indices, n_train, where)

@@ -15,6 +15,7 @@ import optree
 import torch
 from tqdm.auto import tqdm
 
+from ..core import checks
 from ..core import data as D
 from ..core.errors import fork_generator
 from .loo import measure_all
@@ -91,9 +92,8 @@ def spearman(scores, actual) -> torch.Tensor:
     return _pearson(_ranks(x), _ranks(y))
 
 
-def _check_k(where: str, k: int, size: int) -> None:
-    if not 1 <= k <= size:
-        raise ValueError(f"{where}: `k` must be between 1 and the number of values per row ({size}); got {k}.")
+def _check_k(where: str, k: int, size: int) -> int:
+    return checks.integer(where, "k", k, minimum=1, maximum=size, hint=f"(the number of values per row is {size}.)")
 
 
 def topk_overlap(scores, actual, k: int) -> torch.Tensor:
@@ -193,17 +193,23 @@ def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, s
       Park et al., TRAK: Attributing Model Behavior at Scale, 2023.
     """
     where = "ti.lds"
-    n_train = D.num_examples(train, name="train", where=where)
-    n_test = D.num_examples(test, name="test", where=where)
+    n_train = D.count_examples(train, name="train", call=where)
+    n_test = D.count_examples(test, name="test", call=where)
     scores = torch.as_tensor(scores)
     if tuple(scores.shape) != (n_test, n_train):
         raise ValueError(f"{where}: `scores` must be [n_test, n_train] = [{n_test}, {n_train}]; got {list(scores.shape)}.")
-    if subsets < 3:
-        raise ValueError(f"{where}: `subsets` must be >= 3 to rank subsets against each other; got {subsets}.")
-    if not 0 < fraction < 1:
-        raise ValueError(f"{where}: `fraction` must be in (0, 1); got {fraction}.")
-    if not 0 < confidence < 1:
-        raise ValueError(f"{where}: `confidence` must be in (0, 1); got {confidence}.")
+    checks.function(where, "train_fn", train_fn, "(params, data) -> params")
+    checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
+    subsets = checks.integer(where, "subsets", subsets, minimum=3, hint="(at least 3 to rank subsets against each other)")
+    fraction = checks.number(where, "fraction", fraction, minimum=0.0, exclusive=True, maximum=1.0, exclusive_max=True)
+    confidence = checks.number(where, "confidence", confidence, minimum=0.0, exclusive=True, maximum=1.0,
+                               exclusive_max=True)
+    checks.chunk_size(where, chunk_size)
+    if not isinstance(generator, torch.Generator):
+        raise checks.ArgumentError(f"{where}: `generator` must be a torch.Generator, e.g. "
+                                   f"torch.Generator().manual_seed(0); got {checks.describe(generator)}.")
+    if not bool(torch.isfinite(scores).all()):
+        raise checks.ArgumentError(f"{where}: `scores` has non-finite values (nan or inf); pass finite scores.")
     keep = max(1, round(fraction * n_train))
     local = fork_generator(generator)
     kept = torch.rand(subsets, n_train, generator=local, device=generator.device).argsort(dim=1)[:, :keep].cpu()

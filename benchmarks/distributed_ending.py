@@ -21,7 +21,6 @@ import time
 import torch
 import torch.distributed as dist
 
-
 KEPT = []   # a reference that outlives the group, as a module global or a hidden cache would hold it
 
 

@@ -37,7 +37,8 @@ def mlp():
 def train_many(loss, params0, train, weights, *, steps, lr, l2, ckpt_every, batch, progress):
     """Full-batch GD on Σ_j w_j ℓ_j / Σ_j w_j + l2/2‖θ‖² for every row of `weights` [k, n], vmapped
     `batch` models at a time. Returns the final parameters (leaves [k, ...]) and, for row 0, the
-    checkpoints [(θ_t, lr)] saved at the start of every `ckpt_every` steps."""
+    checkpoints [(θ_t, lr)] saved at the start of every `ckpt_every` steps.
+    """
 
     def objective(params, w):
         return (loss(params, train) * w).sum() / w.sum() + 0.5 * l2 * ti.tree.sq_norm(params)

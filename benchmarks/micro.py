@@ -30,8 +30,9 @@ from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import tinfluence as ti  # noqa: E402
 import tasks  # noqa: E402
+
+import tinfluence as ti  # noqa: E402
 
 
 def best(fn, repeats: int = 7) -> float:
@@ -120,7 +121,8 @@ def _first_call(fn) -> tuple[object, float]:
 
 def _compile_row(label: str, kernel: str, eager, make_compiled, cached=None) -> str:
     """One table row. `eager` and `cached` are argument-free calls returning pytrees;
-    `make_compiled()` builds a new compiled kernel and returns such a call of it."""
+    `make_compiled()` builds a new compiled kernel and returns such a call of it.
+    """
     compiled = make_compiled()
     out, t_first = _first_call(compiled)
     t_compiled, t_eager = best(compiled), best(eager)

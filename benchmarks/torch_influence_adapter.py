@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from tasks import Task
 
 # LiSSA's module has no defaults: repeat, depth and scale of the library's own LiSSA tests.

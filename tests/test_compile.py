@@ -14,10 +14,10 @@ inside rtol=1e-12, atol=1e-14 (a real error, e.g. a missing chunk, is of order 1
 import pytest
 import torch
 import torch.nn.functional as F
+from models import build, cases
 
 import tinfluence as ti
 from tinfluence import tree as tr
-from models import build, cases
 
 
 def _close(a, b):

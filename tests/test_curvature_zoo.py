@@ -27,12 +27,12 @@ in float64; the paths agree to ~1e-15 when right.
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TiedLM
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tinfluence as ti
 from tinfluence import tree as tr
-from models import TiedLM
 
 N = 8          # training examples
 L2 = 1e-3      # small enough that the data term dominates the curvature

@@ -119,7 +119,7 @@ def test_sharded_runs_equal_one_process(small_lr, world, tmp_path):
                 start, stop = bounds[rank]
                 value = value[:, start:stop]
             torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-10 * float(value.abs().max()),
-                                       msg=lambda m, name=name: f"{name} (rank {rank}): {m}")
+                                       msg=lambda m, name=name, rank=rank: f"{name} (rank {rank}): {m}")
 
 
 def test_shards_are_contiguous_in_rank_order():

@@ -8,13 +8,12 @@ equal those of `ti.testing.loop_grads` (one `torch.autograd.grad` call per examp
 import pytest
 import torch
 import torch.nn.functional as F
+from models import build, cases
 from torch import nn
 
 import tinfluence as ti
 from tinfluence import factored as fa
 from tinfluence.testing import loop_grads
-
-from models import build, cases
 
 
 def _close(got, expected):

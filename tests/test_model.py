@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from models import TiedLM, build, cases
 from torch import nn
 
 import tinfluence as ti
-from models import TiedLM, build, cases
 
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c[0])
@@ -127,7 +127,9 @@ def test_apply_takes_frozen_parameters_and_buffers_as_overrides():
     """Frozen parameters and buffers may be passed by name; the result is that of a module
     rebuilt with that state (load_state_dict), and gradients flow only to what is differentiated."""
     m = _mlp_with_bn()
-    sel = lambda name, p: name.startswith("3.")
+    def sel(name, p):
+        return name.startswith("3.")
+
     apply, params = ti.functionalize(m, trainable=sel)
     other = _mlp_with_bn()
     with torch.no_grad():

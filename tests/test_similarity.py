@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from models import digits_mlp
 
 import tinfluence as ti
-from models import digits_mlp
 from tinfluence.testing import loop_grads as _loop_grads
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinfluence as ti
-from tinfluence.methods import trajectory as T
 from tinfluence.demo import load_digits_split
+from tinfluence.methods import trajectory as T
 
 HERE = Path(__file__).parent
 

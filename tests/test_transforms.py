@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from models import build, cases
 from torch import nn
 
 import tinfluence as ti
 from tinfluence import tree as tr
 from tinfluence.testing import loop_grads
-from models import build, cases
 
 
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c[0])

@@ -16,8 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import distributed, io, plot, text
 from .core import data, factored, optim, tree
-from .core.data import chunks, from_loader, num_examples, take
 from .core.checks import ArgumentError
+from .core.data import chunks, from_loader, num_examples, take
 from .core.errors import ConvergenceError, DivergenceError
 from .core.model import Checkpoint, functionalize
 from .core.objective import Objective, objective
@@ -25,20 +25,42 @@ from .core.operator import LinearOperator
 from .core.transforms import ggn_vp, hessian, hvp, per_example_grad_fn, per_example_grads, to_dense
 from .core.tree import ravel, unravel, vdot
 from .io import influence_to_files, load_checkpoints
-from .methods.compressed import (ProjectedCurvature, Projector, compressed_grad_fn, compressed_grads,
-                                 compressed_influence, projected_curvature, projector)
-from .methods.tokens import query_token_influence, token_grads, train_token_influence
+from .methods.compressed import (
+    ProjectedCurvature,
+    Projector,
+    compressed_grad_fn,
+    compressed_grads,
+    compressed_influence,
+    projected_curvature,
+    projector,
+)
 from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check
 from .methods.influence import influence, self_influence
 from .methods.knn import knn_candidates
 from .methods.newton import newton_loo, newton_step_without
 from .methods.similarity import grad_cos, grad_dot
+from .methods.tokens import query_token_influence, token_grads, train_token_influence
 from .methods.tracin import tracin, tracin_self_influence
 from .methods.trajectory import TrainingRun, group_influence, replay_effect, training_run, trajectory_influence
-from .solvers import (Curvature, Eigenvalues, InverseOperator, Solution, SolveInfo, Status, cg, cg_solve, direct, ekfac,
-                      eigenvalues, kfac, lissa, lissa_solve, minimize, nystrom)
-from .validate import (LDSResult, lbfgs_trainer, lds, leave_one_out, newton_trainer, pearson, sign_agreement,
-                       spearman, topk_overlap)
+from .solvers import (
+    Curvature,
+    Eigenvalues,
+    InverseOperator,
+    Solution,
+    SolveInfo,
+    Status,
+    cg,
+    cg_solve,
+    direct,
+    eigenvalues,
+    ekfac,
+    kfac,
+    lissa,
+    lissa_solve,
+    minimize,
+    nystrom,
+)
+from .validate import LDSResult, lbfgs_trainer, lds, leave_one_out, newton_trainer, pearson, sign_agreement, spearman, topk_overlap
 
 try:
     __version__ = version("tinfluence")

@@ -1,9 +1,9 @@
 """The `tinfluence` command.
 
-    tinfluence demo                                   # Koh & Liang's Figure 2 on digits, no download
-    tinfluence run examples/multimodal.py --top-k 10  # the same pipeline for your own model (a task file)
-    tinfluence demo --method cg lissa tracin empirical --test-ids 0 1 2 --top-k 100 --out runs/demo
-    torchrun --standalone --nproc_per_node=2 -m tinfluence demo --distributed
+tinfluence demo                                   # Koh & Liang's Figure 2 on digits, no download
+tinfluence run examples/multimodal.py --top-k 10  # the same pipeline for your own model (a task file)
+tinfluence demo --method cg lissa tracin empirical --test-ids 0 1 2 --top-k 100 --out runs/demo
+torchrun --standalone --nproc_per_node=2 -m tinfluence demo --distributed
 """
 
 from __future__ import annotations

@@ -36,8 +36,18 @@ import math
 import torch.distributed as dist
 
 from .core import data as D
-from .core.collectives import (DEFAULT_TIMEOUT, CollectiveError, all_reduce, check_replicated, gather_columns,
-                               gather_rows, global_size, offset, rounds, sizes)
+from .core.collectives import (
+    DEFAULT_TIMEOUT,
+    CollectiveError,
+    all_reduce,
+    check_replicated,
+    gather_columns,
+    gather_rows,
+    global_size,
+    offset,
+    rounds,
+    sizes,
+)
 
 __all__ = ["init", "CollectiveError", "check_replicated", "shard", "shard_bounds", "all_reduce", "global_size",
            "offset", "sizes", "gather_columns", "gather_rows", "rounds"]

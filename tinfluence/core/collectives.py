@@ -29,7 +29,8 @@ _CHECKSUM_WIDTH = 1021    # period of the checksum's position weights (a prime)
 
 class CollectiveError(RuntimeError):
     """A collective over the process group failed: a peer process died, stalled past the group's timeout,
-    or called a different collective."""
+    or called a different collective.
+    """
 
 
 def _collective(where: str, group, call):

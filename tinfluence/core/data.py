@@ -140,4 +140,4 @@ def from_loader(source) -> object:
     for i, b in enumerate(batches):
         if optree.tree_structure(b, namespace="") != spec:
             raise ValueError(f"ti.from_loader: batch {i} has structure {optree.tree_structure(b, namespace='')}; batch 0 has {spec}.")
-    return optree.tree_map(lambda *leaves: torch.cat([torch.as_tensor(l) for l in leaves]), *batches, namespace="")
+    return optree.tree_map(lambda *leaves: torch.cat([torch.as_tensor(leaf) for leaf in leaves]), *batches, namespace="")

@@ -14,7 +14,8 @@ from .checks import ArgumentError  # noqa: F401  (re-exported)
 
 class ConvergenceError(RuntimeError):
     """A solver missed its tolerance or met a breakdown; `.info` holds its diagnostics (a `ti.SolveInfo`
-    from `ti.cg`, `ti.lissa` and `ti.direct`)."""
+    from `ti.cg`, `ti.lissa` and `ti.direct`).
+    """
 
     def __init__(self, message: str, info=None):
         super().__init__(message)
@@ -23,7 +24,8 @@ class ConvergenceError(RuntimeError):
 
 class DivergenceError(RuntimeError):
     """An iteration blew up (non-finite or exploding iterate, or no better than x = 0); `.info` holds its
-    diagnostics (a `ti.SolveInfo` from `ti.lissa`)."""
+    diagnostics (a `ti.SolveInfo` from `ti.lissa`).
+    """
 
     def __init__(self, message: str, info=None):
         super().__init__(message)
@@ -42,7 +44,8 @@ def check_chunk_size(where: str, chunk_size) -> None:
 
 def fork_generator(generator: torch.Generator) -> torch.Generator:
     """A new generator in `generator`'s state: it draws what `generator` would, and the caller's
-    generator is not advanced, so the same call with the same generator gives the same numbers."""
+    generator is not advanced, so the same call with the same generator gives the same numbers.
+    """
     local = torch.Generator(device=generator.device)
     local.set_state(generator.get_state())
     return local

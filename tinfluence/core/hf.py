@@ -41,7 +41,7 @@ ATTENTION = "tinfluence_sdpa"
 
 
 def _pretrained_class():
-    """transformers' `PreTrainedModel`, or None when transformers has not been imported."""
+    """Transformers' `PreTrainedModel`, or None when transformers has not been imported."""
     modeling = sys.modules.get("transformers.modeling_utils")
     return None if modeling is None else modeling.PreTrainedModel
 
@@ -73,13 +73,13 @@ def _register() -> bool:
     sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
 
     def materialized_mask(*args, **kwargs):
-        """transformers' SDPA mask, never skipped (skipping reads the mask's values)."""
+        """Transformers' SDPA mask, never skipped (skipping reads the mask's values)."""
         return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
 
     sdpa_attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
     def math_attention(*args, **kwargs):
-        """transformers' SDPA attention on PyTorch's math backend (composite ops)."""
+        """Transformers' SDPA attention on PyTorch's math backend (composite ops)."""
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa_attention(*args, **kwargs)
 
@@ -112,7 +112,8 @@ def mirror_modes(pairs: list) -> None:
 
 def explain(where: str, module: nn.Module, err: RuntimeError) -> str | None:
     """A message saying what to change when a transformers model failed under vmap on data-dependent
-    control flow (its attention mask code); None for any other error."""
+    control flow (its attention mask code); None for any other error.
+    """
     if "data-dependent control flow" not in str(err) or not is_hf_model(module):
         return None
     impls = sorted({str(c._attn_implementation) for c in _configs(module)})

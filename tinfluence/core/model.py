@@ -155,7 +155,8 @@ def _training_layers(module: nn.Module) -> list:
 
 def _explain(module: nn.Module, err: RuntimeError) -> str | None:
     """What to change, when `err` is torch.func refusing layers in training mode or a Hugging Face
-    attention mask; None for any other error."""
+    attention mask; None for any other error.
+    """
     if any(text in str(err) for text in _TRAINING_MODE_MESSAGES) and _training_layers(module):
         return _training_mode_message(module, err)
     return hf.explain(_WHERE, module, err)
@@ -186,6 +187,7 @@ class Checkpoint(tuple):
     """
 
     def __new__(cls, params, lr, frozen: dict | None = None):
+        """The pair `(params, lr)` carrying `frozen`."""
         self = super().__new__(cls, (params, lr))
         self.frozen = frozen
         return self

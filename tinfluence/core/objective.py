@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 
-from . import data as D
-from . import collectives as dd
-from . import tree as tr
 from . import checks
+from . import collectives as dd
+from . import data as D
+from . import tree as tr
 
 __all__ = ["objective", "Objective", "per_example", "example_loss"]
 
@@ -45,7 +45,8 @@ def per_example(loss: LossFn, params, batch, *, where: str = "ti", name: str = "
 def example_loss(loss: LossFn, *, where: str = "ti", name: str = "loss") -> Callable:
     """Returns `(params, example) -> 0-d tensor`: `loss` of ONE example (leaves without the
     example axis), evaluated as a batch of one and checked by `per_example`. The form that
-    `vmap` over examples and `grad` per example take."""
+    `vmap` over examples and `grad` per example take.
+    """
     return lambda params, example: per_example(loss, params, D.batch_of_one(example), where=where, name=name)[0]
 
 

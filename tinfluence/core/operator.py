@@ -139,7 +139,7 @@ class LinearOperator:
                               symmetric=self.symmetric and other.symmetric, psd=psd, kind=kind)
 
     def __mul__(self, c: float) -> LinearOperator:
-        """c · A for a Python number c."""
+        """C · A for a Python number c."""
         if not isinstance(c, (int, float)) or isinstance(c, bool):
             return NotImplemented
         psd = self.psd if c >= 0 else (False if self.psd else None)

@@ -143,7 +143,8 @@ def adam(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
     Args:
       lr: learning rate > 0.
-      b1, b2: moment decay rates in [0, 1).
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
       eps: > 0, added to the denominator.
       weight_decay: >= 0, added to the gradient.
 
@@ -160,7 +161,8 @@ def adamw(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
 
     Args:
       lr: learning rate > 0.
-      b1, b2: moment decay rates in [0, 1).
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
       eps: > 0, added to the denominator.
       weight_decay: >= 0, the decoupled decay rate.
 

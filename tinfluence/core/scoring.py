@@ -117,7 +117,8 @@ def row_sq_norms(G) -> torch.Tensor:
 
 def grad_products(factored: bool) -> tuple[Callable, Callable]:
     """`(pairwise, sq_norms)` for stacks of per-example gradients: `(G1, G2) -> [c1, c2]` and
-    `G -> [c]`, on pytrees (`ti.tree.pairwise_vdot`, `row_sq_norms`) or on `GradFactors`."""
+    `G -> [c]`, on pytrees (`ti.tree.pairwise_vdot`, `row_sq_norms`) or on `GradFactors`.
+    """
     return (fa.gram, fa.sq_norms) if factored else (tr.pairwise_vdot, row_sq_norms)
 
 

@@ -19,10 +19,10 @@ import optree
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from . import data as D
-from . import collectives as dd
-from . import tree as tr
 from . import checks
+from . import collectives as dd
+from . import data as D
+from . import tree as tr
 from .errors import check_params
 from .objective import Objective, example_loss, per_example
 from .operator import LinearOperator
@@ -104,7 +104,8 @@ def per_example_grad_fn(loss: Callable, *, compile: bool = False) -> Callable:
 
 def grad_fn(loss: Callable, *, compile: bool = False, call: str, name: str = "loss") -> Callable:
     """`per_example_grad_fn` for the public call `call`, whose argument `name` (`loss`,
-    `measure`, ...) is the function differentiated: the name its errors give."""
+    `measure`, ...) is the function differentiated: the name its errors give.
+    """
     _check_compile(call, compile)
     checks.function(call, name, loss, "(params, batch) -> Tensor[B]")
     kernel = vmap(grad(example_loss(loss, where=call, name=name)), in_dims=(None, 0))
@@ -166,7 +167,8 @@ def _accepting_stacks(apply_one: Callable, params, apply_many: Callable | None =
                       kind: str = "hessian") -> LinearOperator:
     """Lifts `v -> C v` to a `ti.LinearOperator` on `params`: stacks (leading axis k) go to
     `apply_many`, or vmap. It carries the parameters' structure, so solvers tell one vector
-    from a stack by `is_stack`, without being told."""
+    from a stack by `is_stack`, without being told.
+    """
     return LinearOperator(apply_one, params, many=apply_many, symmetric=True, kind=kind)
 
 
@@ -201,7 +203,8 @@ def _chunked_operator(kernel: Callable, params, data, chunk_size: int | None, l2
 
 def _all_reducing(local: LinearOperator, l2: float, group) -> LinearOperator:
     """`v -> Σ_ranks local(v) + l2·v`: ONE all-reduce per application (one vector or a whole
-    stack), the l2 term added once."""
+    stack), the l2 term added once.
+    """
 
     def reduced(apply):
         def operator(v):

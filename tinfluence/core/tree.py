@@ -33,22 +33,22 @@ def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001 - mi
 
 
 def add(x: PyTree, y: PyTree) -> PyTree:
-    """x + y, leaf by leaf."""
+    """X + y, leaf by leaf."""
     return map(torch.add, x, y)
 
 
 def sub(x: PyTree, y: PyTree) -> PyTree:
-    """x − y, leaf by leaf."""
+    """X − y, leaf by leaf."""
     return map(torch.sub, x, y)
 
 
 def scale(alpha, x: PyTree) -> PyTree:
-    """alpha · x, for a Python number or a tensor broadcasting against each leaf."""
+    """Alpha · x, for a Python number or a tensor broadcasting against each leaf."""
     return map(lambda leaf: alpha * leaf, x)
 
 
 def add_scaled(x: PyTree, alpha, y: PyTree) -> PyTree:
-    """x + alpha · y, leaf by leaf (axpy)."""
+    """X + alpha · y, leaf by leaf (axpy)."""
     return map(lambda a, b: a + alpha * b, x, y)
 
 
@@ -133,7 +133,8 @@ def unravel(flat: torch.Tensor, like: PyTree) -> PyTree:
     leaves, spec = optree.tree_flatten(like, namespace="")
     sizes = [leaf.numel() for leaf in leaves]
     if flat.shape[-1] != sum(sizes):
-        raise ValueError(f"ti.tree.unravel: `flat` must have last dimension P={sum(sizes)} (the size of `like`); got shape {tuple(flat.shape)}.")
+        raise ValueError(f"ti.tree.unravel: `flat` must have last dimension P={sum(sizes)} (the size of `like`); "
+                         f"got shape {tuple(flat.shape)}.")
     batch = flat.shape[:-1]
     parts = torch.split(flat, sizes, dim=-1)
     return optree.tree_unflatten(spec, [p.reshape((*batch, *leaf.shape)) for p, leaf in zip(parts, leaves)])

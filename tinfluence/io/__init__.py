@@ -1,6 +1,7 @@
 """Result files: scores written per test point (`influence_to_files`, `read_scores`) and
 training checkpoints read back as `(params, lr)` pairs (`load_checkpoints`), and the on-disk store of
-compressed training gradients (`write_store`, `open_store`, `GradientStore`)."""
+compressed training gradients (`write_store`, `open_store`, `GradientStore`).
+"""
 
 from .checkpoints import load_checkpoints
 from .scores import ScoreWriter, influence_to_files, read_scores, run_identity

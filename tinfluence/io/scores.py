@@ -310,7 +310,11 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
     `run_identity`) is refused and left as it is; when every file is done, nothing is written.
 
     Args:
-      loss, params, train, test, ihvp: as for `ti.influence`.
+      loss: as for `ti.influence`.
+      params: as for `ti.influence`.
+      train: as for `ti.influence`.
+      test: as for `ti.influence`.
+      ihvp: as for `ti.influence`.
       out: output folder (created if missing).
       test_ids: ints, the rows of `test` to score and the names of their files; default all.
       chunk_size: training examples per vectorized gradient computation.

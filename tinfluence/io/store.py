@@ -60,7 +60,8 @@ class GradientStore:
 
     Attributes:
       folder: the store's folder.
-      n, dim: rows (training examples) and columns (`projector.dim`).
+      n: rows (training examples).
+      dim: columns (`projector.dim`).
       dtype: the torch dtype the rows are kept in.
       chunk_rows: rows per chunk file; `n_chunks` files in all.
       fingerprint: the projector's fingerprint (`Projector.fingerprint`), checked on resume.

@@ -1,5 +1,6 @@
 """EmpiricalIF: influence from loss changes under small parameter perturbations (Liu et al. 2022),
-and the reverse check that perturbs along training gradients instead."""
+and the reverse check that perturbs along training gradients instead.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch.func import vmap
 
-from ..core import data as D
-from ..core import collectives as dd
-from ..core import tree as tr
 from ..core import checks
+from ..core import collectives as dd
+from ..core import data as D
+from ..core import tree as tr
 from ..core.errors import fork_generator
 from ..core.objective import example_loss, per_example
 from ..core.scoring import check_inputs, row_sq_norms, stacked_grads
@@ -128,7 +129,8 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
 
 def _perturbed_finite(where: str, name: str, d: torch.Tensor, radius: float, start: int = 0) -> None:
     """Raises `ArgumentError` naming the examples of `name` whose loss at a perturbed θ ± r·v is
-    not finite (the model overflows there). `d` is `[2k, c]`, c examples from id `start`; one reduction."""
+    not finite (the model overflows there). `d` is `[2k, c]`, c examples from id `start`; one reduction.
+    """
     if not bool(torch.isfinite(d.sum())):
         checks.finite_chunk(where, name, d.T, start, what="losses at the perturbed parameters θ ± r·v",
                             hint=f"Lower `radius` (now {radius:g}) if the loss overflows there.")
@@ -206,7 +208,8 @@ def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tenso
     V = _unit_rows(stacked_grads(loss, params, picked, where=where))  # [2k, ...]
     thetas = _plus_minus(params, radius, V)  # [4k, ...]
     one = example_loss(loss, where=where)
-    d_own = vmap(one)(thetas, tr.map(lambda leaf: torch.cat([leaf, leaf]), picked)) - per_example(loss, params, picked, where=where).repeat(2)
+    doubled = tr.map(lambda leaf: torch.cat([leaf, leaf]), picked)
+    d_own = vmap(one)(thetas, doubled) - per_example(loss, params, picked, where=where).repeat(2)
     d_test = vmap(loss, in_dims=(0, None))(thetas, test_point)[:, 0] - per_example(loss, params, test_point, where=where)
     reverse = _paired_products(d_test, d_own[:, None])[:, 0]  # [2k]
     chosen = scores[indices]

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 from torch.func import vmap
 
-from ..core import data as D
-from ..core import collectives as dd
-from ..core import tree as tr
 from ..core import checks
+from ..core import collectives as dd
+from ..core import data as D
+from ..core import tree as tr
 from ..core.scoring import check_inputs, over_train
 from ..core.transforms import grad_fn, grads
 from ..solvers._result import report

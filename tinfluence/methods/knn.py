@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from ..core import data as D
 from ..core import checks
+from ..core import data as D
 from ..core.errors import check_params
 
 __all__ = ["knn_candidates"]

@@ -40,13 +40,14 @@ from typing import Callable
 import torch
 from torch.func import grad, jacrev, vmap
 
+from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
-from ..core import checks
 from ..core.errors import ConvergenceError
 from ..core.objective import objective, per_example
 from ..core.scoring import check_inputs
-from ..core.transforms import grads, hessian as dense_hessian, hessian_fn
+from ..core.transforms import grads, hessian_fn
+from ..core.transforms import hessian as dense_hessian
 
 __all__ = ["newton_loo", "newton_step_without"]
 
@@ -142,7 +143,14 @@ def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remov
     otherwise it is the approximate retrained parameters that `ti.newton_loo` measures.
 
     Args:
-      loss, params, train, l2, predict, output_loss, damping, chunk_size: as in `ti.newton_loo`.
+      loss: as in `ti.newton_loo`.
+      params: as in `ti.newton_loo`.
+      train: as in `ti.newton_loo`.
+      l2: as in `ti.newton_loo`.
+      predict: as in `ti.newton_loo`.
+      output_loss: as in `ti.newton_loo`.
+      damping: as in `ti.newton_loo`.
+      chunk_size: as in `ti.newton_loo`.
       remove: 1-D int tensor or list of the training ids removed together.
 
     Returns:
@@ -162,7 +170,8 @@ def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remov
 def _check(where, loss, params, train, test, l2, damping, predict, output_loss, chunk_size, *,
            alike: bool = True) -> tuple:
     """`(n, l2, damping)` after the checks every Newton call makes (see `ti.newton_loo`'s Raises);
-    `test` must be shaped like `train` when `alike` (no `measure` of its own)."""
+    `test` must be shaped like `train` when `alike` (no `measure` of its own).
+    """
     check_inputs(where, loss, params, train, test, chunk_size=chunk_size, alike=alike)
     l2 = checks.number(where, "l2", l2, minimum=0.0)
     damping = checks.number(where, "damping", damping, minimum=0.0)
@@ -282,7 +291,8 @@ def warn_if_not_stationary(where: str, gradient: torch.Tensor, share: torch.Tens
 
 def _check_sums(where, loss, params, train, G, A, chunk_size) -> None:
     """Raises `ArgumentError` naming the examples and leaf when the gradient sum `G` or curvature
-    sum `A` is not finite: one reduction each; the culprits are searched for only then."""
+    sum `A` is not finite: one reduction each; the culprits are searched for only then.
+    """
     if bool(torch.isfinite(G.sum() + A.sum())):
         return
     grads(loss, params, train, chunk_size=chunk_size, call=where, data_name="train")   # raises naming the ids
@@ -318,7 +328,7 @@ def _solve_without(A, eigvals, Q, c, J, Omega, shape, rhs):
         H_S = _dense_curvature(J, Omega).reshape(g, s, P, P).sum(1)                # [g, P, P]
         B = A + c * torch.eye(P, dtype=A.dtype, device=A.device)
         return torch.linalg.solve(B - H_S, rhs)
-    O = J.shape[1]
+    O = J.shape[1]  # noqa: E741 - outputs per example, as in the docstrings
     Jg = J.reshape(g, s * O, P)                                                      # [g, r, P]
     eye_s = torch.eye(s, dtype=A.dtype, device=A.device)
     Om = torch.einsum("gsab,st->gsatb", Omega.reshape(g, s, O, O), eye_s).reshape(g, s * O, s * O)

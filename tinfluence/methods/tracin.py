@@ -169,7 +169,7 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
         params, lr, at = ckpt.params, ckpt.lr, _at(loss, ckpt.frozen)
         U = stacked_grads(at, params, test, chunk_size=chunk_size, transform=project, where=where,
                           factored=factored)  # [n_test, ...]
-        scores = over_train(lambda G: pairwise(U, project(G)), at, params, train, chunk_size=chunk_size, where=where,
+        scores = over_train(lambda G, U=U: pairwise(U, project(G)), at, params, train, chunk_size=chunk_size, where=where,
                             group=group, factored=factored)
         total = lr * scores if total is None else total + lr * scores
     return total
@@ -226,6 +226,7 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
     _, sq_norms = grad_products(factored)
     total = None
     for ckpt in ckpts:
-        sq = over_train(sq_norms, _at(loss, ckpt.frozen), ckpt.params, train, chunk_size=chunk_size, where=where, group=group, factored=factored)
+        sq = over_train(sq_norms, _at(loss, ckpt.frozen), ckpt.params, train, chunk_size=chunk_size, where=where,
+                        group=group, factored=factored)
         total = ckpt.lr * sq if total is None else total + ckpt.lr * sq
     return total

@@ -36,9 +36,9 @@ import torch
 from torch.func import grad, vjp, vmap
 from tqdm.auto import tqdm
 
+from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
-from ..core import checks
 from ..core.errors import fork_generator
 from ..core.objective import per_example
 from ..core.optim import check_optimizer
@@ -482,7 +482,8 @@ def _start(lam, run: TrainingRun) -> dict:
 
 def _sweep(states: _States, sweep: dict, save: Callable, bar) -> torch.Tensor:
     """Reverse steps `position − 1` down to 0, segment by segment (`save(sweep)` after each but the last);
-    returns the accumulated ∂m/∂w `[k, n_train]`."""
+    returns the accumulated ∂m/∂w `[k, n_train]`.
+    """
     run = states.run
     lam, mu, total = sweep["lam"], sweep["mu"], sweep["total"]
     for a in reversed(range(0, sweep["position"], states.length)):

@@ -36,7 +36,7 @@ def _per_rhs(s: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
 
 
 def _axpy(x, alpha: torch.Tensor, y):
-    """x + alpha[k] · y for stacks."""
+    """X + alpha[k] · y for stacks."""
     return tr.map(lambda a, b: a + _per_rhs(alpha, b) * b, x, y)
 
 

@@ -7,8 +7,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..core import tree as tr
-from ..core.operator import as_operator
 from ..core.errors import fork_generator
+from ..core.operator import as_operator
 
 __all__ = ["eigenvalues", "Eigenvalues"]
 

@@ -1,5 +1,6 @@
 """Full-batch minimization of an objective, for training convex models to a tight optimum
-and for retraining in leave-one-out checks."""
+and for retraining in leave-one-out checks.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 
 from ..core import tree as tr
 from ..core.errors import ConvergenceError, check_params
-from ._cg import cg_solve
 from ..core.transforms import hvp
+from ._cg import cg_solve
 
 __all__ = ["minimize"]
 

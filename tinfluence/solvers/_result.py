@@ -90,7 +90,8 @@ def check_on_failure(where: str, on_failure) -> None:
 
 def report(info: SolveInfo, on_failure: str, stacklevel: int = 3) -> None:
     """Raises (`DivergenceError` for a divergence, else `ConvergenceError`) or warns unless every
-    right-hand side converged; the error carries the info as `err.info`."""
+    right-hand side converged; the error carries the info as `err.info`.
+    """
     if info.ok:
         return
     message = info.message
@@ -157,7 +158,8 @@ def _dtype_name(dtype) -> str:
 
 def _reach_advice(info: SolveInfo) -> str:
     """Says when `tol` is below what the dtype can reach for any operator: the attainable relative
-    residual is about eps·cond(H + λI), never below ~100·eps, and float32 rarely gets under 1e-6."""
+    residual is about eps·cond(H + λI), never below ~100·eps, and float32 rarely gets under 1e-6.
+    """
     dtype = info.context.get("dtype")
     if dtype is None or info.tol is None:
         return ""

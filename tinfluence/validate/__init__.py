@@ -1,5 +1,6 @@
 """Ground truth and its comparison: leave-one-out retraining (resumable), correlation and
-agreement metrics, and the linear datamodeling score."""
+agreement metrics, and the linear datamodeling score.
+"""
 
 from .loo import lbfgs_trainer, leave_one_out, newton_trainer
 from .metrics import LDSResult, lds, pearson, sign_agreement, spearman, topk_overlap

@@ -28,14 +28,14 @@ import optree
 import torch
 from tqdm.auto import tqdm
 
+from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
-from ..core import checks
 from ..core.errors import ConvergenceError, check_params
 from ..core.objective import objective, per_example
-from ..solvers._minimize import gradient, max_norm, minimize
-from ..solvers import direct
 from ..core.transforms import hessian
+from ..solvers import direct
+from ..solvers._minimize import gradient, max_norm, minimize
 
 __all__ = ["leave_one_out", "leave_one_out_records", "lbfgs_trainer", "newton_trainer", "measure_all"]
 
@@ -237,7 +237,11 @@ def leave_one_out_records(out: str | os.PathLike, params, train, test, *, meta=N
     """The finished records of a `ti.leave_one_out` file, checked as a resumed call checks them; reads only.
 
     Args:
-      out, params, train, test, meta: as given to `ti.leave_one_out` (`params` only for its dtype).
+      out: as given to `ti.leave_one_out` (`params` only for its dtype).
+      params: as given to `ti.leave_one_out` (`params` only for its dtype).
+      train: as given to `ti.leave_one_out` (`params` only for its dtype).
+      test: as given to `ti.leave_one_out` (`params` only for its dtype).
+      meta: as given to `ti.leave_one_out` (`params` only for its dtype).
 
     Returns:
       `{id: [measure per test point]}` (id -1: the base run); empty when `out` does not exist.

@@ -451,7 +451,7 @@ def compressed_influence(loss: Callable, params: dict, train, test, *, projector
       `[n_test, n_train]`, dtype of the parameters (at least float32).
 
     Raises:
-      as `ti.compressed_grads` and `ti.projected_curvature`.
+      ValueError: as `ti.compressed_grads` and `ti.projected_curvature`.
 
     Notes:
       Memory: n_train·dim for the projected training gradients. Cost: one projected-gradient pass

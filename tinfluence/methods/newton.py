@@ -157,7 +157,7 @@ def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remov
       Parameters with the structure, dtype and device of `params`.
 
     Raises:
-      As `ti.newton_loo`, for `remove` in place of a group.
+      ValueError: as `ti.newton_loo`, with `remove` in place of a group.
     """
     where = "ti.newton_step_without"
     n, l2, damping = _check(where, loss, params, train, None, l2, damping, predict, output_loss, chunk_size)

@@ -65,7 +65,8 @@ def _kronfluence(task: Task, strategy: str, empirical: bool = False):
         analyzer = Analyzer(analysis_name="benchmark", model=model, task=ktask, cpu=True, disable_tqdm=True,
                             output_dir=folder)
         train, test = TensorDataset(*task.train), TensorDataset(*task.test)
-        factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical, activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
+        factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical, activation_covariance_dtype=dtype,
+                                      gradient_covariance_dtype=dtype,
                                       per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
         analyzer.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=_batch(task),
                                  factor_args=factor_args)

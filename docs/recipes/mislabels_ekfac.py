@@ -28,14 +28,17 @@ apply, params = ti.functionalize(model)
 
 
 def predict(params, batch):
+    """The logits `[B, 10]`."""
     return apply(params, batch[0])
 
 
-def output_loss(logits, batch):                             # one loss per example: [B]
+def output_loss(logits, batch):
+    """Cross entropy of the logits, one loss per example: `[B]`."""
     return F.cross_entropy(logits, batch[1], reduction="none")
 
 
 def loss(params, batch):
+    """The per-example training loss `[B]`."""
     return output_loss(predict(params, batch), batch)
 
 

@@ -497,3 +497,15 @@ def test_sharded_fit_equals_one_process(mlp_fit, tmp_path):
         assert n == len(data[0])
         _close(dense, ti.to_dense(one.operator, params))
         assert dampings == pytest.approx([b.damping for b in one.kronecker], rel=1e-12)
+
+
+@pytest.mark.parametrize("m_l, m_r", [(4, 1), (1, 4), (4, 4), (1, 1)])
+def test_rank_one_corrected_sums_equal_the_squared_gradients(m_l, m_r):
+    """The single-position EK-FAC pass sums (l rᵀ)² without forming the per-example gradients: equal to the
+    definition Σ_n Σ_c ((l_nc r_ncᵀ)²) with the side lacking the cotangent axis broadcast."""
+    from tinfluence.solvers._kfac import _outer_squares
+
+    g = torch.Generator().manual_seed(0)
+    L, R = torch.randn(6, m_l, 1, 5, generator=g), torch.randn(6, m_r, 1, 3, generator=g)
+    expected = (L.mT @ R).pow(2).sum((0, 1))                                          # [B, m, 5, 3] formed
+    _close(_outer_squares(L, R), expected, rtol=1e-12, atol=1e-12)

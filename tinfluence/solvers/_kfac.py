@@ -651,9 +651,24 @@ def _corrected_sums(captured: _Captured, bases: dict) -> dict:
         if QL is None:
             out[w] = _indexed_squares([l for l, _ in uses], [_dense(r) @ QR for _, r in uses], captured.m)
             continue
+        if len(uses) == 1 and uses[0][0].shape[2] == uses[0][1].shape[2] == 1:
+            out[w] = _outer_squares(_dense(uses[0][0]) @ QL, _dense(uses[0][1]) @ QR)
+            continue
         G = sum((_dense(l) @ QL).mT @ (_dense(r) @ QR) for l, r in uses)           # [B, m, d0', d1']
         out[w] = G.pow(2).sum((0, 1))
     return out
+
+
+def _outer_squares(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Σ_n Σ_c (l_nc r_ncᵀ)² for one position (L `[B, m_l, 1, d0]`, R `[B, m_r, 1, d1]`, m_l or m_r possibly 1 and
+    broadcast): the square of a rank-one gradient is the outer product of the squares, so the sum is one
+    `[d0, B·m] × [B·m, d1]` product and the `[B, m, d0, d1]` gradients are never formed (memory B·m·(d0 + d1))."""
+    A, B = L[:, :, 0].pow(2), R[:, :, 0].pow(2)                              # [B, m_l, d0], [B, m_r, d1]
+    if A.shape[1] == 1:
+        return A[:, 0].mT @ B.sum(1)
+    if B.shape[1] == 1:
+        return A.sum(1).mT @ B[:, 0]
+    return A.reshape(-1, A.shape[-1]).mT @ B.reshape(-1, B.shape[-1])
 
 
 def _indexed_squares(lefts: list, rights: list, m: int) -> torch.Tensor:

@@ -577,7 +577,10 @@ def _cotangents(fisher: str, predict: Callable, output_loss: Callable, params: d
 
         H = vmap(example_hessian)(o, chunk).reshape(o.shape[0], o[0].numel(), o[0].numel())
         w, Q = torch.linalg.eigh((H + H.mT) / 2)
-        if bool((w < -1e-6 * w.abs().amax(-1, keepdim=True).clamp_min(1e-30)).any()):
+        # Round-off of a convex loss's Hessian is about eps × the size of its terms, which a confident example's
+        # small eigenvalues do not bound (float32 softmax: −5e-8 beside eigenvalues of 1e-5); judged against
+        # √eps × the chunk's largest curvature, a concave direction is refused and round-off is clamped to 0.
+        if bool((w < -math.sqrt(torch.finfo(w.dtype).eps) * w.abs().amax().clamp_min(torch.finfo(w.dtype).tiny)).any()):
             raise ValueError(f'{where}: fisher="ggn" needs an output loss convex in the outputs; ∂²output_loss/∂o² has '
                              f"eigenvalue {float(w.min()):.3e} < 0. Use fisher=\"empirical\".")
         R = Q * w.clamp_min(0).sqrt()[:, None, :]

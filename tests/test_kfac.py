@@ -529,3 +529,12 @@ def test_ggn_fisher_in_float32_accepts_the_round_off_of_confident_softmax_hessia
                    damping=1e-3)
     dense, dense64 = ti.to_dense(curv.operator, params), ti.to_dense(curv64.operator, wide)
     assert float((dense.double() - dense64).norm() / dense64.norm()) < 1e-4
+
+
+def test_ggn_fisher_refuses_a_concave_output_loss(mlp_fit):
+    apply, params, data, _, _ = mlp_fit
+    _, predict, _ = _fns(apply)
+    concave = lambda o, b: -0.5 * o.pow(2).sum(-1)                           # noqa: E731
+    loss = lambda p, b: concave(predict(p, b), b)                            # noqa: E731
+    with pytest.raises(ValueError, match=r'ti.ekfac: fisher="ggn" needs an output loss convex in the outputs'):
+        ekfac(loss, params, data, predict=predict, output_loss=concave, fisher="ggn", damping=1e-3)

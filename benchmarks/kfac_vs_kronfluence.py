@@ -226,6 +226,7 @@ def preconditioning(args) -> None:
 
 
 def _pearson(a, b) -> float:
+    a, b = a.double(), b.double()
     a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
     return float((a @ b) / (a.norm() * b.norm()))
 

@@ -123,3 +123,20 @@ def test_influence_predicts_leave_one_out_retraining(digits_lr, H):
         # measured (direct): Spearman 0.977, 0.992, 0.977 per test point; per-point 0.98 is not met
         assert float(rho.mean()) >= 0.98 and bool((rho >= 0.97).all())
         assert bool((signs == 1).all())
+
+
+def test_return_info_gives_the_solvers_diagnostics_of_a_successful_run(digits_lr, H, test5):
+    m = digits_lr
+    ihvp = ti.cg(ti.hvp(m.objective(m.train), m.params), tol=1e-10)
+    scores, info = ti.influence(m.loss, m.params, m.train, test5, ihvp=ihvp, return_info=True)
+    torch.testing.assert_close(scores, _dense_scores(m, H, test5), rtol=1e-7, atol=1e-12)
+    G_test = ti.per_example_grads(m.loss, m.params, test5)
+    _, reference = ihvp.solve(G_test)
+    assert bool(info.converged.all()) and info.iterations.shape == (5,)
+    assert info.iterations.tolist() == reference.iterations.tolist() and 0 < int(info.iterations.max()) < 100
+    assert float(info.relative_residual.max()) <= 1e-10
+    with pytest.raises(TypeError, match=r"ti.influence: `return_info=True` needs a solver of the library"):
+        ti.influence(m.loss, m.params, m.train, test5, ihvp=lambda v: v, return_info=True)
+    starved = ti.cg(ti.hvp(m.objective(m.train), m.params), tol=1e-10, maxiter=2)
+    with pytest.raises(ti.ConvergenceError):                       # the solver's on_failure policy still applies
+        ti.influence(m.loss, m.params, m.train, test5, ihvp=starved, return_info=True)

@@ -12,7 +12,7 @@ pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 FOLDER = Path(__file__).resolve().parent.parent / "notebooks"
-WITH_FIGURES = {"quickstart", "figure2", "mislabels"}
+WITH_FIGURES = {"quickstart", "figure2", "mislabels", "language_model", "deep_models"}
 
 
 def _build_module():

@@ -38,6 +38,11 @@ def test_huggingface_recipe():
     assert "most helpful training windows for query 0" in out
 
 
+def test_large_data_recipe():
+    out = _run(sys.executable, str(RECIPES / "large_data.py"))
+    assert "fraction of the top-5 helpful training digits with the query's label" in out
+
+
 @pytest.mark.slow
 def test_distributed_recipe():
     out = _run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

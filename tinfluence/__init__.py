@@ -14,7 +14,7 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from . import distributed, io, plot
+from . import distributed, io, plot, text
 from .core import data, factored, optim, tree
 from .core.data import chunks, from_loader, num_examples, take
 from .core.errors import ConvergenceError, DivergenceError
@@ -24,6 +24,9 @@ from .core.operator import LinearOperator
 from .core.transforms import ggn_vp, hessian, hvp, per_example_grad_fn, per_example_grads, to_dense
 from .core.tree import ravel, unravel, vdot
 from .io import influence_to_files, load_checkpoints
+from .methods.compressed import (ProjectedCurvature, Projector, compressed_grad_fn, compressed_grads,
+                                 compressed_influence, projected_curvature, projector)
+from .methods.tokens import query_token_influence, token_grads, train_token_influence
 from .methods.empirical_if import ReverseCheck, empirical_if, reverse_check
 from .methods.influence import influence, self_influence
 from .methods.knn import knn_candidates
@@ -48,7 +51,7 @@ del _name
 
 __all__ = [
     # namespaces
-    "data", "tree", "factored", "optim", "distributed", "io", "plot",
+    "data", "tree", "factored", "optim", "distributed", "io", "plot", "text",
     # core: model, data, objective, kernels
     "functionalize", "chunks", "from_loader", "num_examples", "take", "Objective", "objective",
     "per_example_grad_fn", "per_example_grads", "hvp", "ggn_vp", "hessian", "to_dense", "ravel", "unravel", "vdot",
@@ -63,4 +66,7 @@ __all__ = [
     # validation and result files
     "leave_one_out", "lbfgs_trainer", "newton_trainer", "pearson", "spearman", "topk_overlap", "sign_agreement",
     "lds", "LDSResult", "influence_to_files", "load_checkpoints", "Checkpoint",
+    # compressed gradients (LoGra), projected curvature
+    "Projector", "projector", "compressed_grad_fn", "compressed_grads", "ProjectedCurvature", "projected_curvature",
+    "compressed_influence", "token_grads", "query_token_influence", "train_token_influence",
 ]

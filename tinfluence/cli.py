@@ -1,6 +1,7 @@
 """The `tinfluence` command.
 
     tinfluence demo                                   # Koh & Liang's Figure 2 on digits, no download
+    tinfluence run examples/multimodal.py --top-k 10  # the same pipeline for your own model (a task file)
     tinfluence demo --method cg lissa tracin empirical --test-ids 0 1 2 --top-k 100 --out runs/demo
     torchrun --standalone --nproc_per_node=2 -m tinfluence demo --distributed
 """
@@ -29,8 +30,8 @@ def _version() -> str:
         return "unknown (the package is not installed; run `pip install -e .` in the repository)"
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """Returns the parser of the `tinfluence` command and that of its `demo` subcommand."""
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Returns the parser of the `tinfluence` command and those of its `demo` and `run` subcommands."""
     from .demo import METHODS, N_TRAIN
 
     parser = argparse.ArgumentParser(
@@ -66,7 +67,71 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--distributed", action="store_true",
                       help="shard the scoring over the processes started by torchrun (gloo; same numbers as one "
                            "process); rank 0 retrains, prints and writes")
-    return parser, demo
+    return parser, demo, _run_parser(commands)
+
+
+def _run_parser(commands) -> argparse.ArgumentParser:
+    from .pipeline import METHODS
+
+    run = commands.add_parser(
+        "run", help="the pipeline for your own model, defined in a task file",
+        description=(
+            "Runs TASK (a Python file defining train, test, loss(params, batch) and params; see examples/ and "
+            "tinfluence/tasks/digits.py): trains or loads the model, scores every chosen test point (one file per "
+            "test point plus an index, OUT/scores/<method>/), retrains without the top-k training points by |score| "
+            "(OUT/loo.jsonl, id -1 the base run), and writes figure2.png, top_examples_<method>.png (with `images`), "
+            "table.json and changes.csv. Every stage resumes; a folder of another task or other settings is refused "
+            "and left as it is (name a new --out, or pass --fresh)."))
+    run.add_argument("task", metavar="TASK", help="the task file (or the name of a bundled task: digits)")
+    run.add_argument("--out", metavar="DIR", help="output folder, created if missing (default: runs/<task name>)")
+    run.add_argument("--method", nargs="+", choices=list(METHODS), metavar="METHOD",
+                     help=f"methods, any of: {', '.join(METHODS)} (default: the task's `method`)")
+    run.add_argument("--test-ids", nargs="+", type=int, metavar="ID", help="test points to explain (default: the task's)")
+    run.add_argument("--top-k", type=int, metavar="K", help="training points per method and test point to retrain without")
+    run.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
+    run.add_argument("--fresh", action="store_true",
+                     help="delete this pipeline's own files in OUT (from a run with other settings) and start afresh")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return run
+
+
+def _task_path(name: str) -> str:
+    """A path as given, or the file of a bundled task (`digits` -> tinfluence/tasks/digits.py)."""
+    bundled = os.path.join(os.path.dirname(__file__), "tasks", f"{name}.py")
+    return bundled if not os.path.exists(name) and os.path.isfile(bundled) else name
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`tinfluence run`: loads the task, checks and claims OUT, runs the pipeline."""
+    import torch
+
+    from .pipeline import TaskError, load_task, run_task, task_folder
+
+    if args.threads < 1:
+        parser.error(f"argument --threads: must be >= 1; got {args.threads}.")
+    torch.set_num_threads(args.threads)
+    given = {"method": args.method, "test_ids": args.test_ids, "top_k": args.top_k}
+    try:
+        task = load_task(_task_path(args.task), **{k: v for k, v in given.items() if v is not None})
+    except TaskError as err:
+        print(err, file=sys.stderr, flush=True)
+        return 2
+    out = args.out or os.path.join("runs", task.name)
+    folder = task_folder(out, task)
+    try:
+        state = folder.check(args.fresh)
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        parser.error(f"argument --out: cannot write to {out!r} ({err.strerror or err}); choose a folder you can write to.")
+    folder.claim(args.fresh)
+    if state == "resume":
+        print(f"{out} holds a run with the same task and settings (run.json): resuming it.", flush=True)
+    elif state == "fresh":
+        print(f"--fresh: deleted this pipeline's earlier files in {out}; starting afresh.", flush=True)
+    run_task(task, out, progress=not args.no_progress, echo=lambda line: print(line, flush=True))
+    return 0
 
 
 def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -123,52 +188,57 @@ def main(argv: list[str] | None = None) -> int:
     files are consistent at every moment, and the same command picks up where it stopped. A
     result folder that must not be touched ends it with status 2 and a message.
     """
-    from .demo import FolderError
+    from .core.errors import ConvergenceError
+    from .pipeline import FolderError
 
+    parser, demo_parser, run_parser = _parsers()
+    args = parser.parse_args(argv)
     try:
-        return _main(argv)
+        return _run(run_parser, args) if args.command == "run" else _demo(demo_parser, args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
         return INTERRUPTED
-    except FolderError as err:          # found once the run reads OUT/loo.jsonl: nothing was changed
-        print(f"tinfluence demo: error: {err}", file=sys.stderr, flush=True)
+    except FolderError as err:          # found before anything in OUT was changed
+        print(f"tinfluence {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except ConvergenceError as err:     # training or a retraining did not converge: the finished results stay
+        print(f"tinfluence {args.command}: error: {err} The finished results stay in the output folder; change the "
+              "task's settings (a new folder) or rerun the same command to resume.", file=sys.stderr, flush=True)
+        return 1
 
 
-def _main(argv: list[str] | None) -> int:
-    parser, demo_parser = _parsers()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        import torch
+def _demo(demo_parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`tinfluence demo`."""
+    import torch
 
-        from . import demo
+    from . import demo
 
-        _check_demo(demo_parser, args)
-        _claim_out(args)
-        torch.set_num_threads(args.threads)
-        group, lead = None, True
-        if args.distributed:
-            import torch.distributed as dist
+    _check_demo(demo_parser, args)
+    _claim_out(args)
+    torch.set_num_threads(args.threads)
+    group, lead = None, True
+    if args.distributed:
+        import torch.distributed as dist
 
-            from .distributed import init
+        from .distributed import init
 
-            group = init("gloo")
-            lead = dist.get_rank() == 0
-        try:
-            demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed,
-                     progress=lead and not args.no_progress, group=group,
-                     echo=(lambda line: print(line, flush=True)) if lead else (lambda line: None))
-        finally:
-            if group is not None:
-                dist.destroy_process_group()
+        group = init("gloo")
+        lead = dist.get_rank() == 0
+    try:
+        demo.run(args.method, args.test_ids, args.top_k, args.out, seed=args.seed,
+                 progress=lead and not args.no_progress, group=group,
+                 echo=(lambda line: print(line, flush=True)) if lead else (lambda line: None))
+    finally:
         if group is not None:
-            # References to the group that outlive `run` (not visible to the garbage collector) keep gloo's
-            # C++ process group alive to interpreter shutdown, where its destructor races the backend's
-            # threads and aborts the process (SIGABRT, "terminate called without an active exception").
-            # A torchrun worker has nothing left to finalize: it ends here.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            dist.destroy_process_group()
+    if group is not None:
+        # References to the group that outlive `run` (not visible to the garbage collector) keep gloo's
+        # C++ process group alive to interpreter shutdown, where its destructor races the backend's
+        # threads and aborts the process (SIGABRT, "terminate called without an active exception").
+        # A torchrun worker has nothing left to finalize: it ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -29,21 +26,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .core import data as D
 from . import plot
+from .core import data as D
 from .core import tree as tr
+from .core.model import functionalize
+from .core.objective import objective
+from .core.transforms import hessian, hvp
 from .distributed import shard
-from .io.scores import _atomic_write
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
-from .core.model import functionalize
-from .core.objective import objective
-from .solvers import minimize
-from .solvers import cg, direct, lissa
-from .core.transforms import hessian, hvp
-from .validate import leave_one_out, newton_trainer, pearson, sign_agreement, spearman
-from .validate.loo import leave_one_out_records
+from .pipeline import Folder, FolderError, metrics, retrain_sets, retrain_stage, table_text
+from .solvers import cg, direct, lissa, minimize
+from .validate import newton_trainer
 
 __all__ = ["METHODS", "N_TRAIN", "L2", "GD_STEPS", "GD_LR", "Problem", "DemoResult", "FolderError", "load_digits_split",
            "digits_problem", "gd_checkpoints", "settings", "check_out", "claim_out", "run"]
@@ -53,8 +48,6 @@ L2 = 1e-2
 GD_STEPS = 20
 GD_LR = 2.0
 IMAGE_SHAPE = (8, 8)
-RUN_FILE = "run.json"     # the settings of the run a folder holds, written before any work
-STAGING = ".writing-"     # prefix of the folder in which the outputs are written before they are moved into place
 
 
 def load_digits_split(n_train: int = N_TRAIN):
@@ -181,35 +174,6 @@ class DemoResult(NamedTuple):
     table: list        # dicts: method, pearson, spearman, sign, seconds
 
 
-def _retrain_sets(scores: dict, top_k: int) -> list:
-    """Per test point, the union over methods of the top-k training ids by |score| (sorted lists)."""
-    tops = torch.cat([s.abs().topk(top_k, dim=1).indices for s in scores.values()], dim=1)   # [n_test, m·k]
-    return [sorted(set(row.tolist())) for row in tops]
-
-
-def _metrics(name: str, scores: torch.Tensor, actual: torch.Tensor, columns: dict, sets: list, top_k: int) -> dict:
-    """Mean over test points of Pearson/Spearman on each test's retrained set, and top-k sign agreement."""
-    rows = []
-    for t, ids in enumerate(sets):
-        cols = torch.tensor([columns[i] for i in ids])
-        s, a = scores[t, ids], actual[t, cols]
-        rows.append((pearson(s, a), spearman(s, a), sign_agreement(s, a, k=min(top_k, len(ids)))))
-    p, r, g = (torch.stack(col).mean().item() for col in zip(*rows))
-    return {"method": name, "pearson": p, "spearman": r, "sign": g}
-
-
-def _table_text(table: list, top_k: int) -> str:
-    head = f"{'method':<10} {'pearson':>8} {'spearman':>9} {f'sign@{top_k}':>9} {'time [s]':>9}"
-    lines = [head, "-" * len(head)]
-    lines += [f"{r['method']:<10} {r['pearson']:>8.4f} {r['spearman']:>9.4f} {r['sign']:>9.3f} {r['seconds']:>9.2f}"
-              for r in table]
-    return "\n".join(lines)
-
-
-class FolderError(ValueError):
-    """An output folder holds results the demo must not touch: another run's, or damaged ones."""
-
-
 def settings(methods, test_ids, top_k: int, seed: int) -> dict:
     """The settings that decide a demo run's results: its identity in `run.json` and `loo.jsonl`."""
     return {"demo": "digits logistic regression", "methods": list(methods), "test_ids": list(test_ids),
@@ -219,6 +183,10 @@ def settings(methods, test_ids, top_k: int, seed: int) -> dict:
 def _flags(settings: dict) -> str:
     return (f"--method {' '.join(settings['methods'])} --test-ids {' '.join(map(str, settings['test_ids']))} "
             f"--top-k {settings['top_k']} --seed {settings['seed']}")
+
+
+def _folder(out: str, settings: dict) -> Folder:
+    return Folder(out, settings, FILES, "the demo's", _flags)
 
 
 def check_out(out: str, settings: dict, fresh: bool) -> str:
@@ -232,40 +200,16 @@ def check_out(out: str, settings: dict, fresh: bool) -> str:
       FolderError: `out` holds the demo's files of a run with other settings, or without
         `run.json` (an older version's), and `fresh` is False. Nothing is changed.
     """
-    present = [name for name in (*FILES, RUN_FILE) if os.path.exists(os.path.join(out, name))]
-    if not present:
-        return "new"
-    if fresh:
-        return "fresh"
-    try:
-        with open(os.path.join(out, RUN_FILE)) as f:
-            theirs = json.load(f)
-    except (OSError, ValueError):
-        theirs = None
-    if theirs == settings:
-        return "resume"
-    if isinstance(theirs, dict) and theirs.keys() == settings.keys():
-        held = f"results of a run with other settings ({_flags(theirs)})"
-    else:
-        held = f"the demo's files ({', '.join(present)}) without a readable {RUN_FILE} (an older version's run)"
-    raise FolderError(f"{out} holds {held}; this command has {_flags(settings)}. Nothing was changed. Name a new folder "
-                      f"with --out, or pass --fresh to delete that run's files ({', '.join((*FILES, RUN_FILE))}) in "
-                      f"{out} and start afresh.")
+    return _folder(out, settings).check(fresh)
 
 
 def claim_out(out: str, settings: dict, fresh: bool) -> None:
-    """Makes `out` this run's: with `fresh` deletes the demo's own files there, removes half-written
-    outputs of an interrupted run, and writes `run.json`. Call after `check_out`, on one process."""
-    os.makedirs(out, exist_ok=True)
-    for name in (*FILES, RUN_FILE) if fresh else ():
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    for entry in os.scandir(out):
-        if entry.name.startswith(STAGING) and entry.is_dir():
-            shutil.rmtree(entry.path)
-    path, text = Path(out) / RUN_FILE, json.dumps(settings, indent=1).encode()
-    if not path.exists() or path.read_bytes() != text:
-        _atomic_write(path, text, "tinfluence demo")
+    """Makes `out` this run's; call after `check_out`, on one process.
+
+    With `fresh` deletes the demo's own files there; removes half-written outputs of an
+    interrupted run; writes `run.json`.
+    """
+    _folder(out, settings).claim(fresh)
 
 
 def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: bool = True,
@@ -308,32 +252,23 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
         seconds[name] = time.perf_counter() - tic
     if group is not None and dist.get_rank(group) != 0:
         return None
-    sets = _retrain_sets(scores, top_k)
+    sets = retrain_sets(scores, top_k)
     retrained = sorted(set().union(*sets))
-    path, meta = os.path.join(out, "loo.jsonl"), settings(methods, test_ids, top_k, seed)
-    try:
-        records = leave_one_out_records(path, problem.params, problem.train, test, meta=meta)
-    except ValueError as err:
-        raise FolderError(f"{err} Or pass --fresh to start {out} afresh.") from None
-    models, resumed = len(retrained) + 1, len(records.keys() & {-1, *retrained})
-    echo(f"leave-one-out: {models} models, the base run and {len(retrained)} removals (each of the top {top_k} "
-         "training points by |score| of each method, united per test point), warm-started from θ̂ (Newton "
-         "iterations with the full-data Hessian, to gradient max-norm 1e-10)")
-    echo(f"resumed {resumed}/{models} models from {path}; {models - resumed} to retrain ..." if resumed
-         else f"retraining {models} models ...")
-    tic = time.perf_counter()
+    meta = settings(methods, test_ids, top_k, seed)
     train_fn = newton_trainer(problem.loss, problem.params, problem.train, l2=problem.l2, gtol=1e-10)
-    actual = leave_one_out(train_fn, problem.params, problem.train, test, retrained, measure=problem.loss,
-                           out=path, meta=meta, progress=progress)                     # [n_test, len(retrained)]
-    echo(f"leave-one-out: retrained {models - resumed} models in {time.perf_counter() - tic:.1f} s"
-         + (f" ({resumed} resumed)" if resumed else ""))
+    actual = retrain_stage(train_fn, problem.params, problem.train, test, retrained, measure=problem.loss,
+                           path=os.path.join(out, "loo.jsonl"), meta=meta, progress=progress, echo=echo,
+                           describe=f"(each of the top {top_k} training points by |score| of each method, united per "
+                                    "test point), warm-started from θ̂ (Newton iterations with the full-data Hessian, "
+                                    "to gradient max-norm 1e-10)",
+                           hint=f"Or pass --fresh to start {out} afresh.")                # [n_test, len(retrained)]
     columns = {i: j for j, i in enumerate(retrained)}
-    table = [_metrics(name, scores[name], actual, columns, sets, top_k) | {"seconds": seconds[name]} for name in methods]
+    table = [metrics(name, scores[name], actual, columns, sets, top_k) | {"seconds": seconds[name]} for name in methods]
     echo("")
     echo(f"test ids {list(test_ids)}: predicted vs actual change in test loss when a training point is removed")
     echo("(pearson/spearman over each test point's retrained set, then averaged over test points; "
          f"sign@{top_k}: sign agreement on each method's own top {top_k})")
-    echo(_table_text(table, top_k))
+    echo(table_text(table, top_k))
     echo("")
     for name in methods:
         echo(f"  {name:<10} {METHODS[name].label}")
@@ -344,12 +279,10 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
         echo("TracIn and EmpiricalIF have their own scale: compare them by correlation (Pearson is scale-invariant), "
              "not by magnitude.")
     result = DemoResult(list(test_ids), scores, retrained, actual, table)
-    staging = tempfile.mkdtemp(prefix=STAGING, dir=out)      # written whole, then moved into place file by file
-    _write(result, problem, sets, top_k, staging)
-    for name in sorted(os.listdir(staging)):
-        os.replace(os.path.join(staging, name), os.path.join(out, name))
-    os.rmdir(staging)
-    echo(f"wrote {', '.join(name for name in FILES if os.path.exists(os.path.join(out, name)))} to {out}  (total {time.perf_counter() - start:.1f} s)")
+    with _folder(out, meta).staged() as staging:      # written whole, then moved into place file by file
+        _write(result, problem, sets, top_k, staging)
+    written = ", ".join(name for name in FILES if os.path.exists(os.path.join(out, name)))
+    echo(f"wrote {written} to {out}  (total {time.perf_counter() - start:.1f} s)")
     return result
 
 

@@ -14,13 +14,14 @@ from ..core import collectives as dd
 from ..core import tree as tr
 from ..core.errors import check_params
 from ..core.transforms import per_example_grad_fn, per_example_grads
+from ..solvers._result import report
 
 __all__ = ["influence", "self_influence"]
 
 
 def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: Callable | None = None,
               chunk_size: int | None = None, candidates: torch.Tensor | None = None, group=None,
-              gather: bool = True) -> torch.Tensor:
+              gather: bool = True, return_info: bool = False):
     """Returns the influence of every training example on every test example, `[n_test, n_train]`.
 
         score[t, i] = (1/n) ∇_θ m(θ̂, z_t)ᵀ (H + λI)⁻¹ ∇_θ ℓ(θ̂, z_i),
@@ -65,11 +66,16 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
         `[n_test, n_train]` matrix on every rank (True, default) or return this rank's
         block `[n_test, n_local]` (False). With `candidates` (global ids) every rank
         returns the full `[n_test, k]` result.
+      return_info: also return the solver's diagnostics of the test-gradient solve (one
+        `ti.SolveInfo`, per test point: status, iterations, true relative residual), e.g.
+        how many CG iterations a successful run took. Needs a solver of the library
+        (`ihvp.solve`); its `on_failure` policy still applies.
 
     Returns:
       Tensor `[n_test, n_train]` (`[n_test, k]` with `candidates`, `[n_test, n_local]` with
       `gather=False`), dtype and device of `params`; positive = helpful. With a group the
-      matrix equals a single process's on the concatenated shards.
+      matrix equals a single process's on the concatenated shards. With `return_info`, the
+      pair `(scores, info)`.
 
     Raises:
       ValueError: `test` and `train` differ in structure or in per-example shapes, or either
@@ -94,12 +100,14 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     if candidates is not None:
         _check_candidates(candidates, n_test, n)
     G_test = per_example_grads(measure or loss, params, test, chunk_size=chunk_size)   # leaves [n_test, ...]
-    U = checked_solve("ti.influence", ihvp, G_test)                                       # leaves [n_test, ...]
+    U, info = checked_solve("ti.influence", ihvp, G_test, with_info=return_info)          # leaves [n_test, ...]
     kernel = per_example_grad_fn(loss, where="ti.influence")
     if candidates is not None:
-        return _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
-    local = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), train, chunk_size, dim=1) / n
-    return dd.gather_columns(local, group) if gather else local
+        scores = _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
+    else:
+        local = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), train, chunk_size, dim=1) / n
+        scores = dd.gather_columns(local, group) if gather else local
+    return (scores, info) if return_info else scores
 
 
 def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) -> torch.Tensor:
@@ -188,7 +196,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
         start, stop = (int(b) for b in bounds[rank])
         mine = D.take(train, slice(start, stop))
         G = kernel(params, mine) if stop > start else tr.map(lambda p: p.new_zeros((0, *p.shape)), params)
-        U = checked_solve("ti.self_influence", ihvp, dd.gather_rows(G, rows, group, where="ti.self_influence"))
+        U, _ = checked_solve("ti.self_influence", ihvp, dd.gather_rows(G, rows, group, where="ti.self_influence"))
         if stop > start:
             first = int(rows[:rank].sum())
             parts.append(pair(G, tr.map(lambda leaf, a=first, b=first + stop - start: leaf[a:b], U)))
@@ -196,14 +204,24 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
     return dd.gather_columns(local / int(counts.sum()), group)
 
 
-def checked_solve(where: str, ihvp: Callable, V):
-    """`ihvp(V)` for a stack `V` (leaves `[k, ...]`), checked to be a finite stack shaped like `V`.
+def checked_solve(where: str, ihvp: Callable, V, *, with_info: bool = False):
+    """`(ihvp(V), info)` for a stack `V` (leaves `[k, ...]`), checked to be a finite stack shaped like `V`.
 
     A solver returning another number of vectors, another structure, shape, dtype or
     device, or a NaN/inf would otherwise turn into a silently wrong score matrix. Costs
-    one host sync (the finiteness test).
+    one host sync (the finiteness test). `info` is the `ti.SolveInfo` of `ihvp.solve(V)`
+    with `with_info` (the solver's `on_failure` policy applied to it), else None.
     """
-    U = ihvp(V)
+    if with_info:
+        solve = getattr(ihvp, "solve", None)
+        if not callable(solve):
+            raise TypeError(f"{where}: `return_info=True` needs a solver of the library (ti.cg, ti.lissa, ti.direct, "
+                            f"ti.ekfac(...).ihvp), whose `ihvp.solve(v)` reports its diagnostics; got "
+                            f"{type(ihvp).__name__}. Drop return_info for a plain function.")
+        U, info = solve(V)
+        report(info, getattr(ihvp, "on_failure", "raise"), stacklevel=4)
+    else:
+        U, info = ihvp(V), None
     expected, got = optree.tree_structure(V, namespace=""), optree.tree_structure(U, namespace="")
     fix = ("`ihvp` must map a stack of k vectors (leaves [k, ...]) to (H + λI)⁻¹ applied to each, a stack of the "
            "same structure, shapes, dtype and device (ti.direct, ti.cg, ti.lissa do)")
@@ -229,7 +247,7 @@ def checked_solve(where: str, ihvp: Callable, V):
         bad = [".".join(map(str, p)) for p, ok in zip(paths, finite.tolist()) if not ok]
         raise ValueError(f"{where}: `ihvp` returned NaN or inf in leaf {bad[0]!r}: the solve failed. For ti.cg or "
                          "ti.lissa raise `damping` (or LiSSA's `scale`), and keep on_failure='raise' to see why.")
-    return U
+    return U, info
 
 
 def _check_alike(train, test) -> None:

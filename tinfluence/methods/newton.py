@@ -105,7 +105,7 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
 
     Example:
       >>> delta = ti.newton_loo(loss, params, train, test, l2=1e-2, indices=top_k,
-      ...                       predict=predict, output_loss=output_loss)  # doctest: +SKIP
+      ...                       predict=predict, output_loss=output_loss)          # [n_test, 4]
     """
     where = "ti.newton_loo"
     n = _check(where, params, train, l2, damping, predict, output_loss)

@@ -33,7 +33,7 @@ from typing import Callable
 
 import optree
 import torch
-from torch.func import grad
+from torch.func import grad, vjp, vmap
 from tqdm.auto import tqdm
 
 from ..core import data as D
@@ -47,6 +47,8 @@ __all__ = ["TrainingRun", "group_influence", "replay_effect", "training_run", "t
 
 DEFAULT_MEMORY_BUDGET = 1 << 30   # bytes of stored training states in trajectory_influence
 PROGRESS = "progress.pt"
+LARGE_STACK = 2 << 20             # bytes of a cotangent stack above which the reverse pass goes in row blocks
+ROW_BLOCK = 16                    # rows per block (see _pullback_blocks)
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,10 +228,23 @@ def _pullback(parts: tuple, theta, state, t: int, weights: torch.Tensor, lam, mu
     Returns (λ for θ_t, μ for s_t, the w-cotangents `[k, |B_t|]` of the batch's examples), from
     one vector-Jacobian product of the whole step (θ_t, s_t, w_{B_t}) ↦ (θ_{t+1}, s_{t+1}), the
     gradient of the batch loss included, so the Hessian-vector product and the optimizer's
-    state terms are exact. The step's graph is built once with autograd (`create_graph`) and
-    its backward runs batched over the k rows (`is_grads_batched`, vmap inside autograd):
-    measured 1.5–2× faster than `vmap` over a `torch.func.vjp` for a few rows on small models,
-    the same for 100 rows.
+    state terms are exact. Two ways to batch it over the k rows, chosen by the size of the
+    cotangent stack (k × the bytes of θ and s, against `LARGE_STACK`, about a cache's worth):
+    a small stack goes in one batched autograd backward (`_pullback_graph`), a large one in
+    blocks of `ROW_BLOCK` rows through `vmap` over a `torch.func.vjp` (`_pullback_blocks`).
+    Both are exact; they agree to round-off.
+    """
+    large = tr.leading_size(lam) * _state_bytes(theta, state) > LARGE_STACK
+    return (_pullback_blocks if large else _pullback_graph)(parts, theta, state, t, weights, lam, mu)
+
+
+def _pullback_graph(parts: tuple, theta, state, t: int, weights: torch.Tensor, lam, mu: list) -> tuple:
+    """`_pullback` for a small stack: one batched autograd backward through the step's graph.
+
+    The graph is built once with autograd (`create_graph`) and its backward runs batched over
+    the k rows (`is_grads_batched`, vmap inside autograd): measured 1.3–2× faster than `vmap`
+    over a `torch.func.vjp` for one row on the digits models, and for 100 rows of digits
+    logistic regression and the 64-32-10 MLP.
     """
     loss, train, optimizer, batches = parts
     ids = batches[t]
@@ -251,6 +266,32 @@ def _pullback(parts: tuple, theta, state, t: int, weights: torch.Tensor, lam, mu
     pulled = [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) if d is None else d.detach()
               for x, d in zip(inputs, pulled)]
     return optree.tree_unflatten(spec, pulled[:len(leaves)]), pulled[len(leaves):-1], pulled[-1]
+
+
+def _pullback_blocks(parts: tuple, theta, state, t: int, weights: torch.Tensor, lam, mu: list) -> tuple:
+    """`_pullback` for a large stack: `vmap` over one `torch.func.vjp` of the step, in blocks of rows.
+
+    The step's gradient is `torch.func.grad`; blocks of `ROW_BLOCK` rows keep a block's
+    intermediates in cache.
+
+    Measured for 100 measures (one thread, plain SGD, 100 steps of 100 examples): the digits CNN
+    22.8 s → 13.5 s, the 64-128-10 MLP 8.9 s → 6.5 s against `_pullback_graph` (where autograd's
+    legacy batching loops over the rows for tanh_backward, log_softmax and convolution backward).
+    """
+    loss, train, optimizer, batches = parts
+    ids = batches[t]
+    batch = D.take(train, ids)
+    floats, rebuild = _split_state(state)
+    objective = _batch_objective(loss)
+
+    def step(params, f, w):
+        new_theta, new_state = optimizer.step(params, rebuild(f), grad(objective)(params, batch, w))
+        return new_theta, _split_state(new_state)[0]
+
+    _, pull = vjp(step, theta, floats, weights[ids])
+    blocks = [vmap(pull)(tr.map(lambda x, a=a: x[a:a + ROW_BLOCK], (lam, mu)))
+              for a in range(0, tr.leading_size(lam), ROW_BLOCK)]
+    return tuple(optree.tree_map(lambda *xs: torch.cat(xs), *blocks, namespace=""))
 
 
 def _state_bytes(theta, state) -> int:

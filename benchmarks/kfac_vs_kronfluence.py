@@ -2,6 +2,12 @@
 
     python benchmarks/kfac_vs_kronfluence.py              # digits-lr and digits-mlp, writes RESULTS-kfac.md
     python benchmarks/kfac_vs_kronfluence.py --task digits-mlp --repeats 3
+    python benchmarks/kfac_vs_kronfluence.py --preconditioning --task digits-lr --task fmnist-lr --out /tmp/p.md
+
+`--preconditioning` measures instead where EK-FAC pays as a preconditioner: CG over the
+Gauss-Newton matrix + l2·I (for logistic regression the Hessian itself) plain, Nyström- and
+EK-FAC-preconditioned; and LiSSA's true residual against its depth, plain, EK-FAC-preconditioned
+and warm-started, on digits-lr and on digits-lr with badly scaled input features.
 
 Settings matched (strategy "ekfac"):
 - Fisher labels: the given labels (tinfluence `fisher="empirical"`, kronfluence
@@ -109,7 +115,118 @@ def preconditioned_cg(task, tol: float):
     return out
 
 
+def _test_rows(task):
+    """The test points the inverse-HVP methods score (the first `ihvp_test` on Fashion-MNIST) and their exact rows."""
+    rows = task.ihvp_test or task.n_test
+    return ti_take(task.test, rows), task.exact[:rows]
+
+
+def ti_take(data, rows):
+    return tuple(t[:rows] for t in data)
+
+
+def cg_rows(task) -> list[str]:
+    """Plain, Nyström- and EK-FAC-preconditioned CG over GGN + l2·I (= the Hessian for logistic regression), every
+    test point in one stack; the sketch and the fit inside each time; Pearson with the task's exact influence."""
+    import tinfluence as ti
+    from peers import CG
+
+    params, loss, predict, output_loss = _split(task)
+    test, exact = _test_rows(task)
+    tol, rank = CG[task.name]
+    lines = [f"### {task.name}: CG to relative residual {tol:g}, {len(exact)} test points", "",
+             "| CG | iterations (max over test points) | time (s) | Pearson with the direct solve |", "|---|---|---|---|"]
+    def solve(name, train):
+        op = ti.ggn_vp(predict, params, train, output_loss=output_loss, l2=task.l2)
+        pre = None
+        if name.startswith("Nyström"):
+            pre = ti.nystrom(op, rank=rank, generator=torch.Generator().manual_seed(0))
+        elif name.startswith("EK-FAC"):
+            pre = ti.ekfac(loss, params, train, predict=predict, output_loss=output_loss,
+                           fisher="ggn" if "ggn" in name else "empirical", damping=task.l2)
+        return ti.cg_solve(op, ti.per_example_grads(loss, params, test), tol=tol, maxiter=2000, preconditioner=pre)
+
+    variants = ("plain", f"Nyström rank {rank}", "EK-FAC (fisher=\"ggn\")", "EK-FAC (empirical Fisher)")
+    for name in variants:                                   # warm-up on 256 examples, so no row pays first-call costs
+        solve(name, ti_take(task.train, 256))
+    for name in variants:
+        start = time.perf_counter()
+        X, info = solve(name, task.train)
+        scores = torch.cat([ti.tree.pairwise_vdot(X, ti.per_example_grads(loss, params, chunk))
+                            for chunk in zip(*(t.split(4096) for t in task.train))], 1) / task.n_train
+        seconds = time.perf_counter() - start
+        lines.append(f"| {name} | {int(info.iterations.max())} | {seconds:.2f} | {_pearson(scores, exact):.6f} |")
+        print(lines[-1], flush=True)
+    return lines + [""]
+
+
+def _rescaled(task, low: float = -1.5, high: float = 1.5):
+    """The logistic-regression task with its input features multiplied by factors 10^low … 10^high (a fixed
+    permutation), retrained to its optimum: the ill-conditioning that layer-input statistics cause."""
+    import tinfluence as ti
+
+    scales = torch.logspace(low, high, task.train[0].shape[1], dtype=task.dtype)
+    scales = scales[torch.randperm(len(scales), generator=torch.Generator().manual_seed(0))]
+    train, test = (task.train[0] * scales, task.train[1]), (task.test[0] * scales, task.test[1])
+    params, loss, _, _ = _split(task)
+    params = ti.minimize(ti.objective(loss, train, l2=task.l2), ti.tree.zeros_like(params), gtol=1e-10, newton_steps=5)
+    return params, train, test
+
+
+def lissa_rows(task, depths=(30, 100, 300, 1000), batch_size: int = 256) -> list[str]:
+    """LiSSA's TRUE relative residual ‖(H + l2 I)x − v‖/‖v‖ (max and median over 10 test points) against depth: plain,
+    preconditioned by EK-FAC (fisher="ggn", damping = l2), and preconditioned with the EK-FAC solution as warm start;
+    on the task and on its rescaled-input variant. scale="auto" for each (its estimate inside the time)."""
+    import tinfluence as ti
+
+    params, loss, predict, output_loss = _split(task)
+    lines = [f"### LiSSA on {task.name}: true relative residual against depth (batch {batch_size}, 10 test points)", "",
+             "| inputs | κ(H + l2 I) | variant | " + " | ".join(f"depth {d}: max / median (s)" for d in depths) + " |",
+             "|---|---|---|" + "---|" * len(depths)]
+    for inputs, (p, train, test) in (("standardized", (params, task.train, task.test)),
+                                     ("rescaled 10^±1.5", _rescaled(task))):
+        H = ti.hessian(ti.objective(loss, train, l2=task.l2), p)
+        evals = torch.linalg.eigvalsh(H)
+        curv = ti.ekfac(loss, p, train, predict=predict, output_loss=output_loss, fisher="ggn", damping=task.l2)
+        G = ti.per_example_grads(loss, p, ti_take(test, 10))
+        for variant, options in (("plain", {}), ("EK-FAC-preconditioned", {"preconditioner": curv}),
+                                 ("EK-FAC-preconditioned, warm start x0 = EK-FAC solution",
+                                  {"preconditioner": curv, "x0": curv.ihvp})):
+            cells = []
+            for depth in depths:
+                start = time.perf_counter()
+                _, info = ti.lissa_solve(loss, p, train, G, l2=task.l2, depth=depth, batch_size=batch_size,
+                                         generator=torch.Generator().manual_seed(0), **options)
+                r = info.relative_residual
+                cells.append(f"{float(r.max()):.3f} / {float(r.median()):.3f} ({time.perf_counter() - start:.1f})")
+            lines.append(f"| {inputs} | {float(evals[-1] / evals[0]):.0f} | {variant} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+        V, X = ti.ravel(G, batch_ndim=1), ti.ravel(curv.ihvp(G), batch_ndim=1)
+        r = (X @ H - V).norm(dim=1) / V.norm(dim=1)                        # H is symmetric
+        lines.append(f"| {inputs} | | EK-FAC alone, x = (F̂ + l2 I)⁻¹ v | {float(r.max()):.3f} / {float(r.median()):.3f}"
+                     + " |" * len(depths))
+    return lines + [""]
+
+
+def preconditioning(args) -> None:
+    import run
+    import tasks
+
+    lines = ["## Where EK-FAC preconditioning pays", "",
+             "Command: `python benchmarks/kfac_vs_kronfluence.py " + " ".join(sys.argv[1:]) + "`", ""]
+    for name in args.task or ["digits-lr", "fmnist-lr"]:
+        sizes = (args.n_train or run.DEFAULT_SIZES[name][0], args.n_test or run.DEFAULT_SIZES[name][1])
+        task, _ = run.built(tasks, name, *sizes, **({"loo": 0} if name == "digits-lr" else {}))
+        lines += cg_rows(task)
+        if name == "digits-lr":
+            lines += lissa_rows(task)
+    print("\n".join(lines), flush=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _pearson(a, b) -> float:
+    a, b = a.double(), b.double()
     a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
     return float((a @ b) / (a.norm() * b.norm()))
 
@@ -142,13 +259,18 @@ def _kronfluence_in_peers(path: str, repeats: int) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3)
-    parser.add_argument("--task", action="append", choices=["digits-lr", "digits-mlp"])
+    parser.add_argument("--task", action="append", choices=["digits-lr", "digits-mlp", "fmnist-lr"])
+    parser.add_argument("--preconditioning", action="store_true", help="the preconditioning section instead")
+    parser.add_argument("--n-train", type=int, help="with --preconditioning: training-set size (default: run.py's)")
+    parser.add_argument("--n-test", type=int, help="with --preconditioning: test-set size (default: run.py's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS-kfac.md"))
     args = parser.parse_args()
     if args.child:
         return _child(args.child[0], args.child[1], int(args.child[2]))
     torch.set_num_threads(1)
+    if args.preconditioning:
+        return preconditioning(args)
     import run
     import tasks
 

@@ -38,11 +38,13 @@ PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/p
 # Method -> (reference attribute of the task, Pearson with it required by the check).
 CHECKS = {
     "exact": ("exact", 0.999999), "cg": ("exact", 0.999), "lissa": ("exact", 0.98), "arnoldi": ("exact", None),
-    "ekfac": ("exact", None),
+    "ekfac": ("exact", None), "ekfac-emp": ("exact", None),
     "tracin": ("exact_tracin", 0.999999), "tracin-fast": ("exact_tracin", None), "tracin-proj": ("exact_tracin", None),
     "grad-dot": ("grad_dot", 0.999999), "empirical-if": ("grad_dot", 0.99),
 }
-IHVP_METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
+IHVP_METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac", "ekfac-emp")
+PAIRED = ("ekfac", "ekfac-emp")       # methods whose scores are compared between tinfluence and kronfluence
+KEPT_ROWS = 20                        # score rows a paired child writes back for that comparison
 DEFAULT_SIZES = {"digits-lr": (1000, 100), "digits-mlp": (1000, 100), "fmnist-lr": (60000, 1000), "fmnist-mlp": (60000, 1000)}
 
 
@@ -101,10 +103,15 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
     scores = torch.as_tensor(scores).detach().to(torch.float64).reshape(task.n_test, task.n_train)
     out = {"times": times, "peak_mb": _peak_mb() - base}
+    if spec.get("scores_out"):
+        torch.save(scores[:KEPT_ROWS].clone(), spec["scores_out"])
     ref_name, threshold = CHECKS[spec["method"]]
     if (spec["library"], spec["method"]) in peers.APPROXIMATE:
         threshold = None
     reference = getattr(task, ref_name)
+    if reference is None:                                                      # e.g. no exact influence on fmnist-mlp
+        out["check"] = "no reference"
+        return out
     scores = scores[:len(reference)]                                           # references may cover the first rows only
     factor = float((scores * reference).sum() / (scores * scores).sum())       # least-squares scale to the reference
     out["factor"] = factor
@@ -179,8 +186,10 @@ def _table(task_name, rows) -> list[str]:
         t = min(r["times"])
         ratio = f"{t / base[r['method']]:.2f}" if r["method"] in base else "—"
         vs_exact = f"{r['exact_pearson']:.4f} / {r['exact_spearman']:.4f}" if "exact_pearson" in r else "—"
+        check = f"{r['check']} ({r['ref_pearson']:.6f})" if "ref_pearson" in r else r["check"]
+        factor = f"{r['factor']:.3g}" if "factor" in r else "—"
         line = (f"| {r['method']} | {r['library']} | {_fmt_t(t)} | {_fmt_t(statistics.median(r['times']))} | {r['peak_mb']:.0f} | "
-                f"{ratio} | {r['check']} ({r['ref_pearson']:.6f}) | {r['factor']:.3g} | {vs_exact} |")
+                f"{ratio} | {check} | {factor} | {vs_exact} |")
         if has_loo:
             line += f" {r['loo_pearson']:.4f} / {r['loo_spearman']:.4f} |" if "loo_pearson" in r else " |"
         out.append(line)
@@ -254,6 +263,8 @@ def main(argv=None) -> None:
                 if method not in peers.ADAPTERS[lib]:
                     continue
                 spec = {"task_file": path, "library": lib, "method": method, "repeats": args.repeats, "threads": args.threads}
+                if method in PAIRED:
+                    spec["scores_out"] = os.path.join(CACHE, f"scores-{name}-{lib}-{method}.pt")
                 timeout, stopped = args.timeout, "timed out"
                 own_wall = own_walls.get(method)
                 if lib != "tinfluence" and own_wall and args.stop_ratio and name.startswith("fmnist"):
@@ -264,13 +275,15 @@ def main(argv=None) -> None:
                     own_walls[method] = result["wall"]
                 result.update(library=lib, method=method)
                 rows.append(result)
-                shown = result.get("error") or f"{min(result['times']):.3f} s, check {result['check']} ({result['ref_pearson']:.6f})"
+                shown = result.get("error") or f"{min(result['times']):.3f} s, peak {result['peak_mb']:.0f} MB, {result['check']}" + (
+                    f" ({result['ref_pearson']:.6f})" if "ref_pearson" in result else "")
                 print(f"  {name:10s} {method:13s} {lib:11s} {shown}", flush=True)
         report += [f"{name}: {task.n_train} train × {task.n_test} test, {str(task.dtype).replace('torch.', '')}, l2={task.l2}" +
                    (f"; leave-one-out for {len(task.loo_ids)} training ids" if task.loo is not None else "") +
                    (f"; inverse-HVP methods score the first {task.ihvp_test} test points" if task.ihvp_test else "") +
                    (f"; references cover the first {len(task.grad_dot)} test points" if len(task.grad_dot) < task.n_test else ""), ""]
         report += _table(name, rows)
+        report += paired(name, rows, task.n_train)
         report += notes(rows, peers)
     if not args.no_micro:
         import micro
@@ -301,6 +314,32 @@ def built(tasks, name: str, n_train: int, n_test: int, **kw):
     os.replace(path + ".part", path)
     print(f"  built in {time.perf_counter() - start:.0f} s", flush=True)
     return task, path
+
+
+def paired(name: str, rows: list, n_train: int) -> list[str]:
+    """tinfluence beside kronfluence for each method in PAIRED that both ran: time and peak-memory ratios and the
+    relative difference of the scores' first KEPT_ROWS rows (tinfluence = kronfluence / n, the same sign)."""
+    import torch
+
+    found = {(r["library"], r["method"]): r for r in rows if "times" in r}
+    out = []
+    for method in PAIRED:
+        ours, theirs = found.get(("tinfluence", method)), found.get(("kronfluence", method))
+        if ours is None or theirs is None:
+            continue
+        a = torch.load(os.path.join(CACHE, f"scores-{name}-tinfluence-{method}.pt"))
+        b = torch.load(os.path.join(CACHE, f"scores-{name}-kronfluence-{method}.pt")) / n_train
+        difference = float((a - b).norm() / b.norm())
+        pearson = float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1])
+        out.append(f"| {method} | {min(theirs['times']) / min(ours['times']):.1f}× | {theirs['peak_mb']:.0f} / "
+                   f"{ours['peak_mb']:.0f} | {difference:.1e} | {pearson:.6f} |")
+    if not out:
+        return []
+    head = ["tinfluence beside kronfluence (scores of the first "
+            f"{KEPT_ROWS} test points; kronfluence's divided by n):", "",
+            "| method | kronfluence time / tinfluence time | peak RSS MB kronfluence / tinfluence | "
+            "rel. difference of scores | Pearson between them |", "|---|---|---|---|---|"]
+    return head + out + [""]
 
 
 def notes(rows, peers) -> list[str]:

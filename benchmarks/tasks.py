@@ -14,7 +14,8 @@ Tasks:
               epochs give the TracIn checkpoints; exact = dense closed-form Gauss-Newton.
   fmnist-lr   logistic regression 784→10 on Fashion-MNIST (Debian `dataset-fashion-mnist`), float32;
               the large task (60k train × 1000 test) and the scaling table in n_train.
-  fmnist-mlp  784-128-10 tanh MLP on Fashion-MNIST, float32, SGD checkpoints (Hessian-free methods only).
+  fmnist-mlp  784-128-10 tanh MLP on Fashion-MNIST, float32, SGD checkpoints; no exact influence (EK-FAC is compared
+              with kronfluence's).
   fmnist-scaling  fmnist-lr after 2 SGD epochs, 10 test points, for time and memory against n_train.
 
 On Fashion-MNIST the references are computed for the first `REF_ROWS` test points only (a
@@ -386,9 +387,10 @@ def build_fmnist_lr(n_train: int, n_test: int, *, checkpoints: bool = True, ihvp
 
 
 def build_fmnist_mlp(n_train: int, n_test: int, hidden: int = 128) -> Task:
-    """784-128-10 tanh MLP on Fashion-MNIST, float32; 3 SGD epochs give the TracIn checkpoints (no exact influence)."""
+    """784-128-10 tanh MLP on Fashion-MNIST, float32; 3 SGD epochs give the TracIn checkpoints (no exact influence);
+    inverse-HVP methods (EK-FAC) score the first `REF_ROWS` test points."""
     train, test = fmnist(n_train, n_test)
-    task = Task("fmnist-mlp", "mlp", train, test, state={}, l2=1e-4, hidden=hidden)
+    task = Task("fmnist-mlp", "mlp", train, test, state={}, l2=1e-4, hidden=hidden, ihvp_test=min(REF_ROWS, n_test))
     task.checkpoints = sgd_checkpoints(task, epochs=3, lr=0.05, batch=128, every=1)
     task.state = task.checkpoints[-1][0]
     rows = min(REF_ROWS, n_test)

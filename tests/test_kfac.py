@@ -497,3 +497,44 @@ def test_sharded_fit_equals_one_process(mlp_fit, tmp_path):
         assert n == len(data[0])
         _close(dense, ti.to_dense(one.operator, params))
         assert dampings == pytest.approx([b.damping for b in one.kronecker], rel=1e-12)
+
+
+@pytest.mark.parametrize("m_l, m_r", [(4, 1), (1, 4), (4, 4), (1, 1)])
+def test_rank_one_corrected_sums_equal_the_squared_gradients(m_l, m_r):
+    """The single-position EK-FAC pass sums (l rᵀ)² without forming the per-example gradients: equal to the
+    definition Σ_n Σ_c ((l_nc r_ncᵀ)²) with the side lacking the cotangent axis broadcast."""
+    from tinfluence.solvers._kfac import _outer_squares
+
+    g = torch.Generator().manual_seed(0)
+    L, R = torch.randn(6, m_l, 1, 5, generator=g), torch.randn(6, m_r, 1, 3, generator=g)
+    expected = (L.mT @ R).pow(2).sum((0, 1))                                          # [B, m, 5, 3] formed
+    _close(_outer_squares(L, R), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ggn_fisher_in_float32_accepts_the_round_off_of_confident_softmax_hessians():
+    """Confident float32 predictions give softmax Hessians diag p − ppᵀ whose eigendecomposition has round-off
+    eigenvalues of order −eps (a convex loss, not a concave one): fitted like the float64 model, not refused."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        model.weight.copy_(8 * torch.randn(4, 6, generator=g))
+    apply, params = ti.functionalize(model.float())
+    data = (torch.randn(64, 6, generator=g, dtype=torch.float32), torch.randint(0, 4, (64,), generator=g))
+    loss, predict, output_loss = _fns(apply)
+    curv = ekfac(loss, params, data, predict=predict, output_loss=output_loss, fisher="ggn", damping=1e-3)
+    wide = ti.tree.map(lambda t: t.double(), params)
+    apply64, _ = ti.functionalize(model.double())
+    loss64, predict64, _ = _fns(apply64)
+    curv64 = ekfac(loss64, wide, (data[0].double(), data[1]), predict=predict64, output_loss=output_loss, fisher="ggn",
+                   damping=1e-3)
+    dense, dense64 = ti.to_dense(curv.operator, params), ti.to_dense(curv64.operator, wide)
+    assert float((dense.double() - dense64).norm() / dense64.norm()) < 1e-4
+
+
+def test_ggn_fisher_refuses_a_concave_output_loss(mlp_fit):
+    apply, params, data, _, _ = mlp_fit
+    _, predict, _ = _fns(apply)
+    concave = lambda o, b: -0.5 * o.pow(2).sum(-1)                           # noqa: E731
+    loss = lambda p, b: concave(predict(p, b), b)                            # noqa: E731
+    with pytest.raises(ValueError, match=r'ti.ekfac: fisher="ggn" needs an output loss convex in the outputs'):
+        ekfac(loss, params, data, predict=predict, output_loss=concave, fisher="ggn", damping=1e-3)

@@ -27,6 +27,11 @@ def test_deep_float32_recipe():
     assert "all converged: True" in out
 
 
+def test_mislabels_ekfac_recipe():
+    out = _run(sys.executable, str(RECIPES / "mislabels_ekfac.py"))
+    assert "flipped labels among the top 100 of self-influence" in out
+
+
 def test_huggingface_recipe():
     pytest.importorskip("transformers")
     out = _run(sys.executable, str(RECIPES / "huggingface.py"))

@@ -145,3 +145,20 @@ def test_compiled_hvp_cg_table(problem, dtype, stacked):
     V = _rhs(params, stacked, dtype)
     x, info = ti.cg(op, damping=DAMPING, tol=TOL[dtype], maxiter=200).solve(V)
     _check(x, info, V, A64, dtype, stacked, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["single", "stack"])
+def test_preconditioned_lissa_table(problem, dtype, stacked):
+    """LiSSA on one example with a preconditioner M (the inverse of A's diagonal, symmetric positive definite) and a
+    warm start: the recursion on M A x = M v still converges to A⁻¹ v."""
+    apply, params64, train64 = problem
+    one64 = ti.take(train64, slice(0, 1))
+    A64 = _reference(_loss(apply), params64, one64, 1e-2) + (1.0 - DAMPING) * torch.eye(params64["weight"].numel() + 3)
+    params, one = _cast(params64, dtype), _cast(one64, dtype)
+    M = ti.LinearOperator.from_matrix(torch.diag(1 / torch.diagonal(A64)).to(dtype), like=params)
+    warm = lambda V: ti.tree.scale(0.5, M(V))                           # noqa: E731
+    ihvp = ti.lissa(_loss(apply), params, one, l2=1e-2, damping=1.0, depth=400, batch_size=1, preconditioner=M, x0=warm)
+    V = _rhs(params, stacked, dtype)
+    x, info = ihvp.solve(V)
+    _check(x, info, V, A64, dtype, stacked, TOL[dtype])

@@ -577,7 +577,10 @@ def _cotangents(fisher: str, predict: Callable, output_loss: Callable, params: d
 
         H = vmap(example_hessian)(o, chunk).reshape(o.shape[0], o[0].numel(), o[0].numel())
         w, Q = torch.linalg.eigh((H + H.mT) / 2)
-        if bool((w < -1e-6 * w.abs().amax(-1, keepdim=True).clamp_min(1e-30)).any()):
+        # Round-off of a convex loss's Hessian is about eps × the size of its terms, which a confident example's
+        # small eigenvalues do not bound (float32 softmax: −5e-8 beside eigenvalues of 1e-5); judged against
+        # √eps × the chunk's largest curvature, a concave direction is refused and round-off is clamped to 0.
+        if bool((w < -math.sqrt(torch.finfo(w.dtype).eps) * w.abs().amax().clamp_min(torch.finfo(w.dtype).tiny)).any()):
             raise ValueError(f'{where}: fisher="ggn" needs an output loss convex in the outputs; ∂²output_loss/∂o² has '
                              f"eigenvalue {float(w.min()):.3e} < 0. Use fisher=\"empirical\".")
         R = Q * w.clamp_min(0).sqrt()[:, None, :]
@@ -651,9 +654,24 @@ def _corrected_sums(captured: _Captured, bases: dict) -> dict:
         if QL is None:
             out[w] = _indexed_squares([l for l, _ in uses], [_dense(r) @ QR for _, r in uses], captured.m)
             continue
+        if len(uses) == 1 and uses[0][0].shape[2] == uses[0][1].shape[2] == 1:
+            out[w] = _outer_squares(_dense(uses[0][0]) @ QL, _dense(uses[0][1]) @ QR)
+            continue
         G = sum((_dense(l) @ QL).mT @ (_dense(r) @ QR) for l, r in uses)           # [B, m, d0', d1']
         out[w] = G.pow(2).sum((0, 1))
     return out
+
+
+def _outer_squares(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Σ_n Σ_c (l_nc r_ncᵀ)² for one position (L `[B, m_l, 1, d0]`, R `[B, m_r, 1, d1]`, m_l or m_r possibly 1 and
+    broadcast): the square of a rank-one gradient is the outer product of the squares, so the sum is one
+    `[d0, B·m] × [B·m, d1]` product and the `[B, m, d0, d1]` gradients are never formed (memory B·m·(d0 + d1))."""
+    A, B = L[:, :, 0].pow(2), R[:, :, 0].pow(2)                              # [B, m_l, d0], [B, m_r, d1]
+    if A.shape[1] == 1:
+        return A[:, 0].mT @ B.sum(1)
+    if B.shape[1] == 1:
+        return A.sum(1).mT @ B[:, 0]
+    return A.reshape(-1, A.shape[-1]).mT @ B.reshape(-1, B.shape[-1])
 
 
 def _indexed_squares(lefts: list, rights: list, m: int) -> torch.Tensor:

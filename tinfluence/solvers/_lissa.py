@@ -14,7 +14,7 @@ from ..core import tree as tr
 from ..core.errors import check_params, check_positive, fork_generator
 from ..core.objective import objective, per_example
 from ..core.transforms import hvp
-from ._cg import _dots, under_transform, true_residual
+from ._cg import _check_preconditioner, _dots, _where, under_transform, true_residual
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
 
 __all__ = ["lissa", "lissa_solve"]
@@ -77,10 +77,16 @@ def _ids_hvp(loss: Callable, params: dict, train, group) -> Callable:
     return apply
 
 
-def _lissa_step(batch_hvp: Callable, v, shift: float, scale: float, state: LissaState, batch) -> LissaState:
-    """h ← v + h − (H_batch + shift·I) h / scale; pure."""
-    Ah = tr.add_scaled(batch_hvp(batch, state.h), shift, state.h)
-    return LissaState(tr.sub(tr.add(v, state.h), tr.scale(1.0 / scale, Ah)), state.depth + 1)
+def _lissa_step(batch_hvp: Callable, b, shift: float, scale: float, state: LissaState, batch,
+                precondition: Callable) -> LissaState:
+    """h ← b + h − P⁻¹(H_batch + shift·I) h / scale, with b = P⁻¹v (P = I: `precondition` the identity); pure."""
+    Ah = precondition(tr.add_scaled(batch_hvp(batch, state.h), shift, state.h))
+    return LissaState(tr.sub(tr.add(b, state.h), tr.scale(1.0 / scale, Ah)), state.depth + 1)
+
+
+def _on_one(f: Callable) -> Callable:
+    """A function on stacks as one on a single vector (a stack of one)."""
+    return lambda u: tr.map(lambda t: t[0], f(tr.map(lambda t: t[None], u)))
 
 
 def _power_iteration(apply: Callable, params, generator) -> float:
@@ -93,18 +99,24 @@ def _power_iteration(apply: Callable, params, generator) -> float:
     return float(estimate)
 
 
-def _auto_scale(loss, params, train, idx, *, full, shift, generator, group) -> float:
-    """SAFETY × the largest eigenvalue estimate of H + λI over the full data (`full`) and the
-    first BATCHES_CHECKED mini-batches the recursion will use."""
+def _auto_scale(loss, params, train, idx, *, full, shift, generator, group, preconditioner) -> float:
+    """SAFETY × the largest eigenvalue estimate of P⁻¹(H + λI) (P = I without a preconditioner) over the
+    full data (`full`) and the first BATCHES_CHECKED mini-batches the recursion will use.
+
+    P⁻¹(H + λI) is similar to the symmetric P^{-1/2}(H + λI)P^{-1/2}: its eigenvalues are real and
+    positive, and the power iteration's ‖P⁻¹A u‖ converges to the largest."""
     batch_hvp = _ids_hvp(loss, params, train, group)
-    single = lambda f: (lambda u: tr.add_scaled(tr.map(lambda t: t[0], f(tr.map(lambda t: t[None], u))), shift, u))  # noqa: E731
+    damped = lambda f: (lambda u: tr.add_scaled(_on_one(f)(u), shift, u))  # noqa: E731
     operators = [full.fn]
-    operators += [single(lambda U, i=i: batch_hvp(i, U)) for i in idx.reshape(-1, idx.shape[-1])[:BATCHES_CHECKED]]
+    operators += [damped(lambda U, i=i: batch_hvp(i, U)) for i in idx.reshape(-1, idx.shape[-1])[:BATCHES_CHECKED]]
+    if preconditioner is not None:
+        precondition = _on_one(preconditioner)
+        operators = [lambda u, op=op: precondition(op(u)) for op in operators]
     return SAFETY * max(_power_iteration(op, params, generator) for op in operators)
 
 
 def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, batch_size, generator, tol, chunk_size,
-             group):
+             group, preconditioner, x0):
     """Checks the options, draws every mini-batch index (global ids) up front, resolves `scale` and
     builds the full-data operator H + λI (for `scale="auto"` and the true residual)."""
     check_params(where, params)
@@ -117,6 +129,10 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
             raise ValueError(f"{where}: `{name}` must be an int >= 1; got {value!r}.")
     if tol is not None:
         check_positive(where, "tol", tol)
+    _check_preconditioner(where, preconditioner)
+    if x0 is not None and not callable(x0):
+        raise TypeError(f"{where}: `x0` must be None or a function V -> X0 on stacks (a warm start for each right-hand "
+                        f"side, e.g. curv.ihvp of a fitted ti.ekfac); got {type(x0).__name__}.")
     if not (scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
                                 and math.isfinite(scale) and scale > 0)):
         raise ValueError(f'{where}: `scale` must be "auto" or a finite number > 0 (above half the largest eigenvalue '
@@ -129,39 +145,50 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
                         scale=0.0 if scale == "auto" else scale)
     full = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size, group=group), params, cache=False).damped(damping)
     if scale == "auto":
-        scale = _auto_scale(loss, params, train, idx, full=full, shift=l2 + damping, generator=local, group=group)
+        scale = _auto_scale(loss, params, train, idx, full=full, shift=l2 + damping, generator=local, group=group,
+                            preconditioner=preconditioner)
     return idx, float(scale), full
 
 
-def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress, group):
+def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress, group, preconditioner, x0):
     """Runs every repeat of the recursion on the stack `v`; returns (x, change [k], steps [k], diverged [k]).
 
-    The recursion stops early, for every right-hand side, when one blows up (non-finite,
-    or ‖h_j‖ > GROWTH·(j+1)·‖v‖): the iterate is then meaningless and is reported so.
+    A right-hand side whose relative change meets `tol` stops updating (its steps stop counting)
+    while the others go on; a repeat ends when all have. The recursion stops early, for every
+    right-hand side, when one blows up (non-finite, or ‖h_j‖ > GROWTH·((j+1)·‖b‖ + ‖h₀ − b‖),
+    b = P⁻¹v): the iterate is then meaningless and is reported so.
     """
     repeats, depth = idx.shape[:2]
     batch_hvp = _ids_hvp(loss, params, train, group)
-    v_norm = torch.sqrt(_dots(v, v))                                    # [k]
+    precondition = (lambda U: U) if preconditioner is None else preconditioner
+    b = precondition(v)
+    h0 = b if x0 is None else tr.scale(scale, x0(v))
+    b_norm = torch.sqrt(_dots(b, b))                                    # [k]
+    offset = tr.sub(h0, b)
+    warm_norm = torch.sqrt(_dots(offset, offset))
     total = tr.zeros_like(v)
-    change = torch.zeros_like(v_norm)
-    steps = torch.zeros_like(v_norm, dtype=torch.long)
-    diverged = torch.zeros_like(v_norm, dtype=torch.bool)
+    change = torch.zeros_like(b_norm)
+    steps = torch.zeros_like(b_norm, dtype=torch.long)
+    diverged = torch.zeros_like(b_norm, dtype=torch.bool)
     bar = tqdm(total=repeats * depth, desc="ti.lissa", disable=not progress)
     for r in range(repeats):
-        state = LissaState(v, 0)
+        state, done = LissaState(h0, 0), torch.zeros_like(diverged)
         for j in range(depth):
             previous = state.h
-            state = _lissa_step(batch_hvp, v, l2 + damping, scale, state, idx[r, j])
+            state = _lissa_step(batch_hvp, b, l2 + damping, scale, state, idx[r, j], precondition)
+            state = LissaState(_where(done, previous, state.h), state.depth)
+            steps = steps + (~done).long()
             bar.update(1)
             if (j + 1) % CHECK_EVERY and j + 1 < depth:
                 continue
             h_norm = torch.sqrt(_dots(state.h, state.h))
-            diverged = ~torch.isfinite(h_norm) | (h_norm > GROWTH * (j + 2) * v_norm)
+            diverged = ~torch.isfinite(h_norm) | (h_norm > GROWTH * ((j + 2) * b_norm + warm_norm))
             diff = tr.sub(state.h, previous)
-            change = torch.sqrt(_dots(diff, diff)) / h_norm.clamp_min(torch.finfo(h_norm.dtype).tiny)
-            if bool(diverged.any()) or (tol is not None and bool((change <= tol).all())):
+            change = torch.where(done, change, torch.sqrt(_dots(diff, diff)) / h_norm.clamp_min(torch.finfo(h_norm.dtype).tiny))
+            if tol is not None:
+                done = done | (change <= tol)
+            if bool(diverged.any()) or bool(done.all()):
                 break
-        steps = steps + state.depth
         total = tr.add(total, state.h)
         if bool(diverged.any()):
             break
@@ -181,6 +208,7 @@ def _solution(where, loss, params, train, v, idx, full, *, tol, depth, scale, da
     info = SolveInfo(status.to(torch.long), steps, residual, torch.full_like(residual, float("nan")), solver=where,
                      tol=1.0 if tol is None else tol,
                      context={"depth": depth, "scale": scale, "damping": damping, "kind": "hessian",
+                              "preconditioned": options["preconditioner"] is not None,
                               "dtype": residual.dtype})
     if stacked:
         return Solution(x, info)
@@ -189,18 +217,19 @@ def _solution(where, loss, params, train, v, idx, full, *, tol, depth, scale, da
 
 def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: float = 0.0, scale="auto",
                 depth: int = 1000, repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None,
-                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None) -> Solution:
+                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None,
+                preconditioner: Callable | None = None, x0: Callable | None = None) -> Solution:
     """`ti.lissa(loss, params, train, ...).solve(v)`: returns `Solution(x, info)`, never raising for a
     numerical failure. Arguments as in `ti.lissa`; unpacks as `x, info = ti.lissa_solve(...)`."""
     return lissa(loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth, repeats=repeats,
                  batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size, progress=progress,
-                 group=group, where="ti.lissa_solve").solve(v)
+                 group=group, preconditioner=preconditioner, x0=x0, where="ti.lissa_solve").solve(v)
 
 
 def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
           repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
           chunk_size: int | None = None, progress: bool = False, group=None, on_failure: str = "raise",
-          where: str = "ti.lissa") -> InverseOperator:
+          preconditioner: Callable | None = None, x0: Callable | None = None, where: str = "ti.lissa") -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
 
     With A = H + λI, H the Hessian of R(θ) = mean loss + (l2/2)‖θ‖² at `params`, and a
@@ -211,6 +240,19 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
     averaged over `repeats` independent runs. In expectation h_j / scale is the Neumann
     series Σ_{i<j+1} (I − A/scale)^i v / scale → A⁻¹ v, with error shrinking like
     (1 − λ_min(A)/scale)^depth: damping (raising λ_min) and a tight `scale` both speed it up.
+
+    Preconditioned (the idea of ASTRA, Wang et al. 2025), with M = P⁻¹ ≈ A⁻¹ symmetric positive
+    definite (e.g. a fitted `ti.ekfac`, `preconditioner=curv`), the same recursion runs on the
+    equivalent system M A x = M v:
+
+        h₀ = M v (or scale · x0(v)),   h_j = M v + (I − M A_{B_j} / scale) h_{j−1},   x = h_depth / scale,
+
+    i.e. x_j = x_{j−1} + M (v − A_{B_j} x_{j−1}) / scale, preconditioned Richardson on mini-batches.
+    Its fixed point is still A⁻¹ v (M v = M A x), and its error now shrinks like
+    (1 − λ_min(MA)/scale)^depth with `scale` above half the largest eigenvalue of M A_B: when M
+    captures A's spread of eigenvalues, κ(MA) ≪ κ(A) and far less depth is needed.
+    `x0`, a function `V -> X0` on stacks (e.g. `curv.ihvp`), starts the recursion there (a warm
+    start; `ti.influence` hands the solver only v, hence a function rather than a value).
 
     scale: the recursion contracts only if `scale` exceeds (half of) the largest
     eigenvalue of every mini-batch's A_B. `scale="auto"` runs 20 power iterations of the
@@ -229,6 +271,9 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
     stochastic, and its residual (reported in `info.relative_residual`) rarely falls below
     the mini-batch noise. `on_failure="warn"` warns instead; `ihvp.solve(v)` never raises.
 
+    With `tol`, each right-hand side stops updating once its relative change meets it, and
+    `info.iterations` counts its own steps (summed over repeats).
+
     Randomness: all mini-batch indices `[repeats, depth, batch_size]` (then the power
     iteration's start) are drawn here, at construction, from a COPY of `generator`, so
     the returned function is deterministic, the same generator state gives the same
@@ -241,7 +286,7 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
       train: training set, leading axis n; mini-batches are drawn from it with replacement.
       l2: the objective's weight decay (its Hessian adds l2·I), as in `ti.objective`.
       damping: λ ≥ 0.
-      scale: "auto" or a finite number > 0.
+      scale: "auto" or a finite number > 0 (with a preconditioner, for M A: "auto" estimates that).
       depth: recursion steps per repeat (each one mini-batch HVP for all right-hand sides).
       repeats: independent runs averaged (variance falls like 1/repeats).
       batch_size: examples per mini-batch.
@@ -251,6 +296,10 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
       chunk_size: examples per chunk in the power iteration.
       progress: show a tqdm bar over the recursion steps.
       on_failure: "raise" or "warn", as in `ti.cg`.
+      preconditioner: `V -> M V` on stacks (leading axis k), M ≈ (H + λI)⁻¹ symmetric positive
+        definite, e.g. a `ti.ekfac` value or its `.preconditioner`; None: M = I (plain LiSSA).
+      x0: `V -> X0` on stacks, the starting point x₀ for each right-hand side (h₀ = scale · x₀),
+        e.g. `curv.ihvp`; None: h₀ = M v, the series' first term.
       where: the public call named in messages.
       group: a `torch.distributed` process group when `train` is this rank's contiguous
         shard (`ti.distributed.shard`). Every rank draws the same global mini-batch ids from
@@ -272,17 +321,19 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
     Notes:
       Cost: repeats × depth mini-batch HVPs (each ≈ a few gradients on `batch_size`
       examples, batched over k), one full-data HVP for the residual, plus 20 full-data
-      HVPs for `scale="auto"`. Not vmappable
+      HVPs for `scale="auto"`; a preconditioner adds one application of M per step (and per
+      power iteration), `x0` one call. Not vmappable
       (divergence checks synchronize every 10 steps).
 
     References:
       Agarwal, Bullins & Hazan, Second-order stochastic optimization for machine learning
-      in linear time, JMLR 2017; Koh & Liang, ICML 2017 (its use for influence).
+      in linear time, JMLR 2017; Koh & Liang, ICML 2017 (its use for influence); Wang et al.,
+      ASTRA (EK-FAC-preconditioned Neumann series for influence), 2025.
     """
     check_on_failure(where, on_failure)
     idx, scale, full = _prepare(where, loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
                                 repeats=repeats, batch_size=batch_size, generator=generator, tol=tol,
-                                chunk_size=chunk_size, group=group)
+                                chunk_size=chunk_size, group=group, preconditioner=preconditioner, x0=x0)
 
     def solve(v) -> Solution:
         if under_transform(v):
@@ -290,6 +341,6 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
                              "tolerance checks synchronize with the host. Call it outside the transform, or use "
                              "ti.cg(..., tol=None) or ti.direct inside it.")
         return _solution(where, loss, params, train, v, idx, full, l2=l2, damping=damping, scale=scale, tol=tol,
-                         depth=depth, progress=progress, group=group)
+                         depth=depth, progress=progress, group=group, preconditioner=preconditioner, x0=x0)
 
     return InverseOperator(solve, on_failure=on_failure, where=where)

@@ -96,7 +96,8 @@ def kronfluence_ekfac(task):
 
 def preconditioned_cg(task, tol: float):
     """`(plain, preconditioned)`, each `(seconds, max iterations, scores)`: CG over the Gauss-Newton matrix + l2 I,
-    without and with the EK-FAC preconditioner (fisher="ggn", damping = l2; its fit is inside the timing)."""
+    without and with the EK-FAC preconditioner (fisher="ggn", damping = l2; its fit is inside the timing).
+    """
     import tinfluence as ti
 
     params, loss, predict, output_loss = _split(task)
@@ -127,9 +128,11 @@ def ti_take(data, rows):
 
 def cg_rows(task) -> list[str]:
     """Plain, Nyström- and EK-FAC-preconditioned CG over GGN + l2·I (= the Hessian for logistic regression), every
-    test point in one stack; the sketch and the fit inside each time; Pearson with the task's exact influence."""
-    import tinfluence as ti
+    test point in one stack; the sketch and the fit inside each time; Pearson with the task's exact influence.
+    """
     from peers import CG
+
+    import tinfluence as ti
 
     params, loss, predict, output_loss = _split(task)
     test, exact = _test_rows(task)
@@ -162,7 +165,8 @@ def cg_rows(task) -> list[str]:
 
 def _rescaled(task, low: float = -1.5, high: float = 1.5):
     """The logistic-regression task with its input features multiplied by factors 10^low … 10^high (a fixed
-    permutation), retrained to its optimum: the ill-conditioning that layer-input statistics cause."""
+    permutation), retrained to its optimum: the ill-conditioning that layer-input statistics cause.
+    """
     import tinfluence as ti
 
     scales = torch.logspace(low, high, task.train[0].shape[1], dtype=task.dtype)
@@ -176,7 +180,8 @@ def _rescaled(task, low: float = -1.5, high: float = 1.5):
 def lissa_rows(task, depths=(30, 100, 300, 1000), batch_size: int = 256) -> list[str]:
     """LiSSA's TRUE relative residual ‖(H + l2 I)x − v‖/‖v‖ (max and median over 10 test points) against depth: plain,
     preconditioned by EK-FAC (fisher="ggn", damping = l2), and preconditioned with the EK-FAC solution as warm start;
-    on the task and on its rescaled-input variant. scale="auto" for each (its estimate inside the time)."""
+    on the task and on its rescaled-input variant. scale="auto" for each (its estimate inside the time).
+    """
     import tinfluence as ti
 
     params, loss, predict, output_loss = _split(task)
@@ -244,7 +249,7 @@ def _child(path: str, out: str, repeats: int) -> None:
 
 
 def _kronfluence_in_peers(path: str, repeats: int) -> tuple:
-    """kronfluence's best `(seconds, scores)` of `repeats` calls in one process of the peers' environment."""
+    """Kronfluence's best `(seconds, scores)` of `repeats` calls in one process of the peers' environment."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "scores.pt")
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",

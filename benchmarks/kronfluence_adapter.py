@@ -22,7 +22,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-
 from tasks import Task
 
 
@@ -49,12 +48,12 @@ def _kronfluence_task(generator: torch.Generator):
 
 def _kronfluence(task: Task, strategy: str, empirical: bool = False):
     """Pairwise scores `[n_test, n_train]` of kronfluence with factor `strategy`, as the library returns them;
-    `empirical`: the Fisher of the given labels (`use_empirical_fisher=True`) instead of sampled ones."""
+    `empirical`: the Fisher of the given labels (`use_empirical_fisher=True`) instead of sampled ones.
+    """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from torch.utils.data import TensorDataset
-
     from peers import _batch
+    from torch.utils.data import TensorDataset
 
     dtype = task.dtype
     ktask = _kronfluence_task(torch.Generator().manual_seed(0))
@@ -84,7 +83,7 @@ def kronfluence_ekfac(task: Task):
 
 
 def kronfluence_ekfac_empirical(task: Task):
-    """kronfluence's EK-FAC scores `[n_test, n_train]` with the empirical Fisher (the given labels)."""
+    """Kronfluence's EK-FAC scores `[n_test, n_train]` with the empirical Fisher (the given labels)."""
     return _kronfluence(task, "ekfac", empirical=True)
 
 

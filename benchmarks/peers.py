@@ -16,12 +16,13 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from kronfluence_adapter import NOTES as KRONFLUENCE_NOTES
+from kronfluence_adapter import kronfluence_ekfac, kronfluence_ekfac_empirical, kronfluence_identity
+from tasks import Task, pure
+from torch_influence_adapter import NOTES as TORCH_INFLUENCE_NOTES
+from torch_influence_adapter import torch_influence_cg, torch_influence_exact, torch_influence_lissa
 
 import tinfluence as ti
-from kronfluence_adapter import (NOTES as KRONFLUENCE_NOTES, kronfluence_ekfac, kronfluence_ekfac_empirical,
-                                 kronfluence_identity)
-from tasks import Task, pure
-from torch_influence_adapter import NOTES as TORCH_INFLUENCE_NOTES, torch_influence_cg, torch_influence_exact, torch_influence_lissa
 
 INSTALL = {
     "captum": "pip install captum",

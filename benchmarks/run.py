@@ -317,8 +317,9 @@ def built(tasks, name: str, n_train: int, n_test: int, **kw):
 
 
 def paired(name: str, rows: list, n_train: int) -> list[str]:
-    """tinfluence beside kronfluence for each method in PAIRED that both ran: time and peak-memory ratios and the
-    relative difference of the scores' first KEPT_ROWS rows (tinfluence = kronfluence / n, the same sign)."""
+    """Tinfluence beside kronfluence for each method in PAIRED that both ran: time and peak-memory ratios and the
+    relative difference of the scores' first KEPT_ROWS rows (tinfluence = kronfluence / n, the same sign).
+    """
     import torch
 
     found = {(r["library"], r["method"]): r for r in rows if "times" in r}

@@ -388,7 +388,8 @@ def build_fmnist_lr(n_train: int, n_test: int, *, checkpoints: bool = True, ihvp
 
 def build_fmnist_mlp(n_train: int, n_test: int, hidden: int = 128) -> Task:
     """784-128-10 tanh MLP on Fashion-MNIST, float32; 3 SGD epochs give the TracIn checkpoints (no exact influence);
-    inverse-HVP methods (EK-FAC) score the first `REF_ROWS` test points."""
+    inverse-HVP methods (EK-FAC) score the first `REF_ROWS` test points.
+    """
     train, test = fmnist(n_train, n_test)
     task = Task("fmnist-mlp", "mlp", train, test, state={}, l2=1e-4, hidden=hidden, ihvp_test=min(REF_ROWS, n_test))
     task.checkpoints = sgd_checkpoints(task, epochs=3, lr=0.05, batch=128, every=1)

@@ -31,7 +31,9 @@ def _squared_error(o, b):
 
 
 def _fns(apply, output_loss=_cross_entropy):
-    predict = lambda p, b: apply(p, b[0])
+    def predict(p, b):
+        return apply(p, b[0])
+
     return (lambda p, b: output_loss(predict(p, b), b)), predict, output_loss
 
 

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from ..core import data as D
 from ..core import collectives as dd
+from ..core import data as D
 from ..core import tree as tr
 from ..core.errors import check_chunk_size, check_params, fork_generator
 from ..core.factored import _holds_tensor, _linear_args
@@ -170,7 +170,7 @@ class Curvature:
 
     @property
     def operator(self) -> LinearOperator:
-        """v ↦ F̂ v, without damping."""
+        """V ↦ F̂ v, without damping."""
         fn = functools.partial(_apply, self, mode="forward")
         return LinearOperator(fn, self.params, many=fn, psd=True, kind="custom")
 
@@ -362,7 +362,8 @@ class _Uses(TorchFunctionMode):
 
 class _Probing(TorchFunctionMode):
     """Adds `probes[k]` to the output of the k-th recognised call whose weight is in `probed`
-    (ids) and records that call's input."""
+    (ids) and records that call's input.
+    """
 
     def __init__(self, probed: set, probes: tuple, where: str):
         super().__init__()
@@ -546,13 +547,13 @@ def _capture_fn(predict: Callable, params: dict, plan: _Plan, where: str) -> Cal
         B, m = U.shape[:2]
         sides: dict = {w: [] for w in plan.kronecker}
         for (options, kind, w, has_bias, _), g, x in zip(plan.calls, probe_grads, inputs):
-            l, r = _sides(kind, options, params[w].shape, x, g)
+            lf, r = _sides(kind, options, params[w].shape, x, g)
             side = plan.kronecker[w][1]
             if side is not None:
                 T = r.shape[2]
-                l, r = (_with_bias_column(l, float(has_bias), B, T), r) if side == "left" else \
-                       (l, _with_bias_column(r, float(has_bias), B, T))
-            sides[w].append((l, r))
+                lf, r = (_with_bias_column(lf, float(has_bias), B, T), r) if side == "left" else \
+                       (lf, _with_bias_column(r, float(has_bias), B, T))
+            sides[w].append((lf, r))
         return _Captured(dict(fb_grads), sides, m)
 
     return capture
@@ -620,7 +621,7 @@ def _dense(side) -> torch.Tensor:
 
 def _is_diagonal(uses: list) -> bool:
     """Whether every use's left side is one-hot (a pure embedding): the left factor is diagonal."""
-    return all(isinstance(l, _Index) for l, _ in uses)
+    return all(isinstance(lf, _Index) for lf, _ in uses)
 
 
 def _gram(side, m: int) -> torch.Tensor:
@@ -639,7 +640,7 @@ def _factor_sums(captured: _Captured) -> dict:
            "left": {}, "right": {}, "positions": {}}
     for w, uses in captured.sides.items():
         diagonal = _is_diagonal(uses)
-        out["left"][w] = sum(_gram(l if diagonal else _dense(l), m) for l, _ in uses)
+        out["left"][w] = sum(_gram(lf if diagonal else _dense(lf), m) for lf, _ in uses)
         out["right"][w] = sum(_gram(r, m) for _, r in uses)
         out["positions"][w] = torch.tensor(float(sum(r.shape[0] * m * r.shape[2] for _, r in uses)), dtype=_F64,
                                            device=uses[0][1].device)
@@ -652,12 +653,12 @@ def _corrected_sums(captured: _Captured, bases: dict) -> dict:
     for w, uses in captured.sides.items():
         QL, QR = bases[w]
         if QL is None:
-            out[w] = _indexed_squares([l for l, _ in uses], [_dense(r) @ QR for _, r in uses], captured.m)
+            out[w] = _indexed_squares([lf for lf, _ in uses], [_dense(r) @ QR for _, r in uses], captured.m)
             continue
         if len(uses) == 1 and uses[0][0].shape[2] == uses[0][1].shape[2] == 1:
             out[w] = _outer_squares(_dense(uses[0][0]) @ QL, _dense(uses[0][1]) @ QR)
             continue
-        G = sum((_dense(l) @ QL).mT @ (_dense(r) @ QR) for l, r in uses)           # [B, m, d0', d1']
+        G = sum((_dense(lf) @ QL).mT @ (_dense(r) @ QR) for lf, r in uses)           # [B, m, d0', d1']
         out[w] = G.pow(2).sum((0, 1))
     return out
 
@@ -665,7 +666,8 @@ def _corrected_sums(captured: _Captured, bases: dict) -> dict:
 def _outer_squares(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Σ_n Σ_c (l_nc r_ncᵀ)² for one position (L `[B, m_l, 1, d0]`, R `[B, m_r, 1, d1]`, m_l or m_r possibly 1 and
     broadcast): the square of a rank-one gradient is the outer product of the squares, so the sum is one
-    `[d0, B·m] × [B·m, d1]` product and the `[B, m, d0, d1]` gradients are never formed (memory B·m·(d0 + d1))."""
+    `[d0, B·m] × [B·m, d1]` product and the `[B, m, d0, d1]` gradients are never formed (memory B·m·(d0 + d1)).
+    """
     A, B = L[:, :, 0].pow(2), R[:, :, 0].pow(2)                              # [B, m_l, d0], [B, m_r, d1]
     if A.shape[1] == 1:
         return A[:, 0].mT @ B.sum(1)
@@ -676,8 +678,8 @@ def _outer_squares(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 def _indexed_squares(lefts: list, rights: list, m: int) -> torch.Tensor:
     """Σ_n Σ_c (Σ_t onehot_t r_tᵀ)² for one-hot left sides, without forming the `[B, size, d]` gradients."""
-    ids = torch.cat([l.ids for l in lefts], 1)                                        # [B, T]
-    weight = torch.cat([l.weight for l in lefts], 1).to(_F64)
+    ids = torch.cat([lf.ids for lf in lefts], 1)                                        # [B, T]
+    weight = torch.cat([lf.weight for lf in lefts], 1).to(_F64)
     R = torch.cat([r.expand(r.shape[0], m, *r.shape[2:]) for r in rights], 2)         # [B, m, T, d]
     B, size = ids.shape[0], lefts[0].size
     keys = (torch.arange(B, device=ids.device)[:, None] * size + ids).reshape(-1)
@@ -759,7 +761,8 @@ def _kronecker_factors(plan: _Plan, sums: dict, n: int, m: int) -> dict:
 def _fit(where: str, method: str, loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode,
          fallback, chunk_size, group) -> Curvature:
     """`ti.kfac` (method "kfac") and `ti.ekfac` ("ekfac"): pass 1 (factors, diagonals), eigendecompositions,
-    pass 2 for EK-FAC (corrected eigenvalues), damping per block."""
+    pass 2 for EK-FAC (corrected eigenvalues), damping per block.
+    """
     _check(where, loss, params, train, predict, output_loss, fisher, generator, damping, damping_mode, fallback,
            chunk_size)
     first = D.take(train, slice(0, min(8, D.num_examples(train))))
@@ -797,7 +800,8 @@ def _fit(where: str, method: str, loss, params, train, predict, output_loss, fis
 
 def _dampings(damping: float, mode: str, values: dict, diagonals: dict) -> dict:
     """λ per block: `damping`, or `damping` × the block's mean eigenvalue (the whole curvature's mean
-    for a block with none: identity fallback, unused parameters)."""
+    for a block with none: identity fallback, unused parameters).
+    """
     every = {**values, **diagonals}
     if mode == "absolute":
         return {name: float(damping) for name in every}

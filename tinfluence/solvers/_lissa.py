@@ -8,13 +8,13 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..core import data as D
 from ..core import collectives as dd
+from ..core import data as D
 from ..core import tree as tr
 from ..core.errors import check_params, check_positive, fork_generator
 from ..core.objective import objective, per_example
 from ..core.transforms import hvp
-from ._cg import _check_preconditioner, _dots, _where, under_transform, true_residual
+from ._cg import _check_preconditioner, _dots, _where, true_residual, under_transform
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
 
 __all__ = ["lissa", "lissa_solve"]
@@ -79,7 +79,7 @@ def _ids_hvp(loss: Callable, params: dict, train, group) -> Callable:
 
 def _lissa_step(batch_hvp: Callable, b, shift: float, scale: float, state: LissaState, batch,
                 precondition: Callable) -> LissaState:
-    """h ← b + h − P⁻¹(H_batch + shift·I) h / scale, with b = P⁻¹v (P = I: `precondition` the identity); pure."""
+    """H ← b + h − P⁻¹(H_batch + shift·I) h / scale, with b = P⁻¹v (P = I: `precondition` the identity); pure."""
     Ah = precondition(tr.add_scaled(batch_hvp(batch, state.h), shift, state.h))
     return LissaState(tr.sub(tr.add(b, state.h), tr.scale(1.0 / scale, Ah)), state.depth + 1)
 
@@ -104,7 +104,8 @@ def _auto_scale(loss, params, train, idx, *, full, shift, generator, group, prec
     full data (`full`) and the first BATCHES_CHECKED mini-batches the recursion will use.
 
     P⁻¹(H + λI) is similar to the symmetric P^{-1/2}(H + λI)P^{-1/2}: its eigenvalues are real and
-    positive, and the power iteration's ‖P⁻¹A u‖ converges to the largest."""
+    positive, and the power iteration's ‖P⁻¹A u‖ converges to the largest.
+    """
     batch_hvp = _ids_hvp(loss, params, train, group)
     damped = lambda f: (lambda u: tr.add_scaled(_on_one(f)(u), shift, u))  # noqa: E731
     operators = [full.fn]
@@ -118,7 +119,8 @@ def _auto_scale(loss, params, train, idx, *, full, shift, generator, group, prec
 def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, batch_size, generator, tol, chunk_size,
              group, preconditioner, x0):
     """Checks the options, draws every mini-batch index (global ids) up front, resolves `scale` and
-    builds the full-data operator H + λI (for `scale="auto"` and the true residual)."""
+    builds the full-data operator H + λI (for `scale="auto"` and the true residual).
+    """
     check_params(where, params)
     n_local = D.count_examples(train, name="train", call=where)
     n = dd.global_size(n_local, group)
@@ -220,7 +222,8 @@ def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: f
                 tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None,
                 preconditioner: Callable | None = None, x0: Callable | None = None) -> Solution:
     """`ti.lissa(loss, params, train, ...).solve(v)`: returns `Solution(x, info)`, never raising for a
-    numerical failure. Arguments as in `ti.lissa`; unpacks as `x, info = ti.lissa_solve(...)`."""
+    numerical failure. Arguments as in `ti.lissa`; unpacks as `x, info = ti.lissa_solve(...)`.
+    """
     return lissa(loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth, repeats=repeats,
                  batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size, progress=progress,
                  group=group, preconditioner=preconditioner, x0=x0, where="ti.lissa_solve").solve(v)

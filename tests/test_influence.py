@@ -120,9 +120,16 @@ def test_influence_predicts_leave_one_out_retraining(digits_lr, H):
         signs = (predicted.sign() == truth.sign()).to(torch.float64).mean(1)
         print(f"{name}: Pearson {r.tolist()} Spearman {rho.tolist()} sign agreement {signs.tolist()}")
         assert bool((r >= 0.95).all()) and float(r.mean()) >= 0.98
-        # measured (direct): Spearman 0.977, 0.992, 0.977 per test point; per-point 0.98 is not met
+        # First order's ceiling on these points (direct: Spearman 0.977, 0.992, 0.977): the Newton
+        # step below, on the same retrained models, meets the per-point 0.98 that first order misses.
         assert float(rho.mean()) >= 0.98 and bool((rho >= 0.97).all())
         assert bool((signs == 1).all())
+    newton = ti.newton_loo(m.loss, m.params, m.train, test, l2=m.l2, indices=removed)          # [3, |removed|]
+    column = {i: j for j, i in enumerate(removed.tolist())}
+    predicted = torch.stack([newton[t, [column[i] for i in top[t].tolist()]] for t in range(3)])
+    rho = _spearman(predicted, truth)
+    print(f"newton_loo: Spearman {rho.tolist()}")
+    assert bool((rho >= 0.98).all())
 
 
 def test_return_info_gives_the_solvers_diagnostics_of_a_successful_run(digits_lr, H, test5):

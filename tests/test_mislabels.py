@@ -37,8 +37,6 @@ def _self_influence(method, loss, R, params, ckpts, train):
         return ti.tracin_self_influence(loss, ckpts, train)
     if method == "grad_norm":
         return ti.tracin_self_influence(loss, [(params, 1.0)], train).sqrt()   # ‖∇ℓ(z; θ̂)‖
-    if not hasattr(ti, "self_influence") or not hasattr(ti, "direct"):
-        pytest.skip("ti.self_influence / ti.direct are not available yet")
     return ti.self_influence(loss, params, train, ihvp=ti.direct(ti.hessian(R, params), damping=0.0))
 
 

@@ -58,11 +58,14 @@ def test_projection_correlates_and_is_unbiased(run):
     exact = ti.tracin(loss, ckpts, train, test)
     # Each projected product errs by about ‖g_test‖‖g_z‖/√d, so the correlation is set by the
     # spread of the gradient cosines (std ≈ 0.14 here), not by P: ≈ 0.90 at d = 300, ≈ 0.94 at 500.
-    for d in (300, 768):
+    correlations = []
+    for d, floor in ((300, 0.85), (768, 0.95)):   # floors a few points under the estimate above
         one = ti.tracin(loss, ckpts, train, test, projection_dim=d, generator=torch.Generator().manual_seed(1), chunk_size=64)
-        pearson = torch.corrcoef(torch.stack([one.flatten(), exact.flatten()]))[0, 1]
+        pearson = float(torch.corrcoef(torch.stack([one.flatten(), exact.flatten()]))[0, 1])
         print(f"projection d={d}: Pearson with exact TracIn {pearson:.4f}")
-    assert pearson >= 0.95
+        assert pearson >= floor, (d, pearson)
+        correlations.append(pearson)
+    assert correlations[1] > correlations[0]      # more dimensions, less projection error
     seeds = [ti.tracin(loss, ckpts, train, test, projection_dim=100, generator=torch.Generator().manual_seed(s)) for s in range(16)]
     single = torch.stack([(s - exact).norm() for s in seeds]).mean()
     averaged = (torch.stack(seeds).mean(0) - exact).norm()

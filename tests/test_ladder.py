@@ -166,3 +166,38 @@ def test_vmapped_sgd_matches_a_plain_training_loop():
             for name in expected:
                 torch.testing.assert_close(state[name], expected[name], rtol=1e-10, atol=1e-12)
     assert not torch.allclose(cases[0][0][0]["5.weight"], cases[0][0][1]["5.weight"])     # the weights took effect
+
+
+TINY_MLP = replace(L.SPECS["digits-mlp"], n_train=48, n_test=6, hidden=8, epochs=2, batch=16, subsets=4, loo=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp():
+    train, test = L.load_data(TINY_MLP)
+    task = L.LadderTask(TINY_MLP.name, TINY_MLP.kind, train, test, state={}, l2=TINY_MLP.l2, hidden=TINY_MLP.hidden,
+                        info={"spec": L.asdict(TINY_MLP)})
+    task.state = L.train_sgd(task, [0])[0]
+    return task
+
+
+def test_the_trajectory_entry_replays_the_same_schedule_ground_truth(tiny_mlp):
+    """ti.training_run with the entry's settings ends where the harness's same-schedule trainer ends, for 0/1 weights."""
+    import ladder_methods as LM
+    task, spec = tiny_mlp, TINY_MLP
+    run = LM.base_run(task)
+    weights = torch.ones(spec.n_train, dtype=torch.float64)
+    weights[[2, 30]] = 0
+    expected = L.train_sgd(task, [0, 0], weights=torch.stack([torch.ones_like(weights), weights]))
+    for got, want in zip((run.final_params(), run.replay(weights).final_params()), expected):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "trajectory", "compressed"])
+def test_a_method_entry_runs_on_a_tiny_task(tiny_mlp, name):
+    import ladder_methods as LM
+    method = LM.REGISTRY[name]
+    assert method.unavailable(tiny_mlp) is None
+    scores = torch.as_tensor(method.fn(tiny_mlp))
+    assert scores.shape == (TINY_MLP.n_test, TINY_MLP.n_train)
+    assert torch.isfinite(scores).all() and scores.abs().max() > 0

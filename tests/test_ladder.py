@@ -201,3 +201,21 @@ def test_a_method_entry_runs_on_a_tiny_task(tiny_mlp, name):
     scores = torch.as_tensor(method.fn(tiny_mlp))
     assert scores.shape == (TINY_MLP.n_test, TINY_MLP.n_train)
     assert torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+@pytest.mark.slow
+def test_a_partial_run_keeps_the_other_methods_rows(tmp_path):
+    """--methods reruns only the named methods; the others' rows come from their cached results, unchanged."""
+    import argparse
+    args = argparse.Namespace(cache=str(tmp_path), workers=1, timeout=120, figures=str(tmp_path), methods="grad-dot,grad-cos")
+    first = L.run_task(TINY, args, "aaaaaaaaaaaa")
+    row = [line for line in first if line.startswith("| grad-cos |")]
+    assert len(row) == 1 and "—" not in row[0]
+    args.methods = "grad-dot"
+    second = L.run_task(TINY, args, "bbbbbbbbbbbb")
+    assert [line for line in second if line.startswith("| grad-cos |")] == row                # merged, the same numbers
+    assert any(line.startswith("| grad-dot |") for line in second)
+    assert not any(line.startswith("| TracIn |") for line in second)                           # never run: no row
+    folder = os.path.join(str(tmp_path), f"{TINY.name}-{L.task_key(TINY)}")
+    assert sorted(f for f in os.listdir(folder) if f.startswith("result-grad")) == [
+        "result-grad-cos-aaaaaaaaaaaa.pt", "result-grad-dot-aaaaaaaaaaaa.pt", "result-grad-dot-bbbbbbbbbbbb.pt"]

@@ -640,7 +640,8 @@ def figure(spec: Spec, rows: list, path: str, settings: str) -> None:
     fig, axes = plt.subplots(len(vs), len(FRACTIONS), figsize=(5.0 * len(FRACTIONS), 3.9 * len(vs) + 1.8),
                              squeeze=False, sharex=True)
     labels = sorted({r["method"] for r in ok})
-    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    palette = plt.get_cmap("tab10").colors + ("black", "#b8860b", "#000080", "#ff00ff", "#7fff00", "#8b0000", "#00ced1",
+                                              "#808000")
     color = {label: palette[i % len(palette)] for i, label in enumerate(labels)}   # one colour per method, any library
     markers = {"tinfluence": "o", "kronfluence": "s", "dattri": "^", "traker": "D", "captum": "v", "bergson": "P"}
     handles = {}

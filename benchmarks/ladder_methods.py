@@ -129,18 +129,12 @@ def newton_loo(task):
                          predict=_predict(apply), output_loss=_output_loss)
 
 
-def _kfac_family(task, fit):
+def _kfac_family(task, fit, fisher: str):
+    """Influence with the (E)K-FAC curvature of `fisher` ("empirical" or "ggn"), damping l2 (the objective's)."""
     apply, params, loss = pure(task)
-    curvature = fit(loss, params, task.train, predict=_predict(apply), output_loss=_output_loss, damping=task.l2)
+    curvature = fit(loss, params, task.train, predict=_predict(apply), output_loss=_output_loss, fisher=fisher,
+                    damping=task.l2)
     return ti.influence(loss, params, task.train, task.test, ihvp=curvature.ihvp)
-
-
-def kfac(task):
-    return _kfac_family(task, ti.kfac)
-
-
-def ekfac(task):
-    return _kfac_family(task, ti.ekfac)
 
 
 def base_run(task):
@@ -274,8 +268,15 @@ REGISTRY = {
                          f"preconditioned by ti.nystrom rank {NYSTROM_RANK}, all test points together"),
     "newton-loo": Method("Newton LOO", "tinfluence", newton_loo, kinds=("lr",),
                          note="ti.newton_loo, one Newton step per removed example (all n), the retrained loss"),
-    "kfac": Method("K-FAC", "tinfluence", kfac, kinds=DEEP + ("lr",), needs_ti=("kfac",), note="damping = l2"),
-    "ekfac": Method("EK-FAC", "tinfluence", ekfac, kinds=DEEP + ("lr",), needs_ti=("ekfac",), note="damping = l2"),
+    "kfac": Method("K-FAC", "tinfluence", lambda task: _kfac_family(task, ti.kfac, "empirical"), needs_ti=("kfac",),
+                   note="ti.kfac, empirical Fisher (gradients at the labels), damping = l2 (absolute)"),
+    "ekfac": Method("EK-FAC", "tinfluence", lambda task: _kfac_family(task, ti.ekfac, "empirical"), needs_ti=("ekfac",),
+                    note="ti.ekfac, empirical Fisher, damping = l2 (absolute)"),
+    "kfac-ggn": Method("K-FAC, GGN", "tinfluence", lambda task: _kfac_family(task, ti.kfac, "ggn"), needs_ti=("kfac",),
+                       note="ti.kfac(fisher=\"ggn\"): the Gauss-Newton matrix (the expectation of the true Fisher), "
+                            "damping = l2 (absolute)"),
+    "ekfac-ggn": Method("EK-FAC, GGN", "tinfluence", lambda task: _kfac_family(task, ti.ekfac, "ggn"), needs_ti=("ekfac",),
+                        note="ti.ekfac(fisher=\"ggn\"), damping = l2 (absolute)"),
     "trajectory": Method("trajectory influence", "tinfluence", trajectory, kinds=DEEP,
                          needs_ti=("training_run", "trajectory_influence", "optim"),
                          note="ti.training_run through the base SGD run (init seed 0, order Generator(0), "

@@ -193,7 +193,7 @@ def test_the_trajectory_entry_replays_the_same_schedule_ground_truth(tiny_mlp):
             torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["kfac", "ekfac", "trajectory", "compressed"])
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac-ggn", "ekfac-ggn", "trajectory", "compressed"])
 def test_a_method_entry_runs_on_a_tiny_task(tiny_mlp, name):
     import ladder_methods as LM
     method = LM.REGISTRY[name]

@@ -38,6 +38,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ from torch import nn
 import tinfluence as ti
 
 CACHE = os.path.join(HERE, ".cache", "ladder")
+DOCS = os.path.join(ROOT, "docs")
 FRACTIONS = (0.01, 0.10, 0.50)          # share of the training points removed
 REPEATS, REPEAT_BELOW = 2, 10.0   # a method is called twice (the time is the faster call) when its first call took < 10 s
 PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/python")
@@ -714,6 +716,8 @@ def run_task(spec: Spec, args, methods_hash: str) -> list[str]:
         print(f"  {spec.name:10s} {name:18s} {shown}", flush=True)
     png = os.path.join(args.figures, f"ladder-{spec.name}.png")
     figure(spec, rows, png, settings_text(spec))
+    if os.path.samefile(args.figures, HERE):          # the docs page (docs/ladder.md) shows the same figures
+        shutil.copyfile(png, os.path.join(DOCS, os.path.basename(png)))
     train_s = task.info.get("train_seconds", float("nan"))
     notes = [f"- {LM.REGISTRY[n].label} ({LM.REGISTRY[n].library}): {LM.REGISTRY[n].note}" for n in shown_names
              if LM.REGISTRY[n].note]

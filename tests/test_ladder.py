@@ -219,3 +219,15 @@ def test_a_partial_run_keeps_the_other_methods_rows(tmp_path):
     folder = os.path.join(str(tmp_path), f"{TINY.name}-{L.task_key(TINY)}")
     assert sorted(f for f in os.listdir(folder) if f.startswith("result-grad")) == [
         "result-grad-cos-aaaaaaaaaaaa.pt", "result-grad-dot-aaaaaaaaaaaa.pt", "result-grad-dot-bbbbbbbbbbbb.pt"]
+
+
+def test_the_docs_show_the_benchmarks_figures():
+    """docs/ladder.md embeds copies of benchmarks/ladder-<task>.png; ladder.py rewrites both, so they stay equal."""
+    names = sorted(f for f in os.listdir(L.HERE) if f.startswith("ladder-") and f.endswith(".png"))
+    assert names
+    with open(os.path.join(L.DOCS, "ladder.md")) as f:
+        page = f.read()
+    assert '--8<-- "benchmarks/RESULTS-ladder.md' in page
+    for name in names:
+        with open(os.path.join(L.HERE, name), "rb") as a, open(os.path.join(L.DOCS, name), "rb") as b:
+            assert a.read() == b.read(), f"docs/{name} differs from benchmarks/{name}: rerun benchmarks/ladder.py"

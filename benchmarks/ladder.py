@@ -583,8 +583,12 @@ def newest_result(folder: str, name: str) -> dict | None:
 
 
 def method_result(name: str, task_path: str, python: str, args, methods_hash: str) -> dict | None:
-    """A method named in `--methods` (or every method without it) runs, or reuses its result for this methods hash;
-    any other keeps the newest result cached for it, so that a partial run merges into the full table (None: never run)."""
+    """The result of one method for the table: run (or this methods hash's cached result), or the newest cached one.
+
+    A method named in `--methods` (every method without it) runs, or reuses its result for this
+    methods hash; any other keeps the newest result cached for it (None: never run), so that a
+    partial run merges into the full table.
+    """
     if not args.methods or name in args.methods.split(","):
         return cached_method(name, task_path, python, args.timeout, methods_hash)
     return newest_result(os.path.dirname(task_path), name)

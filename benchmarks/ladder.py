@@ -38,6 +38,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ from torch import nn
 import tinfluence as ti
 
 CACHE = os.path.join(HERE, ".cache", "ladder")
+DOCS = os.path.join(ROOT, "docs")
 FRACTIONS = (0.01, 0.10, 0.50)          # share of the training points removed
 REPEATS, REPEAT_BELOW = 2, 10.0   # a method is called twice (the time is the faster call) when its first call took < 10 s
 PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/python")
@@ -569,6 +571,29 @@ def cached_method(name: str, task_path: str, python: str, timeout: float, method
     return result
 
 
+def newest_result(folder: str, name: str) -> dict | None:
+    """The most recently written cached result of method `name` in a task's folder (any methods hash), or None."""
+    prefix = f"result-{name}-"
+    paths = [os.path.join(folder, f) for f in os.listdir(folder)
+             if f.startswith(prefix) and f.endswith(".pt") and len(f) == len(prefix) + 12 + 3]
+    if not paths:
+        return None
+    REUSED["results"] += 1
+    return torch.load(max(paths, key=os.path.getmtime), weights_only=False)
+
+
+def method_result(name: str, task_path: str, python: str, args, methods_hash: str) -> dict | None:
+    """The result of one method for the table: run (or this methods hash's cached result), or the newest cached one.
+
+    A method named in `--methods` (every method without it) runs, or reuses its result for this
+    methods hash; any other keeps the newest result cached for it (None: never run), so that a
+    partial run merges into the full table.
+    """
+    if not args.methods or name in args.methods.split(","):
+        return cached_method(name, task_path, python, args.timeout, methods_hash)
+    return newest_result(os.path.dirname(task_path), name)
+
+
 # ---------------------------------------------------------------- report and figure
 
 def _cell(v) -> str:
@@ -621,7 +646,8 @@ def figure(spec: Spec, rows: list, path: str, settings: str) -> None:
     fig, axes = plt.subplots(len(vs), len(FRACTIONS), figsize=(5.0 * len(FRACTIONS), 3.9 * len(vs) + 1.8),
                              squeeze=False, sharex=True)
     labels = sorted({r["method"] for r in ok})
-    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    palette = plt.get_cmap("tab10").colors + ("black", "#b8860b", "#000080", "#ff00ff", "#7fff00", "#8b0000", "#00ced1",
+                                              "#808000")
     color = {label: palette[i % len(palette)] for i, label in enumerate(labels)}   # one colour per method, any library
     markers = {"tinfluence": "o", "kronfluence": "s", "dattri": "^", "traker": "D", "captum": "v", "bergson": "P"}
     handles = {}
@@ -672,17 +698,19 @@ def run_task(spec: Spec, args, methods_hash: str) -> list[str]:
     records = ground_truth(spec, folder, task_path, workers=args.workers)
     gt_seconds = time.perf_counter() - start
     print(f"{spec.name}: ground truth ready ({len(records)} models, {gt_seconds:.0f} s)", flush=True)
-    rows = []
+    rows, shown_names = [], []
     for name, method in LM.REGISTRY.items():
-        if args.methods and name not in args.methods.split(","):
-            continue
         row = {"method": method.label, "library": method.library}
         reason = method.unavailable(task)
         if reason:
             rows.append(dict(row, error=reason))
+            shown_names.append(name)
             continue
         python = sys.executable if method.library == "tinfluence" else PEERS_PYTHON
-        result = cached_method(name, task_path, python, args.timeout, methods_hash)
+        result = method_result(name, task_path, python, args, methods_hash)
+        if result is None:
+            continue
+        shown_names.append(name)
         if "error" in result:
             rows.append(dict(row, error=result["error"]))
         else:
@@ -692,9 +720,11 @@ def run_task(spec: Spec, args, methods_hash: str) -> list[str]:
         print(f"  {spec.name:10s} {name:18s} {shown}", flush=True)
     png = os.path.join(args.figures, f"ladder-{spec.name}.png")
     figure(spec, rows, png, settings_text(spec))
+    if os.path.samefile(args.figures, HERE):          # the docs page (docs/ladder.md) shows the same figures
+        shutil.copyfile(png, os.path.join(DOCS, os.path.basename(png)))
     train_s = task.info.get("train_seconds", float("nan"))
-    notes = [f"- {m.label} ({m.library}): {m.note}" for n, m in LM.REGISTRY.items() if m.note and
-             (not args.methods or n in args.methods.split(","))]
+    notes = [f"- {LM.REGISTRY[n].label} ({LM.REGISTRY[n].library}): {LM.REGISTRY[n].note}" for n in shown_names
+             if LM.REGISTRY[n].note]
     return ([f"## {spec.name}", "", settings_text(spec) + f"; ground truth: {len(records)} retrained models "
              f"(built in {gt_seconds:.0f} s with {args.workers} processes; one base training run takes {train_s:.2g} s); "
              f"LOO over {spec.loo} training ids (same schedule, example weight 0)" +
@@ -710,7 +740,8 @@ def main(argv=None) -> None:
     parser.add_argument("--child")
     parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_TASKS)} with {QUICK}")
     parser.add_argument("--task", action="append", choices=list(SPECS))
-    parser.add_argument("--methods", help="comma-separated registry names (ladder_methods.REGISTRY)")
+    parser.add_argument("--methods", help="comma-separated registry names (ladder_methods.REGISTRY) to run; every other "
+                        "method's row is its newest cached result")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--cache", default=CACHE)
@@ -729,7 +760,9 @@ def main(argv=None) -> None:
     names = args.task or (list(QUICK_TASKS) if args.quick else list(SPECS))
     start = time.perf_counter()
     report = ["# The accuracy ladder", "", f"Machine: {run.machine(1)}", "",
-              f"Command: `python benchmarks/{' '.join(['ladder.py', *sys.argv[1:]])}`", "",
+              f"Command: `python benchmarks/{' '.join(['ladder.py', *sys.argv[1:]])}`"
+              + ("; the rows of the methods it does not name are their newest cached results (earlier runs)"
+                 if args.methods else ""), "",
               ("LDS: Spearman correlation, over retrained models, between the predicted change of a test point's loss "
               "(the sum of the removed examples' scores) and its retrained loss, averaged over test points, ± the half "
               "width of ti.lds's 95 % interval over test points. LOO ρ / rs: Pearson / Spearman over all (test point, "

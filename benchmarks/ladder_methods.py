@@ -26,6 +26,7 @@ PEERS_PYTHON = os.environ.get("TINFLUENCE_PEERS_PYTHON", "/work/venv-peers/bin/p
 DEEP = ("mlp", "cnn")
 ALL = ("lr", "mlp", "cnn")
 CG_TOL, NYSTROM_RANK = 1e-3, 100
+K_SIDE, COMPRESSED_DAMPING = 32, 0.1
 TRAK_DIM = 512        # dattri's default; traker's 2048 exceeds n_train = 1000 and leaves ΦᵀΦ singular
 
 
@@ -128,34 +129,37 @@ def newton_loo(task):
                          predict=_predict(apply), output_loss=_output_loss)
 
 
-def _kfac_family(task, fit):
+def _kfac_family(task, fit, fisher: str):
+    """Influence with the (E)K-FAC curvature of `fisher` ("empirical" or "ggn"), damping l2 (the objective's)."""
     apply, params, loss = pure(task)
-    curvature = fit(loss, params, task.train, predict=_predict(apply), output_loss=_output_loss, damping=task.l2)
+    curvature = fit(loss, params, task.train, predict=_predict(apply), output_loss=_output_loss, fisher=fisher,
+                    damping=task.l2)
     return ti.influence(loss, params, task.train, task.test, ihvp=curvature.ihvp)
 
 
-def kfac(task):
-    return _kfac_family(task, ti.kfac)
-
-
-def ekfac(task):
-    return _kfac_family(task, ti.ekfac)
-
-
-def trajectory(task):
-    """Influence through the recorded SGD run (same schedule as the base model: init seed 0, order Generator(0))."""
+def base_run(task):
+    """The base model's SGD run as a `ti.training_run`: init seed 0, order Generator(0), SGD with weight decay l2."""
     spec = task.spec
     _, params0 = ti.functionalize(task.make_model(task.init_state(0)))
     _, _, loss = pure(task)
     step = ti.optim.sgd(lr=spec.lr, weight_decay=task.l2)
-    run = ti.training_run(loss, params0, task.train, step, epochs=spec.epochs, batch_size=spec.batch,
-                          generator=torch.Generator().manual_seed(0))
-    return ti.trajectory_influence(run, task.test, measure=loss)
+    return ti.training_run(loss, params0, task.train, step, epochs=spec.epochs, batch_size=spec.batch,
+                           generator=torch.Generator().manual_seed(0))
+
+
+def trajectory(task):
+    """Influence through the recorded base run (the same-schedule ground truth's run), on the test loss."""
+    _, _, loss = pure(task)
+    return ti.trajectory_influence(base_run(task), task.test, measure=loss)
 
 
 def compressed(task):
+    """LoGra: gradients projected to K_SIDE per side of each matrix (vectors: K_SIDE), damping 0.1 × mean diag Ĉ."""
     _, params, loss = pure(task)
-    return ti.compressed_influence(loss, params, task.train, task.test, generator=torch.Generator().manual_seed(0))
+    projector = ti.projector(params, k_in=K_SIDE, k_out=K_SIDE, k_rest=K_SIDE, generator=torch.Generator().manual_seed(0))
+    grads = ti.compressed_grads(loss, params, task.train, projector=projector)         # [n_train, dim]
+    damping = COMPRESSED_DAMPING * float(grads.pow(2).sum(1).mean()) / grads.shape[1]   # × mean diagonal of Ĉ = ĝᵀĝ / n
+    return ti.compressed_influence(loss, params, task.train, task.test, projector=projector, damping=damping)
 
 
 # ---------------------------------------------------------------- peers
@@ -264,12 +268,22 @@ REGISTRY = {
                          f"preconditioned by ti.nystrom rank {NYSTROM_RANK}, all test points together"),
     "newton-loo": Method("Newton LOO", "tinfluence", newton_loo, kinds=("lr",),
                          note="ti.newton_loo, one Newton step per removed example (all n), the retrained loss"),
-    "kfac": Method("K-FAC", "tinfluence", kfac, kinds=DEEP + ("lr",), needs_ti=("kfac",), note="damping = l2"),
-    "ekfac": Method("EK-FAC", "tinfluence", ekfac, kinds=DEEP + ("lr",), needs_ti=("ekfac",), note="damping = l2"),
+    "kfac": Method("K-FAC", "tinfluence", lambda task: _kfac_family(task, ti.kfac, "empirical"), needs_ti=("kfac",),
+                   note="ti.kfac, empirical Fisher (gradients at the labels), damping = l2 (absolute)"),
+    "ekfac": Method("EK-FAC", "tinfluence", lambda task: _kfac_family(task, ti.ekfac, "empirical"), needs_ti=("ekfac",),
+                    note="ti.ekfac, empirical Fisher, damping = l2 (absolute)"),
+    "kfac-ggn": Method("K-FAC, GGN", "tinfluence", lambda task: _kfac_family(task, ti.kfac, "ggn"), needs_ti=("kfac",),
+                       note="ti.kfac(fisher=\"ggn\"): the Gauss-Newton matrix (the expectation of the true Fisher), "
+                            "damping = l2 (absolute)"),
+    "ekfac-ggn": Method("EK-FAC, GGN", "tinfluence", lambda task: _kfac_family(task, ti.ekfac, "ggn"), needs_ti=("ekfac",),
+                        note="ti.ekfac(fisher=\"ggn\"), damping = l2 (absolute)"),
     "trajectory": Method("trajectory influence", "tinfluence", trajectory, kinds=DEEP,
                          needs_ti=("training_run", "trajectory_influence", "optim"),
-                         note="through the base SGD run (same schedule)"),
-    "compressed": Method("compressed-gradient influence", "tinfluence", compressed, needs_ti=("compressed_influence",)),
+                         note="ti.training_run through the base SGD run (init seed 0, order Generator(0), "
+                              "ti.optim.sgd with weight decay l2): the same-schedule ground truth's run"),
+    "compressed": Method("compressed-gradient influence", "tinfluence", compressed, needs_ti=("compressed_influence",),
+                         note=f"ti.compressed_influence, Gaussian ti.projector k_in = k_out = k_rest = {K_SIDE} (seed 0), "
+                              f"damping = {COMPRESSED_DAMPING:g} × the mean diagonal of the projected covariance"),
     "tracin": Method("TracIn", "tinfluence", tracin,
                      note="every checkpoint of the base SGD run (LR: a separate SGD run), exact gradients"),
     "empirical-if": Method("EmpiricalIF", "tinfluence", empirical_if, note="radius 1e-3"),

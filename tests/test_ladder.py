@@ -166,3 +166,68 @@ def test_vmapped_sgd_matches_a_plain_training_loop():
             for name in expected:
                 torch.testing.assert_close(state[name], expected[name], rtol=1e-10, atol=1e-12)
     assert not torch.allclose(cases[0][0][0]["5.weight"], cases[0][0][1]["5.weight"])     # the weights took effect
+
+
+TINY_MLP = replace(L.SPECS["digits-mlp"], n_train=48, n_test=6, hidden=8, epochs=2, batch=16, subsets=4, loo=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp():
+    train, test = L.load_data(TINY_MLP)
+    task = L.LadderTask(TINY_MLP.name, TINY_MLP.kind, train, test, state={}, l2=TINY_MLP.l2, hidden=TINY_MLP.hidden,
+                        info={"spec": L.asdict(TINY_MLP)})
+    task.state = L.train_sgd(task, [0])[0]
+    return task
+
+
+def test_the_trajectory_entry_replays_the_same_schedule_ground_truth(tiny_mlp):
+    """ti.training_run with the entry's settings ends where the harness's same-schedule trainer ends, for 0/1 weights."""
+    import ladder_methods as LM
+    task, spec = tiny_mlp, TINY_MLP
+    run = LM.base_run(task)
+    weights = torch.ones(spec.n_train, dtype=torch.float64)
+    weights[[2, 30]] = 0
+    expected = L.train_sgd(task, [0, 0], weights=torch.stack([torch.ones_like(weights), weights]))
+    for got, want in zip((run.final_params(), run.replay(weights).final_params()), expected):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "kfac-ggn", "ekfac-ggn", "trajectory", "compressed"])
+def test_a_method_entry_runs_on_a_tiny_task(tiny_mlp, name):
+    import ladder_methods as LM
+    method = LM.REGISTRY[name]
+    assert method.unavailable(tiny_mlp) is None
+    scores = torch.as_tensor(method.fn(tiny_mlp))
+    assert scores.shape == (TINY_MLP.n_test, TINY_MLP.n_train)
+    assert torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+@pytest.mark.slow
+def test_a_partial_run_keeps_the_other_methods_rows(tmp_path):
+    """--methods reruns only the named methods; the others' rows come from their cached results, unchanged."""
+    import argparse
+    args = argparse.Namespace(cache=str(tmp_path), workers=1, timeout=120, figures=str(tmp_path), methods="grad-dot,grad-cos")
+    first = L.run_task(TINY, args, "aaaaaaaaaaaa")
+    row = [line for line in first if line.startswith("| grad-cos |")]
+    assert len(row) == 1 and "—" not in row[0]
+    args.methods = "grad-dot"
+    second = L.run_task(TINY, args, "bbbbbbbbbbbb")
+    assert [line for line in second if line.startswith("| grad-cos |")] == row                # merged, the same numbers
+    assert any(line.startswith("| grad-dot |") for line in second)
+    assert not any(line.startswith("| TracIn |") for line in second)                           # never run: no row
+    folder = os.path.join(str(tmp_path), f"{TINY.name}-{L.task_key(TINY)}")
+    assert sorted(f for f in os.listdir(folder) if f.startswith("result-grad")) == [
+        "result-grad-cos-aaaaaaaaaaaa.pt", "result-grad-dot-aaaaaaaaaaaa.pt", "result-grad-dot-bbbbbbbbbbbb.pt"]
+
+
+def test_the_docs_show_the_benchmarks_figures():
+    """docs/ladder.md embeds copies of benchmarks/ladder-<task>.png; ladder.py rewrites both, so they stay equal."""
+    names = sorted(f for f in os.listdir(L.HERE) if f.startswith("ladder-") and f.endswith(".png"))
+    assert names
+    with open(os.path.join(L.DOCS, "ladder.md")) as f:
+        page = f.read()
+    assert '--8<-- "benchmarks/RESULTS-ladder.md' in page
+    for name in names:
+        with open(os.path.join(L.HERE, name), "rb") as a, open(os.path.join(L.DOCS, name), "rb") as b:
+            assert a.read() == b.read(), f"docs/{name} differs from benchmarks/{name}: rerun benchmarks/ladder.py"

@@ -196,7 +196,7 @@ def _ensemble(task, k: int) -> list:
 
 
 def dattri_trak(task, k: int):
-    """dattri's TRAKAttributor over k independently trained models, CPU projector, float64 gradients."""
+    """Dattri's TRAKAttributor over k independently trained models, CPU projector, float64 gradients."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
 
@@ -223,7 +223,7 @@ def dattri_trak(task, k: int):
 
 
 def traker_trak(task, k: int):
-    """traker's TRAKer over k models with its CPU BasicProjector (float32: its stores are float32)."""
+    """Traker's TRAKer over k models with its CPU BasicProjector (float32: its stores are float32)."""
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 

@@ -18,6 +18,8 @@ import torch
 import tinfluence as ti
 from tinfluence.cli import main
 
+pytestmark = pytest.mark.slow   # runs the demo end to end: the fast subset (-m "not slow") leaves it out
+
 
 def test_demo_writes_every_file_and_direct_influence_tracks_leave_one_out(tmp_path):
     out = tmp_path / "run"

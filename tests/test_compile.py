@@ -19,6 +19,8 @@ from models import build, cases
 import tinfluence as ti
 from tinfluence import tree as tr
 
+pytestmark = pytest.mark.slow   # compiles kernels with inductor: the fast subset (-m "not slow") leaves it out
+
 
 def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)   # leaf by leaf, structures equal

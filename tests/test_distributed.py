@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import tinfluence as ti
 
+pytestmark = pytest.mark.slow   # spawns gloo process groups: the fast subset (-m "not slow") leaves it out
+
 L2, DAMPING = 1e-2, 1e-3
 
 

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import tinfluence as ti
 from tinfluence.text import decode, stdlib_windows, token_nll
 
+pytestmark = pytest.mark.slow   # trains small language models: the fast subset (-m "not slow") leaves it out
+
 transformers = pytest.importorskip("transformers")
 
 T, N_TRAIN = 32, 192

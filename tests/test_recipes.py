@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # runs every recipe script: the fast subset (-m "not slow") leaves it out
+
 RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -19,6 +19,8 @@ import tinfluence as ti
 from tinfluence.cli import main
 from tinfluence.pipeline import load_task
 
+pytestmark = pytest.mark.slow   # runs the pipeline end to end: the fast subset (-m "not slow") leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 MULTIMODAL = str(ROOT / "examples" / "multimodal.py")
 MNIST_LIKE = str(ROOT / "examples" / "mnist_like.py")
@@ -226,6 +228,7 @@ def test_missing_fashion_mnist_is_explained(tmp_path, capsys, monkeypatch):
 TASK = '''
 import torch, torch.nn.functional as F
 import tinfluence as ti
+
 apply, params = ti.functionalize(torch.nn.Linear(3, 2).double())
 g = torch.Generator().manual_seed(0)
 train = (torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (20,), generator=g))

@@ -4,9 +4,14 @@ Run with `torchrun --standalone --nproc_per_node=2 docs/recipes/distributed.py`.
 holds a contiguous shard of the training set and the same parameters and test points;
 `group=` turns every sum over training examples into a sum over shards (one all-reduce
 per curvature product, for all test points together). The work sits in `main()`, so the
-objects that hold the process group are gone before it is destroyed: a group still
-referenced at interpreter shutdown can make gloo abort the process.
+objects that hold the process group are gone before it is destroyed, and the process ends
+right after (`os._exit`, output flushed): with torch 2.13, gloo can still abort a process at
+interpreter shutdown ("terminate called without an active exception"), as `tinfluence demo
+--distributed` also avoids.
 """
+
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -48,3 +53,6 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     main()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -123,23 +123,36 @@ class _Uses(TorchFunctionMode):
         return out
 
 
+def _linear_input(func, args, kwargs, probed: set):
+    """The input of an `F.linear` call whose weight or bias is in `probed` (ids), else None."""
+    if func is not F.linear:
+        return None
+    a, W, b = _linear_args(args, kwargs)
+    return a if id(W) in probed or (b is not None and id(b) in probed) else None
+
+
 class _Probing(TorchFunctionMode):
-    """Adds `probes[k]` to the output of the k-th F.linear call whose weight or bias is in
-    `probed` (ids of the factorable parameters) and records that call's input.
+    """Adds `probes[k]` to the output of the k-th recognised layer call on the probed parameters
+    and records that call's input.
+
+    `recognize(func, args, kwargs, probed) -> input or None` picks the calls (default: `F.linear`
+    on a probed weight or bias); `advice` ends the error raised when the calls under vmap are
+    not those of the plain call that made the probes.
     """
 
-    def __init__(self, probed: set, probes: tuple, where: str):
+    def __init__(self, probed: set, probes: tuple, where: str, *, recognize: Callable = _linear_input,
+                 what: str = "F.linear", advice: str = "the loss must run the same layers for every call. "
+                                                      "Use factored=False for this model."):
         super().__init__()
         self.probed, self.probes, self.where = probed, probes, where
+        self.recognize, self.what, self.advice = recognize, what, advice
         self.inputs: list = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is not F.linear:
-            return out
-        a, W, b = _linear_args(args, kwargs)
-        if id(W) not in self.probed and (b is None or id(b) not in self.probed):
+        a = self.recognize(func, args, kwargs, self.probed)
+        if a is None:
             return out
         k = len(self.inputs)
         if k >= len(self.probes) or tuple(out.shape) != tuple(self.probes[k].shape):
@@ -148,15 +161,15 @@ class _Probing(TorchFunctionMode):
         return out + self.probes[k]
 
     def check_complete(self) -> None:
+        """Raises unless every probe met its call."""
         if len(self.inputs) != len(self.probes):
             self._differs()
 
     def _differs(self):
         raise RuntimeError(
-            f"{self.where}: the forward made other F.linear calls on the parameters under vmap than in a plain "
+            f"{self.where}: the forward made other {self.what} calls on the parameters under vmap than in a plain "
             f"call on one example (expected {len(self.probes)} calls with output shapes "
-            f"{[tuple(p.shape) for p in self.probes]}); the loss must run the same layers for every call. "
-            "Use factored=False for this model.")
+            f"{[tuple(p.shape) for p in self.probes]}); {self.advice}")
 
 
 class _Plan(NamedTuple):

@@ -54,7 +54,7 @@ from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
 from ..core.errors import check_chunk_size, check_params, fork_generator
-from ..core.factored import _holds_tensor, _linear_args
+from ..core.factored import _holds_tensor, _linear_args, _Probing
 from ..core.objective import per_example
 from ..core.operator import LinearOperator
 from ..core.transforms import hessian_fn
@@ -360,37 +360,12 @@ class _Uses(TorchFunctionMode):
         return out
 
 
-class _Probing(TorchFunctionMode):
-    """Adds `probes[k]` to the output of the k-th recognised call whose weight is in `probed`
-    (ids) and records that call's input.
-    """
+def _layer_input(func, args, kwargs, probed: set):
+    """The input of a recognised layer call whose weight is in `probed` (ids), else None."""
+    call = _layer_call(func, args, kwargs)
+    return call.input if call is not None and id(call.weight) in probed else None
 
-    def __init__(self, probed: set, probes: tuple, where: str):
-        super().__init__()
-        self.probed, self.probes, self.where = probed, probes, where
-        self.inputs: list = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        call = _layer_call(func, args, kwargs)
-        if call is None or id(call.weight) not in self.probed:
-            return out
-        k = len(self.inputs)
-        if k >= len(self.probes) or tuple(out.shape) != tuple(self.probes[k].shape):
-            self._differs()
-        self.inputs.append(call.input)
-        return out + self.probes[k]
-
-    def check_complete(self) -> None:
-        if len(self.inputs) != len(self.probes):
-            self._differs()
-
-    def _differs(self):
-        raise RuntimeError(
-            f"{self.where}: the forward made other layer calls under vmap than in a plain call on one example "
-            f"(expected {len(self.probes)} calls with output shapes {[tuple(p.shape) for p in self.probes]}); "
-            "`predict` must run the same layers for every example.")
 
 
 class _Plan(NamedTuple):
@@ -531,7 +506,8 @@ def _capture_fn(predict: Callable, params: dict, plan: _Plan, where: str) -> Cal
 
     def example(fb, example, cotangents):
         def forward(fb, probes):
-            with _Probing(probed, probes, where) as probing:
+            with _Probing(probed, probes, where, recognize=_layer_input, what="layer",
+                          advice="`predict` must run the same layers for every example.") as probing:
                 out = predict(tr.merge(fb, closed), D.batch_of_one(example))
             probing.check_complete()
             return out, tuple(probing.inputs)

@@ -107,13 +107,14 @@ def digits_problem(n_train: int = N_TRAIN, l2: float = L2) -> Problem:
     return Problem(train, test, images, apply, params, l2)
 
 
-def gd_checkpoints(problem: Problem, *, steps: int = GD_STEPS, lr: float = GD_LR) -> list:
-    """Returns `[(θ_t, lr), ...]`: full-batch gradient descent on R from θ = 0, one checkpoint per step.
+def gd_checkpoints(R: Callable, params, *, steps: int = GD_STEPS, lr: float = GD_LR) -> list:
+    """Returns `[(θ_t, lr), ...]`: full-batch gradient descent on the objective `R` from θ = 0
+    (zeros shaped like `params`), one checkpoint per step, `steps` in all.
 
     Deterministic; θ_t is the point at which step t's gradient is taken.
     """
-    grad_R = torch.func.grad(problem.objective())
-    theta, checkpoints = tr.zeros_like(problem.params), []
+    grad_R = torch.func.grad(R)
+    theta, checkpoints = tr.zeros_like(params), []
     for _ in range(steps):
         checkpoints.append((theta, lr))
         theta = tr.add_scaled(theta, -lr, grad_R(theta))
@@ -147,7 +148,7 @@ def _lissa(problem, test, generator):
 
 
 def _tracin(problem, test, generator):
-    return tracin(problem.loss, gd_checkpoints(problem), problem.train_part, test, group=problem.group)
+    return tracin(problem.loss, gd_checkpoints(problem.objective(), problem.params), problem.train_part, test, group=problem.group)
 
 
 def _empirical(problem, test, generator):

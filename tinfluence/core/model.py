@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import hf
-from .errors import check_params
+from . import checks, hf
 
 __all__ = ["functionalize", "Checkpoint"]
 
@@ -88,7 +87,7 @@ def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bo
             stacklevel=2,
         )
     params = {k: p.detach().clone() for k, p in chosen.items()}
-    check_params("ti.functionalize", params)
+    checks.params("ti.functionalize", params)
     frozen = {k: p.detach().clone() for k, p in named.items() if k not in chosen}
     frozen.update({k: b.detach().clone() for k, b in module.named_buffers()})
     required = tuple(params)

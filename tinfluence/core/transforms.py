@@ -23,7 +23,6 @@ from . import checks
 from . import collectives as dd
 from . import data as D
 from . import tree as tr
-from .errors import check_params
 from .objective import Objective, example_loss, per_example
 from .operator import LinearOperator
 
@@ -451,7 +450,7 @@ def hessian(f: Callable, params) -> torch.Tensor:
     code path. An `Objective` with a process group sums its shards' Hessians (one
     all-reduce of the `[P, P]` matrix) and adds l2·I once.
     """
-    check_params("ti.hessian", params)
+    checks.params("ti.hessian", params)
     flat = tr.ravel(params)
 
     def dense(fn):

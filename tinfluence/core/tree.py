@@ -23,7 +23,7 @@ PyTree = Any
 __all__ = [
     "map", "add", "sub", "scale", "add_scaled", "vdot", "pairwise_vdot", "norm", "sq_norm",
     "zeros_like", "random_like", "ravel", "unravel", "size", "select", "partition",
-    "merge", "stack", "unstack", "leading_size",
+    "merge", "stack", "unstack", "leading_size", "fork_generator",
 ]
 
 
@@ -181,3 +181,12 @@ def leading_size(tree: PyTree) -> int:
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"ti.tree.leading_size: leaves must share one leading axis; got sizes {sorted(str(s) for s in sizes)}.")
     return sizes.pop()
+
+
+def fork_generator(generator: torch.Generator) -> torch.Generator:
+    """A new generator in `generator`'s state: it draws what `generator` would, and the caller's
+    generator is not advanced, so the same call with the same generator gives the same numbers.
+    """
+    local = torch.Generator(device=generator.device)
+    local.set_state(generator.get_state())
+    return local

@@ -33,8 +33,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import distributed as dd
+from ..core import checks
 from ..core import data as D
-from ..core.errors import check_chunk_size
 from ..methods.compressed import ProjectedCurvature, Projector, compressed_grad_fn
 from .scores import _atomic_write
 
@@ -282,7 +282,7 @@ def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="f
       ValueError: bad `dtype`/`chunk_rows`/`n`; a store with other settings in `folder`.
     """
     name = _dtype_name(where, dtype)
-    check_chunk_size(where, chunk_rows)
+    checks.chunk_size(where, chunk_rows)
     if not isinstance(projector, Projector):
         raise TypeError(f"{where}: `projector` must be a ti.Projector (from ti.projector); got {type(projector).__name__}.")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -328,7 +328,7 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
       Cost: one projected-gradient pass over the missing chunks; disk n·dim·itemsize bytes.
     """
     where = "ti.io.write_store"
-    check_chunk_size(where, chunk_size)
+    checks.chunk_size(where, chunk_size)
     n = D.count_examples(train, name="train", call=where)
     make = lambda: create_store(folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
                                 chunk_rows=chunk_rows, where=where)

@@ -36,10 +36,10 @@ import optree
 import torch
 from torch.func import grad, jacrev, vmap
 
+from ..core import checks
 from ..core import data as D
 from ..core import factored as fa
 from ..core import tree as tr
-from ..core.errors import check_chunk_size, check_params, fork_generator
 from ..core.objective import per_example
 
 __all__ = ["Projector", "projector", "compressed_grad_fn", "compressed_grads", "ProjectedCurvature",
@@ -179,7 +179,7 @@ def projector(params: dict, *, k_in: int, k_out: int, k_rest: int | None = None,
     if not isinstance(params, dict):
         raise TypeError(f"{where}: `params` must be a dict[str, Tensor] (as ti.functionalize returns); "
                         f"got {type(params).__name__}.")
-    check_params(where, params)
+    checks.params(where, params)
     if kind not in KINDS:
         raise ValueError(f"{where}: `kind` must be one of {KINDS}; got {kind!r}.")
     k_rest = k_in * k_out if k_rest is None else k_rest
@@ -188,7 +188,7 @@ def projector(params: dict, *, k_in: int, k_out: int, k_rest: int | None = None,
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{where}: `generator` must be a torch.Generator, e.g. torch.Generator().manual_seed(0); "
                         f"got {type(generator).__name__}.")
-    local = fork_generator(generator)
+    local = tr.fork_generator(generator)
     matrices, blocks, shapes, start, drawn, names = {}, {}, {}, 0, [], []
     for name, p in params.items():
         if p.dim() < 2:
@@ -335,7 +335,7 @@ def compressed_grads(loss: Callable, params: dict, data, *, projector: Projector
       example and linear layer; formed gradients of other parameters cost their size.
     """
     where = "ti.compressed_grads"
-    check_chunk_size(where, chunk_size)
+    checks.chunk_size(where, chunk_size)
     D.count_examples(data, name="data", call=where)
     kernel = compressed_grad_fn(loss, projector, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)

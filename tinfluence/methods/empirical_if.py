@@ -13,7 +13,6 @@ from ..core import checks
 from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
-from ..core.errors import fork_generator
 from ..core.objective import example_loss, per_example
 from ..core.scoring import check_inputs, row_sq_norms, stacked_grads
 
@@ -111,7 +110,7 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"{where}: `directions` needs an explicit `generator`, "
                              f"e.g. generator=torch.Generator().manual_seed(0); got {type(generator).__name__}.")
-        V = tr.random_like(params, generator=fork_generator(generator), kind="sphere", batch=(directions,))  # [m, ...]
+        V = tr.random_like(params, generator=tr.fork_generator(generator), kind="sphere", batch=(directions,))  # [m, ...]
         thetas = _plus_minus(params, radius, V)
         d_test = vmap(loss, in_dims=(0, None))(thetas, test) - base_test  # [2m, n_test]
         combine = _averaged_products

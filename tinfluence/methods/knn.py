@@ -8,7 +8,6 @@ import torch
 
 from ..core import checks
 from ..core import data as D
-from ..core.errors import check_params
 
 __all__ = ["knn_candidates"]
 
@@ -59,7 +58,7 @@ def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_
     """
     where = "ti.knn_candidates"
     checks.function(where, "features_fn", features_fn, "(params, batch) -> Tensor[B, F]")
-    check_params(where, params)
+    checks.params(where, params)
     n_train = D.count_examples(train, name="train", call=where)
     D.count_examples(test, name="test", call=where)
     D.check_alike(where, train, test)

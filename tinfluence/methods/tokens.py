@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
+from ..core import checks
 from ..core import data as D
-from ..core.errors import check_chunk_size
 from .compressed import ProjectedCurvature, Projector, compressed_grad_fn
 
 __all__ = ["token_grads", "query_token_influence", "train_token_influence"]
@@ -54,7 +54,7 @@ def token_grads(token_loss: Callable, params: dict, data, *, projector: Projecto
       per sequence and linear layer for the projections.
     """
     where = "ti.token_grads"
-    check_chunk_size(where, chunk_size)
+    checks.chunk_size(where, chunk_size)
     D.count_examples(data, name="data", call=where)
     kernel = compressed_grad_fn(token_loss, projector, per_token=True, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
@@ -129,7 +129,7 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
     """
     where = "ti.train_token_influence"
     _check_curvature(where, curvature)
-    check_chunk_size(where, chunk_size)
+    checks.chunk_size(where, chunk_size)
     measure = query_loss or (lambda p, b: token_loss(p, b).sum(-1))
     query_kernel = compressed_grad_fn(measure, projector, where=where)
     Q = curvature.query(D.chunk_cat(lambda c: query_kernel(params, c), queries, chunk_size))   # [n_query, dim]

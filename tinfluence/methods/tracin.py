@@ -10,7 +10,7 @@ import optree
 import torch
 
 from ..core import checks
-from ..core.errors import check_params, fork_generator
+from ..core import tree as tr
 from ..core.model import Checkpoint
 from ..core.scoring import check_factored, check_inputs, grad_products, over_train, stacked_grads
 
@@ -49,7 +49,7 @@ def _check_checkpoint(where: str, t: int, item) -> Checkpoint:
                          f"got {got}.")
     ckpt = item if isinstance(item, Checkpoint) else Checkpoint(*item)
     params, lr, frozen = ckpt.params, ckpt.lr, ckpt.frozen
-    check_params(f"{where}: checkpoint {t}", params)
+    checks.params(f"{where}: checkpoint {t}", params)
     lr = checks.number(where, f"checkpoints[{t}] lr", lr, minimum=0.0, exclusive=True,
                        hint="Give each checkpoint the learning rate in force after it, e.g. (params_t, 0.1).")
     frozen = {} if frozen is None else frozen
@@ -79,7 +79,7 @@ def _projection(params, dim: int, generator: torch.Generator) -> Callable:
     One `[numel, dim]` block per parameter leaf, in optree order, from a copy of
     `generator` (not advanced), so E[proj(g)·proj(h)] = ⟨g, h⟩ exactly (unbiased).
     """
-    local = fork_generator(generator)
+    local = tr.fork_generator(generator)
     blocks = [
         torch.randn(leaf.numel(), dim, generator=local, dtype=leaf.dtype, device=generator.device).to(leaf.device) / math.sqrt(dim)
         for leaf in optree.tree_leaves(params, namespace="")

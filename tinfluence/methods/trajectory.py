@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
-from ..core.errors import fork_generator
 from ..core.objective import per_example
 from ..core.optim import check_optimizer
 from ..core.transforms import grad_fn
@@ -198,7 +197,7 @@ def training_run(loss: Callable, params0, train, step, *, epochs: int, batch_siz
                         f"e.g. torch.Generator().manual_seed(0); got {type(generator).__name__}.")
     like = optree.tree_leaves(params0, namespace="")[0]
     w = torch.ones(n, dtype=like.dtype, device=like.device) if weights is None else _check_weights(where, weights, n, like)
-    local = fork_generator(generator)
+    local = tr.fork_generator(generator)
     device = optree.tree_leaves(train, namespace="")[0].device
     batches = tuple(ids.to(device) for _ in range(epochs)
                     for ids in torch.randperm(n, generator=local, device=generator.device).split(batch_size))

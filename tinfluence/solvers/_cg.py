@@ -9,7 +9,6 @@ import torch
 
 from ..core import checks
 from ..core import tree as tr
-from ..core.errors import check_positive
 from ..core.operator import as_operator
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
 
@@ -79,10 +78,10 @@ def _cg_step(apply, precondition, s: _State, stop: torch.Tensor) -> _State:
 
 
 def _check_options(where, damping, tol, atol, maxiter, check_every, on_failure):
-    check_positive(where, "damping", damping, allow_zero=True)
+    checks.number(where, "damping", damping, minimum=0.0)
     if tol is not None:
-        check_positive(where, "tol", tol, allow_zero=True)
-    check_positive(where, "atol", atol, allow_zero=True)
+        checks.number(where, "tol", tol, minimum=0.0)
+    checks.number(where, "atol", atol, minimum=0.0)
     checks.integer(where, "maxiter", maxiter, minimum=1)
     checks.integer(where, "check_every", check_every, minimum=1, none=True)
     check_on_failure(where, on_failure)

@@ -7,7 +7,7 @@ from typing import Callable
 import optree
 import torch
 
-from ..core.errors import check_positive
+from ..core import checks
 from ..core.operator import LinearOperator
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure, report
 
@@ -121,7 +121,7 @@ def _checked_matrix(H, damping) -> torch.Tensor:
     """H + λI, after checking H is a finite, square, symmetric matrix and λ ≥ 0."""
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"ti.direct: `H` must be a square [P, P] matrix; got shape {tuple(H.shape)}.")
-    check_positive("ti.direct", "damping", damping, allow_zero=True)
+    checks.number("ti.direct", "damping", damping, minimum=0.0)
     if not bool(torch.isfinite(H).all()):
         raise ValueError("ti.direct: `H` has non-finite values (nan or inf).")
     asym = (H - H.T).abs().max()

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 
+from ..core import checks
 from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
-from ..core.errors import check_chunk_size, check_params, fork_generator
 from ..core.factored import _holds_tensor, _linear_args, _Probing
 from ..core.objective import per_example
 from ..core.operator import LinearOperator
@@ -689,8 +689,8 @@ def _check(where: str, loss, params, train, predict, output_loss, fisher, genera
     if not isinstance(params, dict):
         raise TypeError(f"{where}: `params` must be a dict[str, Tensor] (as ti.functionalize returns) to name the "
                         f"layers' weights; got {type(params).__name__}.")
-    check_params(where, params)
-    check_chunk_size(where, chunk_size)
+    checks.params(where, params)
+    checks.chunk_size(where, chunk_size)
     D.count_examples(train, name="train", call=where)
     if fisher not in FISHERS:
         raise ValueError(f'{where}: `fisher` must be "empirical", "true" or "ggn"; got {fisher!r}.')
@@ -748,7 +748,7 @@ def _fit(where: str, method: str, loss, params, train, predict, output_loss, fis
     n = dd.global_size(D.num_examples(train), group)
 
     def sweep(statistics: Callable):
-        local = generator if generator is None else fork_generator(generator)
+        local = generator if generator is None else tr.fork_generator(generator)
         total = D.chunk_sum(lambda chunk: statistics(capture(chunk, _cotangents(
             fisher, predict, output_loss, params, chunk, local, where))), train, chunk_size)
         return dd.all_reduce(total, group)

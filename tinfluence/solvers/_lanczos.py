@@ -7,7 +7,6 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..core import tree as tr
-from ..core.errors import fork_generator
 from ..core.operator import as_operator
 
 __all__ = ["eigenvalues", "Eigenvalues"]
@@ -68,7 +67,7 @@ def eigenvalues(operator: Callable, *, k: int = 1, generator: torch.Generator, i
         raise ValueError(f"{where}: `iterations` must be an int in [k={k}, P={P}]; got {iterations!r}.")
     flat = tr.ravel(like)
     apply = lambda q: tr.ravel(op.fn(tr.unravel(q, like)))  # noqa: E731
-    q = torch.randn(P, generator=fork_generator(generator), dtype=flat.dtype, device=generator.device).to(flat.device)
+    q = torch.randn(P, generator=tr.fork_generator(generator), dtype=flat.dtype, device=generator.device).to(flat.device)
     Q = torch.zeros(m, P, dtype=flat.dtype, device=flat.device)
     alphas, betas = [], []
     q = q / q.norm()

@@ -8,10 +8,10 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..core import checks
 from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
-from ..core.errors import check_params, check_positive, fork_generator
 from ..core.objective import objective, per_example
 from ..core.transforms import hvp
 from ._cg import _check_preconditioner, _dots, _where, true_residual, under_transform
@@ -121,16 +121,16 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     """Checks the options, draws every mini-batch index (global ids) up front, resolves `scale` and
     builds the full-data operator H + λI (for `scale="auto"` and the true residual).
     """
-    check_params(where, params)
+    checks.params(where, params)
     n_local = D.count_examples(train, name="train", call=where)
     n = dd.global_size(n_local, group)
-    check_positive(where, "l2", l2, allow_zero=True)
-    check_positive(where, "damping", damping, allow_zero=True)
+    checks.number(where, "l2", l2, minimum=0.0)
+    checks.number(where, "damping", damping, minimum=0.0)
     for name, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
         if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{where}: `{name}` must be an int >= 1; got {value!r}.")
     if tol is not None:
-        check_positive(where, "tol", tol)
+        checks.number(where, "tol", tol, minimum=0.0, exclusive=True)
     _check_preconditioner(where, preconditioner)
     if x0 is not None and not callable(x0):
         raise TypeError(f"{where}: `x0` must be None or a function V -> X0 on stacks (a warm start for each right-hand "
@@ -139,7 +139,7 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
                                 and math.isfinite(scale) and scale > 0)):
         raise ValueError(f'{where}: `scale` must be "auto" or a finite number > 0 (above half the largest eigenvalue '
                          f'of H + λI; scale="auto" estimates it); got {scale!r}.')
-    local = fork_generator(generator) if generator is not None else torch.Generator().manual_seed(0)
+    local = tr.fork_generator(generator) if generator is not None else torch.Generator().manual_seed(0)
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
     per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)

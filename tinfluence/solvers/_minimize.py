@@ -9,8 +9,9 @@ from typing import Callable
 import optree
 import torch
 
+from ..core import checks
 from ..core import tree as tr
-from ..core.errors import ConvergenceError, check_params
+from ..core.errors import ConvergenceError
 from ..core.transforms import hvp
 from ._cg import cg_solve
 
@@ -33,7 +34,7 @@ def minimize(f: Callable, params, *, gtol: float = 1e-10, maxiter: int = 1000, h
         (`err.info` = the final parameters); raise `maxiter`, or add `l2` to the objective.
       ValueError: `f` is an objective over a process group (its gradient is one rank's share).
     """
-    check_params("ti.minimize", params)
+    checks.params("ti.minimize", params)
     if getattr(f, "group", None) is not None:
         raise ValueError("ti.minimize: `f` is an objective over a process group, whose autograd gradient is only this "
                          "rank's share; minimize the full objective in one process (ti.objective without `group`).")

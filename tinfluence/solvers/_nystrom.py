@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
+from ..core import checks
 from ..core import tree as tr
-from ..core.errors import check_positive, fork_generator
 from ..core.operator import LinearOperator, as_operator
 
 __all__ = ["nystrom"]
@@ -51,7 +51,7 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
       Appl. 44(2), 2023 (Algorithm 2.1 and eq. 5.3).
     """
     where = "ti.nystrom"
-    check_positive(where, "damping", damping, allow_zero=True)
+    checks.number(where, "damping", damping, minimum=0.0)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{where}: `generator` must be a torch.Generator; got {type(generator).__name__}.")
     op = as_operator(operator, where=where)
@@ -65,7 +65,7 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
     if not (isinstance(rank, int) and 1 <= rank <= P):
         raise ValueError(f"{where}: `rank` must be an int in [1, P={P}]; got {rank!r}.")
 
-    omega = torch.randn(P, rank, generator=fork_generator(generator), dtype=flat.dtype, device=generator.device)
+    omega = torch.randn(P, rank, generator=tr.fork_generator(generator), dtype=flat.dtype, device=generator.device)
     omega = torch.linalg.qr(omega.to(flat.device)).Q                               # [P, r], orthonormal
     Y = tr.ravel(op.many(tr.unravel(omega.T, like)), batch_ndim=1).T                # [P, r] = C Ω
     shift = torch.finfo(flat.dtype).eps * torch.linalg.matrix_norm(Y)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tinfluence as ti
-from tinfluence.demo import GD_LR, GD_STEPS, L2, load_digits_split
+from tinfluence.demo import L2, gd_checkpoints, load_digits_split
 
 name = "digits"
 train, test, (train_images, test_images) = load_digits_split()
@@ -30,13 +30,8 @@ def fit(params, data):
 
 
 def checkpoints():
-    """TracIn's checkpoints: full-batch gradient descent from zero, one per step."""
-    grad_R = torch.func.grad(ti.objective(loss, train, l2=L2))
-    theta, saved = ti.tree.zeros_like(params), []
-    for _ in range(GD_STEPS):
-        saved.append((theta, GD_LR))
-        theta = ti.tree.add_scaled(theta, -GD_LR, grad_R(theta))
-    return saved
+    """TracIn's checkpoints: full-batch gradient descent from zero, one per step (the demo's)."""
+    return gd_checkpoints(ti.objective(loss, train, l2=L2), params)
 
 
 l2 = L2

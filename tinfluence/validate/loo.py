@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
-from ..core.errors import ConvergenceError, check_params
+from ..core.errors import ConvergenceError
 from ..core.objective import objective, per_example
 from ..core.transforms import hessian
 from ..solvers import direct
@@ -109,7 +109,7 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
     Cost: one dense Hessian (P×P) at construction; per call, iterations × one gradient.
     """
     _check_training("ti.newton_trainer", loss, l2, gtol, maxiter, chunk_size)
-    check_params("ti.newton_trainer", params)
+    checks.params("ti.newton_trainer", params)
     solve = direct(hessian(objective(loss, train, l2=l2, chunk_size=chunk_size), params))
 
     def train_fn(start, data):
@@ -251,7 +251,7 @@ def leave_one_out_records(out: str | os.PathLike, params, train, test, *, meta=N
         or not a leave-one-out record; the message names the file and the line.
     """
     where = "ti.leave_one_out_records"
-    check_params(where, params)
+    checks.params(where, params)
     return _read_done(os.fspath(out), _settings(where, meta, params, train, test), where)[0]
 
 
@@ -366,7 +366,7 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
                   disable=not progress) as bar:            # the base run and one model per removal
             for key in todo:
                 retrained = train_fn(params, train if key == BASE_ID else D.take(train, _without(key, n_train, device)))
-                check_params(f"{where}: {_model(key)} (`train_fn` output)", retrained)
+                checks.params(f"{where}: {_model(key)} (`train_fn` output)", retrained)
                 values = measure_all(measure, retrained, test, chunk_size, where)
                 _check_finite(values, key, where)
                 done[key] = _append(sink, key, values, settings) if sink is not None else values.cpu().tolist()

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..core import checks
 from ..core import data as D
-from ..core.errors import fork_generator
+from ..core import tree as tr
 from .loo import measure_all
 
 __all__ = ["pearson", "spearman", "topk_overlap", "sign_agreement", "lds", "LDSResult"]
@@ -211,7 +211,7 @@ def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, s
     if not bool(torch.isfinite(scores).all()):
         raise checks.ArgumentError(f"{where}: `scores` has non-finite values (nan or inf); pass finite scores.")
     keep = max(1, round(fraction * n_train))
-    local = fork_generator(generator)
+    local = tr.fork_generator(generator)
     kept = torch.rand(subsets, n_train, generator=local, device=generator.device).argsort(dim=1)[:, :keep].cpu()
     masks = torch.zeros(subsets, n_train, dtype=torch.bool).scatter(1, kept, True)   # [subsets, n_train]
     measured = torch.stack([

@@ -21,7 +21,7 @@ import torch
 from . import checks
 from . import tree as tr
 
-__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "check_optimizer", "sgd"]
+__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "sgd"]
 
 
 class Optimizer(NamedTuple):

@@ -448,7 +448,18 @@ def hessian(f: Callable, params) -> torch.Tensor:
     `hessian_fn` (`torch.func.jacrev(grad(·), chunk_size=32)`) on the raveled parameters
     (reverse over reverse, 32 basis vectors per vectorized pass), independently of `hvp`'s
     code path. An `Objective` with a process group sums its shards' Hessians (one
-    all-reduce of the `[P, P]` matrix) and adds l2·I once.
+    all-reduce of the `[P, P]` matrix) and adds l2·I once. Cost: P/32 vectorized reverse
+    passes over the data, P² numbers of memory.
+
+    Args:
+      f: `params -> 0-d tensor`, e.g. `ti.objective(loss, train, l2=...)`.
+      params: the point θ; P = `ti.tree.size(params)`.
+
+    Returns:
+      `[P, P]` tensor, symmetric, dtype and device of `params`, in the order of `ti.tree.ravel`.
+
+    Raises:
+      ArgumentError: `params` is not a pytree of finite floating tensors of one dtype and device.
     """
     checks.params("ti.hessian", params)
     flat = tr.ravel(params)
@@ -466,7 +477,16 @@ def hessian(f: Callable, params) -> torch.Tensor:
 def to_dense(operator: Callable, params) -> torch.Tensor:
     """The matrix `[P, P]` of a linear operator on parameter pytrees (column j = C e_j).
 
-    Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only.
+    Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only
+    (P/32 operator calls, P² numbers).
+
+    Args:
+      operator: `v -> C v` on pytrees shaped like `params` and on stacks of them (leading axis k),
+        e.g. `ti.hvp(R, params)`, `ti.ggn_vp(...)`, `curv.operator`.
+      params: the structure the operator acts on; P = `ti.tree.size(params)`.
+
+    Returns:
+      `[P, P]` tensor in the order of `ti.tree.ravel(params)`, dtype and device of `params`.
     """
     flat = tr.ravel(params)
     identity = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dd
 from ..core import checks
 from ..core import data as D
-from ..methods.compressed import ProjectedCurvature, Projector, compressed_grad_fn
+from ..methods.compressed import ProjectedCurvature, Projector, compressed_kernel
 from .scores import _atomic_write
 
 __all__ = ["GradientStore", "create_store", "write_store", "open_store"]
@@ -341,7 +341,7 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
             store = make()
     lo, hi = dd.shard_bounds(store.n_chunks, rank, world)
     todo = [j for j in store.missing() if lo <= j < hi]
-    kernel = compressed_grad_fn(loss, projector, where=where)
+    kernel = compressed_kernel(loss, projector, where=where)
     for j in tqdm(todo, desc=f"store (rank {rank})" if group is not None else "store", disable=not progress):
         start, stop = store.bounds(j)
         chunk = D.take(train, slice(start, stop))

@@ -288,12 +288,16 @@ def _compress(proj: Projector, params: dict, plan, formed: dict, probe_grads: tu
     return torch.cat(out, dim=-1)
 
 
-def compressed_grad_fn(loss: Callable, proj: Projector, *, per_token: bool = False,
-                       where: str = "ti.compressed_grads") -> Callable:
+def compressed_grad_fn(loss: Callable, proj: Projector, *, per_token: bool = False) -> Callable:
     """Returns `(params, batch) -> [B, dim]` (`[B, T, dim]` with `per_token`), projected gradients.
 
     One vectorized backward per call; see `compressed_grads` and `ti.token_grads`.
     """
+    return compressed_kernel(loss, proj, per_token=per_token, where="ti.compressed_grads")
+
+
+def compressed_kernel(loss: Callable, proj: Projector, *, per_token: bool = False, where: str) -> Callable:
+    """`compressed_grad_fn` for the public call `where` (the name its errors give)."""
 
     def kernel(params, batch):
         if not isinstance(params, dict):
@@ -337,7 +341,7 @@ def compressed_grads(loss: Callable, params: dict, data, *, projector: Projector
     where = "ti.compressed_grads"
     checks.chunk_size(where, chunk_size)
     D.count_examples(data, name="data", call=where)
-    kernel = compressed_grad_fn(loss, projector, where=where)
+    kernel = compressed_kernel(loss, projector, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
 

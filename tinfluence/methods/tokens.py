@@ -23,7 +23,7 @@ import torch
 
 from ..core import checks
 from ..core import data as D
-from .compressed import ProjectedCurvature, Projector, compressed_grad_fn
+from .compressed import ProjectedCurvature, Projector, compressed_kernel
 
 __all__ = ["token_grads", "query_token_influence", "train_token_influence"]
 
@@ -56,7 +56,7 @@ def token_grads(token_loss: Callable, params: dict, data, *, projector: Projecto
     where = "ti.token_grads"
     checks.chunk_size(where, chunk_size)
     D.count_examples(data, name="data", call=where)
-    kernel = compressed_grad_fn(token_loss, projector, per_token=True, where=where)
+    kernel = compressed_kernel(token_loss, projector, per_token=True, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
 
@@ -131,8 +131,8 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
     _check_curvature(where, curvature)
     checks.chunk_size(where, chunk_size)
     measure = query_loss or (lambda p, b: token_loss(p, b).sum(-1))
-    query_kernel = compressed_grad_fn(measure, projector, where=where)
+    query_kernel = compressed_kernel(measure, projector, where=where)
     Q = curvature.query(D.chunk_cat(lambda c: query_kernel(params, c), queries, chunk_size))   # [n_query, dim]
-    kernel = compressed_grad_fn(token_loss, projector, per_token=True, where=where)
+    kernel = compressed_kernel(token_loss, projector, per_token=True, where=where)
     D.count_examples(train, name="train", call=where)
     return D.chunk_cat(lambda c: torch.einsum("qd,ztd->qzt", Q, kernel(params, c).to(Q.dtype)), train, chunk_size, dim=1)

@@ -181,13 +181,33 @@ def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None =
       ValueError: invalid options, or `v` shaped neither like the operator's vectors nor a stack of them.
       TypeError: `v` is a pytree and the operator is a plain function on tensors.
     """
-    return cg(operator, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
+    return _cg(operator, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
               preconditioner=preconditioner, where="ti.cg_solve").solve(v)
 
 
-def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0, maxiter: int = 100,
+def _cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0, maxiter: int = 100,
        check_every: int | None = None, on_failure: str = "raise", preconditioner: Callable | None = None,
        where: str = "ti.cg") -> InverseOperator:
+    """`ti.cg` for the public call `where` (the name its errors and diagnostics give)."""
+    _check_options(where, damping, tol, atol, maxiter, check_every, on_failure)
+    _check_preconditioner(where, preconditioner)
+    op = as_operator(operator, where=where)
+    options = dict(damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
+                   preconditioner=preconditioner, where=where)
+
+    def solve(v) -> Solution:
+        _check_traceable(where, tol, v)
+        return _solve(op, v, **options)
+
+    def apply(v):
+        state, _, _, stacked, _ = _run(op, v, **options)
+        return state.x if stacked else tr.map(lambda leaf: leaf[0], state.x)
+
+    return InverseOperator(solve, on_failure=on_failure, apply=apply if tol is None else None, where=where)
+
+
+def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0, maxiter: int = 100,
+       check_every: int | None = None, on_failure: str = "raise", preconditioner: Callable | None = None) -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ by conjugate gradients.
 
     Solves (H + λI) x = v for all right-hand sides at once: `v` may carry a leading
@@ -221,7 +241,6 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
         definite, e.g. `ti.nystrom(operator, rank=50, generator=g, damping=λ)`: the
         iteration becomes preconditioned CG, stopping on the unpreconditioned ‖r‖ all the
         same. It pays when a few large eigenvalues set the condition number.
-      where: the public call named in messages.
 
     Returns:
       `ihvp`: `ihvp(v) -> x` (x has the structure, shapes, dtype and device of `v`), and
@@ -244,18 +263,5 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
       Hestenes & Stiefel, Methods of conjugate gradients for solving linear systems, 1952.
       Frangella, Tropp & Udell, Randomized Nyström Preconditioning, 2023 (`ti.nystrom`).
     """
-    _check_options(where, damping, tol, atol, maxiter, check_every, on_failure)
-    _check_preconditioner(where, preconditioner)
-    op = as_operator(operator, where=where)
-    options = dict(damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
-                   preconditioner=preconditioner, where=where)
-
-    def solve(v) -> Solution:
-        _check_traceable(where, tol, v)
-        return _solve(op, v, **options)
-
-    def apply(v):
-        state, _, _, stacked, _ = _run(op, v, **options)
-        return state.x if stacked else tr.map(lambda leaf: leaf[0], state.x)
-
-    return InverseOperator(solve, on_failure=on_failure, apply=apply if tol is None else None, where=where)
+    return _cg(operator, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
+               on_failure=on_failure, preconditioner=preconditioner, where="ti.cg")

@@ -224,15 +224,36 @@ def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: f
     """`ti.lissa(loss, params, train, ...).solve(v)`: returns `Solution(x, info)`, never raising for a
     numerical failure. Arguments as in `ti.lissa`; unpacks as `x, info = ti.lissa_solve(...)`.
     """
-    return lissa(loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth, repeats=repeats,
+    return _lissa(loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth, repeats=repeats,
                  batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size, progress=progress,
                  group=group, preconditioner=preconditioner, x0=x0, where="ti.lissa_solve").solve(v)
+
+
+def _lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
+          repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
+          chunk_size: int | None = None, progress: bool = False, group=None, on_failure: str = "raise",
+          preconditioner: Callable | None = None, x0: Callable | None = None, where: str = "ti.lissa") -> InverseOperator:
+    """`ti.lissa` for the public call `where` (the name its errors and diagnostics give)."""
+    check_on_failure(where, on_failure)
+    idx, scale, full = _prepare(where, loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
+                                repeats=repeats, batch_size=batch_size, generator=generator, tol=tol,
+                                chunk_size=chunk_size, group=group, preconditioner=preconditioner, x0=x0)
+
+    def solve(v) -> Solution:
+        if under_transform(v):
+            raise ValueError(f"{where}: LiSSA cannot run under torch.func.vmap or torch.compile: its divergence and "
+                             "tolerance checks synchronize with the host. Call it outside the transform, or use "
+                             "ti.cg(..., tol=None) or ti.direct inside it.")
+        return _solution(where, loss, params, train, v, idx, full, l2=l2, damping=damping, scale=scale, tol=tol,
+                         depth=depth, progress=progress, group=group, preconditioner=preconditioner, x0=x0)
+
+    return InverseOperator(solve, on_failure=on_failure, where=where)
 
 
 def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
           repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
           chunk_size: int | None = None, progress: bool = False, group=None, on_failure: str = "raise",
-          preconditioner: Callable | None = None, x0: Callable | None = None, where: str = "ti.lissa") -> InverseOperator:
+          preconditioner: Callable | None = None, x0: Callable | None = None) -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
 
     With A = H + λI, H the Hessian of R(θ) = mean loss + (l2/2)‖θ‖² at `params`, and a
@@ -303,7 +324,6 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
         definite, e.g. a `ti.ekfac` value or its `.preconditioner`; None: M = I (plain LiSSA).
       x0: `V -> X0` on stacks, the starting point x₀ for each right-hand side (h₀ = scale · x₀),
         e.g. `curv.ihvp`; None: h₀ = M v, the series' first term.
-      where: the public call named in messages.
       group: a `torch.distributed` process group when `train` is this rank's contiguous
         shard (`ti.distributed.shard`). Every rank draws the same global mini-batch ids from
         the same generator, evaluates the part of each mini-batch it holds, and the
@@ -333,17 +353,6 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
       in linear time, JMLR 2017; Koh & Liang, ICML 2017 (its use for influence); Wang et al.,
       ASTRA (EK-FAC-preconditioned Neumann series for influence), 2025.
     """
-    check_on_failure(where, on_failure)
-    idx, scale, full = _prepare(where, loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth,
-                                repeats=repeats, batch_size=batch_size, generator=generator, tol=tol,
-                                chunk_size=chunk_size, group=group, preconditioner=preconditioner, x0=x0)
-
-    def solve(v) -> Solution:
-        if under_transform(v):
-            raise ValueError(f"{where}: LiSSA cannot run under torch.func.vmap or torch.compile: its divergence and "
-                             "tolerance checks synchronize with the host. Call it outside the transform, or use "
-                             "ti.cg(..., tol=None) or ti.direct inside it.")
-        return _solution(where, loss, params, train, v, idx, full, l2=l2, damping=damping, scale=scale, tol=tol,
-                         depth=depth, progress=progress, group=group, preconditioner=preconditioner, x0=x0)
-
-    return InverseOperator(solve, on_failure=on_failure, where=where)
+    return _lissa(loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth, repeats=repeats,
+                  batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size, progress=progress,
+                  group=group, on_failure=on_failure, preconditioner=preconditioner, x0=x0, where="ti.lissa")

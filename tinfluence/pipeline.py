@@ -43,7 +43,7 @@ from . import plot
 from .core import data as D
 from .core.objective import objective
 from .core.transforms import hessian, hvp
-from .io.scores import ScoreWriter, _atomic_write, _hash_tree, influence_to_files, read_scores, run_identity
+from .io.scores import _atomic_write, _hash_tree, _score_writer, influence_to_files, read_scores, run_identity
 from .methods.empirical_if import empirical_if
 from .methods.similarity import grad_dot
 from .methods.tracin import tracin
@@ -510,7 +510,7 @@ def _score_stage(task: Task, name: str, params, folder: Path, meta: dict, progre
     n_train, ids, block = D.num_examples(task.train), list(task.test_ids), 64
     run = run_identity(params, task.train, task.test, block_size=block, meta=meta)
     try:
-        writer = ScoreWriter(folder, run=run, n_train=n_train, dtype=task.dtype, where=WHERE)
+        writer = _score_writer(WHERE, folder, run=run, n_train=n_train, dtype=task.dtype)
     except ValueError as err:
         raise FolderError(f"{err} {hint}") from None
     done = writer.done & set(ids)

@@ -57,16 +57,39 @@ def _device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce(value, group, *, where: str = "ti.distributed.all_reduce"):
-    """Returns the sum over ranks of a tensor or pytree of tensors (inputs are not modified).
-
-    All leaves travel in ONE collective (flattened and concatenated), whatever the pytree.
-    """
+def _all_reduce(where: str, value, group):
+    """`all_reduce` for the public call `where` (the name a failed collective's error gives)."""
     if group is None:
         return value
     flat = tr.ravel(value).detach().clone()
     _collective(where, group, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))
     return tr.unravel(flat, value)
+
+
+def all_reduce(value, group):
+    """Returns the sum over ranks of a tensor or pytree of tensors (inputs are not modified).
+
+    All leaves travel in ONE collective (flattened and concatenated), whatever the pytree.
+
+    Args:
+      value: a tensor or pytree of tensors, of the same structure, shapes and dtype on every rank.
+      group: a `torch.distributed` process group, or None (then `value` itself is returned).
+
+    Returns:
+      The elementwise sum over ranks, with the structure, shapes, dtype and device of `value`.
+
+    Raises:
+      CollectiveError: the collective failed (a peer died, stalled past the timeout, or made another call).
+
+    Cost:
+      One all-reduce of P numbers (P = total leaf size); O(P) memory for the flat copy. Nothing without a group.
+
+    Example:
+      >>> tree = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+      >>> ti.distributed.all_reduce(tree, None) is tree
+      True
+    """
+    return _all_reduce("ti.distributed.all_reduce", value, group)
 
 
 def _all_gather(where: str, group, tensor: torch.Tensor) -> list:
@@ -97,16 +120,8 @@ def _checksum(value) -> torch.Tensor:
     return total
 
 
-def check_replicated(where: str, group, **named) -> None:
-    """Raises ValueError unless every rank holds the same value for each named argument.
-
-    `named` maps argument names (e.g. `params`, `test`, `l2`) to pytrees of tensors or
-    numbers that the collective contract requires to be identical on every rank. One
-    all-gather of 4 float64 checksums per argument; costs one pass over the values.
-    Equality is bitwise up to float64 summation round-off: retraining on every rank
-    passes only when the training is deterministic; otherwise load or broadcast one
-    rank's parameters.
-    """
+def _check_replicated(where: str, group, **named) -> None:
+    """`check_replicated` for the public call `where` (the name its errors give)."""
     if group is None or not named:
         return
     names = list(named)
@@ -122,6 +137,32 @@ def check_replicated(where: str, group, **named) -> None:
             f"training data is sharded); {'; '.join(parts)}. Give every rank the same values (load them from one "
             "file, or broadcast rank 0's with torch.distributed.broadcast), or shard them with ti.distributed.shard "
             "if they are training data.")
+
+
+def check_replicated(group, **named) -> None:
+    """Raises ValueError unless every rank holds the same value for each named argument.
+
+    Equality is bitwise up to float64 summation round-off: retraining on every rank passes
+    only when the training is deterministic; otherwise load or broadcast one rank's parameters.
+
+    Args:
+      group: a `torch.distributed` process group, or None (then nothing is checked).
+      **named: argument names (e.g. `params`, `test`, `l2`) mapped to pytrees of tensors or
+        numbers that the collective contract requires to be identical on every rank.
+
+    Raises:
+      ValueError: a named value differs between ranks (the message names it and the ranks).
+      CollectiveError: the all-gather failed.
+
+    Cost:
+      One pass over the values (4 float64 checksums each) and one all-gather of 4·m numbers
+      for m names. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.check_replicated(None, params=params, l2=1e-2) is None
+      True
+    """
+    _check_replicated("ti.distributed.check_replicated", group, **named)
 
 
 def global_size(n_local: int, group) -> int:
@@ -166,13 +207,8 @@ def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([block[..., :int(s)] for block, s in zip(every, widths)], dim=-1)
 
 
-def gather_rows(local, counts: torch.Tensor, group, *, where: str = "ti.distributed.gather_rows"):
-    """Returns the ranks' stacks (pytrees with leading axis `counts[r]`) concatenated in rank order.
-
-    `counts`: LongTensor `[world]`, every rank's number of rows (known to all ranks). All
-    leaves travel in ONE all-gather, each rank's rows zero-padded to the largest count and
-    trimmed after. Leaves `[Σ counts, ...]`; every rank gets the same stack (`local` without a group).
-    """
+def _gather_rows(where: str, local, counts: torch.Tensor, group):
+    """`gather_rows` for the public call `where` (the name a failed collective's error gives)."""
     if group is None:
         return local
     leaves = optree.tree_leaves(local, namespace="")
@@ -182,6 +218,34 @@ def gather_rows(local, counts: torch.Tensor, group, *, where: str = "ti.distribu
     union = torch.cat([block[:int(c)] for block, c in zip(every, counts)])     # [Σ counts, P]
     like = tr.map(lambda leaf: leaf[0] if leaf.shape[0] else leaf.new_zeros(leaf.shape[1:]), local)
     return tr.unravel(union, like)
+
+
+def gather_rows(local, counts: torch.Tensor, group):
+    """Returns the ranks' stacks concatenated along the leading axis, in rank order; every rank gets the same.
+
+    All leaves travel in ONE all-gather, each rank's rows zero-padded to the largest count
+    and trimmed after.
+
+    Args:
+      local: a pytree of tensors with leading axis `counts[rank]` (this rank's rows).
+      counts: LongTensor `[world]`, every rank's number of rows (known to all ranks, e.g. from `sizes`).
+      group: a `torch.distributed` process group, or None (then `local` itself is returned).
+
+    Returns:
+      The pytree of `local` with leaves `[Σ counts, ...]`: rank 0's rows, then rank 1's, ...
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost:
+      One all-gather of world · max(counts) · P numbers (P = the numbers in one row); that much memory.
+
+    Example:
+      >>> rows = {"g": torch.randn(4, 3)}
+      >>> ti.distributed.gather_rows(rows, torch.tensor([4]), None) is rows
+      True
+    """
+    return _gather_rows("ti.distributed.gather_rows", local, counts, group)
 
 
 def rounds(counts: torch.Tensor, per_round: int) -> list:

@@ -84,14 +84,35 @@ class LinearOperator:
         """The dtype of the vectors it acts on (None when `like` is None)."""
         return None if self.like is None else optree.tree_leaves(self.like, namespace="")[0].dtype
 
-    def is_stack(self, v, *, where: str = "ti.LinearOperator") -> bool:
-        """True when `v` is a stack of k vectors (one extra leading axis on every leaf), False for one vector.
+    def is_stack(self, v) -> bool:
+        """Whether `v` is a stack of k vectors (one extra leading axis on every leaf) or one vector.
 
-        Raises ValueError (message prefixed by `where`) when `v` is neither: another tree
-        structure (dict keys, list order, nesting), other leaf shapes, or leaves without a
-        common leading axis. Dict keys are matched by name (optree sorts them), never by
-        insertion order.
+        Dict keys are matched by name (optree sorts them), never by insertion order.
+
+        Args:
+          v: a pytree shaped like `like` (one vector) or with a common extra leading axis k
+            on every leaf (a stack); with `like=None`, a tensor `[P]` or `[k, P]`.
+
+        Returns:
+          True for a stack, False for one vector.
+
+        Raises:
+          ValueError: `v` is neither: another tree structure (dict keys, list order, nesting),
+            other leaf shapes, or leaves without a common leading axis.
+          TypeError: `like` is None and `v` is not a 1-D or 2-D tensor.
+
+        Cost:
+          O(number of leaves), metadata only.
+
+        Example:
+          >>> op = ti.LinearOperator(lambda u: 2 * u, like={"w": torch.zeros(2, 3)})
+          >>> op.is_stack({"w": torch.zeros(5, 2, 3)}), op.is_stack({"w": torch.zeros(2, 3)})
+          (True, False)
         """
+        return self._is_stack(v, "ti.LinearOperator.is_stack")
+
+    def _is_stack(self, v, where: str) -> bool:
+        """`is_stack` for the public call `where` (the name its errors give)."""
         if self.like is None:
             if isinstance(v, torch.Tensor) and v.dim() in (1, 2):
                 return v.dim() == 2
@@ -121,7 +142,7 @@ class LinearOperator:
 
     def __call__(self, v):
         """C v for one vector, or the k products of a stack in one call."""
-        return self.many(v) if self.is_stack(v) else self.fn(v)
+        return self.many(v) if self._is_stack(v, "ti.LinearOperator") else self.fn(v)
 
     # ------------------------------------------------------------ composition
 

@@ -166,13 +166,32 @@ class ScoreWriter:
       run: the run's identity, from `run_identity`.
       n_train: training-set size, the length of every score row.
       dtype: dtype of the scores, e.g. torch.float64.
-      where: the public call named in messages.
+
+    Attributes:
+      done: the ids whose files are complete and verified; `entries`: their index lines;
+        `damaged`: `{id: what is wrong}` for the files that are not.
 
     Raises:
       ValueError: the index holds a line of another run, or a line that is not an entry.
+
+    Cost:
+      Opening reads and hashes (sha256) every file listed in the index; each `write` writes,
+      fsyncs and reads back one file of n_train numbers.
+
+    Example:
+      >>> import tempfile
+      >>> folder = tempfile.mkdtemp()
+      >>> writer = ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64)
+      >>> writer.write(3, torch.zeros(60, dtype=torch.float64))
+      >>> ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64).done
+      {3}
     """
 
-    def __init__(self, folder, *, run: str, n_train: int, dtype, where: str = "ti.io.ScoreWriter"):
+    def __init__(self, folder, *, run: str, n_train: int, dtype):
+        self._open("ti.io.ScoreWriter", folder, run, n_train, dtype)
+
+    def _open(self, where: str, folder, run: str, n_train: int, dtype) -> None:
+        """Reads and verifies the folder, for the public call `where` (the name every error of this writer gives)."""
         self.folder, self.where = Path(folder), where
         self.identity = {"run": run, "n_train": int(n_train), "dtype": _dtype_name(dtype)}
         self._lines, self.damaged = [], {}        # every index line in order; what is wrong with the damaged ones
@@ -264,6 +283,13 @@ class ScoreWriter:
             self._lines.append(entry)
 
 
+def _score_writer(where: str, folder, *, run: str, n_train: int, dtype) -> ScoreWriter:
+    """`ScoreWriter` for the public call `where` (the name its errors give)."""
+    writer = ScoreWriter.__new__(ScoreWriter)
+    writer._open(where, folder, run, n_train, dtype)
+    return writer
+
+
 def read_scores(folder, test_ids=None) -> torch.Tensor:
     """Returns the scores stored in `folder` as `[len(test_ids), n_train]` (default: index order); reads only.
 
@@ -348,9 +374,9 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
     except (TypeError, ValueError) as err:
         raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers; got {type(meta).__name__} "
                         f"({err}).") from None
-    writer = ScoreWriter(out, run=run_identity(params, train, test, block_size=block_size, meta=meta),
-                         n_train=D.count_examples(train, name="train", call=where),
-                         dtype=optree.tree_leaves(params, namespace="")[0].dtype, where=where)
+    writer = _score_writer(where, out, run=run_identity(params, train, test, block_size=block_size, meta=meta),
+                           n_train=D.count_examples(train, name="train", call=where),
+                           dtype=optree.tree_leaves(params, namespace="")[0].dtype)
     for test_id, problem in writer.damaged.items():
         if test_id in ids:
             warnings.warn(f"{where}: score file {str(writer.folder / f'{test_id}.npy')!r} {problem}; recomputing it.",

@@ -270,19 +270,11 @@ def _create(where: str, folder: Path, index: dict) -> GradientStore:
     return GradientStore(folder, index)
 
 
-def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="float32", chunk_rows: int = 1024,
-                 where: str = "ti.io.create_store") -> GradientStore:
-    """Returns an empty (or partly written) store for n rows of `projector.dim`; writes its index.
-
-    The building block of `write_store` for callers that fill the chunks themselves
-    (`GradientStore.write_chunk(j, rows)` for every j in `store.missing()`). An existing index in
-    `folder` must match (same projector, parameters, n, dtype, chunk_rows).
-
-    Raises:
-      ValueError: bad `dtype`/`chunk_rows`/`n`; a store with other settings in `folder`.
-    """
+def _create_store(where: str, folder, *, projector: Projector, params: dict, n: int, dtype="float32",
+                  chunk_rows: int = 1024) -> GradientStore:
+    """`create_store` for the public call `where` (the name its errors give)."""
     name = _dtype_name(where, dtype)
-    checks.chunk_size(where, chunk_rows)
+    checks.integer(where, "chunk_rows", chunk_rows, minimum=1)
     if not isinstance(projector, Projector):
         raise TypeError(f"{where}: `projector` must be a ti.Projector (from ti.projector); got {type(projector).__name__}.")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -290,6 +282,43 @@ def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="f
     index = {"version": VERSION, "n": n, "dim": projector.dim, "dtype": name, "chunk_rows": chunk_rows,
              "n_chunks": -(-n // chunk_rows), "fingerprint": projector.fingerprint, "params": _params_digest(params)}
     return _create(where, Path(folder), index)
+
+
+def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="float32",
+                 chunk_rows: int = 1024) -> GradientStore:
+    """Returns an empty (or partly written) store for n rows of `projector.dim`; writes its index.
+
+    The building block of `write_store` for callers that fill the chunks themselves
+    (`GradientStore.write_chunk(j, rows)` for every j in `store.missing()`). An existing index in
+    `folder` must match (same projector, parameters, n, dtype, chunk_rows).
+
+    Args:
+      folder: the store's folder (created).
+      projector: `ti.projector(params, ...)`; the rows are `projector.dim` wide.
+      params: `dict[str, Tensor]`, the parameters the gradients are taken at (a digest is recorded).
+      n: rows (training examples), an int >= 1.
+      dtype: "float32", "bfloat16" or "float16" (or the torch dtype) for the stored rows.
+      chunk_rows: rows per chunk file, an int >= 1.
+
+    Returns:
+      The `GradientStore` (`store.missing()` lists the chunks still to write).
+
+    Raises:
+      ValueError: bad `dtype`/`chunk_rows`/`n`; a store with other settings in `folder`.
+      TypeError: `projector` is not a `ti.Projector`.
+
+    Cost:
+      O(1) disk (the index); a digest of at most 257 numbers per parameter tensor.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> store = ti.io.create_store(tempfile.mkdtemp(), projector=proj, params=params, n=60, chunk_rows=16)
+      >>> store.n_chunks, store.missing()
+      (4, [0, 1, 2, 3])
+    """
+    return _create_store("ti.io.create_store", folder, projector=projector, params=params, n=n, dtype=dtype,
+                         chunk_rows=chunk_rows)
 
 
 def write_store(loss: Callable, params: dict, train, *, projector: Projector, folder, dtype="float32",
@@ -330,8 +359,8 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
     where = "ti.io.write_store"
     checks.chunk_size(where, chunk_size)
     n = D.count_examples(train, name="train", call=where)
-    make = lambda: create_store(folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
-                                chunk_rows=chunk_rows, where=where)
+    make = lambda: _create_store(where, folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
+                                 chunk_rows=chunk_rows)
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     if rank == 0:
         store = make()

@@ -113,7 +113,7 @@ def _check_traceable(where: str, tol, v) -> None:
 
 def _run(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, where):
     """The CG driver: returns (X, state, V, apply, stacked) on stacks."""
-    stacked = op.is_stack(v, where=where)
+    stacked = op._is_stack(v, where)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
     base = op.on_stacks(stacked)
     apply = (lambda P: tr.add_scaled(base(P), damping, P)) if damping else base

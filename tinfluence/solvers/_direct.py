@@ -143,7 +143,7 @@ def _is_stack(op: LinearOperator | None, v, leaves, P: int) -> bool:
     if not leaves:
         raise ValueError("ti.direct: `v` has no tensors.")
     if op is not None:
-        return op.is_stack(v, where="ti.direct")
+        return op._is_stack(v, "ti.direct")
     if not isinstance(v, torch.Tensor):
         _check_dict_only(v)
     total = sum(leaf.numel() for leaf in leaves)

@@ -143,7 +143,7 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
     per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)
-    dd.check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
+    dd._check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
                         scale=0.0 if scale == "auto" else scale)
     full = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size, group=group), params, cache=False).damped(damping)
     if scale == "auto":
@@ -200,7 +200,7 @@ def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress, grou
 
 def _solution(where, loss, params, train, v, idx, full, *, tol, depth, scale, damping, **options) -> Solution:
     """Single vector or stack: runs the recursion on a stack and judges it on the true residual."""
-    stacked = full.is_stack(v, where=where)
+    stacked = full._is_stack(v, where)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
     x, change, steps, diverged = _run(loss, params, train, V, idx, tol=tol, scale=scale, damping=damping, **options)
     residual = true_residual(full.on_stacks(True), x, V)

@@ -108,7 +108,7 @@ def shard(data, rank: int, world: int):
     Raises:
       ValueError: bad `rank`/`world`, or fewer examples than processes.
     """
-    n = D.count_examples(data, name="data", call="ti.distributed.shard")
+    n = D._count_examples(data, name="data", call="ti.distributed.shard")
     if isinstance(world, int) and n < world:
         raise ValueError(f"ti.distributed.shard: `data` has {n} examples, fewer than world={world}; every shard needs one.")
     start, stop = shard_bounds(n, rank, world)

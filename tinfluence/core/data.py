@@ -17,16 +17,16 @@ from . import tree as tr
 
 DEFAULT_CHUNK_SIZE = 1024
 
-__all__ = ["num_examples", "count_examples", "check_alike", "chunks", "chunk_sum", "chunk_cat", "take", "batch_of_one", "from_loader",
+__all__ = ["num_examples", "chunks", "chunk_sum", "chunk_cat", "take", "batch_of_one", "from_loader",
            "DEFAULT_CHUNK_SIZE"]
 
 
 def num_examples(data) -> int:
-    """The common leading-axis size n of every tensor leaf of `data` (checked as `count_examples`)."""
-    return count_examples(data, name="data", call="ti.num_examples")
+    """The common leading-axis size n of every tensor leaf of `data` (a pytree of tensors sharing axis 0)."""
+    return _count_examples(data, name="data", call="ti.num_examples")
 
 
-def count_examples(data, *, name: str = "data", call: str = "ti") -> int:
+def _count_examples(data, *, name: str = "data", call: str = "ti") -> int:
     """The common leading-axis size n of every tensor leaf of `data`, for the public call `call`
     whose argument `name` it is (the names its errors give).
 
@@ -63,7 +63,7 @@ def batch_of_one(example) -> object:
     return tr.map(lambda leaf: leaf.unsqueeze(0), example)
 
 
-def check_alike(call: str, train, test, names: tuple[str, str] = ("train", "test")) -> None:
+def _check_alike(call: str, train, test, names: tuple[str, str] = ("train", "test")) -> None:
     """Raises `ArgumentError` unless `test` has `train`'s pytree structure and per-example leaf shapes.
 
     Scores pair every test example with every training example through one loss, so both
@@ -83,12 +83,13 @@ def check_alike(call: str, train, test, names: tuple[str, str] = ("train", "test
                 "per-example shape.")
 
 
-def chunks(data, size: int | None = None, *, call: str = "ti.data.chunks", name: str = "size") -> Iterator:
-    """Consecutive slices of at most `size` examples (default 1024), in order.
+def chunks(data, size: int | None = None) -> Iterator:
+    """Consecutive slices of at most `size` examples (default 1024), in order."""
+    return _chunks(data, size, call="ti.data.chunks", name="size")
 
-    `call` and `name` are the public call and argument named when `size` is not None or an
-    int >= 1 (a public function passes its own, e.g. `("ti.grad_dot", "chunk_size")`).
-    """
+
+def _chunks(data, size: int | None, *, call: str, name: str) -> Iterator:
+    """`chunks` for the public call `call` whose argument `name` is `size` (the names its errors give)."""
     size = checks.integer(call, name, size, minimum=1, none=True)
     size = DEFAULT_CHUNK_SIZE if size is None else size
     n = num_examples(data)
@@ -96,21 +97,25 @@ def chunks(data, size: int | None = None, *, call: str = "ti.data.chunks", name:
         yield take(data, slice(start, start + size))
 
 
-def chunk_sum(fn: Callable, data, chunk_size: int | None = None, *, call: str = "ti.data.chunk_sum"):
+def chunk_sum(fn: Callable, data, chunk_size: int | None = None):
     """Σ over chunks of `fn(chunk)`, a tensor or pytree of tensors.
 
     The single place where a sum over the training set is reduced; a sharded run
     reduces the same partial sums across processes.
     """
+    return _chunk_sum(fn, data, chunk_size, call="ti.data.chunk_sum")
+
+
+def _chunk_sum(fn: Callable, data, chunk_size: int | None = None, *, call: str):
+    """`chunk_sum` for the public call `call` (the name its errors give)."""
     total = None
-    for chunk in chunks(data, chunk_size, call=call, name="chunk_size"):
+    for chunk in _chunks(data, chunk_size, call=call, name="chunk_size"):
         part = fn(chunk)
         total = part if total is None else tr.add(total, part)
     return total
 
 
-def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0, call: str = "ti.data.chunk_cat",
-              indexed: bool = False):
+def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0, indexed: bool = False):
     """`fn(chunk)` for every chunk, concatenated along `dim` (a tensor or a pytree of tensors).
 
     The single place where per-chunk results over a data set are stitched together, e.g.
@@ -118,9 +123,14 @@ def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0
     `indexed`, `fn(start, chunk)` also gets the id of the chunk's first example (for
     messages that name examples).
     """
+    return _chunk_cat(fn, data, chunk_size, dim=dim, call="ti.data.chunk_cat", indexed=indexed)
+
+
+def _chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0, call: str, indexed: bool = False):
+    """`chunk_cat` for the public call `call` (the name its errors give)."""
     size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     parts = [fn(j * size, chunk) if indexed else fn(chunk)
-             for j, chunk in enumerate(chunks(data, chunk_size, call=call, name="chunk_size"))]
+             for j, chunk in enumerate(_chunks(data, chunk_size, call=call, name="chunk_size"))]
     return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves, dim=dim), *parts)
 
 

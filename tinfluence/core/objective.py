@@ -26,7 +26,7 @@ def per_example(loss: LossFn, params, batch, *, where: str = "ti", name: str = "
     Cost: metadata only, so it also runs under vmap and torch.compile.
     """
     out = loss(params, batch)
-    b = D.count_examples(batch, name="batch", call=where)
+    b = D._count_examples(batch, name="batch", call=where)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b,):
         got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise checks.ArgumentError(
@@ -78,7 +78,7 @@ class Objective:
 
     def local_sum(self, params) -> torch.Tensor:
         """(1/n) Σ over this process's examples of loss(θ, z_i), 0-d (the whole mean loss without a group)."""
-        return D.chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size, call="ti.objective")
+        return D._chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size, call="ti.objective")
 
     def __call__(self, params) -> torch.Tensor:
         """R(θ), a 0-d tensor.
@@ -111,5 +111,5 @@ def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = N
     l2 = checks.number("ti.objective", "l2", l2, minimum=0.0)
     checks.chunk_size("ti.objective", chunk_size)
     checks.function("ti.objective", "loss", loss, "(params, batch) -> Tensor[B]")
-    n = dd.global_size(D.count_examples(data, name="data", call="ti.objective"), group)
+    n = dd.global_size(D._count_examples(data, name="data", call="ti.objective"), group)
     return Objective(loss=loss, data=data, l2=float(l2), chunk_size=chunk_size, n=n, group=group)

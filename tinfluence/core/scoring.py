@@ -32,7 +32,7 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
 
     `loss` callable; `params` a dict of finite tensors of one floating dtype and device;
     `train` (and `test`) pytrees with a leading example axis, on that device and, where
-    floating, of that dtype; `test` shaped like `train` (`ti.data.check_alike`; not with
+    floating, of that dtype; `test` shaped like `train` (`data._check_alike`; not with
     `alike=False`, when `test` goes to a `measure` of its own);
     `chunk_size` None or an int >= 1. Returns the reference parameter leaf. Cost: one
     `isfinite` pass over the parameters, metadata otherwise.
@@ -42,10 +42,10 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
     checks.chunk_size(call, chunk_size)
     for name, data in zip(names, (train, test)):
         if data is not None:
-            D.count_examples(data, name=name, call=call)
+            D._count_examples(data, name=name, call=call)
             checks.floating_like(call, name, data, ref)
     if test is not None and alike:
-        D.check_alike(call, train, test, names)
+        D._check_alike(call, train, test, names)
     return ref
 
 
@@ -80,7 +80,7 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
     the differentiated function in a shape error).
     """
     kernel = _checked(_grad_kernel(loss, factored, where, name), params, where, data_name)
-    return D.chunk_cat(lambda start, chunk: transform(kernel(start, chunk)), data, chunk_size, call=where,
+    return D._chunk_cat(lambda start, chunk: transform(kernel(start, chunk)), data, chunk_size, call=where,
                        indexed=True)
 
 
@@ -105,7 +105,7 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
         checks.finite_scores(where, data_name, out, G, start)   # one reduction of [.., c]; G searched on failure
         return out
 
-    local = D.chunk_cat(columns, train, chunk_size, dim=-1, call=where, indexed=True)
+    local = D._chunk_cat(columns, train, chunk_size, dim=-1, call=where, indexed=True)
     return dd.gather_columns(local, group)
 
 

@@ -66,7 +66,7 @@ def run_identity(params, train, test, *, block_size: int, meta=None) -> str:
     h = hashlib.sha256()
     _hash_tree(h, params)
     _hash_tree(h, test)
-    h.update(json.dumps({"n_train": D.count_examples(train, name="train", call="ti.io.run_identity"),
+    h.update(json.dumps({"n_train": D._count_examples(train, name="train", call="ti.io.run_identity"),
                          "block_size": block_size, "meta": meta}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -363,7 +363,7 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
     from ..methods.influence import influence
 
     where = "ti.influence_to_files"
-    n_test = D.count_examples(test, name="test", call=where)
+    n_test = D._count_examples(test, name="test", call=where)
     ids = list(range(n_test)) if test_ids is None else [int(i) for i in test_ids]
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"{where}: `block_size` must be an int >= 1; got {block_size!r}.")
@@ -375,7 +375,7 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
         raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers; got {type(meta).__name__} "
                         f"({err}).") from None
     writer = _score_writer(where, out, run=run_identity(params, train, test, block_size=block_size, meta=meta),
-                           n_train=D.count_examples(train, name="train", call=where),
+                           n_train=D._count_examples(train, name="train", call=where),
                            dtype=optree.tree_leaves(params, namespace="")[0].dtype)
     for test_id, problem in writer.damaged.items():
         if test_id in ids:

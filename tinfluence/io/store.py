@@ -358,7 +358,7 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
     """
     where = "ti.io.write_store"
     checks.chunk_size(where, chunk_size)
-    n = D.count_examples(train, name="train", call=where)
+    n = D._count_examples(train, name="train", call=where)
     make = lambda: _create_store(where, folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
                                  chunk_rows=chunk_rows)
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))

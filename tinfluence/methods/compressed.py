@@ -259,7 +259,7 @@ def _capture_kernel(loss: Callable, params: dict, batch, *, per_token: bool, whe
 def _token_losses(loss: Callable, params, batch, where: str) -> torch.Tensor:
     """`loss(params, batch)` checked to be `[B, T]`."""
     out = loss(params, batch)
-    b = D.count_examples(batch, name="batch", call=where)
+    b = D._count_examples(batch, name="batch", call=where)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != b:
         got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{where}: `token_loss` must return one loss per example and token, shape [{b}, T]; it returned "
@@ -305,7 +305,7 @@ def compressed_kernel(loss: Callable, proj: Projector, *, per_token: bool = Fals
                             f"got {type(params).__name__}.")
         _check_projector(where, proj, params)
         plan, formed, probe_grads, inputs = _capture_kernel(loss, params, batch, per_token=per_token, where=where)
-        B = D.count_examples(batch, name="batch", call=where)
+        B = D._count_examples(batch, name="batch", call=where)
         lead = (B,) if not per_token else (B, next(iter(optree.tree_leaves((formed, probe_grads), namespace=""))).shape[1])
         return _compress(proj, params, plan, formed, probe_grads, inputs, lead)
 
@@ -340,7 +340,7 @@ def compressed_grads(loss: Callable, params: dict, data, *, projector: Projector
     """
     where = "ti.compressed_grads"
     checks.chunk_size(where, chunk_size)
-    D.count_examples(data, name="data", call=where)
+    D._count_examples(data, name="data", call=where)
     kernel = compressed_kernel(loss, projector, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 

@@ -123,7 +123,7 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         _perturbed_finite(where, "train", d_train, radius, start)
         return combine(d_test, d_train)
 
-    return dd.gather_columns(D.chunk_cat(chunk_scores, train, chunk_size, dim=1, call=where, indexed=True), group)
+    return dd.gather_columns(D._chunk_cat(chunk_scores, train, chunk_size, dim=1, call=where, indexed=True), group)
 
 
 def _perturbed_finite(where: str, name: str, d: torch.Tensor, radius: float, start: int = 0) -> None:
@@ -190,8 +190,8 @@ def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tenso
     """
     where = "ti.reverse_check"
     check_inputs(where, loss, params, train, test_point, names=("train", "test_point"))
-    n = D.count_examples(train, name="train", call=where)
-    if D.count_examples(test_point, name="test_point", call=where) != 1:
+    n = D._count_examples(train, name="train", call=where)
+    if D._count_examples(test_point, name="test_point", call=where) != 1:
         raise ValueError(f"{where}: `test_point` must hold exactly one example (leading axis 1); "
                          f"got {D.num_examples(test_point)}. Use ti.take(test, slice(j, j + 1)).")
     if not isinstance(scores, torch.Tensor) or scores.reshape(-1).shape != (n,) or scores.dim() > 2:

@@ -96,8 +96,8 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     check_inputs(call, loss, params, train, test, chunk_size=chunk_size, alike=measure is None)
     checks.flag(call, "gather", gather)
     checks.flag(call, "return_info", return_info)
-    n_local = D.count_examples(train, name="train", call=call)
-    n_test = D.count_examples(test, name="test", call=call)
+    n_local = D._count_examples(train, name="train", call=call)
+    n_test = D._count_examples(test, name="test", call=call)
     dd._check_replicated(call, group, params=params, test=test)
     start, n = dd.offset(n_local, group)
     if candidates is not None:
@@ -187,7 +187,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
         (TypeError: a leaf that is not a tensor); with a group, the ranks' `params` differ.
     """
     check_inputs("ti.self_influence", loss, params, train, chunk_size=chunk_size)
-    n_local = D.count_examples(train, name="train", call="ti.self_influence")
+    n_local = D._count_examples(train, name="train", call="ti.self_influence")
     dd._check_replicated("ti.self_influence", group, params=params)
     counts = dd.sizes(n_local, group)                                   # [world]
     kernel = grad_fn(loss, call="ti.self_influence")

@@ -59,9 +59,9 @@ def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_
     where = "ti.knn_candidates"
     checks.function(where, "features_fn", features_fn, "(params, batch) -> Tensor[B, F]")
     checks.params(where, params)
-    n_train = D.count_examples(train, name="train", call=where)
-    D.count_examples(test, name="test", call=where)
-    D.check_alike(where, train, test)
+    n_train = D._count_examples(train, name="train", call=where)
+    D._count_examples(test, name="test", call=where)
+    D._check_alike(where, train, test)
     checks.chunk_size(where, chunk_size)
     k = checks.integer(where, "k", k, minimum=1, maximum=n_train, hint=f"(n_train = {n_train}.)")
     query = _features(features_fn, params, test, chunk_size, where)                     # [n_test, F]

@@ -129,7 +129,7 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
                             hint="The stepped parameters make `measure` overflow: raise `damping`.")
         return delta
 
-    return D.chunk_cat(changes, test, chunk_size, dim=1, call=where, indexed=True).T
+    return D._chunk_cat(changes, test, chunk_size, dim=1, call=where, indexed=True).T
 
 
 def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remove,
@@ -182,7 +182,7 @@ def _check(where, loss, params, train, test, l2, damping, predict, output_loss, 
             f"{where}: give both `predict` and `output_loss` (Gauss-Newton curvature factors) or "
             f"neither (exact per-example Hessians, small models); got only "
             f"`{'predict' if output_loss is None else 'output_loss'}`.")
-    n = D.count_examples(train, name="train", call=where)
+    n = D._count_examples(train, name="train", call=where)
     if predict is not None:
         _check_consistent(where, loss, params, D.take(train, slice(0, CONSISTENCY_EXAMPLES)), predict, output_loss)
     return n, l2, damping
@@ -241,7 +241,7 @@ def _removals(where, n, indices, groups) -> list:
 
 def _newton_params(where, loss, params, train, sets, *, l2, damping, predict, output_loss, chunk_size):
     """θ̂ + Δ_S for every set S, stacked: leaves `[k, *shape]` in the order of `sets`."""
-    n = D.count_examples(train, name="train", call=where)
+    n = D._count_examples(train, name="train", call=where)
     theta = tr.ravel(params)
     G = n * tr.ravel(grad(objective(loss, train, chunk_size=chunk_size))(params))   # Σ_i ∇ℓ_i, [P]
     A = _curvature_sum(where, loss, params, train, predict, output_loss, chunk_size)       # Σ_i ∇²ℓ_i, [P, P]

@@ -55,7 +55,7 @@ def token_grads(token_loss: Callable, params: dict, data, *, projector: Projecto
     """
     where = "ti.token_grads"
     checks.chunk_size(where, chunk_size)
-    D.count_examples(data, name="data", call=where)
+    D._count_examples(data, name="data", call=where)
     kernel = compressed_kernel(token_loss, projector, per_token=True, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
@@ -134,5 +134,5 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
     query_kernel = compressed_kernel(measure, projector, where=where)
     Q = curvature.query(D.chunk_cat(lambda c: query_kernel(params, c), queries, chunk_size))   # [n_query, dim]
     kernel = compressed_kernel(token_loss, projector, per_token=True, where=where)
-    D.count_examples(train, name="train", call=where)
+    D._count_examples(train, name="train", call=where)
     return D.chunk_cat(lambda c: torch.einsum("qd,ztd->qzt", Q, kernel(params, c).to(Q.dtype)), train, chunk_size, dim=1)

@@ -188,7 +188,7 @@ def training_run(loss: Callable, params0, train, step, *, epochs: int, batch_siz
     checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
     ref = checks.params(where, params0, name="params0")
     check_optimizer(where, step)
-    n = D.count_examples(train, name="train", call=where)
+    n = D._count_examples(train, name="train", call=where)
     checks.floating_like(where, "train", train, ref)
     epochs = _check_count(where, "epochs", epochs)
     batch_size = _check_count(where, "batch_size", batch_size)
@@ -434,7 +434,7 @@ def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = N
     where = "ti.trajectory_influence"
     if not isinstance(run, TrainingRun):
         raise TypeError(f"{where}: `run` must be a TrainingRun from ti.training_run(...); got {type(run).__name__}.")
-    n_test = D.count_examples(test, name="test", call=where)
+    n_test = D._count_examples(test, name="test", call=where)
     checks.chunk_size(where, chunk_size)
     measure = run.loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
     checks.floating_like(where, "test", test, run.weights)
@@ -558,7 +558,7 @@ def replay_effect(run: TrainingRun, test, groups, *, measure: Callable | None = 
     where = "ti.replay_effect"
     if not isinstance(run, TrainingRun):
         raise TypeError(f"{where}: `run` must be a TrainingRun from ti.training_run(...); got {type(run).__name__}.")
-    D.count_examples(test, name="test", call=where)
+    D._count_examples(test, name="test", call=where)
     checks.floating_like(where, "test", test, run.weights)
     measure = run.loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
     mask = _group_masks(where, groups, run.weights.shape[0], run.weights.device)

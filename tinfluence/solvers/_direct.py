@@ -97,7 +97,7 @@ def direct(H, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOper
             report(solve(v).info, on_failure, stacklevel=4)
         return flat(v)[0]
 
-    return InverseOperator(solve, on_failure=on_failure, apply=apply, where="ti.direct")
+    return InverseOperator(solve, on_failure=on_failure, apply=apply, solver="ti.direct")
 
 
 def _matrix_and_structure(H) -> tuple[torch.Tensor, LinearOperator | None]:

@@ -166,7 +166,7 @@ class Curvature:
     def ihvp(self) -> InverseOperator:
         """(F̂ + λI)⁻¹ as a `ti.InverseOperator` (callable, with `.solve(v) -> Solution`)."""
         return InverseOperator(functools.partial(_solve, self), on_failure="raise",
-                               apply=functools.partial(_apply, self, mode="inverse"), where=f"ti.{self.method}")
+                               apply=functools.partial(_apply, self, mode="inverse"), solver=f"ti.{self.method}")
 
     @property
     def operator(self) -> LinearOperator:
@@ -691,7 +691,7 @@ def _check(where: str, loss, params, train, predict, output_loss, fisher, genera
                         f"layers' weights; got {type(params).__name__}.")
     checks.params(where, params)
     checks.chunk_size(where, chunk_size)
-    D.count_examples(train, name="train", call=where)
+    D._count_examples(train, name="train", call=where)
     if fisher not in FISHERS:
         raise ValueError(f'{where}: `fisher` must be "empirical", "true" or "ggn"; got {fisher!r}.')
     if fisher == "true" and not isinstance(generator, torch.Generator):

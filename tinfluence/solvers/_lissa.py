@@ -122,7 +122,7 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     builds the full-data operator H + λI (for `scale="auto"` and the true residual).
     """
     checks.params(where, params)
-    n_local = D.count_examples(train, name="train", call=where)
+    n_local = D._count_examples(train, name="train", call=where)
     n = dd.global_size(n_local, group)
     checks.number(where, "l2", l2, minimum=0.0)
     checks.number(where, "damping", damping, minimum=0.0)
@@ -247,7 +247,7 @@ def _lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0
         return _solution(where, loss, params, train, v, idx, full, l2=l2, damping=damping, scale=scale, tol=tol,
                          depth=depth, progress=progress, group=group, preconditioner=preconditioner, x0=x0)
 
-    return InverseOperator(solve, on_failure=on_failure, where=where)
+    return InverseOperator(solve, on_failure=on_failure, solver=where)
 
 
 def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,

@@ -111,11 +111,11 @@ class InverseOperator:
     synchronization, so it composes with `torch.func.vmap` and `torch.compile`.
     """
 
-    def __init__(self, solve: Callable, *, on_failure: str, apply: Callable | None = None, where: str):
+    def __init__(self, solve: Callable, *, on_failure: str, apply: Callable | None = None, solver: str):
         self._solve = solve
         self._apply = apply
         self.on_failure = on_failure
-        self.where = where
+        self.solver = solver
 
     def solve(self, v) -> Solution:
         """`Solution(x, info)` for one vector or a stack; never raises for numerical failure."""
@@ -129,7 +129,7 @@ class InverseOperator:
         return x
 
     def __repr__(self) -> str:
-        return f"InverseOperator({self.where}, on_failure={self.on_failure!r})"
+        return f"InverseOperator({self.solver}, on_failure={self.on_failure!r})"
 
 
 # ---------------------------------------------------------------- messages

@@ -157,8 +157,8 @@ def _settings(where: str, meta, params, train, test) -> dict:
     except (TypeError, ValueError) as err:
         raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers (dicts, lists, str, int, "
                         f"float, bool, None); got {type(meta).__name__} ({err}).") from None
-    settings = {"meta": meta, "n_train": D.count_examples(train, name="train", call=where),
-                "n_test": D.count_examples(test, name="test", call=where),
+    settings = {"meta": meta, "n_train": D._count_examples(train, name="train", call=where),
+                "n_test": D._count_examples(test, name="test", call=where),
                 "dtype": str(optree.tree_leaves(params, namespace="")[0].dtype).removeprefix("torch.")}
     run = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return settings | {"run": run}
@@ -349,7 +349,7 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
     checks.chunk_size(where, chunk_size)
     checks.flag(where, "progress", progress)
     for name, data in (("train", train), ("test", test)):
-        D.count_examples(data, name=name, call=where)
+        D._count_examples(data, name=name, call=where)
         checks.floating_like(where, name, data, ref)
     settings = _settings(where, meta, params, train, test)
     n_train, n_test = settings["n_train"], settings["n_test"]

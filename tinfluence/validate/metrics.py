@@ -193,8 +193,8 @@ def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, s
       Park et al., TRAK: Attributing Model Behavior at Scale, 2023.
     """
     where = "ti.lds"
-    n_train = D.count_examples(train, name="train", call=where)
-    n_test = D.count_examples(test, name="test", call=where)
+    n_train = D._count_examples(train, name="train", call=where)
+    n_test = D._count_examples(test, name="test", call=where)
     scores = torch.as_tensor(scores)
     if tuple(scores.shape) != (n_test, n_train):
         raise ValueError(f"{where}: `scores` must be [n_test, n_train] = [{n_test}, {n_train}]; got {list(scores.shape)}.")

@@ -111,9 +111,20 @@ def test_create_store_errors_name_it_and_write_store_names_itself(tmp_path):
         kw = {"projector": proj, "params": params, "n": 5} | bad
         with pytest.raises((TypeError, ValueError), match=rf"^ti.io.create_store: {message}"):
             ti.io.create_store(tmp_path / "s", **kw)
-    ti.io.create_store(tmp_path / "s", projector=proj, params=params, n=5, chunk_rows=2)
+    store = ti.io.create_store(tmp_path / "s", projector=proj, params=params, n=5, chunk_rows=2)
     with pytest.raises(ValueError, match=r"^ti.io.create_store: .* holds a store written with other settings"):
         ti.io.create_store(tmp_path / "s", projector=proj, params=params, n=6, chunk_rows=2)
+    with pytest.raises(ValueError, match=r"^ti.io.GradientStore.write_chunk: chunk 0 must be \[2, "):
+        store.write_chunk(0, torch.zeros(3, proj.dim))
+    with pytest.raises(ValueError, match=r"^ti.io.GradientStore.write_chunk: chunk 1 \(examples 2..3\) has non-finite"):
+        store.write_chunk(1, torch.full((2, proj.dim), float("nan")))
+
+
+def test_shard_bounds_names_itself_and_shard_names_shard():
+    with pytest.raises(ValueError, match=r"^ti.distributed.shard_bounds: `rank` must be an int in \[0, 2\); got 2"):
+        ti.distributed.shard_bounds(5, 2, 2)
+    with pytest.raises(ValueError, match=r"^ti.distributed.shard: `world` must be an int >= 1; got 0"):
+        ti.distributed.shard(torch.zeros(5), 0, 0)
 
 
 def test_data_helpers_name_themselves():

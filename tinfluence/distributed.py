@@ -79,19 +79,24 @@ def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
     return dist.group.WORLD
 
 
+def _shard_bounds(where: str, n: int, rank: int, world: int) -> tuple[int, int]:
+    """`shard_bounds` for the public call `where` (the name its errors give)."""
+    if not (isinstance(world, int) and world >= 1):
+        raise ValueError(f"{where}: `world` must be an int >= 1; got {world!r}.")
+    if not (isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"{where}: `rank` must be an int in [0, {world}); got {rank!r}.")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     """Returns `(start, stop)` of shard `rank` of `world` over n examples.
 
     Shards are contiguous and in rank order; the first `n % world` shards hold one example
     more than the others (the split of `torch.tensor_split`).
     """
-    if not (isinstance(world, int) and world >= 1):
-        raise ValueError(f"ti.distributed.shard: `world` must be an int >= 1; got {world!r}.")
-    if not (isinstance(rank, int) and 0 <= rank < world):
-        raise ValueError(f"ti.distributed.shard: `rank` must be an int in [0, {world}); got {rank!r}.")
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
+    return _shard_bounds("ti.distributed.shard_bounds", n, rank, world)
 
 
 def shard(data, rank: int, world: int):
@@ -111,5 +116,5 @@ def shard(data, rank: int, world: int):
     n = D._count_examples(data, name="data", call="ti.distributed.shard")
     if isinstance(world, int) and n < world:
         raise ValueError(f"ti.distributed.shard: `data` has {n} examples, fewer than world={world}; every shard needs one.")
-    start, stop = shard_bounds(n, rank, world)
+    start, stop = _shard_bounds("ti.distributed.shard", n, rank, world)
     return D.take(data, slice(start, stop))

@@ -105,18 +105,23 @@ class GradientStore:
         Raises:
           ValueError: wrong shape, or values that are not finite after the cast (float16 overflows
             above 65504: use bfloat16 or float32).
+          OSError: the file could not be written completely (nothing is left in its place).
         """
+        self._write_chunk("ti.io.GradientStore.write_chunk", j, rows)
+
+    def _write_chunk(self, where: str, j: int, rows: torch.Tensor) -> None:
+        """`write_chunk` for the public call `where` (the name its errors give)."""
         start, stop = self.bounds(j)
         if tuple(rows.shape) != (stop - start, self.dim):
-            raise ValueError(f"ti.io.write_store: chunk {j} must be [{stop - start}, {self.dim}]; got {list(rows.shape)}.")
+            raise ValueError(f"{where}: chunk {j} must be [{stop - start}, {self.dim}]; got {list(rows.shape)}.")
         cast = rows.detach().to("cpu", self.dtype).contiguous()
         if not bool(torch.isfinite(cast).all()):
-            raise ValueError(f"ti.io.write_store: chunk {j} (examples {start}..{stop - 1}) has non-finite values in "
+            raise ValueError(f"{where}: chunk {j} (examples {start}..{stop - 1}) has non-finite values in "
                              f"{self.index['dtype']}; gradients overflowed or were not finite. Use dtype='bfloat16' "
                              "or 'float32', or check the loss.")
         raw = cast.view(torch.uint16) if self.dtype == torch.bfloat16 else cast
         data = raw.numpy().astype(np.dtype(self._np_dtype).newbyteorder("<"), copy=False).tobytes()
-        _atomic_write(self.path(j), data, "ti.io.write_store")
+        _atomic_write(self.path(j), data, where)
 
     def chunk(self, j: int) -> torch.Tensor:
         """Chunk j as a `[rows, dim]` tensor mapped from its file (copy-on-write, the file is never changed).
@@ -262,7 +267,7 @@ def _create(where: str, folder: Path, index: dict) -> GradientStore:
     found = _read_index(folder)
     if found is None:
         text = json.dumps(index, indent=1)
-        _atomic_write(folder / INDEX, text.encode(), "ti.io.write_store")
+        _atomic_write(folder / INDEX, text.encode(), where)
     elif found != index:
         differ = {k: (found.get(k), v) for k, v in index.items() if found.get(k) != v}
         raise ValueError(f"{where}: {folder} holds a store written with other settings {differ} (found, asked); "
@@ -375,7 +380,7 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
         start, stop = store.bounds(j)
         chunk = D.take(train, slice(start, stop))
         rows = D.chunk_cat(lambda part: kernel(params, part), chunk, chunk_size or chunk_rows)
-        store.write_chunk(j, rows)
+        store._write_chunk(where, j, rows)
     if group is not None:
         dist.barrier(group)
     return store

@@ -30,6 +30,13 @@ _CHECKSUM_WIDTH = 1021    # period of the checksum's position weights (a prime)
 class CollectiveError(RuntimeError):
     """A collective over the process group failed: a peer process died, stalled past the group's timeout,
     or called a different collective.
+
+    Raised by every `group=` function; the message starts with the public call, names the
+    rank and the time waited, and says what to look at (the other ranks' output, the timeout).
+
+    Example:
+      >>> issubclass(ti.distributed.CollectiveError, RuntimeError)
+      True
     """
 
 
@@ -81,8 +88,7 @@ def all_reduce(value, group):
     Raises:
       CollectiveError: the collective failed (a peer died, stalled past the timeout, or made another call).
 
-    Cost:
-      One all-reduce of P numbers (P = total leaf size); O(P) memory for the flat copy. Nothing without a group.
+    Cost: one all-reduce of P numbers (P = total leaf size); O(P) memory for the flat copy. Nothing without a group.
 
     Example:
       >>> tree = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
@@ -154,9 +160,8 @@ def check_replicated(group, **named) -> None:
       ValueError: a named value differs between ranks (the message names it and the ranks).
       CollectiveError: the all-gather failed.
 
-    Cost:
-      One pass over the values (4 float64 checksums each) and one all-gather of 4·m numbers
-      for m names. Nothing without a group.
+    Cost: one pass over the values (4 float64 checksums each) and one all-gather of 4·m numbers
+    for m names. Nothing without a group.
 
     Example:
       >>> ti.distributed.check_replicated(None, params=params, l2=1e-2) is None
@@ -166,7 +171,24 @@ def check_replicated(group, **named) -> None:
 
 
 def global_size(n_local: int, group) -> int:
-    """Returns Σ over ranks of `n_local` (the global number of examples); `n_local` without a group."""
+    """Returns Σ over ranks of `n_local`, the global number of examples.
+
+    Args:
+      n_local: this rank's number of examples.
+      group: a `torch.distributed` process group, or None (then `n_local` is returned).
+
+    Returns:
+      An int, the same on every rank.
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost: one all-gather of one integer per rank. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.global_size(60, None)
+      60
+    """
     if group is None:
         return n_local
     sizes = _sizes(n_local, group)
@@ -180,12 +202,46 @@ def _sizes(n_local: int, group) -> torch.Tensor:
 
 
 def sizes(n_local: int, group) -> torch.Tensor:
-    """The shard sizes of all ranks in rank order, LongTensor `[world]` (`[n_local]` without a group)."""
+    """Returns the shard sizes of all ranks, in rank order.
+
+    Args:
+      n_local: this rank's number of examples (or rows).
+      group: a `torch.distributed` process group, or None.
+
+    Returns:
+      LongTensor `[world]` on the CPU, the same on every rank (`[n_local]` without a group).
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost: one all-gather of one integer per rank. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.sizes(60, None).tolist()
+      [60]
+    """
     return torch.tensor([n_local]) if group is None else _sizes(n_local, group)
 
 
 def offset(n_local: int, group) -> tuple[int, int]:
-    """Returns `(start, n)`: this rank's first global example id and the global n."""
+    """Returns `(start, n)`: this rank's first global example id and the global n.
+
+    Args:
+      n_local: this rank's number of examples; shards are contiguous and in rank order.
+      group: a `torch.distributed` process group, or None (then `(0, n_local)`).
+
+    Returns:
+      Two ints: Σ of the sizes of the ranks before this one, and Σ of all sizes.
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost: one all-gather of one integer per rank. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.offset(60, None)
+      (0, 60)
+    """
     if group is None:
         return 0, n_local
     sizes = _sizes(n_local, group)
@@ -194,10 +250,28 @@ def offset(n_local: int, group) -> tuple[int, int]:
 
 
 def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
-    """Returns the ranks' blocks `[..., n_local_r]` concatenated along the last axis, rank order.
+    """Returns the ranks' blocks concatenated along the last axis, in rank order; every rank gets the same.
 
     Shards may differ in size: blocks are padded to the largest for the collective and
-    trimmed after.
+    trimmed after. This is how a score matrix `[n_test, n_local]` becomes `[n_test, n_train]`.
+
+    Args:
+      local: a tensor `[..., n_local]`, the same leading shape on every rank.
+      group: a `torch.distributed` process group, or None (then `local` itself is returned).
+
+    Returns:
+      A tensor `[..., Σ n_local]`: rank 0's columns, then rank 1's, ...
+
+    Raises:
+      CollectiveError: a collective failed.
+
+    Cost: one all-gather of world · max(n_local) columns (that much memory) and one of the
+    widths. Nothing without a group.
+
+    Example:
+      >>> S = torch.zeros(5, 60)
+      >>> ti.distributed.gather_columns(S, None) is S
+      True
     """
     if group is None:
         return local
@@ -237,8 +311,7 @@ def gather_rows(local, counts: torch.Tensor, group):
     Raises:
       CollectiveError: the all-gather failed.
 
-    Cost:
-      One all-gather of world · max(counts) · P numbers (P = the numbers in one row); that much memory.
+    Cost: one all-gather of world · max(counts) · P numbers (P = the numbers in one row); that much memory.
 
     Example:
       >>> rows = {"g": torch.randn(4, 3)}
@@ -249,11 +322,25 @@ def gather_rows(local, counts: torch.Tensor, group):
 
 
 def rounds(counts: torch.Tensor, per_round: int) -> list:
-    """The collective schedule over shards of sizes `counts` `[world]`, `per_round` rows per rank per round.
+    """Returns the collective schedule over shards of sizes `counts`, `per_round` rows per rank per round.
 
-    Returns one LongTensor `[world, 2]` per round, the (start, stop) of every rank's rows
-    in that round (empty, start == stop, once a rank's shard is used up). Every rank gets
-    the same list, so every rank makes the same number of collective calls.
+    Every rank gets the same list, so every rank makes the same number of collective calls,
+    whatever its shard size.
+
+    Args:
+      counts: LongTensor `[world]`, every rank's number of rows (from `sizes`).
+      per_round: rows per rank per round, an int >= 1.
+
+    Returns:
+      A list of ceil(max(counts) / per_round) (at least one) LongTensors `[world, 2]`: the
+      (start, stop) of every rank's rows in that round (empty, start == stop, once a rank's
+      shard is used up).
+
+    Cost: O(world) per round; no collective.
+
+    Example:
+      >>> [r.tolist() for r in ti.distributed.rounds(torch.tensor([5, 3]), 2)]
+      [[[0, 2], [0, 2]], [[2, 4], [2, 3]], [[4, 5], [3, 3]]]
     """
     total = max(1, -(-int(counts.max()) // per_round))
     return [torch.stack([counts.clamp(max=r * per_round), counts.clamp(max=(r + 1) * per_round)], dim=1)

@@ -60,8 +60,25 @@ def run_identity(params, train, test, *, block_size: int, meta=None) -> str:
     The training data enter by their size only (hashing them would cost a pass over all of
     them); `meta` (JSON) describes what no hash sees: the solver, its damping, `measure`.
 
+    Args:
+      params: the parameters (a pytree of tensors), hashed bytewise.
+      train: the training set; only its size n_train enters.
+      test: the test points (a pytree of tensors), hashed bytewise.
+      block_size: test points per block, as for `ti.influence_to_files`.
+      meta: JSON-serializable description of the rest of the run (default None).
+
     Returns:
-      16 hexadecimal digits.
+      A str of 16 hexadecimal digits.
+
+    Raises:
+      ValueError, TypeError: `train` is not a data set; `meta` is not JSON-serializable.
+
+    Cost: one sha256 pass over the bytes of `params` and `test`.
+
+    Example:
+      >>> rid = ti.io.run_identity(params, train, test, block_size=64, meta={"solver": "direct"})
+      >>> len(rid), rid == ti.io.run_identity(params, train, test, block_size=32, meta={"solver": "direct"})
+      (16, False)
     """
     h = hashlib.sha256()
     _hash_tree(h, params)
@@ -174,9 +191,8 @@ class ScoreWriter:
     Raises:
       ValueError: the index holds a line of another run, or a line that is not an entry.
 
-    Cost:
-      Opening reads and hashes (sha256) every file listed in the index; each `write` writes,
-      fsyncs and reads back one file of n_train numbers.
+    Cost: opening reads and hashes (sha256) every file listed in the index; each `write`
+    writes, fsyncs and reads back one file of n_train numbers.
 
     Example:
       >>> import tempfile
@@ -261,6 +277,15 @@ class ScoreWriter:
 
         A new test id's line is appended; a damaged file's line is put back in its place (the
         index is rewritten atomically), so the index reads as an uninterrupted run's.
+
+        Args:
+          test_id: an int, the file's name and its id in the index.
+          scores: `[n_train]` of the writer's dtype.
+
+        Raises:
+          ValueError: `scores` of another shape or dtype.
+          OSError: the file or the index line could not be written completely; nothing is
+            counted as done, and the same call resumes.
         """
         array = scores.detach().cpu().numpy()
         if array.shape != (self.identity["n_train"],) or str(array.dtype) != self.identity["dtype"]:
@@ -295,9 +320,27 @@ def read_scores(folder, test_ids=None) -> torch.Tensor:
 
     Every file is checked against its index line (size and sha256) before it is parsed.
 
+    Args:
+      folder: a folder written by `ti.influence_to_files` or a `ScoreWriter`.
+      test_ids: ints, the test ids to read, in the order of the rows; default all, in index order.
+
+    Returns:
+      `[len(test_ids), n_train]` in the dtype the scores were written in, on the CPU.
+
     Raises:
       ValueError: a test id without a score file; a damaged file; a folder holding the lines
         of more than one run; an index line that is not an entry. The message says how to recover.
+
+    Cost: one read and one sha256 of each file asked for; memory the result.
+
+    Example:
+      >>> import tempfile
+      >>> folder = tempfile.mkdtemp()
+      >>> writer = ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64)
+      >>> for i in (0, 1):
+      ...     writer.write(i, torch.full((60,), float(i), dtype=torch.float64))
+      >>> ti.io.read_scores(folder, [1, 0])[:, 0].tolist()
+      [1.0, 0.0]
     """
     where, folder = "ti.io.read_scores", Path(folder)
     entries = {e["id"]: e for _, e in _index_entries(folder, where)}
@@ -359,6 +402,18 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
       OSError: a score file could not be written completely (full disk, file-size limit);
         the files finished before it stay done, and a rerun resumes.
       RuntimeWarning (a warning): a damaged score file found on resume is recomputed.
+
+    Cost: `ti.influence`'s for every block not yet done (one `ihvp` call and one pass over
+    the training gradients per block of `block_size` test points), plus one write, fsync,
+    read-back and sha256 of n_train numbers per test point; memory one block's
+    `[block_size, n_train]` scores.
+
+    Example:
+      >>> import tempfile
+      >>> ihvp = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))
+      >>> out = ti.influence_to_files(loss, params, train, test, ihvp=ihvp, out=tempfile.mkdtemp(), progress=False)
+      >>> torch.allclose(ti.io.read_scores(out), ti.influence(loss, params, train, test, ihvp=ihvp))
+      True
     """
     from ..methods.influence import influence
 

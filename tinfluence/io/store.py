@@ -65,6 +65,19 @@ class GradientStore:
       dtype: the torch dtype the rows are kept in.
       chunk_rows: rows per chunk file; `n_chunks` files in all.
       fingerprint: the projector's fingerprint (`Projector.fingerprint`), checked on resume.
+
+    Cost: scoring (`influence`, `topk`) reads every chunk once per call, n·dim numbers, with
+    one chunk in memory at a time.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=tempfile.mkdtemp(), chunk_rows=16,
+      ...                           progress=False)
+      >>> q = torch.randn(3, proj.dim)
+      >>> values, ids = store.topk(q, 4)
+      >>> len(store), torch.equal(ids, store.influence(q).topk(4).indices)
+      (60, True)
     """
 
     def __init__(self, folder, index: dict):
@@ -236,8 +249,24 @@ def _read_index(folder: Path) -> dict | None:
 def open_store(folder) -> GradientStore:
     """Opens the gradient store in `folder` (complete or not).
 
+    Args:
+      folder: a folder written by `write_store` or `create_store`.
+
+    Returns:
+      The `GradientStore`; `store.missing()` lists the chunks not yet written.
+
     Raises:
       ValueError: `folder` holds no store index.
+
+    Cost: reads the index only; chunks are mapped when scored.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> folder = tempfile.mkdtemp()
+      >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=folder, progress=False)
+      >>> torch.equal(ti.io.open_store(folder).read(), store.read())
+      True
     """
     index = _read_index(Path(folder))
     if index is None:
@@ -312,8 +341,7 @@ def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="f
       ValueError: bad `dtype`/`chunk_rows`/`n`; a store with other settings in `folder`.
       TypeError: `projector` is not a `ti.Projector`.
 
-    Cost:
-      O(1) disk (the index); a digest of at most 257 numbers per parameter tensor.
+    Cost: O(1) disk (the index); a digest of at most 257 numbers per parameter tensor.
 
     Example:
       >>> import tempfile
@@ -358,8 +386,16 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
       ValueError: bad `dtype`/`chunk_rows`, a store with other settings in `folder`,
         non-finite rows (see `GradientStore.write_chunk`); errors of `ti.compressed_grads`.
 
-    Notes:
-      Cost: one projected-gradient pass over the missing chunks; disk n·dim·itemsize bytes.
+    Cost: one projected-gradient pass over the missing chunks; disk n·dim·itemsize bytes;
+    memory one chunk's gradients.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=tempfile.mkdtemp(), chunk_rows=16,
+      ...                           progress=False)
+      >>> store.complete, torch.equal(store.read(), ti.compressed_grads(loss, params, train, projector=proj).float())
+      (True, True)
     """
     where = "ti.io.write_store"
     checks.chunk_size(where, chunk_size)

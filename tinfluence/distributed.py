@@ -124,8 +124,8 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     Cost: O(1).
 
     Example:
-      >>> [ti.distributed.shard_bounds(10, r, 3) for r in range(3)]
-      [(0, 4), (4, 7), (7, 10)]
+      >>> ti.distributed.shard_bounds(10, 0, 3), ti.distributed.shard_bounds(10, 1, 3), ti.distributed.shard_bounds(10, 2, 3)
+      ((0, 4), (4, 7), (7, 10))
     """
     return _shard_bounds("ti.distributed.shard_bounds", n, rank, world)
 

@@ -339,8 +339,9 @@ def rounds(counts: torch.Tensor, per_round: int) -> list:
     Cost: O(world) per round; no collective.
 
     Example:
-      >>> [r.tolist() for r in ti.distributed.rounds(torch.tensor([5, 3]), 2)]
-      [[[0, 2], [0, 2]], [[2, 4], [2, 3]], [[4, 5], [3, 3]]]
+      >>> schedule = ti.distributed.rounds(torch.tensor([5, 3]), 2)
+      >>> len(schedule), schedule[1].tolist() == [[2, 4], [2, 3]], schedule[2].tolist() == [[4, 5], [3, 3]]
+      (3, True, True)
     """
     total = max(1, -(-int(counts.max()) // per_round))
     return [torch.stack([counts.clamp(max=r * per_round), counts.clamp(max=(r + 1) * per_round)], dim=1)

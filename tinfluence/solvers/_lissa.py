@@ -296,11 +296,10 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
 
         h₀ = M v,   h_j = M v + (I − M A_{B_j} / scale) h_{j−1},   x = h_depth / scale,
 
-    averaged over `repeats` runs. Its fixed point is A⁻¹ v, and its error shrinks like
-    (1 − λ_min(MA)/scale)^depth: damping and a tight `scale` (above half the largest
-    eigenvalue of every M A_B) speed it up. Every mini-batch id is drawn here, from a copy
-    of `generator`, so `ihvp` is deterministic and the caller's generator is not advanced.
-    `scale="auto"`, the divergence test and `tol` are described in docs/design.md, "LiSSA".
+    averaged over `repeats` runs. Its fixed point is A⁻¹ v; its error shrinks like
+    (1 − λ_min(MA)/scale)^depth. Every mini-batch id is drawn here from a copy of
+    `generator`, so `ihvp` is deterministic. `scale="auto"`, the divergence test and `tol`:
+    docs/design.md, "LiSSA".
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
@@ -308,8 +307,7 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
       train: training set, leading axis n; mini-batches are drawn from it with replacement.
       l2: the objective's weight decay (H includes l2·I), as in `ti.objective`.
       damping: λ ≥ 0.
-      scale: a finite number > 0, or "auto": 1.5 × a power-iteration estimate of the
-        largest eigenvalue of M A over the full data and the first 10 mini-batches.
+      scale: a number > 0 above half the largest eigenvalue of every M A_B, or "auto" (estimated).
       depth: recursion steps per repeat, an int ≥ 1.
       repeats: independent runs averaged (the variance falls like 1/repeats).
       batch_size: examples per mini-batch.
@@ -318,8 +316,7 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
         ≤ tol (checked every 10 steps); None: the full depth, judged only against divergence.
       chunk_size: examples per chunk in the full-data products.
       progress: show a tqdm bar over the recursion steps.
-      group: a `torch.distributed` process group when `train` is this rank's contiguous
-        shard; the result equals one process's on the concatenated shards.
+      group: a process group when `train` is this rank's shard (the result is one process's).
       on_failure: "raise" or "warn", as in `ti.cg`.
       preconditioner: `V -> M V` on stacks (leading axis k), M ≈ (H + λI)⁻¹ symmetric
         positive definite, e.g. a fitted `ti.ekfac`; None: M = I (plain LiSSA).
@@ -331,12 +328,10 @@ def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.
       raises for a numerical failure; `info.relative_residual` is the TRUE residual.
 
     Raises:
-      ValueError: at construction, an invalid option (e.g. `scale` not "auto" nor a finite
-        number > 0); at call time, `v` shaped neither like `params` nor a stack, or a call
-        under torch.func.vmap or torch.compile.
+      ValueError: an invalid option; at call time, `v` shaped neither like `params` nor a
+        stack, or a call under torch.func.vmap or torch.compile.
       TypeError: `preconditioner` or `x0` is not callable.
-      DivergenceError: from `ihvp(v)`, the recursion blew up or is no better than x = 0
-        (raise `scale`).
+      DivergenceError: from `ihvp(v)`, the recursion blew up or is no better than x = 0.
       ConvergenceError: from `ihvp(v)`, `tol` was not met within `depth`.
 
     Cost: repeats·depth mini-batch HVPs (each a few gradients on `batch_size` examples,

@@ -101,7 +101,7 @@ def take(data, index) -> object:
 
     Example:
       >>> x, y = ti.take(train, top_k)
-      >>> x.shape, torch.equal(y, train[1][top_k])
+      >>> x.shape, torch.equal(y, train[1].index_select(0, top_k))
       (torch.Size([4, 8]), True)
     """
     return tr.map(lambda leaf: leaf[index], data)
@@ -186,8 +186,8 @@ def chunks(data, size: int | None = None, *, call: str = "ti.data.chunks", name:
     Cost: no copy (each chunk is a slice); a consumer holds one chunk at a time.
 
     Example:
-      >>> [ti.num_examples(chunk) for chunk in ti.chunks(train, 25)]
-      [25, 25, 10]
+      >>> tuple(ti.num_examples(chunk) for chunk in ti.chunks(train, 25))
+      (25, 25, 10)
     """
     size = checks.integer(call, name, size, minimum=1, none=True)
     size = DEFAULT_CHUNK_SIZE if size is None else size

@@ -174,9 +174,10 @@ class Checkpoint(tuple):
 
     Estimators evaluate the checkpoint as `loss({**frozen, **p}, batch)` and differentiate
     over `p` only, so the user's `loss(params, batch)` must hand its `params` to `apply`
-    unchanged. It unpacks as the pair, `params, lr = checkpoint`.
+    unchanged. Built as `ti.Checkpoint(params, lr, frozen=None)`; it unpacks as the pair,
+    `params, lr = checkpoint`.
 
-    Args:
+    Attributes:
       params: the dict that `ti.functionalize(model, trainable)`'s `apply` takes (the
         attributed subset).
       lr: the learning rate in force after this checkpoint (a Python number).

@@ -269,9 +269,10 @@ def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0
 def from_loader(source) -> object:
     """Concatenates what a `DataLoader`, a `Dataset` or any iterable of batches yields.
 
-    Anything with `__getitem__` and `__len__` (a `Dataset`, and so also a Python list or
-    tuple) is read as a data set of EXAMPLES, through a DataLoader with batch size 256 and
-    no shuffling; to concatenate a list of batches, pass `iter(batches)`.
+    Anything with `__getitem__` and `__len__` (a map-style `Dataset`) is read as a data set
+    of EXAMPLES, through a DataLoader with batch size 256 and no shuffling. A Python list or
+    tuple is refused, since it could hold batches or examples: pass `iter(batches)` to
+    concatenate batches, or wrap examples in a `Dataset`.
 
     Args:
       source: a `DataLoader`, a map-style `Dataset`, or an iterable of batches, each a
@@ -282,6 +283,7 @@ def from_loader(source) -> object:
       number of examples read), in the batches' dtypes.
 
     Raises:
+      ArgumentError: `source` is a list or tuple (ambiguous: batches or examples).
       ValueError: `source` yields no batch, or a batch has another structure than the first.
 
     Cost: reads `source` once; holds every batch and then the result (O(n) memory).
@@ -294,6 +296,10 @@ def from_loader(source) -> object:
       >>> ti.num_examples(ti.from_loader(iter(batches)))
       60
     """
+    if isinstance(source, (list, tuple)):
+        raise checks.ArgumentError(
+            f"ti.from_loader: `source` is a {type(source).__name__}, which could hold batches or examples; pass "
+            "iter(batches) to concatenate batches, or a Dataset (e.g. torch.utils.data.TensorDataset) of examples.")
     if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, torch.utils.data.DataLoader):
         source = torch.utils.data.DataLoader(source, batch_size=256, shuffle=False)
     batches = list(source)

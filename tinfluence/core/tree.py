@@ -142,6 +142,7 @@ def vdot(x: PyTree, y: PyTree) -> torch.Tensor:
 
     Raises:
       ValueError: `x` and `y` differ in structure (from optree).
+      ArgumentError: `x` has no tensor leaves.
 
     Cost: O(P) time, O(number of leaves) extra memory.
 
@@ -150,6 +151,10 @@ def vdot(x: PyTree, y: PyTree) -> torch.Tensor:
       True
     """
     leaves = optree.tree_leaves(map(lambda a, b: torch.sum(a * b), x, y), namespace="")
+    if not leaves:
+        from .checks import ArgumentError
+
+        raise ArgumentError("ti.vdot: `x` has no tensor leaves; pass pytrees holding at least one tensor.")
     return torch.stack(leaves).sum()
 
 

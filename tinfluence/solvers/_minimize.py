@@ -42,7 +42,9 @@ def minimize(f: Callable, params, *, gtol: float = 1e-10, maxiter: int = 1000, h
       max-norm is <= `gtol`.
 
     Raises:
-      ArgumentError: `params` is not a dict of finite floating tensors of one dtype and device.
+      ArgumentError: `params` is not a dict of finite floating tensors of one dtype and device;
+        `gtol` is not a finite number > 0, or `maxiter`, `history_size`, `newton_steps` not ints
+        in range.
       ValueError: `f` is an objective over a process group (its gradient is one rank's share).
       ConvergenceError: the gradient is still above `gtol` after `maxiter` iterations and the
         Newton steps (`err.info` = the final parameters); raise `maxiter`, or add `l2`.
@@ -58,7 +60,12 @@ def minimize(f: Callable, params, *, gtol: float = 1e-10, maxiter: int = 1000, h
       >>> bool(max(g.abs().max() for g in gradient.values()) <= 1e-8)
       True
     """
-    checks.params("ti.minimize", params)
+    call = "ti.minimize"
+    checks.params(call, params)
+    checks.number(call, "gtol", gtol, minimum=0.0, exclusive=True)
+    checks.integer(call, "maxiter", maxiter, minimum=1)
+    checks.integer(call, "history_size", history_size, minimum=1)
+    checks.integer(call, "newton_steps", newton_steps, minimum=0)
     if getattr(f, "group", None) is not None:
         raise ValueError("ti.minimize: `f` is an objective over a process group, whose autograd gradient is only this "
                          "rank's share; minimize the full objective in one process (ti.objective without `group`).")

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import plot
+from .core import checks
 from .core import data as D
 from .core import tree as tr
 from .core.model import functionalize
@@ -36,7 +37,7 @@ from .distributed import shard
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
-from .pipeline import Folder, FolderError, metrics, retrain_sets, retrain_stage, table_text
+from .pipeline import TOP_K_HINT, Folder, FolderError, metrics, retrain_sets, retrain_stage, table_text
 from .solvers import cg, direct, lissa, minimize
 from .validate import newton_trainer
 
@@ -240,6 +241,7 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
     Returns:
       A `DemoResult` (None on ranks other than 0).
     """
+    checks.integer("ti.demo.run", "top_k", top_k, minimum=2, maximum=N_TRAIN, hint=TOP_K_HINT)
     start = time.perf_counter()
     problem = replace(digits_problem(), group=group)
     echo(f"digits: {D.num_examples(problem.train)} training / {D.num_examples(problem.test)} test points; "

@@ -57,6 +57,7 @@ __all__ = ["Task", "TaskError", "FolderError", "Folder", "load_task", "run_task"
 RUN_FILE = "run.json"      # the settings of the run a folder holds, written before any work
 STAGING = ".writing-"      # prefix of the folder in which the outputs are written before they are moved into place
 WHERE = "tinfluence run"
+TOP_K_HINT = "(A correlation needs at least 2 retrained points per test point.)"
 
 
 class TaskError(ValueError):
@@ -387,8 +388,8 @@ def load_task(path: str | os.PathLike, **overrides) -> Task:
                                     f"`params`{also}; got {value!r}.")
     n_train, n_test = D.num_examples(given["train"]), D.num_examples(given["test"])
     top_k = _choice(path, "top_k", given.get("top_k", Task.top_k), int)
-    if not 1 <= top_k <= n_train:
-        raise _fail(path, "top_k", f"must be between 1 and {n_train} (the training set size); got {top_k}.")
+    if not 2 <= top_k <= n_train:
+        raise _fail(path, "top_k", f"must be between 2 and {n_train} (the training set size); got {top_k}. {TOP_K_HINT}")
     ids = given.get("test_ids", tuple(range(min(3, n_test))))
     ids = tuple(int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
     bad = [i for i in ids if not 0 <= i < n_test]

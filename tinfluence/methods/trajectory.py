@@ -436,24 +436,20 @@ def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = N
                          memory_budget: int = DEFAULT_MEMORY_BUDGET, out=None, progress: bool = False) -> torch.Tensor:
     """Returns score[t, i] = −∂m_t(θ_T)/∂w_i: the predicted change m_t(θ_T with w_i = 0) − m_t(θ_T).
 
-    The exact gradient of each test measure m_t (test point t's measure at the run's final
-    parameters) in the data weights, by reverse mode through the run: per step, from T−1 down
-    to 0, one vector-Jacobian product of the pure step (θ_t, s_t, w_{B_t}) ↦ (θ_{t+1}, s_{t+1}),
-    batched over the test cotangents (docs/design.md, "Trajectory influence"). The prediction
-    is first order in w; `ti.replay_effect` gives the exact change. Sign: positive = helpful
-    (removing i raises m_t).
+    The exact gradient in the data weights of each test measure m_t at the run's final
+    parameters, by reverse mode through the run: one vector-Jacobian product of the pure step
+    per step, batched over the test cotangents (docs/design.md, "Trajectory influence"). First
+    order in w; `ti.replay_effect` gives the exact change. Positive = helpful.
 
     Args:
       run: a `TrainingRun` from `ti.training_run`.
       test: test set, a pytree of tensors with leading axis n_test.
       measure: `(params, batch) -> Tensor[B]`, one value per test point (default the run's loss).
       chunk_size: test measures k propagated together per sweep (default all n_test).
-      memory_budget: bytes the stored training states may take (default 1 GiB). All T states
-        are kept when they fit; otherwise a checkpoint every L = ⌈√T⌉ steps, with one segment
-        recomputed at a time (⌈T/L⌉ + L states); both give identical scores.
-      out: a folder for resumable progress: after every segment the cotangents and partial
-        scores are written there atomically; a later call with the same run, test set and
-        chunking resumes from them with identical results. Without `out` nothing is written.
+      memory_budget: bytes the stored training states may take (default 1 GiB): all T states
+        when they fit, else a checkpoint every L = ⌈√T⌉ steps (identical scores).
+      out: a folder for resumable progress, written atomically after every segment; a later
+        call with the same run, test set and chunking resumes with identical results.
       progress: show a tqdm progress bar over the reverse steps.
 
     Returns:
@@ -463,10 +459,8 @@ def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = N
       TypeError: `run` is not a `TrainingRun`.
       ArgumentError: a bad `chunk_size`, `memory_budget` or `measure`; test data of another
         dtype or device than the run.
-      ValueError: a `memory_budget` below ⌈T/L⌉ + L states, an `out` folder holding another
-        computation's progress, bad test data.
-      RuntimeError: the replay did not reproduce the run's final parameters (a random or
-        stateful loss or step).
+      ValueError: `memory_budget` below ⌈T/L⌉ + L states, an `out` folder of another computation.
+      RuntimeError: the replay did not reproduce θ_T (a random or stateful loss or step).
 
     Cost: one forward replay (two when checkpointed) plus, per sweep of k = `chunk_size` test
     measures, T step vjps batched over k, about k batch Hessian-vector products each: time

@@ -318,14 +318,12 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
 
     `actual[t, j] = measure(θ_{-i}, z_t) − measure(θ_full, z_t)` for `i = indices[j]`, where
     `θ_{-i} = train_fn(params, train without i)` and `θ_full = train_fn(params, train)` (the
-    base run, retrained by the same `train_fn`, so both sides share its tolerance). With the
-    loss as `measure` this is the quantity every score predicts, in the same sign: positive
-    means removing the point raises the test loss (it was helpful).
+    base run, by the same `train_fn`). With the loss as `measure` this is what every score
+    predicts, in the same sign: positive = removing the point raises the test loss.
 
-    Resumable: with `out`, each retrained model's values are appended to that JSON-lines file
-    (fsynced) as soon as it is measured; a rerun skips the ids already there and cuts off a
-    torn last line. Every record carries the run's identity and is checked on resume (format
-    in the module docstring); a file that fails is refused and left as it is.
+    Resumable: with `out`, each model's values are appended (fsynced) to that JSON-lines file
+    as soon as measured; a rerun skips the ids there. Records carry the run's identity and are
+    checked on resume (format in the module docstring); a file that fails is left as it is.
 
     Args:
       train_fn: `(params, data) -> params`, e.g. `ti.lbfgs_trainer(loss, l2=1e-2)`; it is
@@ -348,13 +346,11 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
       `[n_test, len(indices)]`, dtype and device of `params`; column j belongs to `indices[j]`.
 
     Raises:
-      ValueError: `indices` not distinct integers in range; `measure` not per-example or
-        non-finite on a retrained model (nothing is written for that model); `out` holding a
-        record of another run, records without their base record, a repeated or non-finite
-        record, or not a leave-one-out file (the message names the line; the file is left as is).
+      ValueError: `measure` not per-example or non-finite on a retrained model; `out` holding
+        records of another run, or damaged (the message names the line).
       TypeError: `meta` not JSON-serializable.
-      ArgumentError: `train_fn` or `measure` not a function, bad `params`, data of another
-        dtype or device, a bad `chunk_size` or `progress`.
+      ArgumentError: `indices` not distinct ids in range; `train_fn` or `measure` not a
+        function, bad `params`, data of another dtype or device, a bad `chunk_size`.
       ConvergenceError: from `train_fn`.
 
     Cost: len(indices) + 1 calls of `train_fn` (fewer when resuming), each followed by one

@@ -206,13 +206,11 @@ def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, s
         chunk_size: int | None = None, progress: bool = True) -> LDSResult:
     """Returns the linear datamodeling score of `scores` (Park et al. 2023), with a confidence interval.
 
-    Draws `subsets` random subsets S_j of the training set, each holding a `fraction` of its
-    points, and retrains on each (`train_fn(params, take(train, S_j))`, warm-started from
-    `params`). For a test point, the scores predict the change of its measure when the points
-    outside S_j are removed, Σ_{i ∉ S_j} scores[t, i] (the library's sign: score ≈ change when
-    removed); the per-test LDS is Spearman's correlation, over the subsets, between that
-    prediction and the measured `measure(θ_{S_j}, z_t)`. The result averages over test points,
-    with a normal-approximation interval `mean ± z·sd/√n_test`.
+    Retrains on `subsets` random subsets S_j, each a `fraction` of the training set
+    (`train_fn(params, take(train, S_j))`). The per-test LDS is Spearman's correlation, over
+    the subsets, between the predicted change Σ_{i ∉ S_j} scores[t, i] (score ≈ change when
+    removed) and the measured `measure(θ_{S_j}, z_t)`; averaged over test points, with a
+    normal-approximation interval `mean ± z·sd/√n_test`.
 
     Args:
       train_fn: `(params, data) -> params`, e.g. `ti.lbfgs_trainer(loss, l2=...)`.

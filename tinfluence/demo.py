@@ -175,10 +175,10 @@ def gd_checkpoints(R: Callable, params, *, steps: int = GD_STEPS, lr: float = GD
     Example:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> checkpoints = ti.demo.gd_checkpoints(R, params, steps=3, lr=0.5)
-      >>> len(checkpoints), checkpoints[0][1]
-      (3, 0.5)
-      >>> zero = ti.tree.zeros_like(params)
-      >>> torch.allclose(checkpoints[1][0]["weight"], -0.5 * torch.func.grad(R)(zero)["weight"])
+      >>> (theta0, lr0), (theta1, lr1) = checkpoints[:2]
+      >>> len(checkpoints), lr0, bool((theta0["weight"] == 0).all())
+      (3, 0.5, True)
+      >>> torch.allclose(theta1["weight"], -0.5 * torch.func.grad(R)(theta0)["weight"])
       True
     """
     grad_R = torch.func.grad(R)

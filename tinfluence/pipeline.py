@@ -721,7 +721,8 @@ def run_task(task: Task, out: str, *, progress: bool = True, echo: Callable = pr
       ...                         top_k=2, test_ids=(0,))
       >>> ti.pipeline.task_folder(out, task).claim(fresh=False)
       >>> result = ti.pipeline.run_task(task, out, progress=False, echo=lambda line: None)
-      >>> result["scores"]["direct"].shape, result["actual"].shape, len(result["retrained"])
+      >>> scores = result["scores"]
+      >>> scores["direct"].shape, result["actual"].shape, len(result["retrained"])
       (torch.Size([1, 60]), torch.Size([1, 2]), 2)
       >>> sorted(os.listdir(out))
       ['changes.csv', 'figure2.png', 'loo.jsonl', 'model.pt', 'run.json', 'scores', 'table.json']

@@ -55,7 +55,8 @@ def token_grads(token_loss: Callable, params: dict, data, *, projector: Projecto
     T·k_in·in) per sequence and linear layer for the projections; memory O(chunk·T·dim).
 
     Example:
-      >>> seqs = (train[0][:12].reshape(4, 3, 8), train[1][:12].reshape(4, 3))   # 4 sequences of 3 tokens
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
       >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
       >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
@@ -108,7 +109,8 @@ def query_token_influence(token_loss: Callable, params: dict, queries, train, *,
     product, O(n_query·T·dim·n_train) (chunk by chunk for a store).
 
     Example:
-      >>> seqs = (train[0][:12].reshape(4, 3, 8), train[1][:12].reshape(4, 3))   # 4 sequences of 3 tokens
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
       >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
       >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
@@ -162,7 +164,8 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
     chunk·T·dim for the gradients.
 
     Example:
-      >>> seqs = (train[0][:12].reshape(4, 3, 8), train[1][:12].reshape(4, 3))   # 4 sequences of 3 tokens
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
       >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
       >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))

@@ -636,7 +636,7 @@ def replay_effect(run: TrainingRun, test, groups, *, measure: Callable | None = 
       >>> effect.shape
       torch.Size([5, 2])
       >>> g0 = ti.per_example_grads(loss, params, ti.take(train, [0]))
-      >>> theta = {k: run.final_params()[k] + 0.5 / 60 * g0[k][0] for k in params}
+      >>> theta = {k: run.final_params()[k] + 0.5 / 60 * g0[k].squeeze(0) for k in params}
       >>> torch.allclose(effect[:, 0], loss(theta, test) - loss(run.final_params(), test))
       True
     """

@@ -22,7 +22,18 @@ import torch
 
 
 class ArgumentError(TypeError, ValueError):
-    """A bad argument: both a TypeError and a ValueError, so either `except` catches it."""
+    """A bad argument: both a TypeError and a ValueError, so either `except` catches it.
+
+    Its message reads `{call}: `{argument}` must be {expected}; got {value}.`, then the fix
+    where there is one.
+
+    Example:
+      >>> try:
+      ...     ti.objective(loss, train, l2=-1.0)
+      ... except ValueError as err:
+      ...     print(type(err) is ti.ArgumentError, str(err).startswith("ti.objective: `l2` must be"))
+      True True
+    """
 
 
 __all__ = [

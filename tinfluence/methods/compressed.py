@@ -98,6 +98,11 @@ class Projector:
       shapes: `{name: shape}` of the matrix parameters.
       dim: output width, Σ k_out·k_in over matrices plus k_rest.
       fingerprint: a hex digest of every drawn tensor (identifies the projection in a store).
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> list(proj.blocks), proj.rest, proj.dim       # weight [3, 8]: 2·4 columns; bias: k_rest = 8
+      (['weight', 'rest'], ('bias',), 16)
     """
 
     kind: str
@@ -169,11 +174,19 @@ def projector(params: dict, *, k_in: int, k_out: int, k_rest: int | None = None,
       `Projector` of width `dim = Σ_matrices k_out·k_in + k_rest`; `E[⟨Pg, Ph⟩] = ⟨g, h⟩`.
 
     Raises:
-      TypeError: `params` not a dict of floating tensors; `generator` not a torch.Generator.
+      TypeError: `params` not a dict; `generator` not a torch.Generator.
+      ArgumentError: `params` not floating tensors of one dtype and device.
       ValueError: a k < 1, an unknown `kind`.
 
-    Notes:
-      Memory: k_in·in + k_out·out numbers per matrix (Gaussian), plus k_rest·Σ vector sizes.
+    Cost: O(Σ_matrices (k_in·in + k_out·out) + k_rest·Σ vector sizes) draws and memory
+    (Gaussian; SJLT stores `sparsity` entries per input coordinate instead).
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> proj.dim
+      16
+      >>> ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0)).fingerprint == proj.fingerprint
+      True
     """
     where = "ti.projector"
     if not isinstance(params, dict):
@@ -291,7 +304,25 @@ def _compress(proj: Projector, params: dict, plan, formed: dict, probe_grads: tu
 def compressed_grad_fn(loss: Callable, proj: Projector, *, per_token: bool = False) -> Callable:
     """Returns `(params, batch) -> [B, dim]` (`[B, T, dim]` with `per_token`), projected gradients.
 
-    One vectorized backward per call; see `compressed_grads` and `ti.token_grads`.
+    The kernel of `ti.compressed_grads` (one batch, no chunking) and, with `per_token`, of
+    `ti.token_grads`; composes with the caller's own loop over chunks.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]` (`Tensor[B, T]` with `per_token`).
+      proj: a `ti.Projector`.
+      per_token: differentiate every token's loss (one extra axis T).
+
+    Returns:
+      `kernel(params, batch)`: `[B, proj.dim]` (or `[B, T, proj.dim]`), dtype and device of the
+      parameters; it raises as `ti.compressed_grads` does.
+
+    Cost: per call, one vectorized backward over the batch (T of them with `per_token`).
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> kernel = ti.compressed_grad_fn(loss, proj)
+      >>> torch.allclose(kernel(params, train), ti.compressed_grads(loss, params, train, projector=proj))
+      True
     """
     return compressed_kernel(loss, proj, per_token=per_token, where="ti.compressed_grads")
 
@@ -332,11 +363,23 @@ def compressed_grads(loss: Callable, params: dict, data, *, projector: Projector
 
     Raises:
       TypeError: `params` not a dict; `projector` not a Projector.
-      ValueError: a projector drawn for other parameters; bad data, loss or chunk_size.
+      ValueError: a projector drawn for other parameters; bad data or loss.
+      ArgumentError: a bad `chunk_size`.
 
-    Notes:
-      Cost per chunk: one vectorized backward, plus T·(k_in·in + k_out·out + k_in·k_out) per
-      example and linear layer; formed gradients of other parameters cost their size.
+    Cost: one vectorized backward per chunk, plus O(T·(k_in·in + k_out·out + k_in·k_out)) per
+    example and linear layer applied at T positions; formed gradients of other parameters
+    cost their size. Memory: `[n, dim]` out, one chunk's captured factors at a time.
+
+    Example:
+      The weight's block is `P_out ∇W P_inᵀ` of the exact per-example gradient:
+
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> G = ti.compressed_grads(loss, params, train, projector=proj)
+      >>> G.shape
+      torch.Size([60, 16])
+      >>> exact = ti.per_example_grads(loss, params, train)["weight"]          # [60, 3, 8]
+      >>> torch.allclose(G[:, proj.blocks["weight"]], proj.project_matrix("weight", exact))
+      True
     """
     where = "ti.compressed_grads"
     checks.chunk_size(where, chunk_size)
@@ -358,6 +401,12 @@ class ProjectedCurvature:
       inverses: `(Ĉ_b + λI)⁻¹` per block, `[k_b, k_b]`.
       n: the number of training examples Ĉ averages over.
       damping: λ.
+
+    Example:
+      >>> G = torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+      >>> curv = ti.projected_curvature(G, damping=0.1)
+      >>> curv.n, torch.allclose(curv.query(G), curv.precondition(G) / 60)
+      (60, True)
     """
 
     blocks: tuple
@@ -386,13 +435,21 @@ def projected_curvature(grads, *, damping: float, blocks=None) -> ProjectedCurva
         layer (block-diagonal Ĉ, Σ k_b² numbers instead of dim²).
 
     Returns:
-      `ProjectedCurvature`.
+      `ProjectedCurvature`, inverses in the gradients' dtype promoted to at least float32.
 
     Raises:
-      ValueError: `damping` <= 0 or not finite; empty `grads`; blocks that do not tile `dim`.
+      ValueError: `damping` <= 0 or not finite; empty or non-2-D `grads`; blocks that do not
+        tile `dim`.
 
-    Notes:
-      Cost: n·Σ k_b² for the covariance, Σ k_b³ for the inverses (Cholesky).
+    Cost: O(n·Σ k_b²) for the covariance, O(Σ k_b³) for the inverses (Cholesky); memory
+    Σ k_b² (dim² for one block).
+
+    Example:
+      >>> G = torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+      >>> curv = ti.projected_curvature(G, damping=0.1)
+      >>> C = G.T @ G / 60 + 0.1 * torch.eye(16, dtype=G.dtype)
+      >>> torch.allclose(curv.precondition(G) @ C, G)
+      True
     """
     where = "ti.projected_curvature"
     damping = float(damping)
@@ -455,11 +512,21 @@ def compressed_influence(loss: Callable, params: dict, train, test, *, projector
       `[n_test, n_train]`, dtype of the parameters (at least float32).
 
     Raises:
-      ValueError: as `ti.compressed_grads` and `ti.projected_curvature`.
+      TypeError: `params` not a dict; `projector` not a Projector.
+      ValueError: as `ti.compressed_grads` and `ti.projected_curvature` (e.g. `damping` <= 0).
 
-    Notes:
-      Memory: n_train·dim for the projected training gradients. Cost: one projected-gradient pass
-      over each set, n_train·dim² for Ĉ, dim³ for its inverse, n_test·n_train·dim for the scores.
+    Cost: one projected-gradient pass over each set, O(n_train·dim²) for Ĉ, O(dim³) for its
+    inverse, O(n_test·n_train·dim) for the scores. Memory: n_train·dim projected gradients.
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> scores = ti.compressed_influence(loss, params, train, test, projector=proj, damping=0.1)
+      >>> scores.shape
+      torch.Size([5, 60])
+      >>> Gz, Gt = (ti.compressed_grads(loss, params, d, projector=proj) for d in (train, test))
+      >>> C = Gz.T @ Gz / 60 + 0.1 * torch.eye(proj.dim, dtype=Gz.dtype)
+      >>> torch.allclose(scores, torch.linalg.solve(C, Gt.T).T @ Gz.T / 60)
+      True
     """
     Gz = compressed_grads(loss, params, train, projector=projector, chunk_size=chunk_size)
     Gt = compressed_grads(loss, params, test, projector=projector, chunk_size=chunk_size)

@@ -33,11 +33,6 @@ def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_
     to `ti.influence(..., candidates=)` to score only these pairs (FastIF): influence is
     concentrated on training points that resemble the test point.
 
-    Cost and memory: one forward pass of `features_fn` over test and over train, chunk
-    by chunk; each training chunk meets all test features in one `torch.cdist` and a
-    running top-k is merged with it. Held at once: n_test × F + chunk_size × F features
-    and n_test × (k + chunk_size) distances, never n_test × n_train × F.
-
     Args:
       features_fn: `(params, batch) -> Tensor[B, F]`.
       params: passed to `features_fn`.
@@ -50,7 +45,20 @@ def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_
       LongTensor `[n_test, k]` of training ids, on the features' device.
 
     Raises:
-      ValueError: `k` out of range, or `features_fn` not returning `[B, F]`.
+      ArgumentError: `k` out of range, a bad `chunk_size`, `features_fn` not a function.
+      ValueError: `features_fn` not returning `[B, F]`; bad or mismatched data.
+
+    Cost: one forward pass of `features_fn` over test and over train, chunk by chunk, and
+    O(n_test · n_train · F) for the distances (one `torch.cdist` per training chunk, merged
+    into a running top-k). Memory: O((n_test + chunk_size) · F) features and
+    O(n_test · (k + chunk_size)) distances, never n_test × n_train × F.
+
+    Example:
+      >>> ids = ti.knn_candidates(lambda p, batch: batch[0], params, train, test, k=3)   # nearest inputs
+      >>> ids.shape
+      torch.Size([5, 3])
+      >>> torch.equal(ids, torch.cdist(test[0], train[0]).argsort(dim=1)[:, :3])
+      True
 
     References:
       Guo, Rajani, Hase, Bansal & Xiong, FastIF: Scalable Influence Functions for

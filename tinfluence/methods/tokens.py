@@ -47,11 +47,24 @@ def token_grads(token_loss: Callable, params: dict, data, *, projector: Projecto
       `[n, T, dim]`, dtype and device of the parameters.
 
     Raises:
-      ValueError: `token_loss` not `[B, T]`; errors of `ti.compressed_grads`.
+      ValueError: `token_loss` not `[B, T]`; as `ti.compressed_grads`.
+      TypeError: as `ti.compressed_grads`.
+      ArgumentError: a bad `chunk_size`.
 
-    Notes:
-      Cost per chunk: T backward passes batched by vmap, and T²·(k_out·k_in + k_out·out) + T·k_in·in
-      per sequence and linear layer for the projections.
+    Cost: per chunk, T backward passes batched by vmap, and O(T²·(k_out·k_in + k_out·out) +
+    T·k_in·in) per sequence and linear layer for the projections; memory O(chunk·T·dim).
+
+    Example:
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
+      >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
+      >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> G = ti.token_grads(token_loss, params, seqs, projector=proj)
+      >>> G.shape
+      torch.Size([4, 3, 16])
+      >>> torch.allclose(G.sum(1), ti.compressed_grads(seq_loss, params, seqs, projector=proj))
+      True
     """
     where = "ti.token_grads"
     checks.chunk_size(where, chunk_size)
@@ -86,11 +99,29 @@ def query_token_influence(token_loss: Callable, params: dict, queries, train, *,
       progress: a tqdm bar over the store's chunks.
 
     Returns:
-      `[n_query, T, n_train]`; positive = helpful.
+      `[n_query, T, n_train]`, dtype of the curvature (at least float32); positive = helpful.
 
-    Notes:
-      Cost: one per-token gradient pass over the queries, then one `[n_query·T, dim] × [dim, n_train]`
-      product (chunk by chunk for a store).
+    Raises:
+      TypeError: `curvature` not a `ti.ProjectedCurvature`; as `ti.token_grads`.
+      ValueError: as `ti.token_grads`.
+
+    Cost: one per-token gradient pass over the queries, then one `[n_query·T, dim] × [dim, n_train]`
+    product, O(n_query·T·dim·n_train) (chunk by chunk for a store).
+
+    Example:
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
+      >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
+      >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> Gz = ti.compressed_grads(seq_loss, params, seqs, projector=proj)
+      >>> curv = ti.projected_curvature(Gz, damping=0.1)
+      >>> scores = ti.query_token_influence(token_loss, params, seqs, Gz, projector=proj, curvature=curv)
+      >>> scores.shape
+      torch.Size([4, 3, 4])
+      >>> per_sequence = ti.compressed_influence(seq_loss, params, seqs, seqs, projector=proj, damping=0.1)
+      >>> torch.allclose(scores.sum(1), per_sequence)
+      True
     """
     where = "ti.query_token_influence"
     _check_curvature(where, curvature)
@@ -121,11 +152,30 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
       chunk_size: training sequences per vectorized backward.
 
     Returns:
-      `[n_query, n_train, T]`; positive = helpful.
+      `[n_query, n_train, T]`, dtype of the curvature (at least float32); positive = helpful.
 
-    Notes:
-      Cost: one per-token gradient pass over `train` (chunk by chunk) and one over the queries
-      summed; memory n_query·n_train·T for the result and chunk·T·dim for the gradients.
+    Raises:
+      TypeError: `curvature` not a `ti.ProjectedCurvature`; as `ti.token_grads`.
+      ValueError: as `ti.token_grads`.
+      ArgumentError: a bad `chunk_size`.
+
+    Cost: one per-token gradient pass over `train` (chunk by chunk) and one gradient pass over
+    the queries, then O(n_query·n_train·T·dim); memory n_query·n_train·T for the result and
+    chunk·T·dim for the gradients.
+
+    Example:
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
+      >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
+      >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> curv = ti.projected_curvature(ti.compressed_grads(seq_loss, params, seqs, projector=proj), damping=0.1)
+      >>> scores = ti.train_token_influence(token_loss, params, seqs, seqs, projector=proj, curvature=curv)
+      >>> scores.shape
+      torch.Size([4, 4, 3])
+      >>> per_sequence = ti.compressed_influence(seq_loss, params, seqs, seqs, projector=proj, damping=0.1)
+      >>> torch.allclose(scores.sum(-1), per_sequence)
+      True
     """
     where = "ti.train_token_influence"
     _check_curvature(where, curvature)

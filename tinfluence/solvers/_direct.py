@@ -17,44 +17,45 @@ __all__ = ["direct"]
 def direct(H, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ with a dense factorization of H + λI.
 
-    H + λI is factorized once, here (Cholesky, P³/3 flops); each call is then two
-    triangular solves, P² flops per right-hand side, with no data-dependent branch, so
-    `ihvp(v)` is pure, vmappable and compile-safe.
-
-    Structure of `v`: with `H` a `ti.LinearOperator` (from `ti.hvp`, `ti.ggn_vp`, or
-    `ti.LinearOperator.from_matrix(M, like=params)`), `v` must have the operator's
-    structure (dict keys matched by name, list and tuple order as in the parameters) or be
-    a stack of it; anything else raises, naming the mismatch. With a bare matrix `[P, P]`
-    (ordered as `ti.tree.ravel`, as `ti.hessian` and `ti.to_dense` produce), `v` is a
-    tensor `[P]` / `[k, P]`, or a pytree of dicts only (optree sorts dict keys, so the
-    order is that of the parameters'); a pytree with lists or tuples cannot be matched
-    to a bare matrix and raises (wrap the matrix with `ti.LinearOperator.from_matrix`).
-
-    If H + λI is not positive definite (indefinite or singular), that is the solve's
-    status (`Status.BREAKDOWN`, with the smallest eigenvalue in `info.curvature`):
-    `ihvp(v)` raises `ConvergenceError`, or with on_failure="warn" warns and solves with
-    the eigendecomposition (a pseudo-inverse of the nonzero eigenvalues).
+    H + λI is factorized once, here (Cholesky); each call is two triangular solves with no
+    data-dependent branch, so `ihvp(v)` is pure, vmappable and compile-safe. If H + λI is not
+    positive definite, that is the solve's status (`Status.BREAKDOWN`, the smallest
+    eigenvalue in `info.curvature`): `ihvp(v)` raises, or with on_failure="warn" warns and
+    solves with the eigendecomposition (a pseudo-inverse of the nonzero eigenvalues).
 
     Args:
-      H: `[P, P]` symmetric matrix (e.g. `ti.hessian(R, params)`), or a `ti.LinearOperator`,
-        formed densely with `ti.to_dense` (P operator calls) unless it holds `.matrix`.
+      H: `[P, P]` symmetric matrix, ordered as `ti.tree.ravel` (e.g. `ti.hessian(R, params)`),
+        or a `ti.LinearOperator`, formed densely with `ti.to_dense` (P operator calls)
+        unless it holds `.matrix`.
       damping: λ ≥ 0 added to the diagonal.
       on_failure: "raise" or "warn", as in `ti.cg`.
 
     Returns:
       `ihvp(v) -> x = (H + λI)⁻¹ v` (structure, shapes, dtype and device of `v`), and
-      `ihvp.solve(v) -> ti.Solution(x, info)`, never raising for numerical failure.
+      `ihvp.solve(v) -> ti.Solution(x, info)`, never raising for numerical failure. With an
+      operator `H`, `v` has its structure (dict keys matched by name) or is a stack of it;
+      with a bare matrix, `v` is a tensor `[P]` / `[k, P]` or a pytree of dicts only (their
+      order is fixed by the sorted keys; for lists or tuples wrap the matrix with
+      `ti.LinearOperator.from_matrix(H, like=params)`).
 
     Raises:
-      TypeError: `H` is neither a tensor nor a `ti.LinearOperator`.
-      ValueError: `H` is not square, not symmetric or not finite; `damping` < 0; at call
-        time, `v` is not shaped like the operator's vectors (nor a stack of them).
+      TypeError: `H` is neither a tensor nor a `ti.LinearOperator`, or the operator has no
+        structure (`like`).
+      ValueError: `H` is not square, not symmetric or not finite; `damping` < 0 or
+        `on_failure` invalid; at call time, `v` is not shaped like the operator's vectors
+        (nor a stack of them), or holds lists or tuples against a bare matrix.
       ConvergenceError: from `ihvp(v)`, when H + λI is not positive definite.
 
+    Cost: P³/3 flops and O(P²) memory to factorize, here (an operator adds P calls to form
+    it); each call O(k·P²) for k right-hand sides.
+
     Example:
-      >>> H = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
-      >>> ti.direct(H)(torch.tensor([1., 2.], dtype=torch.float64))
-      tensor([0.0909, 0.6364], dtype=torch.float64)
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
+      >>> ihvp = ti.direct(H, damping=1e-3)
+      >>> v = ti.tree.map(torch.ones_like, params)
+      >>> A = H + 1e-3 * torch.eye(27, dtype=torch.float64)
+      >>> torch.allclose(ti.ravel(ihvp(v)), torch.linalg.solve(A, ti.ravel(v)))
+      True
     """
     check_on_failure("ti.direct", on_failure)
     matrix, op = _matrix_and_structure(H)

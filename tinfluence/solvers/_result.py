@@ -163,11 +163,11 @@ class InverseOperator:
       on_failure: "raise" or "warn".
       apply: `v -> x` applying the policy itself (e.g. without a host sync); None: `solve`
         then the policy.
-      where: the public call, for its repr.
+      solver: the public call that built it ("ti.cg", ...), for its repr.
 
     Attributes:
       on_failure: the policy `ihvp(v)` applies.
-      where: the public call that built it.
+      solver: the public call that built it.
 
     Example:
       >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)

@@ -6,20 +6,9 @@ from typing import Callable
 
 import torch
 
-from ..core import checks
-from ..core.scoring import check_factored, check_inputs, grad_products, over_train, stacked_grads
+from ..core.scoring import check_factored, check_inputs, grad_products, measure_or_loss, over_train, stacked_grads
 
 __all__ = ["grad_dot", "grad_cos"]
-
-
-def measure_or_loss(call: str, loss: Callable, measure) -> tuple[Callable, str]:
-    """`(m, name)`: the function differentiated on the test side and the name its errors give.
-
-    `loss` under the name "loss" without a `measure`; else `measure`, checked to be callable.
-    """
-    if measure is None:
-        return loss, "loss"
-    return checks.function(call, "measure", measure, "(params, batch) -> Tensor[B]"), "measure"
 
 
 def grad_dot(loss: Callable, params, train, test, *, measure: Callable | None = None, chunk_size: int | None = None,

@@ -155,7 +155,7 @@ def test_measure_ascent_descent_equals_a_loop_over_test_points(case, measured):
     rows = []
     for j in range(ti.num_examples(test)):
         point = ti.take(test, slice(j, j + 1))
-        one = lambda p: measure(p, point)[0]  # noqa: E731
+        one = lambda p, point=point: measure(p, point)[0]  # noqa: E731
         g = torch.func.grad(one)(params)
         u = ti.tree.scale(1 / ti.ravel(g).norm(), g)
         row = 0

@@ -47,36 +47,30 @@ def empirical_if(loss: Callable, params, train, test, *, measure: Callable | Non
                  chunk_size: int | None = None, group=None) -> torch.Tensor:
     """Returns EmpiricalIF scores from value changes under perturbations of θ, `[n_test, n_train]`.
 
-    The test side is the test quantity m = `measure` (default `loss`), the training side
-    the loss ℓ. Ascent/descent (default): for each test point, u = ∇m/‖∇m‖ and θ± = θ ± r·u;
-    with ΔM± = m(θ±, z_test) − m(θ, z_test) and Δℓ±(z) = ℓ(θ±, z) − ℓ(θ, z),
+    Test side m = `measure` (default `loss`), training side ℓ. Ascent/descent (default):
+    per test point u = ∇m/‖∇m‖, θ± = θ ± r·u, ΔM± = m(θ±, z_test) − m(θ, z_test),
+    Δℓ±(z) = ℓ(θ±, z) − ℓ(θ, z), and
 
         score(z_test, z) = ½ (ΔM⁺·Δℓ⁺(z) + ΔM⁻·Δℓ⁻(z)).
 
-    Sphere (`directions=k`): the same with k random unit directions v shared by all test
-    points, averaged: score = (1/2k) Σ_v Σ_± ΔM±_v·Δℓ±_v(z).
-
-    Sign: positive = helpful: moving θ changes ℓ(z) the same way as m, so fitting z moves
-    m as fitting the test point would (for m = `loss`, removing z raises the test loss),
-    the sign of `ti.grad_dot` with the same `measure`. Scale: odd orders in r cancel, so
-    score = r²·⟨∇m, ∇ℓ⟩ + O(r⁴) (ascent/descent) and E[score] = (r²/P)·⟨∇m, ∇ℓ⟩ + O(r⁴)
-    (sphere, P parameters): `ti.grad_dot` rescaled, plus the losses' nonlinear response
-    for larger r; compare rankings.
+    Sphere (`directions=k`): the same averaged over k random unit directions shared by all
+    test points. Sign: positive = helpful (the sign of `ti.grad_dot` with the same
+    `measure`): moving θ changes ℓ(z) the way it changes m. Scale: odd orders in r cancel,
+    so score = r²·⟨∇m, ∇ℓ⟩ + O(r⁴) (ascent/descent), E[score] = (r²/P)·⟨∇m, ∇ℓ⟩ + O(r⁴)
+    (sphere, P parameters); compare rankings.
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss ℓ.
       params: `dict[str, Tensor]`, usually the trained θ̂.
       train: training set, leading axis n_train.
       test: test set, leading axis n_test; shaped like `train` unless a `measure` reads it.
-      measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`. It is
-        vmapped over the perturbed parameter sets, so it must be `torch.func.vmap`-safe.
+      measure: `(params, batch) -> Tensor[B]`, the test quantity m, `torch.func.vmap`-safe
+        (it is vmapped over the perturbed parameters); default `loss`.
       radius: step length r > 0 of every perturbation (‖θ± − θ‖ = r).
       directions: k >= 1 random directions (sphere variant); None for ascent/descent.
       generator: required with `directions`; its state is copied, not advanced.
       chunk_size: training examples per forward pass (default 1024).
-      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
-        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
-        rank returns the single-process result.
+      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`).
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
@@ -88,17 +82,15 @@ def empirical_if(loss: Callable, params, train, test, *, measure: Callable | Non
       TypeError: a non-callable `loss` or `measure`.
 
     Cost:
-      Ascent/descent: one gradient pass over test, then 2·n_test forward passes over the
-      training data (vmapped together, chunk by chunk): O(n_test·n_train) forwards, memory
-      O(n_test·P + n_test·chunk_size·activations). Sphere: 2k forward passes over train and
-      test, independent of n_test.
+      Ascent/descent: one gradient pass over test, then 2·n_test vmapped forward passes over
+      train, O(n_test·n_train) forwards and O(n_test·(P + chunk_size·activations)) memory.
+      Sphere: 2k forward passes over train and test, independent of n_test.
 
     Example:
-      >>> r = 1e-3
-      >>> scores = ti.empirical_if(loss, params, train, test, radius=r)
+      >>> scores = ti.empirical_if(loss, params, train, test, radius=1e-3)
       >>> scores.shape
       torch.Size([5, 60])
-      >>> torch.allclose(scores / r**2, ti.grad_dot(loss, params, train, test), rtol=1e-2, atol=1e-4)
+      >>> torch.allclose(scores / 1e-6, ti.grad_dot(loss, params, train, test), rtol=1e-2, atol=1e-4)
       True
 
     References:

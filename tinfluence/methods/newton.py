@@ -62,60 +62,48 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
         score[t, j] = m(θ̂ + Δ_{S_j}, z_t) − m(θ̂, z_t),
 
     m = `measure` (default `loss`), Δ_S one Newton step on the objective retrained without
-    the set S (the mean over the n − |S| kept examples plus the same `l2`; the module
-    docstring gives the formula), the measure evaluated at the new parameters, not
-    linearized. Sign and scale of influence scores: it predicts m(θ̂ without S) − m(θ̂);
-    positive = helpful (removing S raises the test loss). For single removals it is
-    second-order accurate where first-order influence is first-order; for groups it
-    accounts for the removed examples' curvature and interaction, which the sum of
-    first-order scores ignores.
+    S (mean over the n − |S| kept examples plus the same `l2`; formula in the module
+    docstring), m evaluated at the new parameters. Sign and scale of influence scores:
+    it predicts m(θ̂ without S) − m(θ̂); positive = helpful. Second-order accurate for
+    single removals; for groups it includes the removed examples' curvature and interaction.
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
-      params: θ̂, the trained parameters (`dict[str, Tensor]`, possibly a trainable subset; P numbers).
+      params: θ̂, the trained parameters (`dict[str, Tensor]`, possibly a subset; P numbers).
       train: the training set, leading axis n (with a group, this rank's shard).
       test: the test set, leading axis n_test; shaped like `train` unless a `measure` reads it.
       l2: the L2 coefficient of the training objective `ti.objective(loss, train, l2=l2)`.
       indices: k training ids, each removed on its own (a 1-D int tensor or list).
-      groups: a list of k 1-D int tensors or lists of training ids, each removed as a whole.
-        Give exactly one of `indices` and `groups`; with a group, the ids are global.
-      measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`. It is
-        vmapped over the k stacked parameter sets, so it must be `torch.func.vmap`-safe.
+      groups: a list of k id lists or 1-D tensors, each removed as a whole. Exactly one of
+        `indices` and `groups`; with a group, the ids are global.
+      measure: `(params, batch) -> Tensor[B]`, the test quantity m, vmapped over the k
+        parameter sets (`torch.func.vmap`-safe); default `loss`.
       predict: `(params, batch) -> Tensor[B, ...]`, the model outputs; with `output_loss`,
-        selects the Gauss-Newton curvature factors (fast for many removals).
-      output_loss: `(outputs, batch) -> Tensor[B]` with
-        `loss(params, batch) == output_loss(predict(params, batch), batch)`.
+        the Gauss-Newton curvature factors (fast for many removals).
+      output_loss: `(outputs, batch) -> Tensor[B]`, `output_loss(predict(p, b), b) == loss(p, b)`.
       damping: λ ≥ 0 added to the Hessian of the retrained objective (default 0).
       chunk_size: examples per chunk in the passes over `train` and `test`.
-      group: a `torch.distributed` process group when `train` is this rank's contiguous
-        shard (`ti.distributed.shard`, shards in rank order, sizes may differ). `params`,
-        `test`, the removed ids, `l2` and `damping` are replicated on every rank (checked);
-        the gradient and curvature sums and the removed examples' terms are all-reduced,
-        and every rank returns the single-process result `[n_test, k]`.
+      group: a process group when `train` is this rank's contiguous shard (shards in rank
+        order, sizes may differ). `params`, `test`, the ids, `l2` and `damping` must be the
+        same on every rank (checked); the sums over `train` are all-reduced and every rank
+        returns the single-process result.
 
     Returns:
-      `[n_test, k]` tensor, dtype and device of the parameters, one column per removed set;
-      positive = helpful.
+      `[n_test, k]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      ValueError: both or neither of `indices`/`groups`; an id out of range; an empty
-        group or one repeating an id; a group removing every example; only one of
-        `predict`/`output_loss`, or the two not composing to `loss`; `l2` or `damping` < 0;
-        bad data, loss or measure (non-finite values name the ids); with a group, ranks
-        whose replicated arguments differ.
-      TypeError: ids that are not integers; a non-callable `loss`, `measure`, `predict`
-        or `output_loss`.
-      ConvergenceError: a Newton step is not finite (the retrained objective's curvature
-        is singular); raise `damping` or use the Gauss-Newton factors.
-      ti.distributed.CollectiveError: with a group, a peer died or stalled past the timeout.
+      ValueError: both or neither of `indices`/`groups`; ids out of range, repeated in a
+        group, or removing every example; only one of `predict`/`output_loss`, or the two
+        not composing to `loss`; `l2` or `damping` < 0; bad data, loss or measure; with a
+        group, replicated arguments that differ between ranks.
+      TypeError: ids that are not integers; a non-callable `loss`, `measure` or `predict`.
+      ConvergenceError: a Newton step is not finite (singular curvature); raise `damping`.
 
     Cost:
-      One pass over `train` for the summed gradient and one for the curvature sum A
-      (Gauss-Newton: O(n·O) vector-Jacobian products; exact: O(P) Hessian-vector passes),
-      one O(P³) eigendecomposition, then per distinct set size one batched Woodbury solve
-      of size r = O·|S| (O((r + g)·P² ) for g sets), and the measure at all k parameter sets
-      in one vmap per test chunk. Memory O(P² + k·P). With a group the passes over `train`
-      split over the ranks; the solves are repeated on every rank.
+      Two passes over `train` (gradient and curvature sums; O(n·O) vector-Jacobian products
+      with Gauss-Newton factors), one O(P³) eigendecomposition, one batched Woodbury solve
+      of size O·|S| per distinct set size, the measure at k parameter sets in one vmap per
+      test chunk; O(P² + k·P) memory. With a group the passes over `train` are split.
 
     Example:
       >>> delta = ti.newton_loo(loss, params, train, test, l2=1e-2, indices=top_k,

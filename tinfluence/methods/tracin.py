@@ -97,65 +97,49 @@ def tracin(loss: Callable, checkpoints, train, test, *, measure: Callable | None
            chunk_size: int | None = None, group=None, factored: bool = False) -> torch.Tensor:
     """Returns TracIn scores Σ_t lr_t ⟨∇m(θ_t, z_test), ∇ℓ(θ_t, z)⟩, `[n_test, n_train]`.
 
-    The TracInCP form, m = `measure` (default `loss`): at each saved checkpoint θ_t the test
-    and training gradients meet in one matrix product, weighted by the learning rate in
-    force after that checkpoint. Training gradients are computed once per checkpoint, chunk
-    by chunk, and reused for every test point.
-
-    Sign: positive = proponent (helpful): a gradient step on z lowers m at the test point
-    to first order, so removing z would raise it; TracIn's own sign is the same. Scale:
-    for full-batch gradient descent on the mean loss with a checkpoint at every step,
-    `tracin / n` is the first-order change of m that z's share of the steps caused; it
-    ignores how removing z changes the later trajectory, so compare rankings.
-
-    With `projection_dim=d`, every gradient is multiplied by one Gaussian matrix with
-    N(0, 1/d) entries (Johnson–Lindenstrauss), the same for test, train and every
-    checkpoint; each product is an unbiased estimate of the exact one, with error about
-    ‖∇m‖‖∇ℓ‖/√d.
+    The TracInCP form, m = `measure` (default `loss`), lr_t the learning rate in force after
+    checkpoint θ_t. Sign: positive = proponent (helpful): a gradient step on z lowers m to
+    first order, so removing z would raise it; TracIn's own sign is the same. Scale: for
+    full-batch gradient descent with a checkpoint at every step, `tracin / n` is the
+    first-order change of m that z's share of the steps caused, ignoring how removing z
+    changes the later trajectory; compare rankings. With `projection_dim=d` every gradient
+    is multiplied by one shared Gaussian N(0, 1/d) matrix: each product is an unbiased
+    estimate with error about ‖∇m‖‖∇ℓ‖/√d.
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss ℓ.
       checkpoints: list of `(params_t, lr_t)` pairs or `ti.Checkpoint(params_t, lr_t, frozen_t)`
-        (as `ti.load_checkpoints` returns them); `params_t` of one structure, lr_t > 0.
-        Checkpoint t is evaluated at its own complete state, `loss({**frozen_t, **p}, batch)`
-        (and so is `measure`), with gradients over `p` only; a pair means the state closed
-        over by `apply`. `loss` must hand its `params` to `ti.functionalize`'s `apply` as they are.
+        (as `ti.load_checkpoints` returns them), lr_t > 0. `loss` and `measure` are evaluated
+        at `{**frozen_t, **p}` with gradients over `p` only.
       train: training set, leading axis n_train.
       test: test set, leading axis n_test; shaped like `train` unless a `measure` reads it.
       measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`.
       projection_dim: d for the random-projection variant; None for exact products.
       generator: required with `projection_dim`; its state is copied, not advanced.
       chunk_size: examples per vectorized backward (default 1024).
-      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
-        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
-        rank returns the single-process result.
-      factored: True computes linear layers' gradient products from their factors
-        (`ti.factored`) without forming per-example gradients, on both sides; the same
-        result to round-off. Not with `projection_dim`, which needs the formed gradients.
+      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`).
+      factored: linear layers' products from their factors (as `ti.grad_dot`); not with `projection_dim`.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      ValueError: empty or inconsistent `checkpoints` (names, shapes or frozen names differ, a
-        name both in params and frozen), lr <= 0, `projection_dim` < 1, a `generator` missing
-        with (or given without) `projection_dim`, `projection_dim` with `factored=True`; bad
-        data, loss or measure (as `ti.grad_dot`).
+      ValueError: empty or inconsistent `checkpoints`, lr <= 0, `projection_dim` < 1, a
+        `generator` missing with (or given without) `projection_dim`, `projection_dim` with
+        `factored=True`; bad data, loss or measure (as `ti.grad_dot`).
       TypeError: a non-callable `loss` or `measure`; a non-bool `factored`; `params_t` not a
         dict with `factored=True` or with `frozen_t`; `frozen_t` not a dict of tensors.
 
     Cost:
-      Per checkpoint what `ti.grad_dot` costs: O(n_test·n_train·P) for the products plus one
-      gradient pass over test and train. Memory O((n_test + chunk_size)·P), or with a
-      projection O(n_test·d + chunk_size·P + P·d).
+      Per checkpoint what `ti.grad_dot` costs, O(n_test·n_train·P) time and
+      O((n_test + chunk_size)·P) memory; projected, O(n_test·d + chunk_size·P + P·d) memory.
 
     Example:
       >>> ckpts = [(params, 0.1), (ti.tree.scale(0.5, params), 0.05)]
       >>> scores = ti.tracin(loss, ckpts, train, test)
       >>> scores.shape
       torch.Size([5, 60])
-      >>> one = ti.tracin(loss, ckpts[:1], train, test)
-      >>> torch.allclose(one, 0.1 * ti.grad_dot(loss, params, train, test))
+      >>> torch.allclose(ti.tracin(loss, ckpts[:1], train, test), 0.1 * ti.grad_dot(loss, params, train, test))
       True
 
     References:

@@ -70,7 +70,8 @@ def empirical_if(loss: Callable, params, train, test, *, measure: Callable | Non
       directions: k >= 1 random directions (sphere variant); None for ascent/descent.
       generator: required with `directions`; its state is copied, not advanced.
       chunk_size: training examples per forward pass (default 1024).
-      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`).
+      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`;
+        `generator` is checked alike on every rank too).
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
@@ -78,7 +79,8 @@ def empirical_if(loss: Callable, params, train, test, *, measure: Callable | Non
     Raises:
       ValueError: radius <= 0, directions < 1, a `generator` missing with (or given
         without) `directions`; bad parameters or data; a loss or measure that is not one
-        value per example, or not finite at θ or θ±.
+        value per example, or not finite at θ or θ±; with a group, ranks whose `params`,
+        `test` or `generator` differ.
       TypeError: a non-callable `loss` or `measure`.
 
     Cost:
@@ -121,6 +123,8 @@ def empirical_if(loss: Callable, params, train, test, *, measure: Callable | Non
         thetas = _plus_minus(params, radius, V)
         d_test = vmap(m, in_dims=(0, None))(thetas, test) - base_test  # [2k, n_test]
         combine = _averaged_products
+    drawn = {} if directions is None else {"generator": V}
+    dd.check_replicated(where, group, params=params, test=test, **drawn)
     _perturbed_finite(where, "test", d_test.reshape(-1, base_test.shape[0]), radius, what=values)
 
     def chunk_scores(start, chunk):

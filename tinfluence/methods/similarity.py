@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from ..core import collectives as dd
 from ..core.scoring import check_factored, check_inputs, grad_products, measure_or_loss, over_train, stacked_grads
 
 __all__ = ["grad_dot", "grad_cos"]
@@ -28,8 +29,9 @@ def grad_dot(loss: Callable, params, train, test, *, measure: Callable | None = 
       measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`.
       chunk_size: examples per vectorized backward (default 1024).
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
-        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
-        rank returns the single-process result.
+        (`ti.distributed.shard`); `params` and `test` must be the same on every rank (checked),
+        the shards' columns are all-gathered in rank order and every rank returns the
+        single-process result.
       factored: True computes linear layers' gradient products from their factors
         (`ti.factored`: layer inputs and output gradients) without forming per-example
         gradients, for the test side (`measure`) as for the training side; the same result
@@ -44,7 +46,8 @@ def grad_dot(loss: Callable, params, train, test, *, measure: Callable | None = 
         dict with `factored=True`); data sets without a common leading axis, of another dtype
         or device, or, without a `measure`, `test` shaped unlike `train`; a loss or measure
         that is not one floating value per example; a gradient that is not finite (the ids
-        and leaf are named); a bad `chunk_size` or a non-bool `factored`.
+        and leaf are named); a bad `chunk_size` or a non-bool `factored`; with a group, ranks
+        whose `params` or `test` differ.
 
     Cost:
       One per-example gradient pass over test and one over train, one `[n_test, P] × [P, c]`
@@ -63,6 +66,7 @@ def grad_dot(loss: Callable, params, train, test, *, measure: Callable | None = 
     """
     call = "ti.grad_dot"
     check_inputs(call, loss, params, train, test, chunk_size=chunk_size, alike=measure is None)
+    dd.check_replicated(call, group, params=params, test=test)
     check_factored(call, factored)
     m, name = measure_or_loss(call, loss, measure)
     pairwise, _ = grad_products(factored)
@@ -110,6 +114,7 @@ def grad_cos(loss: Callable, params, train, test, *, measure: Callable | None = 
     """
     call = "ti.grad_cos"
     check_inputs(call, loss, params, train, test, chunk_size=chunk_size, alike=measure is None)
+    dd.check_replicated(call, group, params=params, test=test)
     check_factored(call, factored)
     m, name = measure_or_loss(call, loss, measure)
     pairwise, sq_norms = grad_products(factored)

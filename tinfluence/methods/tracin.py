@@ -10,6 +10,7 @@ import optree
 import torch
 
 from ..core import checks
+from ..core import collectives as dd
 from ..core import tree as tr
 from ..core.model import Checkpoint
 from ..core.scoring import check_factored, check_inputs, grad_products, measure_or_loss, over_train, stacked_grads
@@ -66,6 +67,11 @@ def _check_checkpoint(where: str, t: int, item) -> Checkpoint:
     return Checkpoint(params, lr, dict(frozen))
 
 
+def _replicated(ckpts: list) -> list:
+    """What every rank must hold alike of the checkpoints: `(params, lr, frozen)` each."""
+    return [(ckpt.params, ckpt.lr, ckpt.frozen) for ckpt in ckpts]
+
+
 def _at(loss: Callable, frozen: dict) -> Callable:
     """`(p, batch) -> loss({**frozen, **p}, batch)`: the loss at a checkpoint's full state, a function of `p` only."""
     if not frozen:
@@ -117,7 +123,8 @@ def tracin(loss: Callable, checkpoints, train, test, *, measure: Callable | None
       projection_dim: d for the random-projection variant; None for exact products.
       generator: required with `projection_dim`; its state is copied, not advanced.
       chunk_size: examples per vectorized backward (default 1024).
-      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`).
+      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`;
+        the checkpoints, `test` and `generator` are checked alike on every rank).
       factored: linear layers' products from their factors (as `ti.grad_dot`); not with `projection_dim`.
 
     Returns:
@@ -156,6 +163,8 @@ def tracin(loss: Callable, checkpoints, train, test, *, measure: Callable | None
                          "use factored=True without projection_dim (exact, and cheap for linear layers) or "
                          "projection_dim with factored=False.")
     project = _projection_or_identity(where, ckpts[0].params, projection_dim, generator)
+    drawn = {} if generator is None else {"generator": generator.get_state()}
+    dd.check_replicated(where, group, checkpoints=_replicated(ckpts), test=test, **drawn)
     pairwise, _ = grad_products(factored)
     total = None
     for ckpt in ckpts:
@@ -196,8 +205,8 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
       train: training set, leading axis n_train.
       chunk_size: examples per vectorized backward (default 1024).
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
-        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
-        rank returns the single-process result.
+        (`ti.distributed.shard`); the checkpoints must be the same on every rank (checked),
+        and every rank returns the single-process result, gathered in rank order.
       factored: True computes linear layers' squared gradient norms from their factors
         (`ti.factored.sq_norms`, n·T²·(in + out) per layer) without forming per-example
         gradients; the same result to round-off.
@@ -223,6 +232,7 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
     ckpts = _check_checkpoints(where, checkpoints)
     check_inputs(where, loss, ckpts[0].params, train, chunk_size=chunk_size)
     check_factored(where, factored)
+    dd.check_replicated(where, group, checkpoints=_replicated(ckpts))
     _, sq_norms = grad_products(factored)
     total = None
     for ckpt in ckpts:

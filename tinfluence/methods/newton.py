@@ -121,7 +121,8 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
     measure = loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
     start, n = dd.offset(n_local, group)
     sets = _removals(where, n, indices, groups)
-    removed = {"indices" if groups is None else "groups": [s.tolist() for s in sets]}
+    ids = torch.cat(sets)
+    removed = {"indices": ids} if groups is None else {"groups": (ids, torch.tensor([len(s) for s in sets]))}
     dd.check_replicated(where, group, params=params, test=test, **removed, l2=l2, damping=damping)
     stacked = _newton_params(where, loss, params, train, sets, l2=l2, damping=damping, predict=predict,
                              output_loss=output_loss, chunk_size=chunk_size, group=group, start=start, n=n)

@@ -222,6 +222,15 @@ def _mismatched_calls(rank, world, params, train, test):
         "lissa": lambda: ti.lissa(_loss, params, shard, l2=L2, scale=10.0, depth=5,
                                   generator=torch.Generator().manual_seed(rank), group=group),
         "check_replicated": lambda: ti.distributed.check_replicated(group, params=nudged),
+        "grad_dot": lambda: ti.grad_dot(_loss, params, shard, reordered, group=group),
+        "grad_cos": lambda: ti.grad_cos(_loss, nudged, shard, test, group=group),
+        "tracin": lambda: ti.tracin(_loss, [(nudged, 0.1)], shard, test, group=group),
+        "tracin_projection": lambda: ti.tracin(_loss, [(params, 0.1)], shard, test, projection_dim=4,
+                                               generator=torch.Generator().manual_seed(rank), group=group),
+        "tracin_self": lambda: ti.tracin_self_influence(_loss, [(params, 0.1 * (1 + rank))], shard, group=group),
+        "empirical_if": lambda: ti.empirical_if(_loss, params, shard, reordered, group=group),
+        "empirical_if_sphere": lambda: ti.empirical_if(_loss, params, shard, test, directions=2,
+                                                       generator=torch.Generator().manual_seed(rank), group=group),
     }
     messages = {}
     for name, call in calls.items():
@@ -251,7 +260,14 @@ def test_ranks_with_different_params_or_test_points_are_refused(small_lr, tmp_pa
                     "hvp_l2": ("ti.hvp", "`l2` differs from rank 0's on rank(s) [1]"),
                     "ggn_vp": ("ti.ggn_vp", "`params` differs from rank 0's on rank(s) [1]"),
                     "lissa": ("ti.lissa", "`generator` differs from rank 0's on rank(s) [1]"),
-                    "check_replicated": ("ti.distributed.check_replicated", "`params` differs from rank 0's on rank(s) [1]")}
+                    "check_replicated": ("ti.distributed.check_replicated", "`params` differs from rank 0's on rank(s) [1]"),
+                    "grad_dot": ("ti.grad_dot", "`test` differs from rank 0's on rank(s) [1]"),
+                    "grad_cos": ("ti.grad_cos", "`params` differs from rank 0's on rank(s) [1]"),
+                    "tracin": ("ti.tracin", "`checkpoints` differs from rank 0's on rank(s) [1]"),
+                    "tracin_projection": ("ti.tracin", "`generator` differs from rank 0's on rank(s) [1]"),
+                    "tracin_self": ("ti.tracin_self_influence", "`checkpoints` differs from rank 0's on rank(s) [1]"),
+                    "empirical_if": ("ti.empirical_if", "`test` differs from rank 0's on rank(s) [1]"),
+                    "empirical_if_sphere": ("ti.empirical_if", "`generator` differs from rank 0's on rank(s) [1]")}
         collectives = ("all_reduce", "gather_rows")
         assert set(got) == set(expected) | set(collectives)
         for name, (where, what) in expected.items():

@@ -49,6 +49,16 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
     return ref
 
 
+def measure_or_loss(call: str, loss: Callable, measure) -> tuple[Callable, str]:
+    """`(m, name)`: the function differentiated on the test side and the name its errors give.
+
+    `loss` under the name "loss" without a `measure`; else `measure`, checked to be callable.
+    """
+    if measure is None:
+        return loss, "loss"
+    return checks.function(call, "measure", measure, "(params, batch) -> Tensor[B]"), "measure"
+
+
 def _grad_kernel(loss: Callable, factored: bool, where: str, name: str) -> Callable:
     """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`."""
     return fa.factor_fn(loss, call=where) if factored else grad_fn(loss, call=where, name=name)

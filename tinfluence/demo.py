@@ -106,7 +106,7 @@ class Problem:
     apply: Callable
     params: dict
     l2: float
-    group: object = None   # a torch.distributed process group: scoring is sharded over it
+    group: dist.ProcessGroup | None = None   # a torch.distributed process group: scoring is sharded over it
 
     @property
     def train_part(self) -> tuple:

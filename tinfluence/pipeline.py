@@ -359,7 +359,8 @@ class Task:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the parameters (and of every score)."""
-        return optree.tree_leaves(self.params, namespace="")[0].dtype
+        params: Any = self.params   # a pytree (optree's PyTree type matches no dict for a static checker)
+        return optree.tree_leaves(params, namespace="")[0].dtype
 
     def tol(self, name: str) -> float:
         """`gtol` or `cg_tol`, or its default for the parameters' dtype."""

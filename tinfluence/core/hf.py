@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from typing import Any
 
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -113,7 +114,7 @@ def vmap_safe(module: nn.Module) -> nn.Module:
         return module
     if not _register() or not hasattr(module, "set_attn_implementation"):
         return module
-    twin = copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
+    twin: Any = copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
     twin.set_attn_implementation(ATTENTION)
     return twin if all(c._attn_implementation == ATTENTION for c in _configs(twin)) else module
 

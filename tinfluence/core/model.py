@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Mapping
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -192,6 +192,8 @@ class Checkpoint(tuple):
       True
     """
 
+    frozen: dict | None
+
     def __new__(cls, params, lr, frozen: dict | None = None):
         """The pair `(params, lr)` carrying `frozen`."""
         self = super().__new__(cls, (params, lr))
@@ -199,12 +201,12 @@ class Checkpoint(tuple):
         return self
 
     @property
-    def params(self):
+    def params(self) -> Any:
         """The differentiated parameters."""
         return self[0]
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         """The learning rate in force after this checkpoint."""
         return self[1]
 

@@ -62,6 +62,8 @@ class LinearOperator:
       (True, True, True)
     """
 
+    matrix: torch.Tensor | None = None   # the `[P, P]` tensor of a `from_matrix` operator (`ti.direct` factorizes it)
+
     def __init__(self, fn: Callable, like=None, *, many: Callable | None = None, symmetric: bool = True,
                  psd: bool | None = None, kind: str = "custom"):
         if not callable(fn):
@@ -137,10 +139,10 @@ class LinearOperator:
         if all(tuple(a.shape[1:]) == tuple(b.shape) and a.dim() == b.dim() + 1 for a, b in zip(v_leaves, like_leaves)) \
                 and len({a.shape[0] for a in v_leaves}) == 1:
             return True
-        got = [tuple(a.shape) for a in v_leaves]
+        shapes = [tuple(a.shape) for a in v_leaves]
         want = [tuple(b.shape) for b in like_leaves]
         raise ValueError(f"{where}: `v` leaves must have the parameter shapes {want} or a common leading axis on top "
-                         f"of them; got {got}.")
+                         f"of them; got {shapes}.")
 
     def on_stacks(self, stacked: bool) -> Callable:
         """The operator as a function on stacks: `many`, or `fn` on the one vector of a stack of one."""

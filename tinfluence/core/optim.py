@@ -56,7 +56,7 @@ class SGDState(NamedTuple):
 class AdamState(NamedTuple):
     """Adam's state: `count` steps taken (int), first moments `mu` and second moments `nu` (pytrees like the parameters)."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # a NamedTuple field may shadow tuple.count (optax's name for it)
     mu: Any
     nu: Any
 

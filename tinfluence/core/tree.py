@@ -13,6 +13,7 @@ k right-hand sides `[k, *shape]`); `stack`, `unstack`, `ravel(..., batch_ndim=1)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import optree
@@ -290,7 +291,7 @@ def random_like(x: PyTree, *, generator: torch.Generator, kind: str = "normal", 
     ]
     tree = optree.tree_unflatten(spec, draws)
     if kind == "sphere":
-        norms = torch.sqrt(sum(d.reshape(*batch, -1).pow(2).sum(-1) for d in draws))
+        norms = torch.sqrt(functools.reduce(torch.add, [d.reshape(*batch, -1).pow(2).sum(-1) for d in draws]))
         tree = map(lambda d: d / norms.reshape((*batch, *([1] * (d.dim() - len(batch))))), tree)
     return tree
 
@@ -489,9 +490,10 @@ def leading_size(tree: PyTree) -> int:
     """
     leaves = optree.tree_leaves(tree, namespace="")
     sizes = {leaf.shape[0] if leaf.dim() else None for leaf in leaves}
-    if len(sizes) != 1 or None in sizes:
+    size = next(iter(sizes)) if len(sizes) == 1 else None
+    if size is None:
         raise ValueError(f"ti.tree.leading_size: leaves must share one leading axis; got sizes {sorted(str(s) for s in sizes)}.")
-    return sizes.pop()
+    return size
 
 
 def fork_generator(generator: torch.Generator) -> torch.Generator:

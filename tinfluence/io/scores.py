@@ -102,7 +102,8 @@ def _index_entries(folder: Path, where: str) -> list[tuple[int, dict]]:
     if not index.exists():
         return []
     raw = index.read_bytes()
-    entries, seen = [], {}
+    entries: list[tuple[int, dict]] = []
+    seen: dict[int, int] = {}
     for number, line in enumerate(raw[:raw.rfind(b"\n") + 1].splitlines(), start=1):
         try:
             entry = json.loads(line)
@@ -355,7 +356,7 @@ def read_scores(folder, test_ids=None) -> torch.Tensor:
     rows = []
     for i in ids:
         data, problem = _read_verified(folder, entries[i])
-        if problem is not None:
+        if data is None:
             raise ValueError(f"{where}: score file {str(folder / entries[i]['file'])!r} (test id {i}) {problem}. "
                              "Rerun ti.influence_to_files with the same arguments into this folder to recompute "
                              "it, then read again.")

@@ -49,37 +49,49 @@ KINDS = ("gaussian", "sjlt")
 
 
 @dataclass(frozen=True)
-class _Sketch:
-    """One random map `R^d -> R^k` on the last axis.
+class _Gaussian:
+    """One random map `R^d -> R^k` on the last axis: a dense Gaussian `matrix [k, d]`."""
 
-    A dense Gaussian `matrix [k, d]`, or an SJLT given by `rows [s, d]` (the s output rows of every
-    input coordinate) and `signs [s, d]` (±1/√s).
+    k: int
+    matrix: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix.mT
+
+    def tensors(self) -> tuple:
+        return (self.matrix,)
+
+
+@dataclass(frozen=True)
+class _SJLT:
+    """One random map `R^d -> R^k` on the last axis: an SJLT given by `rows [s, d]` (the s output
+    rows of every input coordinate) and `signs [s, d]` (±1/√s).
     """
 
     k: int
-    matrix: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    signs: torch.Tensor | None = None
+    rows: torch.Tensor
+    signs: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matrix is not None:
-            return x @ self.matrix.mT
         values = (x.unsqueeze(-2) * self.signs).reshape(*x.shape[:-1], -1)   # [..., s·d]
         out = x.new_zeros(*x.shape[:-1], self.k)
         return out.index_add_(-1, self.rows.reshape(-1), values)
 
     def tensors(self) -> tuple:
-        return tuple(t for t in (self.matrix, self.rows, self.signs) if t is not None)
+        return (self.rows, self.signs)
+
+
+_Sketch = _Gaussian | _SJLT
 
 
 def _draw(kind: str, k: int, d: int, sparsity: int, generator, dtype, device) -> _Sketch:
     if kind == "gaussian":
         m = torch.randn(k, d, generator=generator, dtype=dtype, device=generator.device) / math.sqrt(k)
-        return _Sketch(k, matrix=m.to(device))
+        return _Gaussian(k, m.to(device))
     s = min(sparsity, k)
     rows = torch.randint(0, k, (s, d), generator=generator, device=generator.device)
     signs = (torch.randint(0, 2, (s, d), generator=generator, device=generator.device) * 2 - 1).to(dtype) / math.sqrt(s)
-    return _Sketch(k, rows=rows.to(device), signs=signs.to(device))
+    return _SJLT(k, rows.to(device), signs.to(device))
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,9 @@ class Projector:
 
     def project_rest(self, vectors: dict, lead: tuple) -> torch.Tensor:
         """The fallback block for formed vector gradients `{name: [*lead, *shape]}`: `[*lead, k_rest]`."""
+        if self.rest_sketch is None:
+            raise ValueError("ti.Projector.project_rest: this projector has no vector parameters (`rest` is empty), "
+                             "so there is no fallback block; project only its `matrices`.")
         flat = torch.cat([vectors[name].reshape(*lead, -1) for name in self.rest], dim=-1)
         return self.rest_sketch(flat)
 
@@ -337,7 +352,8 @@ def compressed_kernel(loss: Callable, proj: Projector, *, per_token: bool = Fals
         _check_projector(where, proj, params)
         plan, formed, probe_grads, inputs = _capture_kernel(loss, params, batch, per_token=per_token, where=where)
         B = D._count_examples(batch, name="batch", call=where)
-        lead = (B,) if not per_token else (B, next(iter(optree.tree_leaves((formed, probe_grads), namespace=""))).shape[1])
+        captured: tr.PyTree = (formed, probe_grads)
+        lead = (B,) if not per_token else (B, next(iter(optree.tree_leaves(captured, namespace=""))).shape[1])
         return _compress(proj, params, plan, formed, probe_grads, inputs, lead)
 
     return kernel
@@ -466,7 +482,7 @@ def projected_curvature(grads, *, damping: float, blocks=None) -> ProjectedCurva
         part = [work[:, s].mT @ work[:, s] for s in slices]
         sums = part if sums is None else [a + b for a, b in zip(sums, part)]
         n += chunk.shape[0]
-    if sums is None or n == 0:
+    if sums is None or slices is None or n == 0:
         raise ValueError(f"{where}: `grads` is empty.")
     inverses = tuple(_damped_inverse(S / n, damping) for S in sums)
     return ProjectedCurvature(tuple(slices), inverses, n, damping)

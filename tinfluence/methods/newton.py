@@ -352,7 +352,7 @@ def _removed_terms(where, loss, params, train, ids, start, predict, output_loss,
     batch = D.take(train, rows)
     removed = tr.ravel(grads(loss, params, batch, chunk_size=chunk_size, call=where, data_name="train"), batch_ndim=1)
     J, Omega = _factors(where, loss, params, batch, predict, output_loss)
-    terms = (removed, Omega) if J is None else (removed, Omega, J)
+    terms: tuple[torch.Tensor, ...] = (removed, Omega) if J is None else (removed, Omega, J)
     if group is not None:
         terms = tuple(t.new_zeros((ids.numel(), *t.shape[1:])).index_copy(0, owned, t[:owned.numel()]) for t in terms)
         terms = dd._all_reduce(where, terms, group)

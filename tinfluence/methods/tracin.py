@@ -18,7 +18,7 @@ from ..core.scoring import check_factored, check_inputs, grad_products, measure_
 __all__ = ["tracin", "tracin_self_influence"]
 
 
-def _check_checkpoints(where: str, checkpoints) -> list:
+def _check_checkpoints(where: str, checkpoints) -> list[Checkpoint]:
     """The checkpoints as `ti.Checkpoint(params, float lr, frozen dict)`, all with the names and shapes of the first.
 
     A `(params, lr)` pair or `frozen=None` gets `frozen={}` (the state closed over by `apply`).
@@ -29,15 +29,17 @@ def _check_checkpoints(where: str, checkpoints) -> list:
             f"got {type(checkpoints).__name__}{' (empty)' if isinstance(checkpoints, (list, tuple)) else ''}.")
     out = [_check_checkpoint(where, t, item) for t, item in enumerate(checkpoints)]
     first = out[0]
+    first_frozen = first.frozen or {}
     shapes = [tuple(leaf.shape) for leaf in optree.tree_leaves(first.params, namespace="")]
     for t, ckpt in enumerate(out[1:], start=1):
         if optree.tree_structure(ckpt.params, namespace="") != optree.tree_structure(first.params, namespace="") or \
                 [tuple(leaf.shape) for leaf in optree.tree_leaves(ckpt.params, namespace="")] != shapes:
             raise ValueError(f"{where}: checkpoint {t} does not have the parameter names and shapes of checkpoint 0; "
                              "every checkpoint must hold the same parameters.")
-        if ckpt.frozen.keys() != first.frozen.keys():
+        frozen = ckpt.frozen or {}
+        if frozen.keys() != first_frozen.keys():
             raise ValueError(f"{where}: checkpoint {t} does not have the frozen names of checkpoint 0 "
-                             f"(differing: {sorted(ckpt.frozen.keys() ^ first.frozen.keys())}); every checkpoint "
+                             f"(differing: {sorted(frozen.keys() ^ first_frozen.keys())}); every checkpoint "
                              "must hold the same state, as ti.load_checkpoints returns it.")
     return out
 
@@ -67,12 +69,21 @@ def _check_checkpoint(where: str, t: int, item) -> Checkpoint:
     return Checkpoint(params, lr, dict(frozen))
 
 
+def _lr_weighted_sum(ckpts: list[Checkpoint], term: Callable[[Checkpoint], torch.Tensor]) -> torch.Tensor:
+    """`Σ_t lr_t · term(checkpoint t)`, accumulated one checkpoint at a time (`ckpts` is non-empty)."""
+    first, *rest = ckpts
+    total = first.lr * term(first)
+    for ckpt in rest:
+        total = total + ckpt.lr * term(ckpt)
+    return total
+
+
 def _replicated(ckpts: list) -> list:
     """What every rank must hold alike of the checkpoints: `(params, lr, frozen)` each."""
     return [(ckpt.params, ckpt.lr, ckpt.frozen) for ckpt in ckpts]
 
 
-def _at(loss: Callable, frozen: dict) -> Callable:
+def _at(loss: Callable, frozen: dict | None) -> Callable:
     """`(p, batch) -> loss({**frozen, **p}, batch)`: the loss at a checkpoint's full state, a function of `p` only."""
     if not frozen:
         return loss
@@ -166,15 +177,14 @@ def tracin(loss: Callable, checkpoints, train, test, *, measure: Callable | None
     drawn = {} if generator is None else {"generator": generator.get_state()}
     dd._check_replicated(where, group, checkpoints=_replicated(ckpts), test=test, **drawn)
     pairwise, _ = grad_products(factored)
-    total = None
-    for ckpt in ckpts:
-        params, lr = ckpt.params, ckpt.lr
-        U = stacked_grads(_at(m, ckpt.frozen), params, test, chunk_size=chunk_size, transform=project, where=where,
-                          factored=factored, name=name)  # [n_test, ...]
-        scores = over_train(lambda G, U=U: pairwise(U, project(G)), _at(loss, ckpt.frozen), params, train,
-                            chunk_size=chunk_size, where=where, group=group, factored=factored)
-        total = lr * scores if total is None else total + lr * scores
-    return total
+
+    def scores(ckpt: Checkpoint) -> torch.Tensor:
+        U = stacked_grads(_at(m, ckpt.frozen), ckpt.params, test, chunk_size=chunk_size, transform=project,
+                          where=where, factored=factored, name=name)  # [n_test, ...]
+        return over_train(lambda G: pairwise(U, project(G)), _at(loss, ckpt.frozen), ckpt.params, train,
+                          chunk_size=chunk_size, where=where, group=group, factored=factored)
+
+    return _lr_weighted_sum(ckpts, scores)
 
 
 def _projection_or_identity(where: str, params, projection_dim, generator) -> Callable:
@@ -234,9 +244,6 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
     check_factored(where, factored)
     dd._check_replicated(where, group, checkpoints=_replicated(ckpts))
     _, sq_norms = grad_products(factored)
-    total = None
-    for ckpt in ckpts:
-        sq = over_train(sq_norms, _at(loss, ckpt.frozen), ckpt.params, train, chunk_size=chunk_size, where=where,
-                        group=group, factored=factored)
-        total = ckpt.lr * sq if total is None else total + ckpt.lr * sq
-    return total
+    return _lr_weighted_sum(ckpts, lambda ckpt: over_train(sq_norms, _at(loss, ckpt.frozen), ckpt.params, train,
+                                                           chunk_size=chunk_size, where=where, group=group,
+                                                           factored=factored))

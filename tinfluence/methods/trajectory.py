@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import optree
 import torch
@@ -40,7 +40,7 @@ from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
 from ..core.objective import per_example
-from ..core.optim import check_optimizer
+from ..core.optim import Optimizer, check_optimizer
 from ..core.transforms import grad_fn
 
 __all__ = ["TrainingRun", "group_influence", "replay_effect", "training_run", "trajectory_influence"]
@@ -76,9 +76,9 @@ class TrainingRun:
     """
 
     loss: Callable
-    params0: object
-    train: object
-    optimizer: object
+    params0: Any
+    train: Any
+    optimizer: Optimizer
     batches: tuple
     weights: torch.Tensor
     final: tuple = field(repr=False)        # (θ_T, s_T)
@@ -309,10 +309,11 @@ def _pullback_graph(parts: tuple, theta, state, t: int, weights: torch.Tensor, l
         outputs = [*spec.flatten_up_to(new_theta), *_split_state(new_state)[0]]
         cotangents = [*spec.flatten_up_to(lam), *mu]
         live = [i for i, out in enumerate(outputs) if out.requires_grad]
-        pulled = torch.autograd.grad([outputs[i] for i in live], inputs, [cotangents[i] for i in live],
-                                     is_grads_batched=True, allow_unused=True) if live else [None] * len(inputs)
+        raw: Sequence[torch.Tensor | None] = torch.autograd.grad(
+            [outputs[i] for i in live], inputs, [cotangents[i] for i in live], is_grads_batched=True,
+            allow_unused=True) if live else [None] * len(inputs)
     pulled = [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) if d is None else d.detach()
-              for x, d in zip(inputs, pulled)]
+              for x, d in zip(inputs, raw)]
     return optree.tree_unflatten(spec, pulled[:len(leaves)]), pulled[len(leaves):-1], pulled[-1]
 
 
@@ -334,7 +335,7 @@ def _pullback_blocks(parts: tuple, theta, state, t: int, weights: torch.Tensor, 
         new_theta, new_state = optimizer.step(params, rebuild(f), grad(objective)(params, batch, w))
         return new_theta, _split_state(new_state)[0]
 
-    _, pull = vjp(step, theta, floats, weights[ids])
+    pull = vjp(step, theta, floats, weights[ids])[1]
     blocks = [vmap(pull)(tr.map(lambda x, a=a: x[a:a + ROW_BLOCK], (lam, mu)))
               for a in range(0, tr.leading_size(lam), ROW_BLOCK)]
     return tuple(optree.tree_map(lambda *xs: torch.cat(xs), *blocks, namespace=""))
@@ -401,7 +402,8 @@ def _same(x, y) -> bool:
 def _fingerprint(run: TrainingRun, test, chunk_size, length: int) -> str:
     """A digest of everything that fixes the scores: initial parameters, weights, schedule, data, test set, chunking."""
     h = hashlib.sha256(f"{run.steps}|{chunk_size}|{length}".encode())
-    for leaf in optree.tree_leaves((run.params0, run.weights, list(run.batches), run.train, test), namespace=""):
+    parts: tr.PyTree = (run.params0, run.weights, list(run.batches), run.train, test)
+    for leaf in optree.tree_leaves(parts, namespace=""):
         h.update(f"{tuple(leaf.shape)}{leaf.dtype}".encode())
         h.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -491,10 +493,12 @@ def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = N
     theta_T = run.final_params()
     length, keep_all = _segment_length(where, run.steps, _state_bytes(theta_T, run.final_state()), memory_budget)
     folder = None if out is None else Path(out)
+    fingerprint: str | None = None
+    saved: dict | None = None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = None if folder is None else _fingerprint(run, test, chunk_size, length)
-    saved = None if folder is None else _load(where, folder, fingerprint)
+        fingerprint = _fingerprint(run, test, chunk_size, length)
+        saved = _load(where, folder, fingerprint)
     size = n_test if chunk_size is None else chunk_size
     starts = list(range(0, n_test, size))
     done = [] if saved is None else list(saved["done"])

@@ -153,7 +153,8 @@ def _is_stack(op: LinearOperator | None, v, leaves, P: int) -> bool:
         return True
     if total == P and not (isinstance(v, torch.Tensor) and v.dim() != 1):
         return False
-    if not isinstance(v, torch.Tensor) and len(firsts) == 1 and None not in firsts and total == firsts.pop() * P:
+    first = next(iter(firsts)) if len(firsts) == 1 else None
+    if not isinstance(v, torch.Tensor) and first is not None and total == first * P:
         return True
     raise ValueError(
         f"ti.direct: `v` must hold P={P} numbers (one vector shaped like the parameters) or k·P with a common "

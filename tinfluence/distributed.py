@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -48,12 +49,16 @@ from .core.collectives import (
     rounds,
     sizes,
 )
+from .core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["init", "CollectiveError", "check_replicated", "shard", "shard_bounds", "all_reduce", "global_size",
            "offset", "sizes", "gather_columns", "gather_rows", "rounds"]
 
 
-def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
+def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> ProcessGroup | None:
     """Initializes the default process group with a bounded wait; returns `torch.distributed.group.WORLD`.
 
     `torch.distributed.init_process_group(backend, timeout=timeout s, **kwargs)`: under
@@ -130,7 +135,7 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return _shard_bounds("ti.distributed.shard_bounds", n, rank, world)
 
 
-def shard(data, rank: int, world: int):
+def shard(data: PyTree, rank: int, world: int) -> PyTree:
     """Returns shard `rank` of `world` of a data set: its contiguous slice of examples.
 
     Concatenating the shards in rank order gives `data` back; this is the layout every

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import Mapping, Sequence
+import os
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from .core import checks
 from .validate.metrics import pearson
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["loo_scatter", "top_examples", "score_hist"]
 
@@ -56,8 +60,9 @@ def _finish(fig, path):
     return fig
 
 
-def loo_scatter(actual, predicted: Mapping, *, labels: Sequence[str] | None = None, scale_free: Sequence[str] = (),
-                title: str | None = None, path=None):
+def loo_scatter(actual: torch.Tensor | Sequence[torch.Tensor], predicted: Mapping, *, labels: Sequence[str] | None = None,
+                scale_free: Sequence[str] = (),
+                title: str | None = None, path: str | os.PathLike | None = None) -> Figure:
     """Returns Koh & Liang's Figure 2: predicted against actual change in test loss, per method and test point.
 
     One panel per (method, test point): rows are methods, columns test points, each panel
@@ -129,9 +134,10 @@ def loo_scatter(actual, predicted: Mapping, *, labels: Sequence[str] | None = No
     return _finish(fig, path)
 
 
-def top_examples(images, scores, test_image, *, k: int = 5, labels=None, test_label=None,
+def top_examples(images: torch.Tensor, scores: torch.Tensor, test_image: torch.Tensor, *, k: int = 5, labels: torch.Tensor | None = None,
+                 test_label: int | torch.Tensor | list[int] | tuple[int, ...] | None = None,
                  image_shape: tuple | None = None, title: str | None = None, names: Sequence[str] | None = None,
-                 path=None):
+                 path: str | os.PathLike | None = None) -> Figure:
     """Returns a figure of test images, each with its k most helpful and k most harmful training images.
 
     Helpful: the largest scores (removing them would raise the test loss most); harmful:
@@ -209,7 +215,7 @@ def top_examples(images, scores, test_image, *, k: int = 5, labels=None, test_la
     return _finish(fig, path)
 
 
-def score_hist(scores: Mapping, *, bins: int = 50, path=None):
+def score_hist(scores: Mapping, *, bins: int = 50, path: str | os.PathLike | None = None) -> Figure:
     """Returns histograms of scores, one panel per method (each on its own scale).
 
     Args:

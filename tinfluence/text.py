@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sysconfig
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -72,7 +73,7 @@ def stdlib_windows(length: int, count: int, *, generator: torch.Generator | None
     return ids
 
 
-def decode(ids) -> str:
+def decode(ids: Sequence[int] | torch.Tensor) -> str:
     """Byte ids back to text, as UTF-8; undecodable bytes become U+FFFD.
 
     Args:
@@ -146,7 +147,7 @@ class ByteDecoder(nn.Module):
         if tied:
             self.head.weight = self.embed.weight
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[B, T, vocab]` of `input_ids [B, T]`; `attention_mask [B, T]` (1 = keep) or None."""
         T = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos.weight[:T]

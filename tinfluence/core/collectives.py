@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING, Any
 
 import optree
 import torch
 import torch.distributed as dist
 
 from . import tree as tr
+from .tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["CollectiveError", "check_replicated", "all_reduce", "global_size", "offset", "sizes", "gather_columns",
            "gather_rows", "rounds", "DEFAULT_TIMEOUT"]
@@ -73,7 +78,7 @@ def _all_reduce(where: str, value, group):
     return tr.unravel(flat, value)
 
 
-def all_reduce(value, group):
+def all_reduce(value: PyTree, group: ProcessGroup | None) -> PyTree:
     """Returns the sum over ranks of a tensor or pytree of tensors (inputs are not modified).
 
     All leaves travel in ONE collective (flattened and concatenated), whatever the pytree.
@@ -145,7 +150,7 @@ def _check_replicated(where: str, group, **named) -> None:
             "if they are training data.")
 
 
-def check_replicated(group, **named) -> None:
+def check_replicated(group: ProcessGroup | None, **named: Any) -> None:
     """Raises ValueError unless every rank holds the same value for each named argument.
 
     Equality is bitwise up to float64 summation round-off: retraining on every rank passes
@@ -170,7 +175,7 @@ def check_replicated(group, **named) -> None:
     _check_replicated("ti.distributed.check_replicated", group, **named)
 
 
-def global_size(n_local: int, group) -> int:
+def global_size(n_local: int, group: ProcessGroup | None) -> int:
     """Returns Σ over ranks of `n_local`, the global number of examples.
 
     Args:
@@ -201,7 +206,7 @@ def _sizes(n_local: int, group) -> torch.Tensor:
     return torch.cat(_all_gather("ti.distributed", group, mine)).cpu()
 
 
-def sizes(n_local: int, group) -> torch.Tensor:
+def sizes(n_local: int, group: ProcessGroup | None) -> torch.Tensor:
     """Returns the shard sizes of all ranks, in rank order.
 
     Args:
@@ -223,7 +228,7 @@ def sizes(n_local: int, group) -> torch.Tensor:
     return torch.tensor([n_local]) if group is None else _sizes(n_local, group)
 
 
-def offset(n_local: int, group) -> tuple[int, int]:
+def offset(n_local: int, group: ProcessGroup | None) -> tuple[int, int]:
     """Returns `(start, n)`: this rank's first global example id and the global n.
 
     Args:
@@ -249,7 +254,7 @@ def offset(n_local: int, group) -> tuple[int, int]:
     return int(sizes[:rank].sum()), int(sizes.sum())
 
 
-def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
+def gather_columns(local: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Returns the ranks' blocks concatenated along the last axis, in rank order; every rank gets the same.
 
     Shards may differ in size: blocks are padded to the largest for the collective and
@@ -294,7 +299,7 @@ def _gather_rows(where: str, local, counts: torch.Tensor, group):
     return tr.unravel(union, like)
 
 
-def gather_rows(local, counts: torch.Tensor, group):
+def gather_rows(local: PyTree, counts: torch.Tensor, group: ProcessGroup | None) -> PyTree:
     """Returns the ranks' stacks concatenated along the leading axis, in rank order; every rank gets the same.
 
     All leaves travel in ONE all-gather, each rank's rows zero-padded to the largest count

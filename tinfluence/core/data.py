@@ -7,13 +7,17 @@ examples are the slices along axis 0. Every reduction over a data set walks it i
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, cast
 
 import optree
 import torch
 
 from . import checks
 from . import tree as tr
+from .tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -21,7 +25,7 @@ __all__ = ["num_examples", "chunks", "chunk_sum", "chunk_cat", "take", "batch_of
            "DEFAULT_CHUNK_SIZE"]
 
 
-def num_examples(data) -> int:
+def num_examples(data: PyTree) -> int:
     """The number of examples n: the common leading-axis size of every tensor leaf of `data`.
 
     Args:
@@ -84,7 +88,7 @@ def _count_examples(data, *, name: str = "data", call: str = "ti") -> int:
     return n
 
 
-def take(data, index) -> object:
+def take(data: PyTree, index: slice | torch.Tensor) -> PyTree:
     """The examples at `index`, as a data set: every leaf indexed along its example axis.
 
     Args:
@@ -107,7 +111,7 @@ def take(data, index) -> object:
     return tr.map(lambda leaf: leaf[index], data)
 
 
-def batch_of_one(example) -> object:
+def batch_of_one(example: PyTree) -> PyTree:
     """One example (leaves without the example axis) as a batch: every leaf gains a leading axis of size 1.
 
     Args:
@@ -166,7 +170,7 @@ def _check_alike(call: str, train, test, names: tuple[str, str] = ("train", "tes
                 "per-example shape.")
 
 
-def chunks(data, size: int | None = None) -> Iterator:
+def chunks(data: PyTree, size: int | None = None) -> Iterator:
     """Consecutive slices of at most `size` examples, in order (a generator).
 
     Args:
@@ -198,7 +202,7 @@ def _chunks(data, size: int | None, *, call: str, name: str) -> Iterator:
         yield take(data, slice(start, start + size))
 
 
-def chunk_sum(fn: Callable, data, chunk_size: int | None = None):
+def chunk_sum(fn: Callable, data: PyTree, chunk_size: int | None = None) -> PyTree:
     """Σ over chunks of `fn(chunk)`, a tensor or pytree of tensors.
 
     The single place where a sum over the training set is reduced; a sharded run
@@ -234,7 +238,7 @@ def _chunk_sum(fn: Callable, data, chunk_size: int | None = None, *, call: str):
     return total
 
 
-def chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 0, indexed: bool = False):
+def chunk_cat(fn: Callable, data: PyTree, chunk_size: int | None = None, *, dim: int = 0, indexed: bool = False) -> PyTree:
     """`fn(chunk)` for every chunk, concatenated along `dim` (a tensor or a pytree of tensors).
 
     The single place where per-chunk results over a data set are stitched together, e.g.
@@ -275,7 +279,7 @@ def _chunk_cat(fn: Callable, data, chunk_size: int | None = None, *, dim: int = 
     return parts[0] if len(parts) == 1 else tr.map(lambda *leaves: torch.cat(leaves, dim=dim), *parts)
 
 
-def from_loader(source) -> object:
+def from_loader(source: Iterable | Dataset) -> PyTree:
     """Concatenates what a `DataLoader`, a `Dataset` or any iterable of batches yields.
 
     Anything with `__getitem__` and `__len__` (a map-style `Dataset`) is read as a data set
@@ -310,8 +314,9 @@ def from_loader(source) -> object:
             f"ti.from_loader: `source` is a {type(source).__name__}, which could hold batches or examples; pass "
             "iter(batches) to concatenate batches, or a Dataset (e.g. torch.utils.data.TensorDataset) of examples.")
     if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, torch.utils.data.DataLoader):
-        source = torch.utils.data.DataLoader(source, batch_size=256, shuffle=False)
-    batches = list(source)
+        # a map-style dataset (it has __getitem__ and __len__), which a static checker cannot infer from hasattr
+        source = torch.utils.data.DataLoader(cast("Dataset", source), batch_size=256, shuffle=False)
+    batches = list(cast(Iterable, source))
     if not batches:
         raise ValueError("ti.from_loader: `source` yielded no batches.")
     spec = optree.tree_structure(batches[0], namespace="")

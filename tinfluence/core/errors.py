@@ -4,6 +4,8 @@ Every message starts with the public call (`ti.cg: ...`), says what was expected
 was got, and where there is one, the fix.
 """
 
+from typing import Any
+
 
 class ConvergenceError(RuntimeError):
     """A solver missed its tolerance or met a breakdown; `.info` holds its diagnostics (a `ti.SolveInfo`
@@ -22,7 +24,7 @@ class ConvergenceError(RuntimeError):
       True
     """
 
-    def __init__(self, message: str, info=None):
+    def __init__(self, message: str, info: Any = None):
         super().__init__(message)
         self.info = info
 
@@ -44,6 +46,6 @@ class DivergenceError(RuntimeError):
       True
     """
 
-    def __init__(self, message: str, info=None):
+    def __init__(self, message: str, info: Any = None):
         super().__init__(message)
         self.info = info

@@ -22,7 +22,8 @@ _WHERE = "ti.functionalize: apply"
 _TRAINING_MODE_MESSAGES = ("random operation", "mutate a captured Tensor", "more than 1 value per channel")
 
 
-def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bool] | None = None):
+def functionalize(module: nn.Module,
+                  trainable: Callable[[str, torch.Tensor], bool] | None = None) -> tuple[Callable, dict[str, torch.Tensor]]:
     """Returns `(apply, params)`: the module as a pure function of a parameter dict.
 
     `apply(params, *args, **kwargs)` runs `module.forward(*args, **kwargs)` with the given

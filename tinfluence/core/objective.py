@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -11,6 +11,10 @@ from . import checks
 from . import collectives as dd
 from . import data as D
 from . import tree as tr
+from .tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["objective", "Objective", "per_example", "example_loss"]
 
@@ -114,9 +118,9 @@ class Objective:
     l2: float
     chunk_size: int | None
     n: int
-    group: object = None
+    group: ProcessGroup | None = None
 
-    def data_term(self, params, chunk) -> torch.Tensor:
+    def data_term(self, params: PyTree, chunk: PyTree) -> torch.Tensor:
         """(1/n) Σ_{i in chunk} loss(θ, z_i): this chunk's share of the mean loss, a 0-d tensor.
 
         Args:
@@ -125,17 +129,17 @@ class Objective:
         """
         return per_example(self.loss, params, chunk, where="ti.objective").sum() / self.n
 
-    def regularizer(self, params) -> torch.Tensor:
+    def regularizer(self, params: PyTree) -> torch.Tensor:
         """(l2/2)·‖θ‖² of the parameters `params`, a 0-d tensor."""
         return 0.5 * self.l2 * tr.sq_norm(params)
 
-    def local_sum(self, params) -> torch.Tensor:
+    def local_sum(self, params: PyTree) -> torch.Tensor:
         """(1/n) Σ over this process's examples of loss(θ, z_i) at `params`, a 0-d tensor (the whole mean loss
         without a group); O(n) loss evaluations, `chunk_size` at a time.
         """
         return D._chunk_sum(lambda chunk: self.data_term(params, chunk), self.data, self.chunk_size, call="ti.objective")
 
-    def __call__(self, params) -> torch.Tensor:
+    def __call__(self, params: PyTree) -> torch.Tensor:
         """R(θ) at `params`, a 0-d tensor.
 
         With a group the value is summed over ranks; its gradient is this rank's share
@@ -147,7 +151,8 @@ class Objective:
         return local + self.regularizer(params)
 
 
-def objective(loss: LossFn, data, *, l2: float = 0.0, chunk_size: int | None = None, group=None) -> Objective:
+def objective(loss: LossFn, data: PyTree, *, l2: float = 0.0, chunk_size: int | None = None,
+              group: ProcessGroup | None = None) -> Objective:
     """Returns the training objective θ ↦ (1/n) Σ_i loss(θ, z_i) + (l2/2)·‖θ‖².
 
     Args:

@@ -21,6 +21,7 @@ import torch
 from torch.func import vmap
 
 from . import tree as tr
+from .tree import PyTree
 
 __all__ = ["LinearOperator", "as_operator"]
 
@@ -64,7 +65,7 @@ class LinearOperator:
 
     matrix: torch.Tensor | None = None   # the `[P, P]` tensor of a `from_matrix` operator (`ti.direct` factorizes it)
 
-    def __init__(self, fn: Callable, like=None, *, many: Callable | None = None, symmetric: bool = True,
+    def __init__(self, fn: Callable, like: PyTree | None = None, *, many: Callable | None = None, symmetric: bool = True,
                  psd: bool | None = None, kind: str = "custom"):
         if not callable(fn):
             raise TypeError(f"ti.LinearOperator: `fn` must be a function v -> C v; got {type(fn).__name__}.")
@@ -94,7 +95,7 @@ class LinearOperator:
         """The dtype of the vectors it acts on (None when `like` is None)."""
         return None if self.like is None else optree.tree_leaves(self.like, namespace="")[0].dtype
 
-    def is_stack(self, v) -> bool:
+    def is_stack(self, v: PyTree) -> bool:
         """Whether `v` is a stack of k vectors (one extra leading axis on every leaf) or one vector.
 
         Dict keys are matched by name (optree sorts them), never by insertion order.
@@ -150,7 +151,7 @@ class LinearOperator:
             return self.many if stacked else (lambda V: self.fn(V[0]).unsqueeze(0))
         return lambda V: tr.map(lambda leaf: leaf.unsqueeze(0), self.fn(tr.map(lambda leaf: leaf[0], V)))
 
-    def __call__(self, v):
+    def __call__(self, v: PyTree) -> PyTree:
         """C v for one vector, or the k products of a stack in one call."""
         return self.many(v) if self._is_stack(v, "ti.LinearOperator") else self.fn(v)
 
@@ -188,7 +189,7 @@ class LinearOperator:
                           lambda V: tr.add_scaled(self.many(V), damping, V), psd=psd, kind=self.kind)
 
     @classmethod
-    def from_matrix(cls, matrix: torch.Tensor, like=None, *, psd: bool | None = None) -> LinearOperator:
+    def from_matrix(cls, matrix: torch.Tensor, like: PyTree | None = None, *, psd: bool | None = None) -> LinearOperator:
         """The operator `v ↦ M v` of a dense symmetric `[P, P]` matrix over `ti.tree.ravel(like)` (kind "dense").
 
         Args:

@@ -89,7 +89,7 @@ def sub(x: PyTree, y: PyTree) -> PyTree:
     return map(torch.sub, x, y)
 
 
-def scale(alpha, x: PyTree) -> PyTree:
+def scale(alpha: float | torch.Tensor, x: PyTree) -> PyTree:
     """Alpha · x, leaf by leaf.
 
     Args:
@@ -109,7 +109,7 @@ def scale(alpha, x: PyTree) -> PyTree:
     return map(lambda leaf: alpha * leaf, x)
 
 
-def add_scaled(x: PyTree, alpha, y: PyTree) -> PyTree:
+def add_scaled(x: PyTree, alpha: float | torch.Tensor, y: PyTree) -> PyTree:
     """X + alpha · y, leaf by leaf (axpy).
 
     Args:

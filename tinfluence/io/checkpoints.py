@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from ..core.model import Checkpoint, functionalize
 __all__ = ["load_checkpoints"]
 
 
-def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Callable | None = None) -> list:
+def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs: float | Sequence[float], trainable: Callable | None = None) -> list:
     """Returns `[ti.Checkpoint(params_t, lr_t, frozen_t), ...]` read from saved `state_dict`s, one per path.
 
     Each file is read with `torch.load(path, weights_only=True)` (no code is run) and must
@@ -64,7 +64,8 @@ def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Calla
         raise checks.ArgumentError(f"{where}: `lrs` must be one number > 0 or a sequence of them, one per path; got "
                                    f"{checks.describe(lrs)}. Pass e.g. lrs=0.1 or lrs=[0.1] * len(paths).")
     else:
-        rates = [checks.number(where, f"lrs[{t}]", lr, minimum=0.0, exclusive=True) for t, lr in enumerate(lrs)]
+        rates = [checks.number(where, f"lrs[{t}]", lr, minimum=0.0, exclusive=True)   # a sequence: not a number
+                 for t, lr in enumerate(cast(Sequence[float], lrs))]
     if len(rates) != len(paths):
         raise ValueError(f"{where}: `lrs` must be one number or have one entry per path; got {len(rates)} for {len(paths)} paths.")
     _, chosen = functionalize(model, trainable)

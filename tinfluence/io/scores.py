@@ -29,7 +29,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import optree
@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import data as D
+from ..core.tree import PyTree
 
 __all__ = ["ScoreWriter", "influence_to_files", "read_scores", "run_identity"]
 
@@ -54,7 +55,7 @@ def _hash_tree(h, tree) -> None:
         h.update(leaf.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def run_identity(params, train, test, *, block_size: int, meta=None) -> str:
+def run_identity(params: PyTree, train: PyTree, test: PyTree, *, block_size: int, meta: object = None) -> str:
     """The identity of a score-file run: a hash of `params`, `test`, `n_train`, the dtype, `block_size` and `meta`.
 
     The training data enter by their size only (hashing them would cost a pass over all of
@@ -204,7 +205,7 @@ class ScoreWriter:
       {3}
     """
 
-    def __init__(self, folder, *, run: str, n_train: int, dtype):
+    def __init__(self, folder: str | os.PathLike, *, run: str, n_train: int, dtype: torch.dtype):
         self._open("ti.io.ScoreWriter", folder, run, n_train, dtype)
 
     def _open(self, where: str, folder, run: str, n_train: int, dtype) -> None:
@@ -316,7 +317,7 @@ def _score_writer(where: str, folder, *, run: str, n_train: int, dtype) -> Score
     return writer
 
 
-def read_scores(folder, test_ids=None) -> torch.Tensor:
+def read_scores(folder: str | os.PathLike, test_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """Returns the scores stored in `folder` as `[len(test_ids), n_train]` (default: index order); reads only.
 
     Every file is checked against its index line (size and sha256) before it is parsed.
@@ -364,9 +365,10 @@ def read_scores(folder, test_ids=None) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, out, test_ids=None,
-                       chunk_size: int | None = None, block_size: int = 64, meta=None, progress: bool = True,
-                       **options) -> Path:
+def influence_to_files(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ihvp: Callable, out: str | os.PathLike,
+                       test_ids: Sequence[int] | torch.Tensor | None = None,
+                       chunk_size: int | None = None, block_size: int = 64, meta: object = None, progress: bool = True,
+                       **options: Any) -> Path:
     """Returns the folder `out`, after writing every test point's `ti.influence` scores to it.
 
     Test points are scored in fixed blocks of `block_size` (one `ihvp` call and one pass

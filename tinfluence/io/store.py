@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,8 +36,12 @@ from tqdm.auto import tqdm
 from .. import distributed as dd
 from ..core import checks
 from ..core import data as D
+from ..core.tree import PyTree
 from ..methods.compressed import ProjectedCurvature, Projector, compressed_kernel
 from .scores import _atomic_write
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["GradientStore", "create_store", "write_store", "open_store"]
 
@@ -80,7 +85,7 @@ class GradientStore:
       (60, True)
     """
 
-    def __init__(self, folder, index: dict):
+    def __init__(self, folder: str | os.PathLike, index: dict):
         self.folder = Path(folder)
         self.index = index
         self.n, self.dim, self.chunk_rows = index["n"], index["dim"], index["chunk_rows"]
@@ -151,7 +156,7 @@ class GradientStore:
         t = torch.from_numpy(array)
         return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
 
-    def chunks(self, *, progress: bool = False, desc: str = "store"):
+    def chunks(self, *, progress: bool = False, desc: str = "store") -> Iterator[tuple[int, torch.Tensor]]:
         """Yields `(start, rows)` for every chunk in order (`rows` memory-mapped)."""
         missing = self.missing()
         if missing:
@@ -246,7 +251,7 @@ def _read_index(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def open_store(folder) -> GradientStore:
+def open_store(folder: str | os.PathLike) -> GradientStore:
     """Opens the gradient store in `folder` (complete or not).
 
     Args:
@@ -318,7 +323,7 @@ def _create_store(where: str, folder, *, projector: Projector, params: dict, n: 
     return _create(where, Path(folder), index)
 
 
-def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="float32",
+def create_store(folder: str | os.PathLike, *, projector: Projector, params: dict, n: int, dtype: str | torch.dtype = "float32",
                  chunk_rows: int = 1024) -> GradientStore:
     """Returns an empty (or partly written) store for n rows of `projector.dim`; writes its index.
 
@@ -354,8 +359,9 @@ def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="f
                          chunk_rows=chunk_rows)
 
 
-def write_store(loss: Callable, params: dict, train, *, projector: Projector, folder, dtype="float32",
-                chunk_rows: int = 1024, chunk_size: int | None = None, group=None,
+def write_store(loss: Callable, params: dict, train: PyTree, *, projector: Projector, folder: str | os.PathLike,
+                dtype: str | torch.dtype = "float32",
+                chunk_rows: int = 1024, chunk_size: int | None = None, group: ProcessGroup | None = None,
                 progress: bool = True) -> GradientStore:
     """Writes the projected per-example gradients of `train` to a store in `folder`; returns it.
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import optree
@@ -41,6 +41,7 @@ from ..core import data as D
 from ..core import factored as fa
 from ..core import tree as tr
 from ..core.objective import per_example
+from ..core.tree import PyTree
 
 __all__ = ["Projector", "projector", "compressed_grad_fn", "compressed_grads", "ProjectedCurvature",
            "projected_curvature", "compressed_influence"]
@@ -359,7 +360,7 @@ def compressed_kernel(loss: Callable, proj: Projector, *, per_token: bool = Fals
     return kernel
 
 
-def compressed_grads(loss: Callable, params: dict, data, *, projector: Projector,
+def compressed_grads(loss: Callable, params: dict, data: PyTree, *, projector: Projector,
                      chunk_size: int | None = None) -> torch.Tensor:
     """Returns the projected per-example gradients `P ∇ℓ(z_i)` of `data`, `[n, projector.dim]`.
 
@@ -440,7 +441,8 @@ class ProjectedCurvature:
         return self.precondition(Q) / self.n
 
 
-def projected_curvature(grads, *, damping: float, blocks=None) -> ProjectedCurvature:
+def projected_curvature(grads: torch.Tensor | Iterable[torch.Tensor], *, damping: float,
+                        blocks: Projector | dict | None = None) -> ProjectedCurvature:
     """Returns the damped covariance `Ĉ = (1/n) Σ_z ĝ_z ĝ_zᵀ` of projected gradients, exactly inverted.
 
     Args:
@@ -503,7 +505,7 @@ def _damped_inverse(C: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(C + damping * eye))
 
 
-def compressed_influence(loss: Callable, params: dict, train, test, *, projector: Projector, damping: float,
+def compressed_influence(loss: Callable, params: dict, train: PyTree, test: PyTree, *, projector: Projector, damping: float,
                          per_layer: bool = False, chunk_size: int | None = None) -> torch.Tensor:
     """Returns influence in the projected space, `(1/n) ĝ_testᵀ (Ĉ + λI)⁻¹ ĝ_z`, `[n_test, n_train]`.
 

@@ -4,7 +4,7 @@ and the reverse check that perturbs along training gradients instead.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from torch.func import vmap
@@ -15,6 +15,10 @@ from ..core import data as D
 from ..core import tree as tr
 from ..core.objective import example_loss, per_example
 from ..core.scoring import check_inputs, measure_or_loss, row_sq_norms, stacked_grads
+from ..core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["empirical_if", "reverse_check", "ReverseCheck"]
 
@@ -42,9 +46,9 @@ def _averaged_products(d_a: torch.Tensor, d_b: torch.Tensor) -> torch.Tensor:
     return d_a.T @ d_b / d_a.shape[0]
 
 
-def empirical_if(loss: Callable, params, train, test, *, measure: Callable | None = None, radius: float = 1e-3,
+def empirical_if(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, measure: Callable | None = None, radius: float = 1e-3,
                  directions: int | None = None, generator: torch.Generator | None = None,
-                 chunk_size: int | None = None, group=None) -> torch.Tensor:
+                 chunk_size: int | None = None, group: ProcessGroup | None = None) -> torch.Tensor:
     """Returns EmpiricalIF scores from value changes under perturbations of θ, `[n_test, n_train]`.
 
     Test side m = `measure` (default `loss`), training side ℓ. Ascent/descent (default):
@@ -169,7 +173,7 @@ class ReverseCheck(NamedTuple):
     sign_agreement: torch.Tensor
 
 
-def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tensor, *, ratio: float = 0.01,
+def reverse_check(loss: Callable, params: PyTree, train: PyTree, test_point: PyTree, scores: torch.Tensor, *, ratio: float = 0.01,
                   radius: float = 1e-3) -> ReverseCheck:
     """Returns a `ReverseCheck`: do the top and bottom scores hold when perturbing along training gradients?
 

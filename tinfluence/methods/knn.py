@@ -8,6 +8,7 @@ import torch
 
 from ..core import checks
 from ..core import data as D
+from ..core.tree import PyTree
 
 __all__ = ["knn_candidates"]
 
@@ -25,7 +26,8 @@ def _features(features_fn: Callable, params, data, chunk_size, where: str) -> to
     return torch.cat(parts)
 
 
-def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_size: int | None = None) -> torch.Tensor:
+def knn_candidates(features_fn: Callable, params: PyTree, train: PyTree, test: PyTree, k: int, *,
+                   chunk_size: int | None = None) -> torch.Tensor:
     """Returns the ids of the k training points nearest each test point, LongTensor `[n_test, k]`.
 
     Nearest in Euclidean distance between `features_fn(params, batch) -> [B, F]` (e.g. a

@@ -35,7 +35,7 @@ without `predict` from exact per-example Hessians, for small P) and solved direc
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch.func import grad, jacrev, vmap
@@ -49,14 +49,19 @@ from ..core.objective import objective, per_example
 from ..core.scoring import check_inputs
 from ..core.transforms import grads, hessian_fn
 from ..core.transforms import hessian as dense_hessian
+from ..core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["newton_loo", "newton_step_without"]
 
 
-def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=None, groups=None,
+def newton_loo(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, l2: float = 0.0,
+               indices: Sequence[int] | torch.Tensor | None = None, groups: Sequence[Sequence[int] | torch.Tensor] | None = None,
                measure: Callable | None = None, predict: Callable | None = None,
                output_loss: Callable | None = None, damping: float = 0.0,
-               chunk_size: int | None = None, group=None) -> torch.Tensor:
+               chunk_size: int | None = None, group: ProcessGroup | None = None) -> torch.Tensor:
     """Returns Newton estimates of the change in a test measure when examples are removed, `[n_test, k]`.
 
         score[t, j] = m(θ̂ + Δ_{S_j}, z_t) − m(θ̂, z_t),
@@ -140,7 +145,7 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
     return D._chunk_cat(changes, test, chunk_size, dim=1, call=where, indexed=True).T
 
 
-def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remove,
+def newton_step_without(loss: Callable, params: PyTree, train: PyTree, *, l2: float = 0.0, remove: Sequence[int] | torch.Tensor,
                         predict: Callable | None = None, output_loss: Callable | None = None,
                         damping: float = 0.0, chunk_size: int | None = None) -> dict:
     """Returns θ̂ + Δ: one Newton step from θ̂ on the objective retrained without `remove`.

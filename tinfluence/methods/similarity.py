@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..core import collectives as dd
 from ..core.scoring import check_factored, check_inputs, grad_products, measure_or_loss, over_train, stacked_grads
+from ..core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["grad_dot", "grad_cos"]
 
 
-def grad_dot(loss: Callable, params, train, test, *, measure: Callable | None = None, chunk_size: int | None = None,
-             group=None, factored: bool = False) -> torch.Tensor:
+def grad_dot(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, measure: Callable | None = None, chunk_size: int | None = None,
+             group: ProcessGroup | None = None, factored: bool = False) -> torch.Tensor:
     """Returns the gradient dot products ⟨∇m(θ, z_test), ∇ℓ(θ, z)⟩, `[n_test, n_train]`.
 
     m = `measure` (default `loss`). Sign: positive = helpful: a gradient step on z lowers m
@@ -75,8 +79,8 @@ def grad_dot(loss: Callable, params, train, test, *, measure: Callable | None = 
                       group=group, factored=factored)
 
 
-def grad_cos(loss: Callable, params, train, test, *, measure: Callable | None = None, chunk_size: int | None = None,
-             group=None, factored: bool = False) -> torch.Tensor:
+def grad_cos(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, measure: Callable | None = None, chunk_size: int | None = None,
+             group: ProcessGroup | None = None, factored: bool = False) -> torch.Tensor:
     """Returns the cosine similarities of test and training gradients, `[n_test, n_train]`.
 
         score[t, i] = ⟨∇m(θ, z_t), ∇ℓ(θ, z_i)⟩ / (‖∇m(θ, z_t)‖ ‖∇ℓ(θ, z_i)‖)  ∈ [-1, 1],

@@ -23,12 +23,13 @@ import torch
 
 from ..core import checks
 from ..core import data as D
+from ..core.tree import PyTree
 from .compressed import ProjectedCurvature, Projector, compressed_kernel
 
 __all__ = ["token_grads", "query_token_influence", "train_token_influence"]
 
 
-def token_grads(token_loss: Callable, params: dict, data, *, projector: Projector,
+def token_grads(token_loss: Callable, params: dict, data: PyTree, *, projector: Projector,
                 chunk_size: int | None = None) -> torch.Tensor:
     """Returns the projected gradient of every token's loss, `[n, T, projector.dim]`.
 
@@ -79,7 +80,7 @@ def _check_curvature(where: str, curvature) -> None:
                         f"gradients); got {type(curvature).__name__}.")
 
 
-def query_token_influence(token_loss: Callable, params: dict, queries, train, *, projector: Projector,
+def query_token_influence(token_loss: Callable, params: dict, queries: PyTree, train: PyTree, *, projector: Projector,
                           curvature: ProjectedCurvature, chunk_size: int | None = None,
                           progress: bool = False) -> torch.Tensor:
     """Returns the influence of each training sequence on each query token's loss, `[n_query, T, n_train]`.
@@ -131,7 +132,7 @@ def query_token_influence(token_loss: Callable, params: dict, queries, train, *,
     return train.influence(Q, curvature, progress=progress)
 
 
-def train_token_influence(token_loss: Callable, params: dict, train, queries, *, projector: Projector,
+def train_token_influence(token_loss: Callable, params: dict, train: PyTree, queries: PyTree, *, projector: Projector,
                           curvature: ProjectedCurvature, query_loss: Callable | None = None,
                           chunk_size: int | None = None) -> torch.Tensor:
     """Returns the influence of each training token on each query's loss, `[n_query, n_train, T]`.

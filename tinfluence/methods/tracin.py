@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import optree
 import torch
@@ -14,6 +14,10 @@ from ..core import collectives as dd
 from ..core import tree as tr
 from ..core.model import Checkpoint
 from ..core.scoring import check_factored, check_inputs, grad_products, measure_or_loss, over_train, stacked_grads
+from ..core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["tracin", "tracin_self_influence"]
 
@@ -109,9 +113,9 @@ def _projection(params, dim: int, generator: torch.Generator) -> Callable:
     return project
 
 
-def tracin(loss: Callable, checkpoints, train, test, *, measure: Callable | None = None,
+def tracin(loss: Callable, checkpoints: Sequence[tuple], train: PyTree, test: PyTree, *, measure: Callable | None = None,
            projection_dim: int | None = None, generator: torch.Generator | None = None,
-           chunk_size: int | None = None, group=None, factored: bool = False) -> torch.Tensor:
+           chunk_size: int | None = None, group: ProcessGroup | None = None, factored: bool = False) -> torch.Tensor:
     """Returns TracIn scores Σ_t lr_t ⟨∇m(θ_t, z_test), ∇ℓ(θ_t, z)⟩, `[n_test, n_train]`.
 
     The TracInCP form, m = `measure` (default `loss`), lr_t the learning rate in force after
@@ -200,8 +204,8 @@ def _projection_or_identity(where: str, params, projection_dim, generator) -> Ca
     return _projection(params, projection_dim, generator)
 
 
-def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int | None = None,
-                          group=None, factored: bool = False) -> torch.Tensor:
+def tracin_self_influence(loss: Callable, checkpoints: Sequence[tuple], train: PyTree, *, chunk_size: int | None = None,
+                          group: ProcessGroup | None = None, factored: bool = False) -> torch.Tensor:
     """Returns TracIn self-influence Σ_t lr_t ‖∇ℓ(z; θ_t)‖² for every training example, `[n_train]`.
 
     The diagonal of `ti.tracin(loss, checkpoints, train, train)`, without the n² matrix.

@@ -42,6 +42,7 @@ from ..core import tree as tr
 from ..core.objective import per_example
 from ..core.optim import Optimizer, check_optimizer
 from ..core.transforms import grad_fn
+from ..core.tree import PyTree
 
 __all__ = ["TrainingRun", "group_influence", "replay_effect", "training_run", "trajectory_influence"]
 
@@ -88,15 +89,15 @@ class TrainingRun:
         """T, the number of optimizer steps."""
         return len(self.batches)
 
-    def final_params(self):
+    def final_params(self) -> PyTree:
         """θ_T, the parameters after the last step (a pytree like `params0`)."""
         return self.final[0]
 
-    def final_state(self):
+    def final_state(self) -> PyTree:
         """s_T, the optimizer state after the last step."""
         return self.final[1]
 
-    def params_at(self, steps) -> list:
+    def params_at(self, steps: Sequence[int]) -> list:
         """θ_t for each t in `steps`, by one replay of the run.
 
         E.g. `[(θ, lr) for θ in run.params_at(range(0, run.steps, steps_per_epoch))]` are the
@@ -126,7 +127,7 @@ class TrainingRun:
                 theta, state = _advance(parts, theta, state, t, self.weights)
         return [kept[t] for t in wanted]
 
-    def replay(self, weights) -> TrainingRun:
+    def replay(self, weights: torch.Tensor) -> TrainingRun:
         """The same run (same initial parameters, schedule and optimizer) with other data weights.
 
         Exact, not a prediction: `weights[S] = 0` removes the examples S while every other
@@ -189,8 +190,8 @@ def _check_count(where: str, name: str, value) -> int:
     return checks.integer(where, name, value, minimum=1)
 
 
-def training_run(loss: Callable, params0, train, step, *, epochs: int, batch_size: int,
-                 generator: torch.Generator, weights=None) -> TrainingRun:
+def training_run(loss: Callable, params0: PyTree, train: PyTree, step: Optimizer, *, epochs: int, batch_size: int,
+                 generator: torch.Generator, weights: torch.Tensor | None = None) -> TrainingRun:
     """Trains by mini-batch steps on a schedule fixed by `generator`, with per-example data weights.
 
     The schedule: for each epoch, `torch.randperm(n, generator=g)` split into consecutive
@@ -434,8 +435,9 @@ def _load(where: str, folder: Path, fingerprint: str) -> dict | None:
     return progress
 
 
-def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = None, chunk_size: int | None = None,
-                         memory_budget: int = DEFAULT_MEMORY_BUDGET, out=None, progress: bool = False) -> torch.Tensor:
+def trajectory_influence(run: TrainingRun, test: PyTree, *, measure: Callable | None = None, chunk_size: int | None = None,
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET, out: str | os.PathLike | None = None,
+                         progress: bool = False) -> torch.Tensor:
     """Returns score[t, i] = −∂m_t(θ_T)/∂w_i: the predicted change m_t(θ_T with w_i = 0) − m_t(θ_T).
 
     The exact gradient in the data weights of each test measure m_t at the run's final
@@ -573,7 +575,7 @@ def _group_masks(where: str, groups, n: int, device) -> torch.Tensor:
     return mask
 
 
-def group_influence(scores: torch.Tensor, groups) -> torch.Tensor:
+def group_influence(scores: torch.Tensor, groups: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
     """First-order effect of removing each group S: −Σ_{z∈S} ∂m/∂w_z = Σ_{z∈S} score[:, z].
 
     Args:
@@ -604,7 +606,7 @@ def group_influence(scores: torch.Tensor, groups) -> torch.Tensor:
     return scores @ mask.to(scores.dtype).T
 
 
-def replay_effect(run: TrainingRun, test, groups, *, measure: Callable | None = None,
+def replay_effect(run: TrainingRun, test: PyTree, groups: Sequence[Sequence[int] | torch.Tensor], *, measure: Callable | None = None,
                   progress: bool = False) -> torch.Tensor:
     """The exact change m(θ_T with w_S = 0) − m(θ_T) of every test measure for each group S, by replaying the run.
 

@@ -14,7 +14,7 @@ from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_fail
 __all__ = ["direct"]
 
 
-def direct(H, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOperator:
+def direct(H: torch.Tensor | LinearOperator, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ with a dense factorization of H + λI.
 
     H + λI is factorized once, here (Cholesky); each call is two triangular solves with no

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -14,8 +14,12 @@ from ..core import data as D
 from ..core import tree as tr
 from ..core.objective import objective, per_example
 from ..core.transforms import hvp
+from ..core.tree import PyTree
 from ._cg import _check_preconditioner, _dots, _where, true_residual, under_transform
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["lissa", "lissa_solve"]
 
@@ -217,9 +221,10 @@ def _solution(where, loss, params, train, v, idx, full, *, tol, depth, scale, da
     return Solution(tr.map(lambda leaf: leaf[0], x), info.single())
 
 
-def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: float = 0.0, scale="auto",
+def lissa_solve(loss: Callable, params: PyTree, train: PyTree, v: PyTree, *, l2: float = 0.0, damping: float = 0.0,
+                scale: float | str = "auto",
                 depth: int = 1000, repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None,
-                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None,
+                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group: ProcessGroup | None = None,
                 preconditioner: Callable | None = None, x0: Callable | None = None) -> Solution:
     """`ti.lissa(loss, params, train, ...).solve(v)`: returns `Solution(x, info)`, never raising for a
     numerical failure.
@@ -286,9 +291,10 @@ def _lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0
     return InverseOperator(solve, on_failure=on_failure, solver=where)
 
 
-def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
+def lissa(loss: Callable, params: PyTree, train: PyTree, *, l2: float = 0.0, damping: float = 0.0, scale: float | str = "auto",
+          depth: int = 1000,
           repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
-          chunk_size: int | None = None, progress: bool = False, group=None, on_failure: str = "raise",
+          chunk_size: int | None = None, progress: bool = False, group: ProcessGroup | None = None, on_failure: str = "raise",
           preconditioner: Callable | None = None, x0: Callable | None = None) -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
 

@@ -13,13 +13,14 @@ from ..core import checks
 from ..core import tree as tr
 from ..core.errors import ConvergenceError
 from ..core.transforms import hvp
+from ..core.tree import PyTree
 from ._cg import cg_solve
 
 __all__ = ["minimize"]
 
 
-def minimize(f: Callable, params, *, gtol: float = 1e-10, maxiter: int = 1000, history_size: int = 50,
-             newton_steps: int = 0):
+def minimize(f: Callable, params: PyTree, *, gtol: float = 1e-10, maxiter: int = 1000, history_size: int = 50,
+             newton_steps: int = 0) -> PyTree:
     """Minimizes `f(params) -> 0-d tensor` by full-batch L-BFGS (strong Wolfe line search).
 
     L-BFGS alone stalls near 1e-10 in float64; `newton_steps` > 0 then polishes with up to

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..core.errors import ConvergenceError, DivergenceError
+from ..core.tree import PyTree
 
 __all__ = ["Status", "SolveInfo", "Solution", "InverseOperator", "check_on_failure"]
 
@@ -183,13 +184,13 @@ class InverseOperator:
         self.on_failure = on_failure
         self.solver = solver
 
-    def solve(self, v) -> Solution:
+    def solve(self, v: PyTree) -> Solution:
         """`Solution(x, info)` for one vector or a stack (leading axis k: `info` fields `[k]`); never
         raises for numerical failure, only for invalid input.
         """
         return self._solve(v)
 
-    def __call__(self, v):
+    def __call__(self, v: PyTree) -> PyTree:
         if self._apply is not None:
             return self._apply(v)
         x, info = self._solve(v)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import optree
 import torch
@@ -34,6 +34,7 @@ from ..core import tree as tr
 from ..core.errors import ConvergenceError
 from ..core.objective import objective, per_example
 from ..core.transforms import hessian
+from ..core.tree import PyTree
 from ..solvers import direct
 from ..solvers._minimize import gradient, max_norm, minimize
 
@@ -88,7 +89,7 @@ def lbfgs_trainer(loss: Callable, *, l2: float = 0.0, gtol: float = 1e-10, maxit
     return train_fn
 
 
-def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: float = 1e-10, maxiter: int = 50,
+def newton_trainer(loss: Callable, params: PyTree, train: PyTree, *, l2: float = 0.0, gtol: float = 1e-10, maxiter: int = 50,
                    chunk_size: int | None = None) -> Callable:
     """Returns `train_fn(params, data) -> params`: Newton iterations with the Hessian of the full training set.
 
@@ -311,8 +312,9 @@ def _append(f, key: int, values: torch.Tensor, settings: dict) -> list[float]:
     return record
 
 
-def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: Callable,
-                  out: str | os.PathLike | None = None, meta=None, chunk_size: int | None = None,
+def leave_one_out(train_fn: Callable, params: PyTree, train: PyTree, test: PyTree, indices: Sequence[int] | torch.Tensor, *,
+                  measure: Callable,
+                  out: str | os.PathLike | None = None, meta: object = None, chunk_size: int | None = None,
                   progress: bool = True) -> torch.Tensor:
     """Returns the actual change of `measure` on every test point when each training point is removed.
 

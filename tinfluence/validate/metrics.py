@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
+from ..core.tree import PyTree
 from .loo import measure_all
 
 __all__ = ["pearson", "spearman", "topk_overlap", "sign_agreement", "lds", "LDSResult"]
@@ -53,7 +54,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return (below + through + 1).to(x.dtype) / 2
 
 
-def pearson(scores, actual) -> torch.Tensor:
+def pearson(scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
     """Returns Pearson's correlation between `scores` and `actual` along the last axis.
 
     Matches `scipy.stats.pearsonr`. Invariant to a positive scale and any offset of either
@@ -83,7 +84,7 @@ def pearson(scores, actual) -> torch.Tensor:
     return _pearson(*_as_pair("ti.pearson", scores, actual))
 
 
-def spearman(scores, actual) -> torch.Tensor:
+def spearman(scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
     """Returns Spearman's rank correlation between `scores` and `actual` along the last axis.
 
     The Pearson correlation of the ranks, tied values taking the average of their ranks;
@@ -115,7 +116,7 @@ def _check_k(where: str, k: int, size: int) -> int:
     return checks.integer(where, "k", k, minimum=1, maximum=size, hint=f"(the number of values per row is {size}.)")
 
 
-def topk_overlap(scores, actual, k: int) -> torch.Tensor:
+def topk_overlap(scores: torch.Tensor, actual: torch.Tensor, k: int) -> torch.Tensor:
     """Returns the fraction of the k largest |actual| that are also among the k largest |scores|.
 
     Compares which training points matter most, regardless of sign and scale: 1 when the
@@ -146,7 +147,7 @@ def topk_overlap(scores, actual, k: int) -> torch.Tensor:
     return in_actual.gather(-1, x.abs().topk(k, dim=-1).indices).sum(-1) / k
 
 
-def sign_agreement(scores, actual, *, k: int | None = None) -> torch.Tensor:
+def sign_agreement(scores: torch.Tensor, actual: torch.Tensor, *, k: int | None = None) -> torch.Tensor:
     """Returns the fraction of points where `scores` and `actual` have the same sign.
 
     With the library's sign (positive = helpful), this asks whether a predicted helpful
@@ -201,7 +202,7 @@ class LDSResult(NamedTuple):
     per_test: torch.Tensor
 
 
-def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, subsets: int = 16,
+def lds(train_fn: Callable, params: PyTree, train: PyTree, test: PyTree, scores: torch.Tensor, *, measure: Callable, subsets: int = 16,
         fraction: float = 0.5, generator: torch.Generator, confidence: float = 0.95,
         chunk_size: int | None = None, progress: bool = True) -> LDSResult:
     """Returns the linear datamodeling score of `scores` (Park et al. 2023), with a confidence interval.

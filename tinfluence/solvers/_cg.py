@@ -175,8 +175,14 @@ def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None =
     for iterate (started from x₀ = 0). Unpacks as `x, info = ti.cg_solve(...)`.
 
     Args:
-      operator, damping, tol, atol, maxiter, check_every, preconditioner: as `ti.cg`.
+      operator: `u -> H u`, as `ti.cg`.
       v: one vector shaped like the operator's, or a stack of k (leading axis k).
+      damping: λ ≥ 0, as `ti.cg`.
+      tol: relative residual per right-hand side, or None for exactly `maxiter` iterations.
+      atol: absolute residual floor.
+      maxiter: iterations, each one operator call.
+      check_every: iterations between checks for "all done", as `ti.cg`.
+      preconditioner: `V -> P⁻¹ V` on stacks, as `ti.cg`.
 
     Returns:
       `Solution(x, info)`: x like `v`; `info` a `ti.SolveInfo` (fields `[k]`, 0-d for one

@@ -6,8 +6,12 @@
 
 `--preconditioning` measures instead where EK-FAC pays as a preconditioner: CG over the
 Gauss-Newton matrix + l2·I (for logistic regression the Hessian itself) plain, Nyström- and
-EK-FAC-preconditioned; and LiSSA's true residual against its depth, plain, EK-FAC-preconditioned
-and warm-started, on digits-lr and on digits-lr with badly scaled input features.
+EK-FAC-preconditioned (also with 1000× the damping); on the MLP tasks (`--task digits-mlp`,
+`--task fmnist-mlp --n-train 10000`) first the spectrum CG sees, the extreme eigenvalues
+(Lanczos) of each symmetrically preconditioned operator, including EK-FAC followed by a Nyström
+sketch of the EK-FAC-preconditioned operator; and LiSSA's true residual against its depth,
+plain, EK-FAC-preconditioned and warm-started, on digits-lr and on digits-lr with badly scaled
+input features. fmnist-mlp's plain CG rows take the better part of an hour on one thread.
 
 Settings matched (strategy "ekfac"):
 - Fisher labels: the given labels (tinfluence `fisher="empirical"`, kronfluence

@@ -495,8 +495,9 @@ def hessian(f: Callable, params) -> torch.Tensor:
 def to_dense(operator: Callable, params) -> torch.Tensor:
     """The matrix `[P, P]` of a linear operator on parameter pytrees (column j = C e_j).
 
-    Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only
-    (P/32 operator calls, P² numbers).
+    Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only.
+
+    Cost: P/32 operator calls on stacks of 32 vectors; memory P² numbers.
 
     Args:
       operator: `v -> C v` on pytrees shaped like `params` and on stacks of them (leading axis k),

@@ -171,8 +171,11 @@ def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None =
              maxiter: int = 100, check_every: int | None = None, preconditioner: Callable | None = None) -> Solution:
     """`ti.cg(operator, ...).solve(v)`: returns `Solution(x, info)` and never raises for a numerical failure.
 
-    Same algorithm, options and cost as `ti.cg`; matches `scipy.sparse.linalg.cg` iterate
-    for iterate (started from x₀ = 0). Unpacks as `x, info = ti.cg_solve(...)`.
+    Same algorithm and options as `ti.cg`; matches `scipy.sparse.linalg.cg` iterate for
+    iterate (started from x₀ = 0). Unpacks as `x, info = ti.cg_solve(...)`.
+
+    Cost: as `ti.cg`: one operator call per iteration on the whole stack, plus one for
+    the true residual.
 
     Args:
       operator: `u -> H u`, as `ti.cg`.
@@ -231,10 +234,9 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
     of k vectors, each with its own step sizes, so k test points cost ONE operator call
     per iteration, not k. A right-hand side stops once ‖r‖ ≤ max(tol·‖v‖, atol)
     (recursive residual), at round-off, at negative curvature or at a non-finite step;
-    the loop ends when all have stopped (checked every `check_every` iterations) or at
-    `maxiter`. The status is judged on the TRUE residual ‖(H + λI)x − v‖ / ‖v‖, from one
-    more operator call. One vector or a stack: `operator.is_stack(v)` for a
-    `ti.LinearOperator`; for a plain function on tensors a 1-D `v` is one vector, 2-D a stack.
+    the loop ends when all have stopped or at `maxiter`. The status is judged on the TRUE
+    residual ‖(H + λI)x − v‖ / ‖v‖ (one more operator call). A plain function on tensors
+    takes a 1-D `v` as one vector and a 2-D `v` as a stack.
 
     Args:
       operator: `u -> H u`, a `ti.LinearOperator` (`ti.hvp`, `ti.ggn_vp`, ...) or a plain
@@ -259,16 +261,14 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
       `ihvp.solve(v) -> ti.Solution(x, info)`, which never raises for numerical failure.
 
     Raises:
-      ValueError: at construction, for damping < 0, tol < 0, atol < 0, maxiter < 1,
-        check_every < 1 or an unknown on_failure; at call time, a `tol` under vmap or
-        torch.compile (pass tol=None).
+      ValueError: at construction, a negative damping, tol or atol, maxiter or check_every
+        < 1, an unknown on_failure; at call time, a `tol` under vmap or torch.compile.
       ConvergenceError: from `ihvp(v)`, if a right-hand side misses `tol` within `maxiter`
         or meets pᵀ(H + λI)p ≤ 0; `err.info` is the `SolveInfo`.
 
     Cost: per iteration one operator call on the k-stack (for `ti.hvp` / `ti.ggn_vp` one
-    pass over the training data), one preconditioner call and O(k·P) vector work; about
-    √κ · log(1/tol) iterations for κ the condition number of the (preconditioned) system.
-    Memory O(k·P) for the iterate, residual and direction.
+    pass over the data), one preconditioner call and O(k·P) vector work; about
+    √κ · log(1/tol) iterations, κ the (preconditioned) condition number. Memory O(k·P).
 
     Example:
       >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)

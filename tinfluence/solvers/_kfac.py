@@ -151,6 +151,12 @@ class Curvature:
 
     All take one vector shaped like the parameters or a stack (leaves `[k, *shape]`) and
     cost O(k · Σ_blocks d0'·d1'·(d0' + d1')). λ is per block (see `damping_mode` of `ti.kfac`).
+
+    Example:
+      >>> curv = ti.kfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-2)
+      >>> V = ti.per_example_grads(loss, params, test)
+      >>> torch.allclose(curv.ihvp(V)["weight"], curv.preconditioner(V)["weight"])
+      True
     """
 
     method: str
@@ -792,33 +798,20 @@ def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss:
          fallback: str = "diagonal", chunk_size: int | None = None, group=None) -> Curvature:
     """Fits K-FAC (Martens & Grosse 2015; convolutions as in Grosse & Martens 2016): F̂ = ⊕_layers L ⊗ R.
 
-    Per recognised layer (`nn.Linear`/`F.linear`, `nn.Conv1d`/`nn.Conv2d` with groups = 1,
-    `nn.Embedding` without max_norm, GPT-2's `Conv1D`; see the module docstring) the factors
-    A = E_n[Σ_t ã ãᵀ] (inputs with a bias column when the layer's bias is a parameter used
-    only there; im2col patches for convolutions; token counts, a diagonal, for embeddings)
-    and S = E_n[(1/T) Σ_t Σ_c g gᵀ] (output gradients of each example's loss, or of the
-    Fisher's pseudo-gradients c), so that A ⊗ S approximates the Fisher block of the MEAN
-    loss (1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ, exactly for one example and T = 1. Both are eigendecomposed
-    in float64; `ihvp` then inverts F̂ + λI exactly in that basis. Every other parameter gets
-    a `fallback` block; `curv.summary()` says which parameter got which.
+    Per recognised layer (`nn.Linear`, `nn.Conv1d`/`nn.Conv2d` with groups = 1,
+    `nn.Embedding`, GPT-2's `Conv1D`; the module docstring and docs/design.md give the
+    factors) A = E_n[Σ_t ã ãᵀ] (inputs with a bias column) and S = E_n[(1/T) Σ_t Σ_c g gᵀ]
+    (output gradients), so that A ⊗ S approximates the Fisher block of the MEAN loss, exactly
+    for one example and T = 1; both eigendecomposed in float64, and `ihvp` inverts F̂ + λI
+    exactly in that basis. Every other parameter gets a `fallback` block (`curv.summary()`).
 
-    Fisher (`fisher`):
-      - "empirical": gradients at the given labels (what kronfluence calls the empirical Fisher).
-      - "true": one label per example drawn from the model's predictive distribution,
-        Categorical(softmax(outputs)), through `generator` (copied, so the caller's is not
-        advanced and the same call gives the same curvature; pass 2 of EK-FAC sees the same
-        labels). Only for cross entropy of logits `[B, classes]` against a class label
-        (checked: softmax(o) − ∂output_loss/∂o must be one-hot); other losses are refused
-        with a pointer to "ggn".
-      - "ggn": the exact expectation of "true" for any output loss convex in the outputs
-        (the Gauss-Newton matrix): per example, the m = O columns of a square root of
-        ∂²output_loss/∂o² (O outputs per example, checked positive semi-definite) are
-        back-propagated, so it costs O backward passes per example instead of one.
-
-    Damping: absolute (λ = `damping` for every block), or relative (λ_block = `damping` ×
-    the block's mean eigenvalue, kronfluence's heuristic with damping = 0.1; a block with no
-    curvature, such as an identity fallback, uses the whole curvature's mean). To stand for
-    the objective `ti.objective(loss, train, l2=l2)`, pass damping = l2 (plus any extra).
+    Fisher: "empirical" (the given labels), "true" (one label per example drawn from
+    softmax(outputs) through a copy of `generator`; cross entropy of logits only, checked), or
+    "ggn" (its exact expectation for any output loss convex in the outputs: the O columns of a
+    square root of ∂²output_loss/∂o² are back-propagated, O backward passes per example).
+    Damping: absolute (λ = `damping` per block) or relative (λ_block = `damping` × the block's
+    mean eigenvalue, kronfluence's heuristic with 0.1). To stand for `ti.objective(loss, train,
+    l2=l2)`, pass damping = l2.
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss, equal to
@@ -846,11 +839,9 @@ def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss:
       params, train, test, ihvp=curv.ihvp)` the score is (1/n) g_testᵀ (F̂ + λI)⁻¹ g_z, the
       library's sign (positive = helpful); `ti.self_influence` likewise.
 
-    Cost: one pass over the data, each chunk one vmapped vjp per example with m
-    cotangents (m = 1, or O for "ggn") plus B·m·T·(d0² + d1²) flops for the factor sums;
-    eigendecompositions O(Σ d0³ + d1³); an `ihvp` on k vectors O(k Σ d0'·d1'·(d0' + d1')).
-    Memory: O(Σ_layers d0² + d1² + P) for the value (never P²), plus one chunk's captured
-    inputs and output gradients.
+    Cost: one pass over the data (a vmapped vjp per example with m = 1, or O for "ggn",
+    cotangents, plus B·m·T·(d0² + d1²) flops per chunk), eigendecompositions O(Σ d0³ + d1³);
+    an `ihvp` on k vectors O(k Σ d0'·d1'·(d0' + d1')). Memory O(Σ d0² + d1² + P), never P².
 
     Raises:
       TypeError: a function argument not callable, `params` not a dict of floating

@@ -247,9 +247,8 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
         `torch.compile(fullgraph=True)`); `ihvp.solve(v)` then judges against √eps.
       atol: absolute residual floor (for right-hand sides near zero).
       maxiter: iterations, each one operator call.
-      check_every: iterations between checks for "all done" (one host sync each); `None`:
-        every iteration on CPU, every 10th on an accelerator. Stopping per right-hand side
-        is exact at every iteration regardless.
+      check_every: iterations between "all done?" checks (one host sync each); `None`: every
+        iteration on CPU, every 10th on an accelerator (per-vector stopping stays exact).
       on_failure: "raise" a `ConvergenceError`, or "warn" and return the iterate.
       preconditioner: `V -> P⁻¹ V` on stacks, symmetric positive definite:
         `ti.nystrom(operator, rank=r, generator=g, damping=λ)` or `curv.preconditioner`

@@ -829,26 +829,21 @@ def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss:
         or "identity" (zero curvature: (F̂ + λI)⁻¹ = I/λ) for parameters outside recognised layers.
       chunk_size: examples per vectorized capture (default 1024).
       group: a `torch.distributed` process group when `train` is this rank's shard: every
-        sum (factors, positions, diagonals, EK-FAC corrections) is all-reduced once per
-        pass and N is the global size, so every rank holds the same curvature (with
-        fisher="true" each rank draws its shard's labels from its own copy of `generator`).
+        sum is all-reduced once per pass, N is the global size, every rank holds the same curvature.
 
     Returns:
-      `Curvature`: `ihvp(v)` = (F̂ + λI)⁻¹ v, `operator(v)` = F̂ v, `preconditioner(V)`, on
-      one vector shaped like `params` or a stack (leading axis k). With `ti.influence(loss,
-      params, train, test, ihvp=curv.ihvp)` the score is (1/n) g_testᵀ (F̂ + λI)⁻¹ g_z, the
-      library's sign (positive = helpful); `ti.self_influence` likewise.
+      `Curvature` (`ihvp`, `operator`, `preconditioner`, on one vector or a stack); through
+      `ti.influence(..., ihvp=curv.ihvp)` the score (1/n) g_testᵀ (F̂ + λI)⁻¹ g_z, positive = helpful.
 
     Cost: one pass over the data (a vmapped vjp per example with m = 1, or O for "ggn",
     cotangents, plus B·m·T·(d0² + d1²) flops per chunk), eigendecompositions O(Σ d0³ + d1³);
     an `ihvp` on k vectors O(k Σ d0'·d1'·(d0' + d1')). Memory O(Σ d0² + d1² + P), never P².
 
     Raises:
-      TypeError: a function argument not callable, `params` not a dict of floating
-        tensors, no `generator` for fisher="true".
-      ValueError: bad `fisher`, `damping`, `damping_mode`, `fallback` or `chunk_size`;
-        `loss` not equal to `output_loss(predict(...))`; fisher="true" with an output loss
-        that is not cross entropy; fisher="ggn" with a non-convex output loss.
+      TypeError: a function argument not callable, `params` not a dict of floating tensors,
+        no `generator` for fisher="true".
+      ValueError: a bad option; `loss` not `output_loss(predict(...))`; fisher="true" with a
+        loss other than cross entropy; fisher="ggn" with a non-convex output loss.
       RuntimeError: the forward makes other layer calls under vmap than on one example.
 
     Example:

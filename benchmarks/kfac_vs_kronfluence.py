@@ -6,8 +6,12 @@
 
 `--preconditioning` measures instead where EK-FAC pays as a preconditioner: CG over the
 Gauss-Newton matrix + l2·I (for logistic regression the Hessian itself) plain, Nyström- and
-EK-FAC-preconditioned; and LiSSA's true residual against its depth, plain, EK-FAC-preconditioned
-and warm-started, on digits-lr and on digits-lr with badly scaled input features.
+EK-FAC-preconditioned (also with 1000× the damping); on the MLP tasks (`--task digits-mlp`,
+`--task fmnist-mlp --n-train 10000`) first the spectrum CG sees, the extreme eigenvalues
+(Lanczos) of each symmetrically preconditioned operator, including EK-FAC followed by a Nyström
+sketch of the EK-FAC-preconditioned operator; and LiSSA's true residual against its depth,
+plain, EK-FAC-preconditioned and warm-started, on digits-lr and on digits-lr with badly scaled
+input features. fmnist-mlp's plain CG rows take the better part of an hour on one thread.
 
 Settings matched (strategy "ekfac"):
 - Fisher labels: the given labels (tinfluence `fisher="empirical"`, kronfluence
@@ -126,41 +130,171 @@ def ti_take(data, rows):
     return tuple(t[:rows] for t in data)
 
 
+# CG per task for --preconditioning: (relative residual tol, Nyström rank); run.py's setting where it has one.
+PRECONDITIONING = {"digits-lr": (1e-2, 50), "fmnist-lr": (1e-2, 100), "digits-mlp": (1e-3, 100), "fmnist-mlp": (1e-3, 100)}
+DAMPINGS = (1, 10, 100, 1000)      # EK-FAC preconditioner damping, in multiples of l2 (the system's damping)
+
+
+def _reference(task, test, op, pre):
+    """The exact influence rows of `test`: the task's own where it has them (dense direct solve), else
+    Nyström-preconditioned CG to tol 1e-5 (the attainable accuracy of float32), scored like the rows.
+    """
+    import tinfluence as ti
+
+    if task.exact is not None:
+        return task.exact[: test[0].shape[0]], "the direct solve"
+    params, loss, _, _ = _split(task)
+    X, _ = ti.cg_solve(op, ti.per_example_grads(loss, params, test), tol=1e-5, maxiter=5000, preconditioner=pre)
+    return _scores(task, X), "Nyström-preconditioned CG to tol 1e-5"
+
+
+def _scores(task, X):
+    """`[k, n_train]` influence of the solved test directions `X`, the training gradients 4096 at a time."""
+    import tinfluence as ti
+
+    params, loss, _, _ = _split(task)
+    return torch.cat([ti.tree.pairwise_vdot(X, ti.per_example_grads(loss, params, chunk))
+                      for chunk in zip(*(t.split(4096) for t in task.train))], 1) / task.n_train
+
+
 def cg_rows(task) -> list[str]:
     """Plain, Nyström- and EK-FAC-preconditioned CG over GGN + l2·I (= the Hessian for logistic regression), every
-    test point in one stack; the sketch and the fit inside each time; Pearson with the task's exact influence.
+    test point in one stack; the sketch and the fit inside each time; Pearson with exact influence.
     """
-    from peers import CG
-
     import tinfluence as ti
 
     params, loss, predict, output_loss = _split(task)
-    test, exact = _test_rows(task)
-    tol, rank = CG[task.name]
-    lines = [f"### {task.name}: CG to relative residual {tol:g}, {len(exact)} test points", "",
-             "| CG | iterations (max over test points) | time (s) | Pearson with the direct solve |", "|---|---|---|---|"]
+    test, _ = _test_rows(task)
+    tol, rank = PRECONDITIONING[task.name]
+    k = test[0].shape[0]
+
     def solve(name, train):
         op = ti.ggn_vp(predict, params, train, output_loss=output_loss, l2=task.l2)
         pre = None
         if name.startswith("Nyström"):
             pre = ti.nystrom(op, rank=rank, generator=torch.Generator().manual_seed(0))
         elif name.startswith("EK-FAC"):
+            damping = task.l2 * (DAMPINGS[-1] if "×" in name else 1)
             pre = ti.ekfac(loss, params, train, predict=predict, output_loss=output_loss,
-                           fisher="ggn" if "ggn" in name else "empirical", damping=task.l2)
-        return ti.cg_solve(op, ti.per_example_grads(loss, params, test), tol=tol, maxiter=2000, preconditioner=pre)
+                           fisher="ggn" if "ggn" in name else "empirical", damping=damping)
+        return op, pre, ti.cg_solve(op, ti.per_example_grads(loss, params, test), tol=tol, maxiter=5000,
+                                    preconditioner=pre)
 
-    variants = ("plain", f"Nyström rank {rank}", "EK-FAC (fisher=\"ggn\")", "EK-FAC (empirical Fisher)")
+    variants = ("plain", f"Nyström rank {rank}", "EK-FAC (fisher=\"ggn\")", "EK-FAC (empirical Fisher)",
+                f"EK-FAC (fisher=\"ggn\", damping {DAMPINGS[-1]}× l2)")
     for name in variants:                                   # warm-up on 256 examples, so no row pays first-call costs
         solve(name, ti_take(task.train, 256))
+    rows = []
     for name in variants:
         start = time.perf_counter()
-        X, info = solve(name, task.train)
-        scores = torch.cat([ti.tree.pairwise_vdot(X, ti.per_example_grads(loss, params, chunk))
-                            for chunk in zip(*(t.split(4096) for t in task.train))], 1) / task.n_train
-        seconds = time.perf_counter() - start
-        lines.append(f"| {name} | {int(info.iterations.max())} | {seconds:.2f} | {_pearson(scores, exact):.6f} |")
-        print(lines[-1], flush=True)
+        op, pre, (X, info) = solve(name, task.train)
+        scores = _scores(task, X)
+        rows.append((name, int(info.iterations.max()), time.perf_counter() - start, scores))
+        print(f"{task.name} {name}: {rows[-1][1]} iterations, {rows[-1][2]:.2f} s", flush=True)
+        if name.startswith("Nyström"):
+            exact, against = _reference(task, test, op, pre)
+    plain = rows[0][1]
+    lines = [f"### {task.name}: CG to relative residual {tol:g}, {k} test points ({task.n_train} training examples, "
+             f"P = {ti.tree.size(params)}, l2 = {task.l2:g}, {str(task.dtype).replace('torch.', '')})", "",
+             f"| CG | iterations (max over test points) | / plain | time (s) | Pearson with {against} |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {its} | {its / plain:.2f} | {seconds:.2f} | {_pearson(scores, exact):.6f} |"
+              for name, its, seconds, scores in rows]
     return lines + [""]
+
+
+def _half_inverse(curv):
+    """V ↦ (F̂ + λI)^{-1/2} V on stacks, from the fitted blocks' eigenbases: the symmetric square root of
+    `curv.preconditioner`, so that M^{1/2} A M^{1/2} (similar to M A) can be handed to Lanczos.
+    """
+    def frame(block, V, shape):
+        W = V[block.weight].reshape(V[block.weight].shape[0], shape[0], -1)
+        return torch.cat([W, V[block.bias][:, :, None]], 2) if block.bias_side == "right" else W
+
+    def apply(V):
+        out = {}
+        for block in curv.kronecker:
+            if block.left_basis is None or block.bias_side not in ("right", None):
+                raise NotImplementedError("_half_inverse: linear and convolution layers only")
+            shape = curv.params[block.weight].shape
+            QL, QR = block.left_basis, block.right_basis
+            Y = QL @ ((QL.mT @ frame(block, V, shape) @ QR) * (block.eigenvalues + block.damping) ** -0.5) @ QR.mT
+            if block.bias_side == "right":
+                Y, out[block.bias] = Y[:, :, :-1], Y[:, :, -1]
+            out[block.weight] = Y.reshape(Y.shape[0], *shape)
+        for block in curv.diagonal:
+            out[block.name] = V[block.name] * (block.diagonal + block.damping) ** -0.5
+        return {name: out[name] for name in curv.params}
+
+    return apply
+
+
+def _kappa(op, generator, iterations) -> str:
+    """`smallest … largest (κ)` Ritz values of a symmetric operator after `iterations` Lanczos steps."""
+    import tinfluence as ti
+
+    e = ti.eigenvalues(op, k=1, generator=generator, iterations=iterations)
+    lo, hi = float(e.smallest[0]), float(e.largest[-1])
+    return f"{lo:.3g} | {hi:.3g} | {hi / lo:.3g}"
+
+
+def spectrum_rows(task, iterations: int = 100) -> list[str]:
+    """Extreme eigenvalues (Lanczos, `iterations` steps, float64) of GGN + l2·I, plain and symmetrically
+    preconditioned (P^{-1/2} A P^{-1/2}, the spectrum CG sees): EK-FAC at several dampings, Nyström, and the
+    composite that sketches the EK-FAC-preconditioned operator with Nyström and deflates its top.
+    """
+    import tinfluence as ti
+
+    task = _in_float64(task)
+    params, loss, predict, output_loss = _split(task)
+    _, rank = PRECONDITIONING[task.name]
+    g = torch.Generator().manual_seed(0)
+    A = ti.ggn_vp(predict, params, task.train, output_loss=output_loss, l2=task.l2)
+    lines = [f"### {task.name}: the spectrum CG sees ({iterations} Lanczos steps, float64)", "",
+             "| operator | smallest | largest | κ |", "|---|---|---|---|",
+             f"| GGN + l2 I | {_kappa(A, g, iterations)} |"]
+
+    def preconditioned(name, half, base=A):
+        op = ti.LinearOperator(lambda v: one(half)(base(one(half)(v))), like=params)
+        lines.append(f"| {name} | {_kappa(op, g, iterations)} |")
+        print(lines[-1], flush=True)
+
+    def one(on_stacks):
+        return lambda v: ti.tree.map(lambda leaf: leaf[0], on_stacks(ti.tree.map(lambda leaf: leaf[None], v)))
+
+    def nystrom_half(operator):
+        """The symmetric square root of ti.nystrom's P⁻¹ = I + U diag(c) Uᵀ, I + U diag(√(1 + c) − 1) Uᵀ, with U
+        and c recovered from P⁻¹ − I on r + 10 random directions (its range is U's).
+        """
+        pre = ti.nystrom(operator, rank=rank, generator=torch.Generator().manual_seed(0))
+        minus_identity = lambda X: ti.ravel(pre(ti.unravel(X, params)), batch_ndim=1) - X  # noqa: E731
+        omega = torch.randn(rank + 10, ti.tree.size(params), generator=torch.Generator().manual_seed(1), dtype=task.dtype)
+        Q = torch.linalg.qr(minus_identity(omega).T).Q                              # [P, r + 10]
+        c, W = torch.linalg.eigh((lambda C: (C + C.T) / 2)(minus_identity(Q.T) @ Q))
+        U, root = Q @ W, (1 + c).clamp_min(0).sqrt() - 1
+        return lambda V: (lambda X: ti.unravel(X + ((X @ U) * root) @ U.T, params))(ti.ravel(V, batch_ndim=1))
+
+    for multiple in DAMPINGS:
+        curv = ti.ekfac(loss, params, task.train, predict=predict, output_loss=output_loss, fisher="ggn",
+                        damping=task.l2 * multiple)
+        half = _half_inverse(curv)
+        preconditioned(f"EK-FAC (fisher=\"ggn\", damping {multiple}× l2)", half)
+        if multiple == 1:
+            B = ti.LinearOperator(lambda v, half=half: one(half)(A(one(half)(v))), like=params,
+                                  many=lambda V, half=half: half(A(half(V))))
+            preconditioned(f"EK-FAC, then Nyström rank {rank} of the EK-FAC-preconditioned operator",
+                           nystrom_half(B), base=B)
+    preconditioned(f"Nyström rank {rank}", nystrom_half(A))
+    return lines + [""]
+
+
+def _in_float64(task):
+    """The task with its data and parameters in float64 (Lanczos's small Ritz values need it)."""
+    import dataclasses
+
+    cast = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    return dataclasses.replace(task, train=tuple(map(cast, task.train)), test=tuple(map(cast, task.test)),
+                               state={k: cast(v) for k, v in task.state.items()})
 
 
 def _rescaled(task, low: float = -1.5, high: float = 1.5):
@@ -222,6 +356,8 @@ def preconditioning(args) -> None:
     for name in args.task or ["digits-lr", "fmnist-lr"]:
         sizes = (args.n_train or run.DEFAULT_SIZES[name][0], args.n_test or run.DEFAULT_SIZES[name][1])
         task, _ = run.built(tasks, name, *sizes, **({"loo": 0} if name == "digits-lr" else {}))
+        if task.kind == "mlp":
+            lines += spectrum_rows(task)
         lines += cg_rows(task)
         if name == "digits-lr":
             lines += lissa_rows(task)
@@ -264,7 +400,7 @@ def _kronfluence_in_peers(path: str, repeats: int) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3)
-    parser.add_argument("--task", action="append", choices=["digits-lr", "digits-mlp", "fmnist-lr"])
+    parser.add_argument("--task", action="append", choices=["digits-lr", "digits-mlp", "fmnist-lr", "fmnist-mlp"])
     parser.add_argument("--preconditioning", action="store_true", help="the preconditioning section instead")
     parser.add_argument("--n-train", type=int, help="with --preconditioning: training-set size (default: run.py's)")
     parser.add_argument("--n-test", type=int, help="with --preconditioning: test-set size (default: run.py's)")

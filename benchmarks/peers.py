@@ -33,8 +33,10 @@ INSTALL = {
     "torch_influence": "pip install git+https://github.com/alstonlo/torch-influence",
 }
 
-# tinfluence's CG per task: (relative residual tol, rank of the Nyström preconditioner).
-CG = {"digits-lr": (1e-2, 50), "digits-mlp": (1e-3, 100), "fmnist-lr": (1e-2, 100)}
+# tinfluence's CG per task: (relative residual tol, rank of the Nyström preconditioner). The tolerance is the
+# loosest at which the scores still reach exact influence (Pearson >= 0.9999 with the direct solve): on digits-mlp
+# tol 1e-2 gives 0.99997, 1e-3 1.000000 in twice the time.
+CG = {"digits-lr": (1e-2, 50), "digits-mlp": (1e-2, 100), "fmnist-lr": (1e-2, 100)}
 LISSA = {"lr": dict(depth=400, batch_size=256, repeats=1), "mlp": dict(depth=300, batch_size=256, repeats=1)}
 MAX_BATCH = 4096      # peers' loader batch: the whole training set on digits, 4096 examples on Fashion-MNIST
 
@@ -331,8 +333,9 @@ TASK_METHODS = {
 
 NOTES = {
     ("tinfluence", "cg"): "all test points solved together, preconditioned by ti.nystrom (rank 50 on digits-lr, 100 "
-                          "otherwise, its sketch included in the time); relative residual tol 1e-2 on the LR tasks "
-                          "(exact Hessian), 1e-3 on digits-mlp (Gauss-Newton)",
+                          "otherwise, its sketch included in the time); relative residual tol 1e-2 (exact Hessian on the "
+                          "LR tasks, Gauss-Newton on digits-mlp: the loosest that still reaches Pearson 0.9999 with "
+                          "exact influence)",
     ("tinfluence", "ekfac"): "ti.ekfac(fisher=\"true\", labels sampled from the softmax through a generator seeded 0), "
                              "damping = l2, default chunks; scores through ti.influence(ihvp=curv.ihvp)",
     ("tinfluence", "ekfac-emp"): "ti.ekfac(fisher=\"empirical\"), otherwise as ekfac",

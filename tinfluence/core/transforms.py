@@ -80,23 +80,29 @@ def per_example_grad_fn(loss: Callable, *, compile: bool = False) -> Callable:
 
     With `compile=True` the kernel is `torch.compile(..., fullgraph=True, dynamic=False)`:
     one graph per batch size, compiled on the first call with that size and reused
-    afterwards. Chunked use sees two sizes, the chunk size and the shorter last chunk, so
-    it compiles twice. Measured on one CPU thread (inductor, float64, 1000 digits
-    examples): with inductor's cache empty the first call pays 2.6 s of compile time for
-    logistic regression 64→10 and 3.7 s for a 64-128-10 MLP (0.4 s for a new kernel of
-    the same computation once the cache is warm); then a call takes 0.46 ms instead of
-    1.4 ms (3×) and 33 ms instead of 37 ms (1.1×; writing the n × P result dominates).
-    So it pays off after ~1000–3000 calls of that size: large data sets, many test
-    batches, many checkpoints. Compiled code belongs to the returned function: keep it
-    and reuse it; more than `torch._dynamo.config.recompile_limit` (8) distinct batch
-    sizes make it fail.
+    afterwards (chunked use sees two sizes, the chunk and the shorter last one). It pays
+    off only over many calls of one size (large data, many test batches or checkpoints;
+    measured break-even in docs/costs.md). Compiled code belongs to the returned function:
+    keep it and reuse it; more than `torch._dynamo.config.recompile_limit` (8) distinct
+    batch sizes make it fail.
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, one loss per example.
       compile: compile the kernel with torch.compile (inductor).
 
+    Returns:
+      `(params, batch) -> G`, leaves `[B, *param.shape]` in the dtype and device of `params`.
+
     Raises:
-      TypeError: `compile` is not a bool.
+      TypeError: `compile` is not a bool, or `loss` is not callable.
+
+    Cost: one vectorized backward over the batch, O(B · cost of one gradient) time and
+    B × P numbers for the result.
+
+    Example:
+      >>> G = ti.per_example_grad_fn(loss)(params, train)
+      >>> G["weight"].shape
+      torch.Size([60, 3, 8])
     """
     return grad_fn(loss, compile=compile, call="ti.per_example_grads")
 
@@ -153,11 +159,22 @@ def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = 
         for a shorter last chunk, so it pays off only on data of many chunks; to reuse
         compiled code across calls, keep a compiled `per_example_grad_fn` yourself.
 
+    Returns:
+      The pytree of `params` with leaves `[n, *param.shape]`, in their dtype and device.
+
     Raises:
       ArgumentError (a TypeError and a ValueError): `compile` not a bool, `chunk_size` not
         None or an int >= 1, parameters not one floating dtype and device, `data` of another
         dtype or device, a loss that is not one floating value per example, or a gradient
         that is not finite (the message names the example ids and the leaf).
+
+    Cost: n/`chunk_size` vectorized backwards, O(n · cost of one gradient) time; memory
+    n × P numbers for the result plus one chunk's intermediates.
+
+    Example:
+      >>> G = ti.per_example_grads(loss, params, train, chunk_size=16)
+      >>> torch.allclose(G["weight"], ti.per_example_grad_fn(loss)(params, train)["weight"])
+      True
     """
     return grads(loss, params, data, chunk_size=chunk_size, compile=compile, call="ti.per_example_grads")
 
@@ -252,60 +269,47 @@ def _resolved_cache(where: str, cache: bool | None, compile: bool) -> bool:
 def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False) -> Callable:
     """Returns the operator v ↦ ∇²f(θ) v at θ = `params`, exact.
 
-    With `cache=True` (the default unless `compile=True`) the gradient of f is computed
-    once, here, with its autograd graph kept, and every product is one backward pass
-    through that graph (reverse over reverse). Measured on CPU (one thread, digits
-    logistic regression, in units of one gradient of the objective): building costs 0.8,
-    one product 0.5, where a fresh forward-over-reverse `jvp(grad(f))` costs 2.7 per
-    product and `torch.func.linearize` ~200 just to trace. That is what CG and
-    LiSSA need: many products at the same parameters. The kept graph holds the
-    intermediate values of f's forward and backward passes over all the data
-    (memory ∝ n for an objective).
+    Three forms, one result:
 
-    With `cache=False` every product is a fresh `jvp(grad(·))` (forward over reverse)
-    and an `Objective` (from `ti.objective`) is reduced chunk by chunk,
-    H v = Σ_chunks ∇²(chunk's share of the mean loss) v + l2·v, holding one chunk's
-    intermediates at a time. This form is a pure torch.func composition: it nests inside
-    other transforms and compiles with `torch.compile(fullgraph=True)`.
+    - `cache=True` (default unless `compile=True`): the gradient of f is computed once,
+      here, with its autograd graph kept; every product is one backward pass through it
+      (reverse over reverse). The fastest form for the many products at one point that CG
+      and LiSSA make; the kept graph holds f's intermediates over all the data (memory ∝ n).
+    - `cache=False`: every product is a fresh `jvp(grad(·))` (forward over reverse), an
+      `Objective` reduced chunk by chunk (memory ∝ chunk); a pure torch.func composition
+      that nests in other transforms and compiles with `torch.compile(fullgraph=True)`.
+    - `compile=True`: that form compiled per chunk, one kernel `(params, chunk, v)` reused
+      by every chunk of one size (the shorter last chunk compiles once more) and a vmapped
+      one for stacks, each on first use. Compile time does not grow with n while the
+      saving per product does, so it pays on data too large to cache, after ~10² products
+      (docs/costs.md). Compiled code belongs to the operator: a new one traces again.
 
-    `compile=True` compiles that recomputing form, per chunk: one kernel
-    `(params, chunk, v) -> ∇²(chunk's share) v` (`torch.compile(..., fullgraph=True,
-    dynamic=False)`, the chunk an argument) that every chunk of the same size reuses, and
-    the shorter last chunk once more; stacks of vectors get a second, vmapped kernel. Each
-    compiles on its first use. Measured on one CPU thread (inductor, float64, 1000 digits
-    examples, one chunk, inductor's cache empty): compiling takes 4 s (logistic
-    regression 64→10) to 7 s (MLP 64-128-10) per kernel, 4 s and 9 s for the stacked
-    one; then one product takes 0.92 ms instead of 2.4 ms eager (2.6×), and 4.5 ms
-    instead of 9.0 ms (2.0×); 10 stacked vectors gain 1.4–1.7×. The cached form takes
-    0.46 ms and 2.5 ms with no compile time, so where its graph fits in memory it stays
-    the faster choice for single vectors. Compile time does not grow with n (one graph
-    per chunk size) while the saving per product does: on 20 000 examples (20 chunks,
-    two sizes) compiling takes 7 s and 12.5 s and a product 17 ms instead of 55 ms and
-    98 ms instead of 202 ms, so it pays off after 120–190 products with one operator (a
-    long CG solve, or solves for many test batches), on data too large to cache.
-    Compiled code belongs to the operator: a new one, e.g. at other parameters, traces
-    again (0.5–1 s here once inductor's cache holds the generated code).
-
-    An `Objective` with a process group (`ti.objective(..., group=)`) applies the
-    curvature of this rank's shard (any form above), then all-reduces the product once
-    per call (one collective for all right-hand sides of a stack) and adds l2·v once.
+    An `Objective` with a process group (`ti.objective(..., group=)`) applies this rank's
+    curvature, then all-reduces the product once per call (one collective for a whole
+    stack) and adds l2·v once.
 
     Args:
       f: `params -> 0-d tensor`, e.g. `ti.objective(loss, train, l2=...)`.
       params: the point θ at which the Hessian is taken.
-      cache: keep the gradient graph (fast, memory ∝ data) or recompute per call
-        (memory ∝ chunk, compile-friendly); None means `not compile`.
+      cache: keep the gradient graph or recompute per call; None means `not compile`.
       compile: compile the recomputing form with torch.compile (inductor).
 
     Returns:
       `Hv`, a `ti.LinearOperator` (kind "hessian"): `v` shaped like `params` -> H v
-      likewise; `v` with leaves `[k, *shape]` -> leaves `[k, *shape]` (k products in one
-      vmapped call). Pure: the same `v` gives
-      the same result, and `params` are never modified.
+      likewise; a stack (leaves `[k, *shape]`) -> the k products in one vmapped call. Pure.
 
     Raises:
       TypeError: `compile` is not a bool.
       ValueError: `cache=True` together with `compile=True`.
+
+    Cost: building the cached form, about one gradient of f; each product about one
+    gradient's backward per vector (k vectors batched in one call), O(k · cost of ∇f).
+
+    Example:
+      >>> R = ti.objective(loss, train, l2=1e-2)
+      >>> Hv = ti.hvp(R, params)
+      >>> torch.allclose(ti.to_dense(Hv, params), ti.hessian(R, params))
+      True
     """
     ref = checks.params("ti.hvp", params)
     checks.function("ti.hvp", "f", f, "params -> 0-d tensor, e.g. ti.objective(loss, train)")
@@ -351,8 +355,9 @@ def _retained_ggn_term(forward: Callable, output_grad: Callable, params, n: int)
         tangents = spec.flatten_up_to(v)
         Jv = torch.autograd.grad([JTu[i] for i in live], u, [tangents[i] for i in live], retain_graph=True)[0]
         HJv = torch.autograd.grad(g_out, o, Jv, retain_graph=True)[0] if g_out.requires_grad else torch.zeros_like(Jv)
-        pulled = torch.autograd.grad(outputs, primals, HJv, retain_graph=True, allow_unused=True)
-        return optree.tree_unflatten(spec, [torch.zeros_like(t) if g is None else g / n for t, g in zip(tangents, pulled)])
+        # 1/n on the outputs' side ([B, ...] per vector), not on the P-sized result
+        pulled = torch.autograd.grad(outputs, primals, HJv / n, retain_graph=True, allow_unused=True)
+        return optree.tree_unflatten(spec, [torch.zeros_like(t) if g is None else g for t, g in zip(tangents, pulled)])
 
     return term
 
@@ -384,12 +389,22 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
         the global number of examples and each product is all-reduced once (l2·v added once).
 
     Returns:
-      `GNv`, a `ti.LinearOperator` (kind "ggn") on pytrees shaped like `params`, or on
-      stacks with leading axis k. Pure.
+      `GNv`, a `ti.LinearOperator` (kind "ggn", positive semi-definite for a convex output
+      loss) on pytrees shaped like `params`, or on stacks with leading axis k. Pure.
 
     Raises:
       TypeError: `compile` is not a bool.
       ValueError: `l2` < 0, or `cache=True` together with `compile=True`.
+
+    Cost: per product, one forward-mode and one reverse pass through `predict` per vector
+    (k vectors batched in one call), O(k · n · cost of one example's forward); the cached
+    form keeps every chunk's graphs (memory ∝ n), the recomputing one a chunk's.
+
+    Example:
+      >>> GNv = ti.ggn_vp(predict, params, train, output_loss=output_loss, l2=1e-2)
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)   # predict is linear in θ
+      >>> torch.allclose(ti.to_dense(GNv, params), H)
+      True
     """
     ref = checks.params("ti.ggn_vp", params)
     l2 = checks.number("ti.ggn_vp", "l2", l2, minimum=0.0)
@@ -421,9 +436,8 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     return operator if group is None else _all_reducing(operator, l2, group)
 
 
-# Basis vectors per vectorized pass when a dense matrix is formed column block by column block.
-# Measured (digits logistic regression, P = 650, one CPU thread): blocks of 32 take 0.19 s
-# for the Hessian, all 650 at once 0.43 s (the [P, n, c] intermediates leave the cache).
+# Basis vectors per vectorized pass when a dense matrix is formed column block by column block
+# (small enough that a block's [32, n, c] intermediates stay in cache; docs/costs.md).
 DENSE_BLOCK = 32
 
 
@@ -434,9 +448,8 @@ def hessian_fn(f: Callable, *, chunk_size: int | None = None) -> Callable:
     time, all at once by default) over the gradient. This is the one path to a dense
     Hessian: `jacrev(jacrev(f))` and `torch.func.hessian(f)` (`jacfwd(jacrev(f))`)
     differentiate a vmapped backward pass and are wrong through `F.layer_norm` with an
-    elementwise weight (docs/design.md, "Which autodiff path is trusted"). Measured
-    per-example under `vmap` on a digits MLP (one CPU thread, P = 1210): 0.12 s for 8
-    examples, where `jacfwd(grad(f))` takes 0.17 s. Composes with `vmap`.
+    elementwise weight (docs/design.md, "Which autodiff path is trusted"). Composes
+    with `vmap` (per-example Hessians; measured in docs/costs.md).
     """
     return jacrev(grad(f), chunk_size=chunk_size)
 
@@ -460,6 +473,11 @@ def hessian(f: Callable, params) -> torch.Tensor:
 
     Raises:
       ArgumentError: `params` is not a pytree of finite floating tensors of one dtype and device.
+
+    Example:
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
+      >>> H.shape, torch.allclose(H, H.T)
+      (torch.Size([27, 27]), True)
     """
     checks.params("ti.hessian", params)
     flat = tr.ravel(params)
@@ -477,8 +495,9 @@ def hessian(f: Callable, params) -> torch.Tensor:
 def to_dense(operator: Callable, params) -> torch.Tensor:
     """The matrix `[P, P]` of a linear operator on parameter pytrees (column j = C e_j).
 
-    Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only
-    (P/32 operator calls, P² numbers).
+    Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only.
+
+    Cost: P/32 operator calls on stacks of 32 vectors; memory P² numbers.
 
     Args:
       operator: `v -> C v` on pytrees shaped like `params` and on stacks of them (leading axis k),
@@ -487,6 +506,12 @@ def to_dense(operator: Callable, params) -> torch.Tensor:
 
     Returns:
       `[P, P]` tensor in the order of `ti.tree.ravel(params)`, dtype and device of `params`.
+
+    Example:
+      >>> A = torch.tensor([[2., 1.], [1., 3.]], dtype=torch.float64)
+      >>> op = ti.LinearOperator(lambda u: A @ u, like=torch.zeros(2, dtype=torch.float64))
+      >>> torch.equal(ti.to_dense(op, torch.zeros(2, dtype=torch.float64)), A)
+      True
     """
     flat = tr.ravel(params)
     identity = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)

@@ -174,12 +174,32 @@ def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None =
     Same algorithm and options as `ti.cg`; matches `scipy.sparse.linalg.cg` iterate for
     iterate (started from x₀ = 0). Unpacks as `x, info = ti.cg_solve(...)`.
 
+    Cost: as `ti.cg`: one operator call per iteration on the whole stack, plus one for
+    the true residual.
+
+    Args:
+      operator: `u -> H u`, as `ti.cg`.
+      v: one vector shaped like the operator's, or a stack of k (leading axis k).
+      damping: λ ≥ 0, as `ti.cg`.
+      tol: relative residual per right-hand side, or None for exactly `maxiter` iterations.
+      atol: absolute residual floor.
+      maxiter: iterations, each one operator call.
+      check_every: iterations between checks for "all done", as `ti.cg`.
+      preconditioner: `V -> P⁻¹ V` on stacks, as `ti.cg`.
+
     Returns:
-      `Solution(x, info)`: x like `v`; `info` a `ti.SolveInfo` (fields `[k]`, 0-d for one vector).
+      `Solution(x, info)`: x like `v`; `info` a `ti.SolveInfo` (fields `[k]`, 0-d for one
+      vector): status, iterations per right-hand side, true relative residual.
 
     Raises:
       ValueError: invalid options, or `v` shaped neither like the operator's vectors nor a stack of them.
       TypeError: `v` is a pytree and the operator is a plain function on tensors.
+
+    Example:
+      >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
+      >>> x, info = ti.cg_solve(lambda u: u @ A.T, torch.ones(3, 2, dtype=torch.float64), tol=1e-10)
+      >>> info.iterations.tolist(), bool(info.converged.all())
+      ([2, 2, 2], True)
     """
     return _cg(operator, damping=damping, tol=tol, atol=atol, maxiter=maxiter, check_every=check_every,
               preconditioner=preconditioner, where="ti.cg_solve").solve(v)
@@ -210,54 +230,51 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
        check_every: int | None = None, on_failure: str = "raise", preconditioner: Callable | None = None) -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ by conjugate gradients.
 
-    Solves (H + λI) x = v for all right-hand sides at once: `v` may carry a leading
-    axis of k vectors, each with its own step sizes, so k test points cost ONE operator
-    call per iteration (one pass over the training data for `ti.hvp`), not k. A
-    right-hand side stops once ‖r‖ ≤ max(tol·‖v‖, atol) (recursive residual) or at
-    round-off (‖r‖ ≤ eps·‖v‖), at negative curvature, or at a non-finite step size; the
-    loop ends when all have stopped (checked every `check_every` iterations, one host
-    sync each) or at `maxiter`. The status is then judged on the TRUE residual
-    ‖(H + λI)x − v‖ / ‖v‖, recomputed with one more operator call.
-
-    Single vector or stack: `operator.is_stack(v)` (a `ti.LinearOperator`, e.g. from
-    `ti.hvp` / `ti.ggn_vp`, or `ti.LinearOperator(fn, like=params)`); a plain function
-    acts on tensors, a 1-D `v` being one vector and a 2-D `v` a stack.
+    Solves (H + λI) x = v for all right-hand sides at once: `v` may carry a leading axis
+    of k vectors, each with its own step sizes, so k test points cost ONE operator call
+    per iteration, not k. A right-hand side stops once ‖r‖ ≤ max(tol·‖v‖, atol)
+    (recursive residual), at round-off, at negative curvature or at a non-finite step;
+    the loop ends when all have stopped or at `maxiter`. The status is judged on the TRUE
+    residual ‖(H + λI)x − v‖ / ‖v‖ (one more operator call). A plain function on tensors
+    takes a 1-D `v` as one vector and a 2-D `v` as a stack.
 
     Args:
-      operator: `u -> H u`, a `ti.LinearOperator` or a plain function on tensors; it must
-        accept a stack (leading axis k) and H + λI must be symmetric positive definite.
+      operator: `u -> H u`, a `ti.LinearOperator` (`ti.hvp`, `ti.ggn_vp`, ...) or a plain
+        function on tensors; it must accept a stack, and H + λI must be symmetric positive definite.
       damping: λ ≥ 0, added to the diagonal.
-      tol: relative residual per right-hand side. `None` runs exactly `maxiter`
-        iterations with no data-dependent branch and no check (safe under
-        `torch.func.vmap` and `torch.compile(fullgraph=True)`): `ihvp(v)` then raises
-        nothing, and `ihvp.solve(v)` judges the true residual against √eps of the dtype.
+      tol: relative residual per right-hand side. `None` runs exactly `maxiter` iterations
+        with no data-dependent branch (safe under `torch.func.vmap` and
+        `torch.compile(fullgraph=True)`); `ihvp.solve(v)` then judges against √eps.
       atol: absolute residual floor (for right-hand sides near zero).
       maxiter: iterations, each one operator call.
-      check_every: iterations between checks for "all done" (each is one host sync);
-        the per-right-hand-side stopping itself is exact at every iteration. `None`:
-        every iteration on CPU (a sync costs nothing there), every 10th on an accelerator.
+      check_every: iterations between "all done?" checks (one host sync each); `None`: every
+        iteration on CPU, every 10th on an accelerator (per-vector stopping stays exact).
       on_failure: "raise" a `ConvergenceError`, or "warn" and return the iterate.
-      preconditioner: `V -> P⁻¹ V` on stacks (leading axis k), symmetric positive
-        definite, e.g. `ti.nystrom(operator, rank=50, generator=g, damping=λ)`: the
-        iteration becomes preconditioned CG, stopping on the unpreconditioned ‖r‖ all the
-        same. It pays when a few large eigenvalues set the condition number.
+      preconditioner: `V -> P⁻¹ V` on stacks, symmetric positive definite:
+        `ti.nystrom(operator, rank=r, generator=g, damping=λ)` or `curv.preconditioner`
+        from `ti.ekfac` (which pays where is in docs/design.md); the iteration still stops
+        on the unpreconditioned ‖r‖.
 
     Returns:
-      `ihvp`: `ihvp(v) -> x` (x has the structure, shapes, dtype and device of `v`), and
+      `ihvp`: `ihvp(v) -> x` (structure, shapes, dtype and device of `v`), and
       `ihvp.solve(v) -> ti.Solution(x, info)`, which never raises for numerical failure.
 
     Raises:
-      ValueError: at construction, for damping < 0, tol < 0, atol < 0, maxiter < 1,
-        check_every < 1 or an unknown on_failure; at call time, a `tol` under vmap or
-        torch.compile (pass tol=None).
+      ValueError: at construction, a negative damping, tol or atol, maxiter or check_every
+        < 1, an unknown on_failure; at call time, a `tol` under vmap or torch.compile.
       ConvergenceError: from `ihvp(v)`, if a right-hand side misses `tol` within `maxiter`
         or meets pᵀ(H + λI)p ≤ 0; `err.info` is the `SolveInfo`.
+
+    Cost: per iteration one operator call on the k-stack (for `ti.hvp` / `ti.ggn_vp` one
+    pass over the data), one preconditioner call and O(k·P) vector work; about
+    √κ · log(1/tol) iterations, κ the (preconditioned) condition number. Memory O(k·P).
 
     Example:
       >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
       >>> ihvp = ti.cg(lambda u: u @ A.T, tol=1e-12)
-      >>> ihvp(torch.tensor([1., 2.], dtype=torch.float64))
-      tensor([0.0909, 0.6364], dtype=torch.float64)
+      >>> x = ihvp(torch.tensor([1., 2.], dtype=torch.float64))
+      >>> torch.allclose(A @ x, torch.tensor([1., 2.], dtype=torch.float64))
+      True
 
     References:
       Hestenes & Stiefel, Methods of conjugate gradients for solving linear systems, 1952.

@@ -151,6 +151,12 @@ class Curvature:
 
     All take one vector shaped like the parameters or a stack (leaves `[k, *shape]`) and
     cost O(k · Σ_blocks d0'·d1'·(d0' + d1')). λ is per block (see `damping_mode` of `ti.kfac`).
+
+    Example:
+      >>> curv = ti.kfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-2)
+      >>> V = ti.per_example_grads(loss, params, test)
+      >>> torch.allclose(curv.ihvp(V)["weight"], curv.preconditioner(V)["weight"])
+      True
     """
 
     method: str
@@ -792,33 +798,20 @@ def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss:
          fallback: str = "diagonal", chunk_size: int | None = None, group=None) -> Curvature:
     """Fits K-FAC (Martens & Grosse 2015; convolutions as in Grosse & Martens 2016): F̂ = ⊕_layers L ⊗ R.
 
-    Per recognised layer (`nn.Linear`/`F.linear`, `nn.Conv1d`/`nn.Conv2d` with groups = 1,
-    `nn.Embedding` without max_norm, GPT-2's `Conv1D`; see the module docstring) the factors
-    A = E_n[Σ_t ã ãᵀ] (inputs with a bias column when the layer's bias is a parameter used
-    only there; im2col patches for convolutions; token counts, a diagonal, for embeddings)
-    and S = E_n[(1/T) Σ_t Σ_c g gᵀ] (output gradients of each example's loss, or of the
-    Fisher's pseudo-gradients c), so that A ⊗ S approximates the Fisher block of the MEAN
-    loss (1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ, exactly for one example and T = 1. Both are eigendecomposed
-    in float64; `ihvp` then inverts F̂ + λI exactly in that basis. Every other parameter gets
-    a `fallback` block; `curv.summary()` says which parameter got which.
+    Per recognised layer (`nn.Linear`, `nn.Conv1d`/`nn.Conv2d` with groups = 1,
+    `nn.Embedding`, GPT-2's `Conv1D`; the module docstring and docs/design.md give the
+    factors) A = E_n[Σ_t ã ãᵀ] (inputs with a bias column) and S = E_n[(1/T) Σ_t Σ_c g gᵀ]
+    (output gradients), so that A ⊗ S approximates the Fisher block of the MEAN loss, exactly
+    for one example and T = 1; both eigendecomposed in float64, and `ihvp` inverts F̂ + λI
+    exactly in that basis. Every other parameter gets a `fallback` block (`curv.summary()`).
 
-    Fisher (`fisher`):
-      - "empirical": gradients at the given labels (what kronfluence calls the empirical Fisher).
-      - "true": one label per example drawn from the model's predictive distribution,
-        Categorical(softmax(outputs)), through `generator` (copied, so the caller's is not
-        advanced and the same call gives the same curvature; pass 2 of EK-FAC sees the same
-        labels). Only for cross entropy of logits `[B, classes]` against a class label
-        (checked: softmax(o) − ∂output_loss/∂o must be one-hot); other losses are refused
-        with a pointer to "ggn".
-      - "ggn": the exact expectation of "true" for any output loss convex in the outputs
-        (the Gauss-Newton matrix): per example, the m = O columns of a square root of
-        ∂²output_loss/∂o² (O outputs per example, checked positive semi-definite) are
-        back-propagated, so it costs O backward passes per example instead of one.
-
-    Damping: absolute (λ = `damping` for every block), or relative (λ_block = `damping` ×
-    the block's mean eigenvalue, kronfluence's heuristic with damping = 0.1; a block with no
-    curvature, such as an identity fallback, uses the whole curvature's mean). To stand for
-    the objective `ti.objective(loss, train, l2=l2)`, pass damping = l2 (plus any extra).
+    Fisher: "empirical" (the given labels), "true" (one label per example drawn from
+    softmax(outputs) through a copy of `generator`; cross entropy of logits only, checked), or
+    "ggn" (its exact expectation for any output loss convex in the outputs: the O columns of a
+    square root of ∂²output_loss/∂o² are back-propagated, O backward passes per example).
+    Damping: absolute (λ = `damping` per block) or relative (λ_block = `damping` × the block's
+    mean eigenvalue, kronfluence's heuristic with 0.1). To stand for `ti.objective(loss, train,
+    l2=l2)`, pass damping = l2.
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss, equal to
@@ -836,35 +829,27 @@ def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss:
         or "identity" (zero curvature: (F̂ + λI)⁻¹ = I/λ) for parameters outside recognised layers.
       chunk_size: examples per vectorized capture (default 1024).
       group: a `torch.distributed` process group when `train` is this rank's shard: every
-        sum (factors, positions, diagonals, EK-FAC corrections) is all-reduced once per
-        pass and N is the global size, so every rank holds the same curvature (with
-        fisher="true" each rank draws its shard's labels from its own copy of `generator`).
+        sum is all-reduced once per pass, N is the global size, every rank holds the same curvature.
 
     Returns:
-      `Curvature`: `ihvp(v)` = (F̂ + λI)⁻¹ v, `operator(v)` = F̂ v, `preconditioner(V)`, on
-      one vector shaped like `params` or a stack (leading axis k). With `ti.influence(loss,
-      params, train, test, ihvp=curv.ihvp)` the score is (1/n) g_testᵀ (F̂ + λI)⁻¹ g_z, the
-      library's sign (positive = helpful); `ti.self_influence` likewise.
+      `Curvature` (`ihvp`, `operator`, `preconditioner`, on one vector or a stack); through
+      `ti.influence(..., ihvp=curv.ihvp)` the score (1/n) g_testᵀ (F̂ + λI)⁻¹ g_z, positive = helpful.
 
-    Cost: one pass over the data, each chunk one vmapped vjp per example with m
-    cotangents (m = 1, or O for "ggn") plus B·m·T·(d0² + d1²) flops for the factor sums;
-    eigendecompositions O(Σ d0³ + d1³); an `ihvp` on k vectors O(k Σ d0'·d1'·(d0' + d1')).
-    Memory: O(Σ_layers d0² + d1² + P) for the value (never P²), plus one chunk's captured
-    inputs and output gradients.
+    Cost: one pass over the data (a vmapped vjp per example with m = 1, or O for "ggn",
+    cotangents, plus B·m·T·(d0² + d1²) flops per chunk), eigendecompositions O(Σ d0³ + d1³);
+    an `ihvp` on k vectors O(k Σ d0'·d1'·(d0' + d1')). Memory O(Σ d0² + d1² + P), never P².
 
     Raises:
-      TypeError: a function argument not callable, `params` not a dict of floating
-        tensors, no `generator` for fisher="true".
-      ValueError: bad `fisher`, `damping`, `damping_mode`, `fallback` or `chunk_size`;
-        `loss` not equal to `output_loss(predict(...))`; fisher="true" with an output loss
-        that is not cross entropy; fisher="ggn" with a non-convex output loss.
+      TypeError: a function argument not callable, `params` not a dict of floating tensors,
+        no `generator` for fisher="true".
+      ValueError: a bad option; `loss` not `output_loss(predict(...))`; fisher="true" with a
+        loss other than cross entropy; fisher="ggn" with a non-convex output loss.
       RuntimeError: the forward makes other layer calls under vmap than on one example.
 
     Example:
-      >>> predict = lambda p, b: apply(p, b[0])
-      >>> output_loss = lambda o, b: F.cross_entropy(o, b[1], reduction="none")
       >>> curv = ti.kfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-3)
-      >>> scores = ti.influence(loss, params, train, test, ihvp=curv.ihvp)   # [n_test, n_train]
+      >>> ti.influence(loss, params, train, test, ihvp=curv.ihvp).shape   # [n_test, n_train]
+      torch.Size([5, 60])
 
     References:
       Martens & Grosse, Optimizing neural networks with Kronecker-factored approximate curvature, ICML 2015.
@@ -896,9 +881,13 @@ def ekfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss
     (the chunk's rotated per-example gradients; embeddings only B·m·T·d1).
 
     Example:
-      >>> curv = ti.ekfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-3)
-      >>> ihvp = ti.cg(ti.ggn_vp(predict, params, train, output_loss=output_loss), damping=1e-3,
-      ...              preconditioner=curv.preconditioner)
+      >>> curv = ti.ekfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-2)
+      >>> G = ti.per_example_grads(loss, params, test)
+      >>> x, info = ti.cg_solve(ti.ggn_vp(predict, params, train, output_loss=output_loss), G, damping=1e-2,
+      ...                       tol=1e-10, preconditioner=curv.preconditioner)   # the exact GGN solve
+      >>> exact = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))(G)
+      >>> torch.allclose(x["weight"], exact["weight"])
+      True
 
     References:
       George, Laurent, Bouthillier, Ballas & Vincent, Fast approximate natural gradient descent

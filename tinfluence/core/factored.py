@@ -48,7 +48,7 @@ from . import data as D
 from . import tree as tr
 from .objective import per_example
 
-__all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "sq_norms", "materialize"]
+__all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "dense_gram", "sq_norms", "materialize"]
 
 
 class GradFactors(NamedTuple):
@@ -212,8 +212,21 @@ def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str) -> Calla
     return vmap(grad(example_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
 
 
-def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs: tuple, B: int) -> GradFactors:
-    """GradFactors of B examples from the probe gradients and layer inputs of the probed calls."""
+def for_gram(T: int, n_in: int, out: int) -> bool:
+    """Keep a weight's factors for `gram`: T²·(in + out) < in·out (their products cost less than the gradient's)."""
+    return T * T * (n_in + out) < n_in * out
+
+
+def for_dense_products(T: int, n_in: int, out: int) -> bool:
+    """Keep a weight's factors for `dense_gram`: T·(in + out) < in·out (they hold fewer numbers than the gradient)."""
+    return T * (n_in + out) < n_in * out
+
+
+def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs: tuple, B: int,
+              keep: Callable = for_gram) -> GradFactors:
+    """GradFactors of B examples from the probe gradients and layer inputs of the probed calls; a weight
+    whose factors `keep(T, in, out)` refuses is formed from them, `Σ_t G_tᵀ A_t`.
+    """
     pieces: dict = {}
     for (w, b, _), G, a in zip(plan.calls, probe_grads, inputs):
         G = G.reshape(B, -1, G.shape[-1])   # [B, T, out]
@@ -226,7 +239,7 @@ def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs
         A = torch.cat([a for a, _ in parts], dim=1)   # [B, T, in]
         G = torch.cat([g for _, g in parts], dim=1)   # [B, T, out]
         out_features, in_features = params[name].shape
-        if A.shape[1] ** 2 * (in_features + out_features) < in_features * out_features:
+        if keep(A.shape[1], in_features, out_features):
             linear[name] = (A, G)
         else:
             dense[name] = G.mT @ A
@@ -252,8 +265,10 @@ def grad_factor_fn(loss: Callable) -> Callable:
     return factor_fn(loss, call="ti.factored.grad_factors")
 
 
-def factor_fn(loss: Callable, *, call: str) -> Callable:
-    """`grad_factor_fn` for the public call `call` (the name its errors give)."""
+def factor_fn(loss: Callable, *, call: str, keep: Callable = for_gram) -> Callable:
+    """`grad_factor_fn` for the public call `call` (the name its errors give); `keep(T, in, out)` says
+    which factored weights stay factors (`for_gram`, `for_dense_products`), the others are formed.
+    """
     where = call
 
     def kernel(params, batch):
@@ -265,7 +280,8 @@ def factor_fn(loss: Callable, *, call: str) -> Callable:
         probes = tuple(probe for _, _, probe in plan.calls)
         probed = {id(t) for t in factored.values()}
         (dense, probe_grads), inputs = _factor_kernel(loss, factored, probed, where)(fallback, probes, batch)
-        return _assemble(plan, params, dict(dense), probe_grads, inputs, D.count_examples(batch, name="batch", call=where))
+        return _assemble(plan, params, dict(dense), probe_grads, inputs, D.count_examples(batch, name="batch", call=where),
+                         keep)
 
     return kernel
 
@@ -364,6 +380,84 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
             x = F1.dense[name] if name in F1.dense else _materialize_one(*F1.linear[name])
             y = F2.dense[name] if name in F2.dense else _materialize_one(*F2.linear[name])
             total = total + _flat_dot(x, y)
+    return total
+
+
+def _contracted_first(k: int, T: int) -> bool:
+    """Whether `U · (A, G)` is cheaper contracted directly, k·c·T·in·out, than through the chunk's
+    gradients formed from the factors, c·T·in·out + k·c·in·out (always for T = 1 or k = 1).
+    """
+    return k * T < T + k
+
+
+def _dense_factored(U: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """`[k, c]`: ⟨U[j], Σ_t G[i, t]ᵀ A[i, t]⟩ for U `[k, out, in]`, A `[c, T, in]`, G `[c, T, out]`."""
+    k, out, n_in = U.shape
+    c, T = A.shape[:2]
+    if _contracted_first(k, T):
+        P = (U.reshape(k * out, n_in) @ A.reshape(c * T, n_in).T).reshape(k, out, c * T)   # no [c, out, in]
+        return (P * G.reshape(c * T, out).T).sum(1).reshape(k, c, T).sum(2)
+    return U.reshape(k, -1) @ _materialize_one(A, G).reshape(c, -1).T
+
+
+def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
+    """Returns the inner products ⟨V[j], ∇ℓ(z_i)⟩ of a dense stack with factored gradients, `[k, c]`.
+
+    Equal to `ti.tree.pairwise_vdot(V, materialize(factors))` to round-off, without the c
+    per-example gradients of a factored weight applied at one position: there
+    `⟨V_W[j], g_i a_iᵀ⟩ = Σ_o (V_W[j] a_i)_o g_io`. A weight applied at T > 1 positions takes
+    the cheaper of contracting V with the factors directly and forming the chunk's gradients
+    from them by one batched product (`materialize`); dense leaves are flattened dot products.
+    `ti.influence(factored=True)` scores each training chunk with it (V the solved test stack).
+
+    Args:
+      V: `{name: [k, *shape]}`, one entry per parameter of `factors` (e.g. `ihvp` of test
+        gradients), the dtype and device of the factors.
+      factors: `GradFactors` of c examples.
+
+    Returns:
+      `[k, c]` tensor, dtype and device of the factors.
+
+    Raises:
+      TypeError: `factors` is not a `GradFactors`.
+      ValueError: `V` does not hold the parameters of `factors`, or a leaf is not `[k, *shape]`.
+
+    Cost:
+      A factored weight `[out, in]` at T positions: k·c·in·out + k·c·out time and k·c·out
+      memory for T = 1; min(k·c·T·in·out, c·T·in·out + k·c·in·out) time otherwise (memory
+      k·c·T·out or c·in·out). A dense leaf: k·c·size. Never more than the dense products.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> V = ti.tree.map(lambda p: torch.randn(2, *p.shape, dtype=p.dtype), params)
+      >>> S = ti.factored.dense_gram(V, factors)
+      >>> torch.allclose(S, ti.tree.pairwise_vdot(V, ti.per_example_grads(loss, params, train)))
+      True
+    """
+    where = "ti.factored.dense_gram"
+    _check_factors(where, "factors", factors)
+    names = factors.linear.keys() | factors.dense.keys()
+    if not isinstance(V, dict) or V.keys() != names:
+        held = set(V) if isinstance(V, dict) else set()
+        raise ValueError(f"{where}: `V` must hold the parameters of `factors` as a dict; only in V: "
+                         f"{sorted(held - names)}, only in factors: {sorted(names - held)}.")
+    k = None
+    total = 0
+    for name in sorted(names):
+        if name in factors.linear:
+            A, G = factors.linear[name]
+            shape = (G.shape[-1], A.shape[-1])
+        else:
+            shape = tuple(factors.dense[name].shape[1:])
+        v = V[name]
+        k = v.shape[0] if k is None and isinstance(v, torch.Tensor) and v.dim() else k
+        if not isinstance(v, torch.Tensor) or v.dim() != len(shape) + 1 or tuple(v.shape[1:]) != shape \
+                or v.shape[0] != k:
+            got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{where}: `V[{name!r}]` must be [k, {', '.join(map(str, shape))}] "
+                             f"(k = {k}, the stack's size); got {got}.")
+        total = total + (_dense_factored(v, *factors.linear[name]) if name in factors.linear
+                         else _flat_dot(v, factors.dense[name]))
     return total
 
 

@@ -49,9 +49,11 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
     return ref
 
 
-def _grad_kernel(loss: Callable, factored: bool, where: str, name: str) -> Callable:
-    """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`."""
-    return fa.factor_fn(loss, call=where) if factored else grad_fn(loss, call=where, name=name)
+def _grad_kernel(loss: Callable, factored: bool, where: str, name: str, keep: Callable = fa.for_gram) -> Callable:
+    """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`
+    (`keep` the rule for which weights stay factors: `ti.factored.for_gram` or `for_dense_products`).
+    """
+    return fa.factor_fn(loss, call=where, keep=keep) if factored else grad_fn(loss, call=where, name=name)
 
 
 def _checked(kernel: Callable, params, where: str, data_name: str) -> Callable:
@@ -85,7 +87,7 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
 
 
 def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None,
-               factored: bool = False, data_name: str = "train") -> torch.Tensor:
+               factored: bool = False, keep: Callable = fa.for_gram, data_name: str = "train") -> torch.Tensor:
     """Returns `fn(G_chunk)` concatenated along the last axis over the training chunks.
 
     `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`, or `GradFactors` when
@@ -95,9 +97,9 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
     column non-finite, and only then are the gradients searched to name the ids and the
     leaf (with a group, the ids of this rank's shard). With a
     process group, `train` is this rank's shard and the shards' results are all-gathered
-    in rank order.
+    in rank order. `keep`: with `factored`, which weights stay factors (see `_grad_kernel`).
     """
-    kernel = _grad_kernel(loss, factored, where, "loss")
+    kernel = _grad_kernel(loss, factored, where, "loss", keep)
 
     def columns(start, chunk):
         G = kernel(params, chunk)

@@ -12,8 +12,9 @@ from torch.func import vmap
 from ..core import checks
 from ..core import collectives as dd
 from ..core import data as D
+from ..core import factored as fa
 from ..core import tree as tr
-from ..core.scoring import check_inputs, over_train
+from ..core.scoring import check_factored, check_inputs, over_train
 from ..core.transforms import grad_fn, grads
 from ..solvers._result import report
 
@@ -22,7 +23,7 @@ __all__ = ["influence", "self_influence"]
 
 def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: Callable | None = None,
               chunk_size: int | None = None, candidates: torch.Tensor | None = None, group=None,
-              gather: bool = True, return_info: bool = False):
+              gather: bool = True, return_info: bool = False, factored: bool = False):
     """Returns the influence of every training example on every test example, `[n_test, n_train]`.
 
         score[t, i] = (1/n) ∇_θ m(θ̂, z_t)ᵀ (H + λI)⁻¹ ∇_θ ℓ(θ̂, z_i),
@@ -96,6 +97,7 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     check_inputs(call, loss, params, train, test, chunk_size=chunk_size, alike=measure is None)
     checks.flag(call, "gather", gather)
     checks.flag(call, "return_info", return_info)
+    check_factored(call, factored)
     n_local = D.count_examples(train, name="train", call=call)
     n_test = D.count_examples(test, name="test", call=call)
     dd.check_replicated(call, group, params=params, test=test)
@@ -105,17 +107,22 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     G_test = grads(measure or loss, params, test, chunk_size=chunk_size, call=call,
                    name="loss" if measure is None else "measure", data_name="test")             # leaves [n_test, ...]
     U, info = checked_solve(call, ihvp, G_test, with_info=return_info)                        # leaves [n_test, ...]
+    pairwise = fa.dense_gram if factored else tr.pairwise_vdot
     if candidates is not None:
-        kernel = grad_fn(loss, call=call)
-        scores = _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
+        kernel = fa.factor_fn(loss, call=call, keep=fa.for_dense_products) if factored else grad_fn(loss, call=call)
+        scores = _candidate_scores(kernel, pairwise, params, train, U, candidates, start, n_local, chunk_size,
+                                   group) / n
     else:
-        local = over_train(lambda G: tr.pairwise_vdot(U, G), loss, params, train, chunk_size=chunk_size, where=call) / n
+        local = over_train(lambda G: pairwise(U, G), loss, params, train, chunk_size=chunk_size, where=call,
+                           factored=factored, keep=fa.for_dense_products) / n
         scores = dd.gather_columns(local, group) if gather else local
     return (scores, info) if return_info else scores
 
 
-def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) -> torch.Tensor:
-    """`[n_test, k]`: U[t]ᵀ ∇ℓ(z_{candidates[t, j]}), from the gradients of the distinct ids held here.
+def _candidate_scores(kernel, pairwise, params, train, U, candidates, start, n_local, chunk_size,
+                      group) -> torch.Tensor:
+    """`[n_test, k]`: U[t]ᵀ ∇ℓ(z_{candidates[t, j]}), from the gradients of the distinct ids held here
+    (`kernel(params, chunk)`, met by `pairwise(U, G) -> [n_test, c]`).
 
     A rank fills the entries whose ids fall in its shard [start, start + n_local), zero
     elsewhere, and the ranks' results are summed.
@@ -126,7 +133,7 @@ def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chun
     out = torch.zeros(ids.shape, dtype=tr.ravel(U).dtype, device=ids.device)
     if mine.numel():
         picked = D.take(train, mine - start)
-        S = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), picked, chunk_size, dim=1)
+        S = D.chunk_cat(lambda chunk: pairwise(U, kernel(params, chunk)), picked, chunk_size, dim=1)
         position = torch.searchsorted(mine, ids).clamp_max(mine.numel() - 1)
         held = mine[position] == ids
         out = torch.where(held, S.gather(1, position), out)

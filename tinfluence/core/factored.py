@@ -7,12 +7,14 @@ MLP, the sequence length for a layer applied token by token):
     ∇_W ℓ_i = Σ_t G_itᵀ A_it,      A_it ∈ R^in the layer's input, G_it ∈ R^out ∂ℓ_i/∂(output at t),
 
 so ⟨∇_W ℓ_i, ∇_W ℓ_j⟩ = Σ_{t,s} (G_it·G_js)(A_it·A_js) costs T_i·T_j·(in + out) instead of
-in·out, and the n × P per-example gradients are never formed. `grad_factors` captures A and G
+in·out, and the n × P per-example gradients are never formed; against a dense stack V (e.g.
+solved test gradients), ⟨V_W, ∇_W ℓ_i⟩ = Σ_t G_itᵀ V_W A_it (`dense_gram`). `grad_factors` captures A and G
 for every parameter that the forward uses only as the weight or bias of `F.linear`
 (`nn.Linear`, and any module calling `F.linear`), and takes `vmap(grad)` per-example
 gradients of every other parameter (convolutions, embeddings, norms, tied weights); one
 vectorized backward gives both. `gram`, `sq_norms` and `materialize` then equal
-`ti.tree.pairwise_vdot`, the squared row norms and `ti.per_example_grads` to round-off.
+`ti.tree.pairwise_vdot`, the squared row norms and `ti.per_example_grads` to round-off, and
+`dense_gram(V, factors)` equals `ti.tree.pairwise_vdot(V, materialize(factors))`.
 
 Capture: the loss is evaluated for each example separately (`vmap` over the batch, each
 example a batch of one, exactly as `ti.per_example_grads` does) under a
@@ -29,8 +31,9 @@ use as the 1-d bias) of `F.linear`; several calls with one weight are concatenat
 an input without an example axis is repeated for every example. Any other use (a weight tied
 to an embedding, `W.t()`, a convolution, a custom op) sends the parameter to `vmap(grad)`; a
 call that returns only metadata, such as `W.shape`, is not a use. A weight whose factors cost
-more than its gradient, T²·(in + out) >= in·out (long sequences), has its gradient formed
-from the factors instead, so no layer becomes slower than with `ti.per_example_grads`.
+more than its gradient (for Gram matrices T²·(in + out) >= in·out, long sequences; for
+`dense_gram` T·(in + out) >= in·out) has its gradient formed from the factors instead, so no
+layer becomes slower than with `ti.per_example_grads`.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class GradFactors(NamedTuple):
         Several calls with the same weight are concatenated along T.
       dense: `{name: [B, *shape]}`, the per-example gradient of every other parameter:
         biases of linear layers (Σ_t G[i, t]), weights whose factors would cost more than
-        the gradient itself (T² (in + out) >= in·out), and parameters used in any other way.
+        the gradient itself (for `gram`: T² (in + out) >= in·out), and parameters used in
+        any other way.
     """
 
     linear: dict
@@ -249,18 +253,29 @@ def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs
 def grad_factor_fn(loss: Callable) -> Callable:
     """Returns `(params, batch) -> GradFactors`, the per-example gradients of a batch, factored.
 
-    Each call first runs the loss once on the batch's first example (no gradient) to see
-    which parameters are used only by `F.linear`, then one `vmap(grad)` over the batch
-    returns their factors and the per-example gradients of all other parameters. Like
-    `ti.per_example_grad_fn`, but linear-layer weights come as `(A, G)`; see `GradFactors`.
+    Like `ti.per_example_grad_fn`, but linear-layer weights come as `(A, G)` (see `GradFactors`).
+    Each call runs the loss once on the batch's first example (no gradient) to see which
+    parameters are used only by `F.linear`, then one `vmap(grad)` over the batch returns their
+    factors and the per-example gradients of all other parameters. Assumes each example's loss
+    depends on that example only and that the forward runs the same layers for every example.
 
-    Assumes each example's loss depends on that example only (as `ti.per_example_grads`
-    does: every example is evaluated as a batch of one) and that the forward runs the same
-    layers for every example.
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+
+    Returns:
+      `(params, batch) -> GradFactors` with leading axis B on every leaf.
 
     Raises:
-      TypeError: `params` is not a `dict[str, Tensor]`.
-      RuntimeError: the forward under vmap made other F.linear calls than the plain one.
+      TypeError: (when called) `params` is not a `dict[str, Tensor]`.
+      RuntimeError: (when called) the forward under vmap made other F.linear calls than the plain one.
+
+    Cost:
+      As `grad_factors` for one chunk.
+
+    Example:
+      >>> factors = ti.factored.grad_factor_fn(loss)(params, train)
+      >>> sorted(factors.linear), sorted(factors.dense)
+      (['weight'], ['bias'])
     """
     return factor_fn(loss, call="ti.factored.grad_factors")
 
@@ -289,9 +304,9 @@ def factor_fn(loss: Callable, *, call: str, keep: Callable = for_gram) -> Callab
 def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None = None) -> GradFactors:
     """Returns the per-example gradients of `data` with linear-layer weights kept as factors.
 
-    `materialize(grad_factors(loss, params, data))` equals `ti.per_example_grads(loss,
-    params, data)`; `gram` and `sq_norms` use the factors directly. Computed chunk by
-    chunk (one vectorized backward per chunk).
+    `materialize(grad_factors(loss, params, data))` equals `ti.per_example_grads(loss, params,
+    data)`; `gram`, `dense_gram` and `sq_norms` use the factors directly. Computed chunk by chunk
+    (one vectorized backward per chunk).
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, one loss per example; models in eval mode, each
@@ -306,13 +321,17 @@ def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None =
     Raises:
       TypeError: `loss` not callable, `params` not a dict of floating tensors.
       ValueError: bad data, a loss that is not per-example, or a bad `chunk_size`.
+      RuntimeError: the forward under vmap made other F.linear calls than the plain one.
 
-    Notes:
-      Cost: one vectorized backward per chunk plus a forward of one example. Memory:
-      n·T·(in + out) per factored weight instead of n·in·out. Measured (one thread,
-      1000 digits, float64): 1.4 ms for logistic regression 64→10 and 3.4 ms for a
-      64-128-10 MLP, against 1.5 and 38 ms for `ti.per_example_grads` and 0.46 and 2.5 ms
-      for one batched backward of the mean loss.
+    Cost:
+      One vectorized backward per chunk plus a forward of one example. Memory: n·T·(in + out)
+      per factored weight instead of n·in·out; other parameters n·size.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> A, G = factors.linear["weight"]
+      >>> A.shape, G.shape
+      (torch.Size([60, 1, 8]), torch.Size([60, 1, 3]))
     """
     where = "ti.factored.grad_factors"
     checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
@@ -350,9 +369,7 @@ def _flat_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     """Returns all inner products ⟨∇ℓ(z_i), ∇ℓ(z'_j)⟩ between two batches' gradients, `[B1, B2]`.
 
-    Equal to `ti.tree.pairwise_vdot(materialize(F1), materialize(F2))` to round-off. A weight
-    factored on both sides costs B1·B2·T1·T2·(in + out) (two matrix products); a weight dense
-    on either side is materialized on the other and costs B1·B2·in·out, as the dense leaves do.
+    Equal to `ti.tree.pairwise_vdot(materialize(F1), materialize(F2))` to round-off.
 
     Args:
       F1: `GradFactors` of B1 examples.
@@ -364,6 +381,16 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     Raises:
       TypeError: an argument is not a `GradFactors`.
       ValueError: `F1` and `F2` do not hold the same parameters.
+
+    Cost:
+      A weight factored on both sides: B1·B2·T1·T2·(in + out) (two matrix products); a weight
+      dense on either side is materialized on the other and costs B1·B2·in·out, as dense leaves do.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> G = ti.per_example_grads(loss, params, train)
+      >>> torch.allclose(ti.factored.gram(factors, factors), ti.tree.pairwise_vdot(G, G))
+      True
     """
     where = "ti.factored.gram"
     _check_factors(where, "F1", F1)
@@ -464,10 +491,24 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
 def sq_norms(factors: GradFactors) -> torch.Tensor:
     """Returns ‖∇ℓ(z_i)‖² for every example of the batch, `[B]`.
 
-    A factored weight costs B·T²·(in + out): Σ_{t,s} (G_it·G_is)(A_it·A_is).
+    A factored weight contributes Σ_{t,s} (G_it·G_is)(A_it·A_is).
+
+    Args:
+      factors: `GradFactors` of B examples.
+
+    Returns:
+      `[B]` tensor, dtype and device of the factors.
 
     Raises:
       TypeError: `factors` is not a `GradFactors`.
+
+    Cost:
+      B·T²·(in + out) per factored weight, B·size per dense leaf.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> torch.allclose(ti.factored.sq_norms(factors), ti.factored.gram(factors, factors).diagonal())
+      True
     """
     _check_factors("ti.factored.sq_norms", "factors", factors)
     total = 0
@@ -481,12 +522,24 @@ def sq_norms(factors: GradFactors) -> torch.Tensor:
 def materialize(factors: GradFactors) -> dict:
     """Returns the per-example gradients as `ti.per_example_grads` does: `{name: [B, *shape]}`.
 
-    A factored weight becomes `Σ_t G[i, t]ᵀ A[i, t]`, B·T·in·out operations; writing the
-    B × P result dominates (32 ms for 1000 examples of a 64-128-10 MLP, one thread, float64,
-    about what `ti.per_example_grads` takes).
+    A factored weight becomes `Σ_t G[i, t]ᵀ A[i, t]`.
+
+    Args:
+      factors: `GradFactors` of B examples.
+
+    Returns:
+      `{name: [B, *shape]}`, dtype and device of the factors.
 
     Raises:
       TypeError: `factors` is not a `GradFactors`.
+
+    Cost:
+      B·T·in·out per factored weight; memory B·P (writing the result dominates).
+
+    Example:
+      >>> G = ti.factored.materialize(ti.factored.grad_factors(loss, params, train))
+      >>> torch.allclose(G["weight"], ti.per_example_grads(loss, params, train)["weight"])
+      True
     """
     _check_factors("ti.factored.materialize", "factors", factors)
     return {**factors.dense, **{name: _materialize_one(A, G) for name, (A, G) in factors.linear.items()}}

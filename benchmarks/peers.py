@@ -338,7 +338,8 @@ NOTES = {
                           "otherwise, its sketch included in the time); relative residual tol 1e-2 on the LR tasks "
                           "(exact Hessian), 1e-3 on digits-mlp (Gauss-Newton)",
     ("tinfluence", "ekfac"): "ti.ekfac(fisher=\"true\", labels sampled from the softmax through a generator seeded 0), "
-                             "damping = l2, default chunks; scores through ti.influence(ihvp=curv.ihvp, factored=True): training linear layers as their factors",
+                             "damping = l2, default chunks; scores through ti.influence(ihvp=curv.ihvp, factored=True) "
+                             "(training linear layers as their factors)",
     ("tinfluence", "ekfac-emp"): "ti.ekfac(fisher=\"empirical\"), otherwise as ekfac",
     ("tinfluence", "lissa"): "depth 400 (LR) / 300 (MLP), batch 256, 1 repeat, scale auto",
     ("tinfluence", "tracin"): "factored=True: exact Gram matrices of every linear layer from its inputs and output "

@@ -55,7 +55,8 @@ def _split(task):
 
 def tinfluence_ekfac(task, method: str = "ekfac", fisher: str = "empirical"):
     """`(seconds, scores [n_test, n_train])`: fit (`fisher`, damping = l2) and score with `factored=True`
-    (training gradients of linear layers as their captured factors, never formed per example)."""
+    (training gradients of linear layers as their captured factors, never formed per example).
+    """
     import tinfluence as ti
 
     params, loss, predict, output_loss = _split(task)

@@ -48,9 +48,9 @@ CHECKS = ("integer", "number", "probability", "flag", "choice", "function", "chu
 
 @contextmanager
 def checks_off():
-    """Every check function (and `ti.data.check_alike`) a no-op returning its value argument."""
+    """Every check function (and `ti.data._check_alike`) a no-op returning its value argument."""
     saved = {name: getattr(checks, name) for name in CHECKS}
-    alike = D.check_alike
+    alike = D._check_alike
 
     def passthrough(name):
         if name == "params":
@@ -64,19 +64,19 @@ def checks_off():
     try:
         for name in CHECKS:
             setattr(checks, name, passthrough(name))
-        D.check_alike = lambda *a, **k: None
+        D._check_alike = lambda *a, **k: None
         yield
     finally:
         for name, fn in saved.items():
             setattr(checks, name, fn)
-        D.check_alike = alike
+        D._check_alike = alike
 
 
 @contextmanager
 def counted(total: list):
-    """Every check function (and `ti.data.check_alike`) timed; the outermost calls' seconds summed into `total[0]`."""
+    """Every check function (and `ti.data._check_alike`) timed; the outermost calls' seconds summed into `total[0]`."""
     saved = {name: getattr(checks, name) for name in CHECKS}
-    alike = D.check_alike
+    alike = D._check_alike
     depth = [0]
 
     def timer(fn):
@@ -94,12 +94,12 @@ def counted(total: list):
     try:
         for name in CHECKS:
             setattr(checks, name, timer(saved[name]))
-        D.check_alike = timer(alike)
+        D._check_alike = timer(alike)
         yield
     finally:
         for name, fn in saved.items():
             setattr(checks, name, fn)
-        D.check_alike = alike
+        D._check_alike = alike
 
 
 def check_share(fn, repeats: int) -> float:

@@ -226,6 +226,13 @@ ERRORS = [
     ("loo-ids-float", lambda c: ti.leave_one_out(lambda p, d: p, c.params, c.train, c.test, torch.tensor([1.0]), measure=c.loss, progress=False), E, r"^ti.leave_one_out: `indices` must hold integer training ids"),
     ("params-at-steps-str", lambda c: ti.training_run(c.loss, c.params, c.train, ti.optim.sgd(0.1), epochs=1, batch_size=12, generator=torch.Generator().manual_seed(0)).params_at("01"), E, r"^ti.TrainingRun.params_at: `steps` must be a non-empty sequence of ints in \[0, 2\]"),
     ("trajectory-budget-bool", lambda c: ti.trajectory_influence(ti.training_run(c.loss, c.params, c.train, ti.optim.sgd(0.1), epochs=1, batch_size=12, generator=torch.Generator().manual_seed(0)), c.test, memory_budget=True), E, r"^ti.trajectory_influence: `memory_budget` must be an int >= 1; got True. It is a number of bytes"),
+    # --- small utilities ---
+    ("minimize-gtol-nan", lambda c: ti.minimize(ti.objective(c.loss, c.train, l2=L2), c.params, gtol=NAN), E, r"^ti.minimize: `gtol` must be a finite number > 0; got nan"),
+    ("minimize-maxiter-bool", lambda c: ti.minimize(ti.objective(c.loss, c.train, l2=L2), c.params, maxiter=True), E, r"^ti.minimize: `maxiter` must be an int >= 1; got True"),
+    ("minimize-history-zero", lambda c: ti.minimize(ti.objective(c.loss, c.train, l2=L2), c.params, history_size=0), E, r"^ti.minimize: `history_size` must be an int >= 1; got 0"),
+    ("minimize-newton-negative", lambda c: ti.minimize(ti.objective(c.loss, c.train, l2=L2), c.params, newton_steps=-1), E, r"^ti.minimize: `newton_steps` must be an int >= 0; got -1"),
+    ("from-loader-list", lambda c: ti.from_loader([ti.take(c.train, slice(0, 12)), ti.take(c.train, slice(12, 24))]), E, r"^ti.from_loader: `source` is a list, which could hold batches or examples.*iter\(batches\)"),
+    ("vdot-empty", lambda c: ti.vdot({}, {}), E, r"^ti.vdot: `x` has no tensor leaves"),
     ("top-examples-nan", lambda c: ti.plot.top_examples(torch.zeros(4, 2, 2), torch.tensor([0.0, NAN, 1.0, 2.0]), torch.zeros(2, 2), k=2), E, r"^ti.plot.top_examples: `scores` has non-finite values"),
 ]
 

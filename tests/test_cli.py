@@ -243,7 +243,7 @@ def test_help_lists_the_demo(capsys):
     (["--method", "cg", "cg"], r"argument --method: each method may appear once; got cg cg"),
     (["--test-ids", "0", "797"], r"argument --test-ids: 797 is out of range; the digits test set has 797 points \(ids 0 to 796\)"),
     (["--test-ids", "3", "3"], r"argument --test-ids: each id may appear once; got 3 3"),
-    (["--top-k", "0"], r"argument --top-k: must be between 1 and 1000 \(the training set size\); got 0"),
+    (["--top-k", "0"], r"argument --top-k: must be between 2 and 1000 \(the training set size\); got 0"),
     (["--threads", "0"], r"argument --threads: must be >= 1; got 0"),
 ])
 def test_bad_arguments(args, message, capsys, tmp_path):

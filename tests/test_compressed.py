@@ -176,3 +176,10 @@ def test_errors_name_the_call_and_argument():
         ti.compressed_grads(loss, params, data, projector=other)
     with pytest.raises(ValueError, match=r"ti.projected_curvature: `damping`"):
         ti.projected_curvature(torch.zeros(3, 2), damping=0.0)
+
+
+def test_project_rest_without_vector_parameters_names_the_call():
+    proj = ti.projector({"w": torch.zeros(3, 2)}, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+    assert proj.rest == () and proj.rest_sketch is None
+    with pytest.raises(ValueError, match=r"ti.Projector.project_rest: this projector has no vector parameters"):
+        proj.project_rest({}, (4,))

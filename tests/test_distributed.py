@@ -3,6 +3,7 @@
 import os
 import socket
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -220,6 +221,16 @@ def _mismatched_calls(rank, world, params, train, test):
         "ggn_vp": lambda: ti.ggn_vp(predict, nudged, shard, output_loss=output_loss, l2=L2, group=group),
         "lissa": lambda: ti.lissa(_loss, params, shard, l2=L2, scale=10.0, depth=5,
                                   generator=torch.Generator().manual_seed(rank), group=group),
+        "check_replicated": lambda: ti.distributed.check_replicated(group, params=nudged),
+        "grad_dot": lambda: ti.grad_dot(_loss, params, shard, reordered, group=group),
+        "grad_cos": lambda: ti.grad_cos(_loss, nudged, shard, test, group=group),
+        "tracin": lambda: ti.tracin(_loss, [(nudged, 0.1)], shard, test, group=group),
+        "tracin_projection": lambda: ti.tracin(_loss, [(params, 0.1)], shard, test, projection_dim=4,
+                                               generator=torch.Generator().manual_seed(rank), group=group),
+        "tracin_self": lambda: ti.tracin_self_influence(_loss, [(params, 0.1 * (1 + rank))], shard, group=group),
+        "empirical_if": lambda: ti.empirical_if(_loss, params, shard, reordered, group=group),
+        "empirical_if_sphere": lambda: ti.empirical_if(_loss, params, shard, test, directions=2,
+                                                       generator=torch.Generator().manual_seed(rank), group=group),
     }
     messages = {}
     for name, call in calls.items():
@@ -227,6 +238,15 @@ def _mismatched_calls(rank, world, params, train, test):
             call()
         except ValueError as err:
             messages[name] = str(err)
+    # a backend failure inside a public collective names that collective (each rank fails locally: nothing pairs)
+    failing = mock.Mock(side_effect=RuntimeError("Connection closed by peer"))
+    with mock.patch.object(dist, "all_reduce", failing), mock.patch.object(dist, "all_gather", failing):
+        for name, call in {"all_reduce": lambda: ti.distributed.all_reduce(params, group),
+                           "gather_rows": lambda: ti.distributed.gather_rows(test, torch.tensor([5, 5]), group)}.items():
+            try:
+                call()
+            except ti.distributed.CollectiveError as err:
+                messages[name] = str(err)
     return messages
 
 
@@ -239,11 +259,23 @@ def test_ranks_with_different_params_or_test_points_are_refused(small_lr, tmp_pa
                     "hvp": ("ti.hvp", "`params` differs from rank 0's on rank(s) [1]"),
                     "hvp_l2": ("ti.hvp", "`l2` differs from rank 0's on rank(s) [1]"),
                     "ggn_vp": ("ti.ggn_vp", "`params` differs from rank 0's on rank(s) [1]"),
-                    "lissa": ("ti.lissa", "`generator` differs from rank 0's on rank(s) [1]")}
-        assert set(got) == set(expected)
+                    "lissa": ("ti.lissa", "`generator` differs from rank 0's on rank(s) [1]"),
+                    "check_replicated": ("ti.distributed.check_replicated", "`params` differs from rank 0's on rank(s) [1]"),
+                    "grad_dot": ("ti.grad_dot", "`test` differs from rank 0's on rank(s) [1]"),
+                    "grad_cos": ("ti.grad_cos", "`params` differs from rank 0's on rank(s) [1]"),
+                    "tracin": ("ti.tracin", "`checkpoints` differs from rank 0's on rank(s) [1]"),
+                    "tracin_projection": ("ti.tracin", "`generator` differs from rank 0's on rank(s) [1]"),
+                    "tracin_self": ("ti.tracin_self_influence", "`checkpoints` differs from rank 0's on rank(s) [1]"),
+                    "empirical_if": ("ti.empirical_if", "`test` differs from rank 0's on rank(s) [1]"),
+                    "empirical_if_sphere": ("ti.empirical_if", "`generator` differs from rank 0's on rank(s) [1]")}
+        collectives = ("all_reduce", "gather_rows")
+        assert set(got) == set(expected) | set(collectives)
         for name, (where, what) in expected.items():
             assert got[name].startswith(f"{where}: with `group`, every rank must pass the same"), got[name]
             assert what in got[name], got[name]
+        for name in collectives:
+            assert got[name].startswith(f"ti.distributed.{name}: a collective over the process group failed on rank"), got[name]
+            assert "Connection closed by peer" in got[name], got[name]
 
 
 # --- a dead or stalled peer gives a bounded wait and a clear error --------------------------------------------

@@ -129,3 +129,65 @@ def test_errors(case):
         ti.reverse_check(loss, params, train, one, torch.zeros(4, 120))
     with pytest.raises(ValueError, match=r"ti.reverse_check: `ratio` must be in \(0, 0.5\]; got 0.7"):
         ti.reverse_check(loss, params, train, one, scores, ratio=0.7)
+
+
+# --- a test measure of its own: the test side perturbs along ∇m and measures m's change --------------------
+
+def _class0_probability(apply):
+    """m(θ, z) = w · softmax(f_θ(x))[0] on a dict batch {"x", "w"}: no label, another structure than `(x, y)`."""
+    def measure(p, batch):
+        return batch["w"] * apply(p, batch["x"]).softmax(1)[:, 0]
+    return measure
+
+
+@pytest.fixture(scope="module")
+def measured(digits_lr, case):
+    _, _, _, test = case
+    return _class0_probability(digits_lr.apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
+
+
+def test_measure_ascent_descent_equals_a_loop_over_test_points(case, measured):
+    """Reference, one test point at a time: u = ∇m/‖∇m‖ (torch.func.grad), θ± = θ ± r·u,
+    score = ½ Σ_± (m(θ±) − m(θ))·(ℓ(z; θ±) − ℓ(z; θ))."""
+    loss, params, train, _ = case
+    measure, test = measured
+    r = 0.05
+    rows = []
+    for j in range(ti.num_examples(test)):
+        point = ti.take(test, slice(j, j + 1))
+        one = lambda p, point=point: measure(p, point)[0]  # noqa: E731
+        g = torch.func.grad(one)(params)
+        u = ti.tree.scale(1 / ti.ravel(g).norm(), g)
+        row = 0
+        for sign in (1.0, -1.0):
+            moved = ti.tree.add_scaled(params, sign * r, u)
+            row = row + 0.5 * (one(moved) - one(params)) * (loss(moved, train) - loss(params, train))
+        rows.append(row)
+    expected = torch.stack(rows)
+    got = ti.empirical_if(loss, params, train, test, radius=r, measure=measure, chunk_size=50)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_measure_sphere_is_linear_in_the_measure(case, measured):
+    """The shared directions do not depend on the measure, so m = w·ℓ scales each row by w."""
+    loss, params, train, test = case
+    w = measured[1]["w"]
+    weighted = lambda p, b: b["w"] * loss(p, (b["x"], b["y"]))  # noqa: E731
+    dict_test = {"x": test[0], "y": test[1], "w": w}
+    g = torch.Generator().manual_seed(4)
+    for kw in (dict(directions=16, generator=g), {}):
+        plain = ti.empirical_if(loss, params, train, test, radius=1e-2, **kw)
+        got = ti.empirical_if(loss, params, train, dict_test, radius=1e-2, measure=weighted, **kw)
+        torch.testing.assert_close(got, w[:, None] * plain, rtol=1e-8, atol=1e-10 * float(plain.abs().max()))
+
+
+def test_measure_errors(case, measured):
+    loss, params, train, test = case
+    measure, dict_test = measured
+    with pytest.raises(TypeError, match=r"^ti.empirical_if: `measure` must be a function \(params, batch\) -> "
+                                        r"Tensor\[B\]; got 3"):
+        ti.empirical_if(loss, params, train, test, measure=3)
+    with pytest.raises(ValueError, match=r"^ti.empirical_if: `measure` must return one value per example"):
+        ti.empirical_if(loss, params, train, dict_test, measure=lambda p, b: measure(p, b).sum())
+    with pytest.raises(ValueError, match=r"^ti.empirical_if: `test` must have the structure of `train`"):
+        ti.empirical_if(loss, params, train, dict_test)

@@ -172,15 +172,16 @@ def test_ekfac_influence_of_a_float32_model_equals_its_float64_computation():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(30, 16), nn.Tanh(), nn.Linear(16, 4))
     x, y = torch.randn(600, 30, generator=g), torch.randint(0, 4, (600,), generator=g)
+    output_loss = lambda o, b: F.cross_entropy(o, b[1], reduction="none")  # noqa: E731
     scores = {}
     for dtype in (torch.float32, torch.float64):
         apply, params = ti.functionalize(model.to(dtype))
         train, test = (x[:580].to(dtype), y[:580]), (x[580:].to(dtype), y[580:])
         predict = lambda p, b, apply=apply: apply(p, b[0])  # noqa: E731
-        output_loss = lambda o, b: F.cross_entropy(o, b[1], reduction="none")  # noqa: E731
         loss = lambda p, b, predict=predict: output_loss(predict(p, b), b)  # noqa: E731
         curv = ti.ekfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-3, chunk_size=200)
-        scores[dtype] = [ti.influence(loss, params, train, test, ihvp=curv.ihvp, factored=f).double() for f in (True, False)]
+        scores[dtype] = [ti.influence(loss, params, train, test, ihvp=curv.ihvp, factored=f).double()
+                         for f in (True, False)]
     for got in scores[torch.float32]:
         expected = scores[torch.float64][0]
         assert float((got - expected).norm() / expected.norm()) < 1e-5

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -251,3 +252,78 @@ def test_singular_curvature_is_reported():
     assert bool((train[0] == 0).all(0).any())
     with pytest.raises(ti.ConvergenceError, match=r"ti.newton_loo: a Newton step is not finite: .* Raise `damping`"):
         newton_loo(loss, params, train, train, l2=0.0, groups=[torch.arange(70)], **gn)
+
+
+# --- over a process group: `train` sharded unevenly over 2 gloo ranks gives every rank one process's result ---
+
+GROUP_L2 = 1e-2
+SHARDS = [0, 70, 120]                                            # 70 and 50 examples: the ranks' chunks differ
+REMOVED = dict(indices=[0, 69, 70, 119, 33],                     # ids on both sides of the shard boundary
+               groups=[[1, 2], [68, 71], [5], [100, 110, 119], [69, 70]])
+
+
+def _lr_predict(params, batch):
+    return batch[0] @ params["weight"].T + params["bias"]
+
+
+def _lr_output_loss(outputs, batch):
+    return F.cross_entropy(outputs, batch[1], reduction="none")
+
+
+def _lr_loss(params, batch):
+    return _lr_output_loss(_lr_predict(params, batch), batch)
+
+
+def _lr_class0(params, batch):
+    """A measure on a dict test set {"x"}: the probability of class 0."""
+    return _lr_predict(params, (batch["x"],)).softmax(1)[:, 0]
+
+
+def _newton_cases(params, train, test, group):
+    """`newton_loo` with Gauss-Newton factors (single and group removals) and with exact Hessians and a measure."""
+    gn = dict(predict=_lr_predict, output_loss=_lr_output_loss)
+    return {
+        "indices": newton_loo(_lr_loss, params, train, test, l2=GROUP_L2, indices=REMOVED["indices"], group=group,
+                              chunk_size=32, **gn),
+        "groups": newton_loo(_lr_loss, params, train, test, l2=GROUP_L2, groups=REMOVED["groups"], group=group, **gn),
+        "exact_measure": newton_loo(_lr_loss, params, train, {"x": test[0]}, l2=GROUP_L2, groups=REMOVED["groups"],
+                                    measure=_lr_class0, damping=1e-3, group=group),
+    }
+
+
+def _sharded_newton(rank, world, params, train, test):
+    group = dist.group.WORLD
+    shard = ti.take(train, slice(SHARDS[rank], SHARDS[rank + 1]))
+    out = _newton_cases(params, shard, test, group)
+    try:                                                          # the removed ids must be the same on every rank
+        newton_loo(_lr_loss, params, shard, test, l2=GROUP_L2, indices=[3, 4 + rank], group=group)
+    except ValueError as err:
+        out["mismatch"] = str(err)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_problem(digits_lr):
+    """Logistic regression on 16 digits pixels (P = 170), 120 training and 4 test points, at its optimum."""
+    x, y = ti.take(digits_lr.train, slice(0, 120))
+    train = (x[:, :16].contiguous(), y)
+    test = (digits_lr.test[0][:4, :16].contiguous(), digits_lr.test[1][:4])
+    params = ti.minimize(ti.objective(_lr_loss, train, l2=GROUP_L2), {"weight": torch.zeros(10, 16), "bias": torch.zeros(10)},
+                         gtol=1e-12, newton_steps=5)
+    return params, train, test
+
+
+@pytest.mark.slow
+def test_newton_loo_over_a_group_equals_one_process(small_problem, tmp_path):
+    from test_distributed import _spawn
+
+    params, train, test = small_problem
+    expected = _newton_cases(params, train, test, None)
+    for rank, got in enumerate(_spawn(2, _sharded_newton, (params, train, test), tmp_path)):
+        assert got is not None, f"rank {rank} died"
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-10 * float(value.abs().max()),
+                                       msg=lambda m, name=name, rank=rank: f"{name} (rank {rank}): {m}")
+        assert got["mismatch"].startswith("ti.newton_loo: with `group`, every rank must pass the same"), got["mismatch"]
+        assert "`indices` differs from rank 0's on rank(s) [1]" in got["mismatch"], got["mismatch"]
+

@@ -249,7 +249,7 @@ def loss(params, batch):
     ("method = 'newton'", r"`method` must be one of direct, cg, lissa, tracin, empirical, grad_dot"),
     ("method = 'tracin'", r"`checkpoints` is missing, and method 'tracin' needs it"),
     ("test_ids = [0, 5]", r"`test_ids` must be distinct ids into `test` \(0 to 4\); got \[0, 5\]"),
-    ("top_k = 21", r"`top_k` must be between 1 and 20 \(the training set size\); got 21"),
+    ("top_k = 21", r"`top_k` must be between 2 and 20 \(the training set size\); got 21"),
     ("l2 = -1", r"`l2` must be >= 0; got -1.0"),
     ("fit = 'adam'", r"`fit` must be a function `\(params, data\) -> params` that trains starting from `params`; got 'adam'"),
     ("checkpoint = 'nowhere.pt'", r"`checkpoint` names '.*nowhere.pt', which cannot be read"),

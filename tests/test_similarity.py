@@ -62,3 +62,46 @@ def test_errors(mlp):
         ti.grad_dot(None, params, train, test)
     with pytest.raises(ValueError, match=r"ti.grad_dot: `loss` must return one value per example"):
         ti.grad_dot(lambda p, b: loss(p, b).mean(), params, train, test)
+
+
+# --- a test measure of its own: ⟨∇m(z_test), ∇ℓ(z)⟩, with test data shaped unlike train ---------------------
+
+def _class0_probability(apply):
+    """m(θ, z) = w · softmax(f_θ(x))[0] on a dict batch {"x", "w"}: no label, another structure than `(x, y)`."""
+    def measure(p, batch):
+        return batch["w"] * apply(p, batch["x"]).softmax(1)[:, 0]
+    return measure
+
+
+@pytest.fixture(scope="module")
+def measured(mlp):
+    """The MLP's measure and a dict test set (x, weights w) for it."""
+    apply, _, _ = digits_mlp(16)
+    _, _, _, test = mlp
+    return _class0_probability(apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_measure_gradients_meet_training_gradients(mlp, measured, factored):
+    loss, params, train, _ = mlp
+    measure, test = measured
+    Gm, Gz = loop_grads(measure, params, test), loop_grads(loss, params, train)          # reference: autograd loops
+    dot = ti.grad_dot(loss, params, train, test, measure=measure, factored=factored, chunk_size=16)
+    torch.testing.assert_close(dot, Gm @ Gz.T, rtol=1e-10, atol=1e-12)
+    cos = ti.grad_cos(loss, params, train, test, measure=measure, factored=factored, chunk_size=16)
+    expected = (Gm / Gm.norm(dim=1, keepdim=True)) @ (Gz / Gz.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(cos, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_measure_errors(mlp, measured):
+    loss, params, train, test = mlp
+    measure, dict_test = measured
+    for method in (ti.grad_dot, ti.grad_cos):
+        name = method.__name__
+        with pytest.raises(TypeError, match=rf"^ti.{name}: `measure` must be a function \(params, batch\) -> "
+                                            r"Tensor\[B\]; got 3"):
+            method(loss, params, train, test, measure=3)
+        with pytest.raises(ValueError, match=rf"^ti.{name}: `measure` must return one value per example"):
+            method(loss, params, train, dict_test, measure=lambda p, b: measure(p, b).sum())
+        with pytest.raises(ValueError, match=rf"^ti.{name}: `test` must have the structure of `train`"):
+            method(loss, params, train, dict_test)                                       # no measure: test is like train

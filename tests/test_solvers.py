@@ -507,7 +507,7 @@ def test_operator_is_stack_in_one_place_and_survives_wrapping(digits_lr, G_test)
     assert isinstance(Hv, ti.LinearOperator) and Hv.kind == "hessian" and Hv.symmetric and Hv.size == 650
     assert Hv.is_stack(G_test) and not Hv.is_stack(digits_lr.params)
     with pytest.raises(ValueError, match=r"ti.cg: `v` leaves must have the parameter shapes"):
-        Hv.is_stack({"weight": torch.zeros(3, 10, 64), "bias": torch.zeros(2, 10)}, where="ti.cg")
+        ti.cg(Hv)({"weight": torch.zeros(3, 10, 64), "bias": torch.zeros(2, 10)})
     # a plain wrapper loses nothing once wrapped with `like=`
     wrapped = ti.LinearOperator(lambda v: ti.tree.scale(2.0, Hv(v)), like=digits_lr.params)
     torch.testing.assert_close(ti.ravel(wrapped(G_test), batch_ndim=1), 2 * ti.ravel(Hv(G_test), batch_ndim=1))

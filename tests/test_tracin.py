@@ -158,3 +158,63 @@ def test_load_checkpoints_errors(tmp_path):
     with pytest.raises(ValueError, match=r"ti.load_checkpoints: `paths` must be a non-empty list of file paths"):
         ti.load_checkpoints(str(tmp_path / "ok.pt"), model, lrs=0.1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- a test measure of its own: Σ_t lr_t ⟨∇m(z_test; θ_t), ∇ℓ(z; θ_t)⟩ -----------------------------------------
+
+def _class0_probability(apply):
+    """m(θ, z) = w · softmax(f_θ(x))[0] on a dict batch {"x", "w"}: no label, another structure than `(x, y)`."""
+    def measure(p, batch):
+        return batch["w"] * apply(p, batch["x"]).softmax(1)[:, 0]
+    return measure
+
+
+@pytest.fixture(scope="module")
+def measured(run):
+    apply, _, _ = digits_mlp(32)
+    _, _, _, test = run
+    return _class0_probability(apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_measure_is_summed_over_checkpoints(run, measured, factored):
+    loss, ckpts, train, _ = run
+    measure, test = measured
+    small = ti.take(train, slice(0, 30))
+    expected = sum(lr * loop_grads(measure, p, test) @ loop_grads(loss, p, small).T for p, lr in ckpts)
+    got = ti.tracin(loss, ckpts, small, test, measure=measure, factored=factored, chunk_size=7)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_measure_at_each_checkpoints_full_state(run, measured):
+    """With `frozen` state, the measure sees {**frozen, **p} as the loss does; gradients over p only."""
+    loss, ckpts, train, _ = run
+    measure, test = measured
+    small = ti.take(train, slice(0, 20))
+    last = lambda p: {k: v for k, v in p.items() if k.startswith("2.")}  # noqa: E731  the attributed subset
+    split = [ti.Checkpoint(last(p), lr, {k: v for k, v in p.items() if k not in last(p)}) for p, lr in ckpts]
+    expected = sum(lr * ti.ravel(last(_loop_grads(measure, p, test)), batch_ndim=1)
+                   @ ti.ravel(last(_loop_grads(loss, p, small)), batch_ndim=1).T for p, lr in ckpts)
+    torch.testing.assert_close(ti.tracin(loss, split, small, test, measure=measure), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_measure_with_projection_is_the_projected_measure(run, measured):
+    """The projection is linear and shared, so a measure that is a multiple of the loss scales the scores."""
+    loss, ckpts, train, test = run
+    measure = lambda p, b: 3.0 * loss(p, (b["x"], b["y"]))  # noqa: E731
+    g = torch.Generator().manual_seed(2)
+    plain = ti.tracin(loss, ckpts, train, test, projection_dim=20, generator=g)
+    got = ti.tracin(loss, ckpts, train, {"x": test[0], "y": test[1]}, measure=measure, projection_dim=20, generator=g)
+    torch.testing.assert_close(got, 3.0 * plain, rtol=1e-10, atol=1e-12 * float(plain.abs().max()))
+
+
+def test_measure_errors(run, measured):
+    loss, ckpts, train, test = run
+    measure, dict_test = measured
+    with pytest.raises(TypeError, match=r"^ti.tracin: `measure` must be a function \(params, batch\) -> Tensor\[B\]; "
+                                        r"got 'margin'"):
+        ti.tracin(loss, ckpts, train, test, measure="margin")
+    with pytest.raises(ValueError, match=r"^ti.tracin: `measure` must return one value per example"):
+        ti.tracin(loss, ckpts, train, dict_test, measure=lambda p, b: measure(p, b).sum())
+    with pytest.raises(ValueError, match=r"^ti.tracin: `test` must have the structure of `train`"):
+        ti.tracin(loss, ckpts, train, dict_test)

@@ -137,6 +137,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exits with a usage error for arguments the parser cannot check alone."""
     from .demo import N_TRAIN, FolderError, check_out, load_digits_split, settings
+    from .pipeline import TOP_K_HINT
 
     if len(set(args.method)) != len(args.method):
         demo.error(f"argument --method: each method may appear once; got {' '.join(args.method)}.")
@@ -147,8 +148,9 @@ def _check_demo(demo: argparse.ArgumentParser, args: argparse.Namespace) -> None
                    f"(ids 0 to {n_test - 1}).")
     if len(set(args.test_ids)) != len(args.test_ids):
         demo.error(f"argument --test-ids: each id may appear once; got {' '.join(map(str, args.test_ids))}.")
-    if not 1 <= args.top_k <= N_TRAIN:
-        demo.error(f"argument --top-k: must be between 1 and {N_TRAIN} (the training set size); got {args.top_k}.")
+    if not 2 <= args.top_k <= N_TRAIN:
+        demo.error(f"argument --top-k: must be between 2 and {N_TRAIN} (the training set size); got {args.top_k}. "
+                   f"{TOP_K_HINT}")
     if args.distributed and "RANK" not in os.environ:
         demo.error("argument --distributed: start the processes with torchrun, e.g. "
                    "`torchrun --standalone --nproc_per_node=2 -m tinfluence demo --distributed`.")

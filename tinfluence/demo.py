@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import plot
+from .core import checks
 from .core import data as D
 from .core import tree as tr
 from .core.model import functionalize
@@ -36,7 +37,7 @@ from .distributed import shard
 from .methods.empirical_if import empirical_if
 from .methods.influence import influence
 from .methods.tracin import tracin
-from .pipeline import Folder, FolderError, metrics, retrain_sets, retrain_stage, table_text
+from .pipeline import TOP_K_HINT, Folder, FolderError, metrics, retrain_sets, retrain_stage, table_text
 from .solvers import cg, direct, lissa, minimize
 from .validate import newton_trainer
 
@@ -53,9 +54,22 @@ IMAGE_SHAPE = (8, 8)
 def load_digits_split(n_train: int = N_TRAIN):
     """Returns `(train, test, images)`: standardized float64 digits, and the raw 8×8 images.
 
-    `train = (x [n_train, 64], y [n_train])`, `test` the rest (797 points for n_train = 1000);
-    pixels are standardized with the training mean and standard deviation (+1e-6, so constant
-    pixels stay 0). `images = (train images, test images)`, `[n, 8, 8]`, for plotting.
+    Pixels are standardized with the training mean and standard deviation (+1e-6, so constant
+    pixels stay 0).
+
+    Args:
+      n_train: the first n_train of scikit-learn's 1797 digits train; the rest are the test set.
+
+    Returns:
+      `train = (x [n_train, 64] float64, y [n_train] int64)`, `test` the same for the rest
+      (797 points for n_train = 1000), `images = (train images, test images)`, `[n, 8, 8]`.
+
+    Example:
+      >>> train, test, images = ti.demo.load_digits_split()
+      >>> train[0].shape, test[0].shape, images[0].shape
+      (torch.Size([1000, 64]), torch.Size([797, 64]), torch.Size([1000, 8, 8]))
+      >>> torch.allclose(train[0].mean(0), torch.zeros(64, dtype=torch.float64), atol=1e-9)
+      True
     """
     from sklearn.datasets import load_digits
 
@@ -69,7 +83,22 @@ def load_digits_split(n_train: int = N_TRAIN):
 
 @dataclass(frozen=True)
 class Problem:
-    """The trained digits model: data, the pure model and θ̂."""
+    """The trained digits model: data, the pure model and θ̂ (built by `digits_problem`).
+
+    Attributes:
+      train: `(x [n_train, 64], y [n_train])`.
+      test: `(x [n_test, 64], y [n_test])`.
+      images: `(train images, test images)`, `[n, 8, 8]`.
+      apply: `(params, x) -> logits [B, 10]`.
+      params: θ̂, `{"weight": [10, 64], "bias": [10]}` float64.
+      l2: the L2 coefficient of the objective.
+      group: a `torch.distributed` process group over which scoring is sharded, or None.
+
+    Example:
+      >>> problem = ti.demo.digits_problem(n_train=100)
+      >>> problem.loss(problem.params, problem.test).shape
+      torch.Size([1697])
+    """
 
     train: tuple
     test: tuple
@@ -77,7 +106,7 @@ class Problem:
     apply: Callable
     params: dict
     l2: float
-    group: object = None   # a torch.distributed process group: scoring is sharded over it
+    group: dist.ProcessGroup | None = None   # a torch.distributed process group: scoring is sharded over it
 
     @property
     def train_part(self) -> tuple:
@@ -99,7 +128,26 @@ class Problem:
 
 
 def digits_problem(n_train: int = N_TRAIN, l2: float = L2) -> Problem:
-    """Returns the digits logistic regression trained from zero to gradient max-norm 1e-12."""
+    """Returns the digits logistic regression trained from zero to gradient max-norm 1e-12.
+
+    Args:
+      n_train: training points (the rest of the 1797 digits are the test set).
+      l2: the L2 coefficient.
+
+    Returns:
+      A `Problem` holding θ̂ (L-BFGS, then Newton steps).
+
+    Raises:
+      ConvergenceError: training does not reach the tolerance.
+
+    Cost: L-BFGS iterations of O(n_train · 650) each, then dense 650 × 650 Newton steps.
+
+    Example:
+      >>> problem = ti.demo.digits_problem(n_train=100)
+      >>> g = torch.func.grad(problem.objective())(problem.params)
+      >>> bool(ti.ravel(g).abs().max() <= 1e-12)
+      True
+    """
     train, test, images = load_digits_split(n_train)
     apply, params = functionalize(torch.nn.Linear(64, 10).double())
     untrained = Problem(train, test, images, apply, tr.zeros_like(params), l2)
@@ -108,10 +156,30 @@ def digits_problem(n_train: int = N_TRAIN, l2: float = L2) -> Problem:
 
 
 def gd_checkpoints(R: Callable, params, *, steps: int = GD_STEPS, lr: float = GD_LR) -> list:
-    """Returns `[(θ_t, lr), ...]`: full-batch gradient descent on the objective `R` from θ = 0
-    (zeros shaped like `params`), one checkpoint per step, `steps` in all.
+    """Returns `[(θ_t, lr), ...]`: full-batch gradient descent on the objective `R` from θ = 0.
 
-    Deterministic; θ_t is the point at which step t's gradient is taken.
+    Deterministic; θ_t is the point at which step t's gradient is taken (θ_0 = 0), the
+    checkpoints `ti.tracin` takes.
+
+    Args:
+      R: `params -> 0-d tensor`, e.g. `ti.objective(loss, train, l2=...)`.
+      params: the structure of θ (only shapes, dtypes and devices are read).
+      steps: number of checkpoints.
+      lr: step size.
+
+    Returns:
+      `steps` pairs `(θ_t, lr)`.
+
+    Cost: `steps` full gradients of `R`.
+
+    Example:
+      >>> R = ti.objective(loss, train, l2=1e-2)
+      >>> checkpoints = ti.demo.gd_checkpoints(R, params, steps=3, lr=0.5)
+      >>> (theta0, lr0), (theta1, lr1) = checkpoints[:2]
+      >>> len(checkpoints), lr0, bool((theta0["weight"] == 0).all())
+      (3, 0.5, True)
+      >>> torch.allclose(theta1["weight"], -0.5 * torch.func.grad(R)(theta0)["weight"])
+      True
     """
     grad_R = torch.func.grad(R)
     theta, checkpoints = tr.zeros_like(params), []
@@ -166,17 +234,44 @@ FILES = ("figure2.png", *(f"top_examples_{name}.png" for name in METHODS), "scor
 
 
 class DemoResult(NamedTuple):
-    """Everything the demo computed; `table` rows are per method, metrics averaged over test points."""
+    """Everything the demo computed (`run`'s result).
+
+    Attributes:
+      test_ids: the scored test ids.
+      scores: method -> `[n_test, n_train]`, positive = helpful.
+      retrained: training ids removed and retrained, sorted.
+      actual: `[n_test, len(retrained)]`, the actual change of the test loss.
+      table: one dict per method (method, pearson, spearman, sign, seconds), metrics averaged
+        over test points.
+
+    Example:
+      >>> ti.demo.DemoResult._fields
+      ('test_ids', 'scores', 'retrained', 'actual', 'table')
+    """
 
     test_ids: list
-    scores: dict       # method -> [n_test, n_train]
-    retrained: list    # training ids removed and retrained, sorted
-    actual: torch.Tensor   # [n_test, len(retrained)]: actual change of the test loss
-    table: list        # dicts: method, pearson, spearman, sign, seconds
+    scores: dict
+    retrained: list
+    actual: torch.Tensor
+    table: list
 
 
 def settings(methods, test_ids, top_k: int, seed: int) -> dict:
-    """The settings that decide a demo run's results: its identity in `run.json` and `loo.jsonl`."""
+    """The settings that decide a demo run's results: its identity in `run.json` and `loo.jsonl`.
+
+    Args:
+      methods: names from `METHODS`.
+      test_ids: ids into the test points.
+      top_k: training points per method and test point to retrain without.
+      seed: seed of the stochastic methods.
+
+    Returns:
+      A JSON-serializable dict.
+
+    Example:
+      >>> ti.demo.settings(["cg"], (0, 1), 5, 0)["test_ids"]
+      [0, 1]
+    """
     return {"demo": "digits logistic regression", "methods": list(methods), "test_ids": list(test_ids),
             "top_k": int(top_k), "seed": int(seed)}
 
@@ -193,6 +288,11 @@ def _folder(out: str, settings: dict) -> Folder:
 def check_out(out: str, settings: dict, fresh: bool) -> str:
     """Says what a run with `settings` will do with the folder `out`; reads only.
 
+    Args:
+      out: the output folder.
+      settings: from `settings(...)`.
+      fresh: the run will start afresh (`--fresh`).
+
     Returns:
       "new" (no results of the demo there), "resume" (a run with the same settings: its
       retrained models are reused) or "fresh" (`fresh` given: the demo's own files go).
@@ -200,6 +300,15 @@ def check_out(out: str, settings: dict, fresh: bool) -> str:
     Raises:
       FolderError: `out` holds the demo's files of a run with other settings, or without
         `run.json` (an older version's), and `fresh` is False. Nothing is changed.
+
+    Example:
+      >>> import tempfile
+      >>> out, settings = tempfile.mkdtemp(), ti.demo.settings(["cg"], [0], 5, 0)
+      >>> ti.demo.check_out(out, settings, fresh=False)
+      'new'
+      >>> ti.demo.claim_out(out, settings, fresh=False)
+      >>> ti.demo.check_out(out, settings, fresh=False), ti.demo.check_out(out, settings, fresh=True)
+      ('resume', 'fresh')
     """
     return _folder(out, settings).check(fresh)
 
@@ -208,7 +317,12 @@ def claim_out(out: str, settings: dict, fresh: bool) -> None:
     """Makes `out` this run's; call after `check_out`, on one process.
 
     With `fresh` deletes the demo's own files there; removes half-written outputs of an
-    interrupted run; writes `run.json`.
+    interrupted run; writes `run.json` (used in `check_out`'s example).
+
+    Args:
+      out: the output folder (created if missing).
+      settings: from `settings(...)`.
+      fresh: delete the demo's own files first.
     """
     _folder(out, settings).claim(fresh)
 
@@ -239,7 +353,24 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
 
     Returns:
       A `DemoResult` (None on ranks other than 0).
+
+    Raises:
+      ArgumentError: `top_k` not an int in [2, 1000] (checked before any work).
+      FolderError: `out/loo.jsonl` belongs to another run or is damaged.
+
+    Cost: training θ̂ on the 1000 digits, each method's scores of the test points, and one
+    Newton retraining per retrained id (at most len(methods) · top_k per test point).
+
+    Example:
+      >>> import os, tempfile
+      >>> out = tempfile.mkdtemp()
+      >>> result = ti.demo.run(["direct"], [0], 2, out, progress=False, echo=lambda line: None)
+      >>> result.scores["direct"].shape, result.actual.shape
+      (torch.Size([1, 1000]), torch.Size([1, 2]))
+      >>> sorted(os.listdir(out))
+      ['figure2.png', 'loo.jsonl', 'scores.npz', 'table.json', 'top_examples_direct.png']
     """
+    checks.integer("ti.demo.run", "top_k", top_k, minimum=2, maximum=N_TRAIN, hint=TOP_K_HINT)
     start = time.perf_counter()
     problem = replace(digits_problem(), group=group)
     echo(f"digits: {D.num_examples(problem.train)} training / {D.num_examples(problem.test)} test points; "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -48,12 +49,16 @@ from .core.collectives import (
     rounds,
     sizes,
 )
+from .core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["init", "CollectiveError", "check_replicated", "shard", "shard_bounds", "all_reduce", "global_size",
            "offset", "sizes", "gather_columns", "gather_rows", "rounds"]
 
 
-def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
+def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> ProcessGroup | None:
     """Initializes the default process group with a bounded wait; returns `torch.distributed.group.WORLD`.
 
     `torch.distributed.init_process_group(backend, timeout=timeout s, **kwargs)`: under
@@ -72,6 +77,20 @@ def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
       backend: "gloo" (CPU) or "nccl" (CUDA).
       timeout: seconds > 0 a collective waits for its peers (default 300).
       **kwargs: passed on (`init_method`, `rank`, `world_size`, ...).
+
+    Returns:
+      `torch.distributed.group.WORLD`, the group to pass as `group=`.
+
+    Raises:
+      ValueError: `timeout` is not a finite number > 0 (checked before anything is started).
+
+    Cost: one rendezvous of all ranks.
+
+    Example:
+      >>> ti.distributed.init("gloo", timeout=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: ti.distributed.init: `timeout` must be a finite number of seconds > 0; got 0.
     """
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"ti.distributed.init: `timeout` must be a finite number of seconds > 0; got {timeout!r}.")
@@ -79,22 +98,44 @@ def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs):
     return dist.group.WORLD
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Returns `(start, stop)` of shard `rank` of `world` over n examples.
-
-    Shards are contiguous and in rank order; the first `n % world` shards hold one example
-    more than the others (the split of `torch.tensor_split`).
-    """
+def _shard_bounds(where: str, n: int, rank: int, world: int) -> tuple[int, int]:
+    """`shard_bounds` for the public call `where` (the name its errors give)."""
     if not (isinstance(world, int) and world >= 1):
-        raise ValueError(f"ti.distributed.shard: `world` must be an int >= 1; got {world!r}.")
+        raise ValueError(f"{where}: `world` must be an int >= 1; got {world!r}.")
     if not (isinstance(rank, int) and 0 <= rank < world):
-        raise ValueError(f"ti.distributed.shard: `rank` must be an int in [0, {world}); got {rank!r}.")
+        raise ValueError(f"{where}: `rank` must be an int in [0, {world}); got {rank!r}.")
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
 
 
-def shard(data, rank: int, world: int):
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Returns `(start, stop)` of shard `rank` of `world` over n examples.
+
+    Shards are contiguous and in rank order; the first `n % world` shards hold one example
+    more than the others (the split of `torch.tensor_split`).
+
+    Args:
+      n: the number of examples.
+      rank: the shard, an int with 0 <= rank < world.
+      world: the number of shards, an int >= 1.
+
+    Returns:
+      Two ints, the first example of the shard and one past its last.
+
+    Raises:
+      ValueError: bad `rank` or `world`.
+
+    Cost: O(1).
+
+    Example:
+      >>> ti.distributed.shard_bounds(10, 0, 3), ti.distributed.shard_bounds(10, 1, 3), ti.distributed.shard_bounds(10, 2, 3)
+      ((0, 4), (4, 7), (7, 10))
+    """
+    return _shard_bounds("ti.distributed.shard_bounds", n, rank, world)
+
+
+def shard(data: PyTree, rank: int, world: int) -> PyTree:
     """Returns shard `rank` of `world` of a data set: its contiguous slice of examples.
 
     Concatenating the shards in rank order gives `data` back; this is the layout every
@@ -105,11 +146,21 @@ def shard(data, rank: int, world: int):
       rank: this process's rank, 0 <= rank < world.
       world: the number of processes.
 
+    Returns:
+      `data`'s examples `shard_bounds(n, rank, world)`, as a pytree of views (nothing copied).
+
     Raises:
       ValueError: bad `rank`/`world`, or fewer examples than processes.
+
+    Cost: O(number of leaves); the leaves are sliced, not copied.
+
+    Example:
+      >>> x, y = ti.distributed.shard(train, 1, 3)
+      >>> x.shape, y.shape
+      (torch.Size([20, 8]), torch.Size([20]))
     """
-    n = D.count_examples(data, name="data", call="ti.distributed.shard")
+    n = D._count_examples(data, name="data", call="ti.distributed.shard")
     if isinstance(world, int) and n < world:
         raise ValueError(f"ti.distributed.shard: `data` has {n} examples, fewer than world={world}; every shard needs one.")
-    start, stop = shard_bounds(n, rank, world)
+    start, stop = _shard_bounds("ti.distributed.shard", n, rank, world)
     return D.take(data, slice(start, stop))

@@ -43,7 +43,7 @@ from . import plot
 from .core import data as D
 from .core.objective import objective
 from .core.transforms import hessian, hvp
-from .io.scores import ScoreWriter, _atomic_write, _hash_tree, influence_to_files, read_scores, run_identity
+from .io.scores import _atomic_write, _hash_tree, _score_writer, influence_to_files, read_scores, run_identity
 from .methods.empirical_if import empirical_if
 from .methods.similarity import grad_dot
 from .methods.tracin import tracin
@@ -57,6 +57,7 @@ __all__ = ["Task", "TaskError", "FolderError", "Folder", "load_task", "run_task"
 RUN_FILE = "run.json"      # the settings of the run a folder holds, written before any work
 STAGING = ".writing-"      # prefix of the folder in which the outputs are written before they are moved into place
 WHERE = "tinfluence run"
+TOP_K_HINT = "(A correlation needs at least 2 retrained points per test point.)"
 
 
 class TaskError(ValueError):
@@ -75,8 +76,26 @@ class FolderError(ValueError):
 class Folder:
     """An output folder of one kind of run: its identity `settings` (run.json) and the names it writes.
 
-    `owner` names the kind in messages ("the demo's"), `flags(settings)` spells settings as
-    command-line options, `files` are the names (files or folders) a run of this kind owns.
+    Attributes:
+      out: the folder's path.
+      settings: the run's identity, JSON-serializable, written to `run.json` by `claim`.
+      files: the names (files or folders) a run of this kind owns.
+      owner: names the kind in messages ("the demo's").
+      flags: `settings -> str`, the settings spelled as command-line options.
+
+    Example:
+      >>> import os, tempfile
+      >>> out = tempfile.mkdtemp()
+      >>> folder = ti.pipeline.Folder(out, {"top_k": 5}, ("table.json",), "the example's", str)
+      >>> folder.check(fresh=False)
+      'new'
+      >>> folder.claim(fresh=False)
+      >>> folder.check(fresh=False), sorted(os.listdir(out))
+      ('resume', ['run.json'])
+      >>> ti.pipeline.Folder(out, {"top_k": 6}, ("table.json",), "the example's", str).check(fresh=False)
+      Traceback (most recent call last):
+      ...
+      tinfluence.pipeline.FolderError: ... holds results of a run with other settings ...
     """
 
     out: str
@@ -154,7 +173,19 @@ class Folder:
 def retrain_sets(scores: dict, top_k: int) -> list:
     """Per test point, the union over methods of the top-k training ids by |score| (sorted lists).
 
-    `scores`: method -> `[n_test, n_train]`.
+    Args:
+      scores: method name -> `[n_test, n_train]` scores.
+      top_k: ids per method and test point, 1 <= top_k <= n_train.
+
+    Returns:
+      `n_test` sorted lists of training ids, each of top_k to (methods · top_k) ids.
+
+    Cost: O(methods · n_test · n_train) for the top-k.
+
+    Example:
+      >>> scores = {"cg": torch.tensor([[3., -1., 0., 2.]]), "tracin": torch.tensor([[0., 0.5, -4., 1.]])}
+      >>> ti.pipeline.retrain_sets(scores, 2)
+      [[0, 2, 3]]
     """
     tops = torch.cat([s.abs().topk(top_k, dim=1).indices for s in scores.values()], dim=1)   # [n_test, m·k]
     return [sorted(set(row.tolist())) for row in tops]
@@ -163,7 +194,26 @@ def retrain_sets(scores: dict, top_k: int) -> list:
 def metrics(name: str, scores: torch.Tensor, actual: torch.Tensor, columns: dict, sets: list, top_k: int) -> dict:
     """Mean over test points of Pearson/Spearman on each test's retrained set, and top-k sign agreement.
 
-    `scores` `[n_test, n_train]`, `actual` `[n_test, n_retrained]` whose column `columns[i]` is training id i.
+    Args:
+      name: the method's name, the row's "method".
+      scores: `[n_test, n_train]`.
+      actual: `[n_test, n_retrained]` actual changes (`ti.leave_one_out`); column `columns[i]`
+        is training id i.
+      columns: training id -> column of `actual`.
+      sets: per test point, the retrained ids it is compared on (`retrain_sets`), 2 or more each.
+      top_k: sign agreement counts each set's min(top_k, len(set)) largest |scores|.
+
+    Returns:
+      `{"method", "pearson", "spearman", "sign"}`, the three metrics as floats.
+
+    Raises:
+      ValueError: a set of fewer than 2 ids, or non-finite values (as `ti.pearson`).
+
+    Example:
+      >>> scores = torch.tensor([[1., -2., 3., 0.5]])
+      >>> m = ti.pipeline.metrics("cg", scores, 2 * scores[:, [0, 1, 2]], {0: 0, 1: 1, 2: 2}, [[0, 1, 2]], 2)
+      >>> m["method"], round(m["pearson"], 12), round(m["spearman"], 12), m["sign"]
+      ('cg', 1.0, 1.0, 1.0)
     """
     rows = []
     for t, ids in enumerate(sets):
@@ -175,7 +225,21 @@ def metrics(name: str, scores: torch.Tensor, actual: torch.Tensor, columns: dict
 
 
 def table_text(table: list, top_k: int) -> str:
-    """The rows of `metrics` (with "seconds") as the printed table."""
+    """The rows of `metrics` (with "seconds") as the printed table.
+
+    Args:
+      table: rows of `metrics`, each with a "seconds" entry added.
+      top_k: the k of the sign-agreement column's title.
+
+    Returns:
+      The table as one string: a header, a rule, one line per row.
+
+    Example:
+      >>> row = {"method": "cg", "pearson": 0.9, "spearman": 0.8, "sign": 1.0, "seconds": 1.5}
+      >>> text = ti.pipeline.table_text([row], 10)
+      >>> text.splitlines()[0].split(), text.splitlines()[2].split()
+      (['method', 'pearson', 'spearman', 'sign@10', 'time', '[s]'], ['cg', '0.9000', '0.8000', '1.000', '1.50'])
+    """
     head = f"{'method':<10} {'pearson':>8} {'spearman':>9} {f'sign@{top_k}':>9} {'time [s]':>9}"
     lines = [head, "-" * len(head)]
     lines += [f"{r['method']:<10} {r['pearson']:>8.4f} {r['spearman']:>9.4f} {r['sign']:>9.3f} {r['seconds']:>9.2f}"
@@ -187,10 +251,37 @@ def retrain_stage(train_fn: Callable, params, train, test, retrained: list, *, m
                   meta: dict, progress: bool, echo: Callable, describe: str, hint: str) -> torch.Tensor:
     """Step 4: retrains without each id of `retrained` into the JSON-lines file `path`, saying what it resumes.
 
-    Returns `[n_test, len(retrained)]`, the actual change of `measure` (as `ti.leave_one_out`).
+    Args:
+      train_fn: `(params, data) -> params`, as for `ti.leave_one_out`.
+      params: θ̂, the warm start.
+      train: the training set, leading axis n_train.
+      test: the test points, leading axis n_test.
+      retrained: distinct training ids to remove one at a time.
+      measure: `(params, batch) -> Tensor[B]`, the measured change.
+      path: the JSON-lines file (created, or resumed).
+      meta: the run's settings, its identity in the file.
+      progress: show a tqdm bar.
+      echo: `str -> None`, where the report lines go.
+      describe: how `retrained` was chosen, for the report.
+      hint: appended to a `FolderError`'s message.
+
+    Returns:
+      `[n_test, len(retrained)]`, the actual change of `measure` (as `ti.leave_one_out`).
 
     Raises:
       FolderError: `path` belongs to another run or is damaged (nothing is changed); `hint` is appended.
+
+    Cost: len(retrained) + 1 calls of `train_fn` (fewer when resuming).
+
+    Example:
+      >>> import os, tempfile
+      >>> path, lines = os.path.join(tempfile.mkdtemp(), "loo.jsonl"), []
+      >>> train_fn = ti.newton_trainer(loss, params, train, l2=1e-2)
+      >>> for _ in range(2):
+      ...     actual = ti.pipeline.retrain_stage(train_fn, params, train, test, [0, 5], measure=loss, path=path,
+      ...                                        meta={}, progress=False, echo=lines.append, describe="", hint="")
+      >>> actual.shape, lines[1], lines[4].startswith("resumed 3/3 models")
+      (torch.Size([5, 2]), 'retraining 3 models ...', True)
     """
     try:
         records = leave_one_out_records(path, params, train, test, meta=meta)
@@ -227,10 +318,18 @@ SCALE_FREE = ("tracin", "empirical", "grad_dot")
 class Task:
     """What a task file defines, after loading and checking (module-level names of the same spelling).
 
-    Required: `train`, `test` (data sets: pytrees of tensors with a shared leading example
-    axis, e.g. `(x, y)` or a dict), `loss(params, batch) -> Tensor[B]` (one loss per example)
-    and `params` (a dict of tensors: the initial parameters, e.g. from `ti.functionalize`).
-    Everything else has a default.
+    Built by `load_task`. Required: `train`, `test` (data sets: pytrees of tensors with a
+    shared leading example axis, e.g. `(x, y)` or a dict), `loss(params, batch) -> Tensor[B]`
+    (one loss per example) and `params` (a dict of tensors: the initial parameters, e.g. from
+    `ti.functionalize`). Every other field has the default shown by its comment in the source:
+    `name`, `checkpoint`, `trained`, `fit`, `retrain`, `method` (names of `METHODS`), `l2`,
+    `damping`, `gtol`, `cg_tol`, `cg_maxiter`, `top_k` (>= 2), `test_ids`, `seed`,
+    `checkpoints` (for "tracin"), `images`, `labels`.
+
+    Example:
+      >>> task = ti.pipeline.Task(train, test, loss, params)
+      >>> task.method, task.dtype, task.tol("cg_tol")           # float64 parameters: tight defaults
+      (('cg',), torch.float64, 1e-08)
     """
 
     train: object
@@ -260,7 +359,8 @@ class Task:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the parameters (and of every score)."""
-        return optree.tree_leaves(self.params, namespace="")[0].dtype
+        params: Any = self.params   # a pytree (optree's PyTree type matches no dict for a static checker)
+        return optree.tree_leaves(params, namespace="")[0].dtype
 
     def tol(self, name: str) -> float:
         """`gtol` or `cg_tol`, or its default for the parameters' dtype."""
@@ -334,11 +434,28 @@ def _choice(path: str, name: str, value, kinds) -> Any:
 def load_task(path: str | os.PathLike, **overrides) -> Task:
     """Runs the task file at `path` (with `runpy`) and returns its checked `Task`.
 
-    `overrides` replace the file's values (the command line's --top-k, --test-ids, --method).
+    Args:
+      path: the task file, plain Python defining `train`, `test`, `loss` and `params` at
+        module level (e.g. tinfluence/tasks/digits.py).
+      **overrides: values that replace the file's (the command line's --top-k, --test-ids,
+        --method).
+
+    Returns:
+      The `Task`, with `path` made absolute and `sha256` the file's digest.
 
     Raises:
       TaskError: the file is missing or raises (the message carries its error), or a field is
         missing or wrong (the message names the field and what to write).
+
+    Example:
+      >>> import os, tinfluence.tasks
+      >>> task = ti.pipeline.load_task(os.path.join(os.path.dirname(tinfluence.tasks.__file__), "digits.py"))
+      >>> task.name, task.top_k, task.method[:2]
+      ('digits', 100, ('direct', 'cg'))
+      >>> ti.pipeline.load_task("no/such/task.py")
+      Traceback (most recent call last):
+      ...
+      tinfluence.pipeline.TaskError: tinfluence run: task file 'no/such/task.py' does not exist; ...
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -387,8 +504,8 @@ def load_task(path: str | os.PathLike, **overrides) -> Task:
                                     f"`params`{also}; got {value!r}.")
     n_train, n_test = D.num_examples(given["train"]), D.num_examples(given["test"])
     top_k = _choice(path, "top_k", given.get("top_k", Task.top_k), int)
-    if not 1 <= top_k <= n_train:
-        raise _fail(path, "top_k", f"must be between 1 and {n_train} (the training set size); got {top_k}.")
+    if not 2 <= top_k <= n_train:
+        raise _fail(path, "top_k", f"must be between 2 and {n_train} (the training set size); got {top_k}. {TOP_K_HINT}")
     ids = given.get("test_ids", tuple(range(min(3, n_test))))
     ids = tuple(int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
     bad = [i for i in ids if not 0 <= i < n_test]
@@ -510,7 +627,7 @@ def _score_stage(task: Task, name: str, params, folder: Path, meta: dict, progre
     n_train, ids, block = D.num_examples(task.train), list(task.test_ids), 64
     run = run_identity(params, task.train, task.test, block_size=block, meta=meta)
     try:
-        writer = ScoreWriter(folder, run=run, n_train=n_train, dtype=task.dtype, where=WHERE)
+        writer = _score_writer(WHERE, folder, run=run, n_train=n_train, dtype=task.dtype)
     except ValueError as err:
         raise FolderError(f"{err} {hint}") from None
     done = writer.done & set(ids)
@@ -582,11 +699,34 @@ def _harmful_text(task: Task, scores: dict, actual: torch.Tensor, retrained: lis
 def run_task(task: Task, out: str, *, progress: bool = True, echo: Callable = print) -> dict:
     """Runs the five stages of the pipeline for `task` into `out` (claimed with `task_folder(out, task).claim`).
 
+    Args:
+      task: a `Task` from `load_task`.
+      out: the output folder, claimed beforehand.
+      progress: show tqdm bars.
+      echo: `str -> None`, where the report lines go.
+
     Returns:
-      `{"scores": method -> [n_test_ids, n_train], "retrained": ids, "actual": [n_test_ids, len(ids)], "table": rows}`.
+      `{"scores": method -> [n_test_ids, n_train], "retrained": ids, "actual": [n_test_ids, len(ids)], "table": rows}`;
+      scores positive = helpful.
 
     Raises:
       FolderError: a result file in `out` belongs to another run or is damaged; nothing is changed.
+
+    Cost: one training, each method's scores of the test ids, len(retrained) + 1 retrainings
+    (resumed ones skipped), and the figures.
+
+    Example:
+      >>> import os, tempfile
+      >>> out = tempfile.mkdtemp()
+      >>> task = ti.pipeline.Task(train, test, loss, params, method=("direct",), l2=1e-2, trained=True,
+      ...                         top_k=2, test_ids=(0,))
+      >>> ti.pipeline.task_folder(out, task).claim(fresh=False)
+      >>> result = ti.pipeline.run_task(task, out, progress=False, echo=lambda line: None)
+      >>> scores = result["scores"]
+      >>> scores["direct"].shape, result["actual"].shape, len(result["retrained"])
+      (torch.Size([1, 60]), torch.Size([1, 2]), 2)
+      >>> sorted(os.listdir(out))
+      ['changes.csv', 'figure2.png', 'loo.jsonl', 'model.pt', 'run.json', 'scores', 'table.json']
     """
     start = time.perf_counter()
     folder = task_folder(out, task)

@@ -19,8 +19,27 @@ __all__ = ["loop_grads"]
 def loop_grads(loss: Callable, params: dict, data) -> dict:
     """Per-example gradients by one `torch.autograd.grad` call per example.
 
-    Returns the structure of `params` with leaves `[n, *param.shape]`, like
-    `ti.per_example_grads`; a parameter that an example's loss does not touch gets zeros.
+    A reference for `ti.per_example_grads`, sharing none of its code path.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      params: `dict[str, Tensor]`, not modified.
+      data: a pytree of tensors with leading axis n.
+
+    Returns:
+      A dict like `params` with leaves `[n, *param.shape]`; a parameter that an example's loss
+      does not touch gets zeros.
+
+    Cost: n backward passes, one per example (a Python loop: slow by design).
+
+    Example:
+      >>> from tinfluence.testing import loop_grads
+      >>> some = ti.take(train, torch.arange(4))
+      >>> G = loop_grads(loss, params, some)
+      >>> G["weight"].shape
+      torch.Size([4, 3, 8])
+      >>> torch.allclose(G["weight"], ti.per_example_grads(loss, params, some)["weight"])
+      True
     """
     rows = []
     for i in range(D.num_examples(data)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sysconfig
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -39,8 +40,26 @@ def stdlib_windows(length: int, count: int, *, generator: torch.Generator | None
     Windows are consecutive and non-overlapping in file order; with a `generator` they are drawn
     in a random order (a copy of its state is used, it is not advanced).
 
+    Args:
+      length: bytes per window.
+      count: number of windows.
+      generator: shuffles the windows' order when given.
+
+    Returns:
+      `[count, length]` int64 tensor of byte ids in 0..255, on the CPU.
+
     Raises:
       ValueError: more windows than the sources hold (about 9 MB).
+
+    Cost: reads O(length · count) bytes of the standard library's files.
+
+    Example:
+      >>> ids = ti.text.stdlib_windows(16, 4)
+      >>> ids.shape, ids.dtype
+      (torch.Size([4, 16]), torch.int64)
+      >>> shuffled = ti.text.stdlib_windows(16, 4, generator=torch.Generator().manual_seed(0))
+      >>> torch.equal(shuffled.sort(dim=0).values, ids.sort(dim=0).values)    # the same windows
+      True
     """
     blob = _stdlib_bytes(length * count)
     if len(blob) < length * count:
@@ -54,8 +73,22 @@ def stdlib_windows(length: int, count: int, *, generator: torch.Generator | None
     return ids
 
 
-def decode(ids) -> str:
-    """Byte ids (a 1-d tensor or list of 0..255) back to text; undecodable bytes become U+FFFD."""
+def decode(ids: Sequence[int] | torch.Tensor) -> str:
+    """Byte ids back to text, as UTF-8; undecodable bytes become U+FFFD.
+
+    Args:
+      ids: a 1-d tensor or list of ints in 0..255.
+
+    Returns:
+      The decoded `str`.
+
+    Raises:
+      ValueError: an id outside 0..255.
+
+    Example:
+      >>> ti.text.decode(torch.tensor(list(b"def f():")))
+      'def f():'
+    """
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
@@ -80,6 +113,28 @@ class ByteDecoder(nn.Module):
 
     `forward(input_ids [B, T], attention_mask [B, T] or None) -> logits [B, T, vocab]`; masked
     keys are excluded from attention (an additive -1e9, no branch on values, so it runs under vmap).
+
+    Args:
+      vocab: number of token ids (256 for bytes).
+      d: model width; a multiple of `heads`.
+      layers: number of transformer blocks.
+      heads: attention heads per block.
+      hidden: width of each block's MLP (default 4·d).
+      context: the longest sequence (learned positions).
+      tied: share the output layer's weight with the token embedding.
+
+    Cost: a forward pass is O(B · T · layers · (d · hidden + d² + T · d)).
+
+    Example:
+      >>> net = ti.text.ByteDecoder(d=16, layers=1, heads=2, context=8)
+      >>> ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+      >>> logits = net(ids)
+      >>> logits.shape
+      torch.Size([2, 8, 256])
+      >>> later = ids.clone()
+      >>> later[:, -1] = 0                                      # a change at the last position only
+      >>> torch.allclose(net(later)[:, :-1], logits[:, :-1])    # is not seen by earlier positions
+      True
     """
 
     def __init__(self, *, vocab: int = 256, d: int = 64, layers: int = 2, heads: int = 4, hidden: int | None = None,
@@ -92,7 +147,7 @@ class ByteDecoder(nn.Module):
         if tied:
             self.head.weight = self.embed.weight
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[B, T, vocab]` of `input_ids [B, T]`; `attention_mask [B, T]` (1 = keep) or None."""
         T = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos.weight[:T]
@@ -109,6 +164,25 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
 
     Position t scores token t+1 given tokens ≤ t; the last position, and positions whose next
     token is masked, are 0.
+
+    Args:
+      logits: `[B, T, vocab]`, e.g. from `ByteDecoder`.
+      input_ids: `[B, T]` token ids.
+      attention_mask: `[B, T]` (1 = keep) or None.
+
+    Returns:
+      `[B, T]` in the dtype of `logits`; its sum over T is the sequence's loss.
+
+    Cost: O(B · T · vocab).
+
+    Example:
+      >>> logits = torch.randn(2, 4, 256, generator=torch.Generator().manual_seed(0))
+      >>> ids = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(1))
+      >>> nll = ti.text.token_nll(logits, ids)
+      >>> nll.shape, bool((nll[:, -1] == 0).all())
+      (torch.Size([2, 4]), True)
+      >>> torch.allclose(nll[0, 1], -logits[0, 1].log_softmax(-1)[ids[0, 2]])
+      True
     """
     nll = F.cross_entropy(logits[:, :-1].mT, input_ids[:, 1:], reduction="none")      # [B, T-1]
     if attention_mask is not None:

@@ -15,14 +15,25 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, overload
 
 import optree
 import torch
 
 
 class ArgumentError(TypeError, ValueError):
-    """A bad argument: both a TypeError and a ValueError, so either `except` catches it."""
+    """A bad argument: both a TypeError and a ValueError, so either `except` catches it.
+
+    Its message reads `{call}: `{argument}` must be {expected}; got {value}.`, then the fix
+    where there is one.
+
+    Example:
+      >>> try:
+      ...     ti.objective(loss, train, l2=-1.0)
+      ... except ValueError as err:
+      ...     print(type(err) is ti.ArgumentError, str(err).startswith("ti.objective: `l2` must be"))
+      True True
+    """
 
 
 __all__ = [
@@ -58,6 +69,12 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real)
 
 
+@overload
+def integer(call: str, name: str, value: Any, *, minimum: int | None = ..., maximum: int | None = ...,
+            none: Literal[False] = ..., hint: str = ...) -> int: ...
+@overload
+def integer(call: str, name: str, value: Any, *, minimum: int | None = ..., maximum: int | None = ...,
+            none: bool, hint: str = ...) -> int | None: ...
 def integer(call: str, name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
             none: bool = False, hint: str = "") -> int | None:
     """`value` as a Python int in [minimum, maximum]; None passes when `none`. A bool is not an int.
@@ -76,6 +93,14 @@ def integer(call: str, name: str, value: Any, *, minimum: int | None = None, max
     return out
 
 
+@overload
+def number(call: str, name: str, value: Any, *, minimum: float | None = ..., exclusive: bool = ...,
+           maximum: float | None = ..., exclusive_max: bool = ..., none: Literal[False] = ...,
+           hint: str = ...) -> float: ...
+@overload
+def number(call: str, name: str, value: Any, *, minimum: float | None = ..., exclusive: bool = ...,
+           maximum: float | None = ..., exclusive_max: bool = ..., none: bool,
+           hint: str = ...) -> float | None: ...
 def number(call: str, name: str, value: Any, *, minimum: float | None = None, exclusive: bool = False,
            maximum: float | None = None, exclusive_max: bool = False, none: bool = False,
            hint: str = "") -> float | None:
@@ -128,6 +153,10 @@ def choice(call: str, name: str, value: Any, options: Sequence) -> Any:
     return value
 
 
+@overload
+def function(call: str, name: str, value: Any, shape: str, *, none: Literal[False] = ...) -> Callable: ...
+@overload
+def function(call: str, name: str, value: Any, shape: str, *, none: bool) -> Callable | None: ...
 def function(call: str, name: str, value: Any, shape: str, *, none: bool = False) -> Callable | None:
     """`value`, which must be callable; `shape` is its expected signature, e.g. "(params, batch) -> Tensor[B]"."""
     if value is None and none:
@@ -274,7 +303,7 @@ def _name(path: tuple) -> str:
     return str(path)
 
 
-def _bounds(minimum, maximum) -> str:
+def _bounds(minimum: int | None, maximum: int | None) -> str:
     if minimum is not None and maximum is not None:
         return f" in [{minimum}, {maximum}]"
     if minimum is not None:

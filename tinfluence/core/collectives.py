@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING, Any
 
 import optree
 import torch
 import torch.distributed as dist
 
 from . import tree as tr
+from .tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["CollectiveError", "check_replicated", "all_reduce", "global_size", "offset", "sizes", "gather_columns",
            "gather_rows", "rounds", "DEFAULT_TIMEOUT"]
@@ -30,6 +35,13 @@ _CHECKSUM_WIDTH = 1021    # period of the checksum's position weights (a prime)
 class CollectiveError(RuntimeError):
     """A collective over the process group failed: a peer process died, stalled past the group's timeout,
     or called a different collective.
+
+    Raised by every `group=` function; the message starts with the public call, names the
+    rank and the time waited, and says what to look at (the other ranks' output, the timeout).
+
+    Example:
+      >>> issubclass(ti.distributed.CollectiveError, RuntimeError)
+      True
     """
 
 
@@ -57,16 +69,38 @@ def _device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce(value, group, *, where: str = "ti.distributed.all_reduce"):
-    """Returns the sum over ranks of a tensor or pytree of tensors (inputs are not modified).
-
-    All leaves travel in ONE collective (flattened and concatenated), whatever the pytree.
-    """
+def _all_reduce(where: str, value, group):
+    """`all_reduce` for the public call `where` (the name a failed collective's error gives)."""
     if group is None:
         return value
     flat = tr.ravel(value).detach().clone()
     _collective(where, group, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))
     return tr.unravel(flat, value)
+
+
+def all_reduce(value: PyTree, group: ProcessGroup | None) -> PyTree:
+    """Returns the sum over ranks of a tensor or pytree of tensors (inputs are not modified).
+
+    All leaves travel in ONE collective (flattened and concatenated), whatever the pytree.
+
+    Args:
+      value: a tensor or pytree of tensors, of the same structure, shapes and dtype on every rank.
+      group: a `torch.distributed` process group, or None (then `value` itself is returned).
+
+    Returns:
+      The elementwise sum over ranks, with the structure, shapes, dtype and device of `value`.
+
+    Raises:
+      CollectiveError: the collective failed (a peer died, stalled past the timeout, or made another call).
+
+    Cost: one all-reduce of P numbers (P = total leaf size); O(P) memory for the flat copy. Nothing without a group.
+
+    Example:
+      >>> tree = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+      >>> ti.distributed.all_reduce(tree, None) is tree
+      True
+    """
+    return _all_reduce("ti.distributed.all_reduce", value, group)
 
 
 def _all_gather(where: str, group, tensor: torch.Tensor) -> list:
@@ -97,16 +131,8 @@ def _checksum(value) -> torch.Tensor:
     return total
 
 
-def check_replicated(where: str, group, **named) -> None:
-    """Raises ValueError unless every rank holds the same value for each named argument.
-
-    `named` maps argument names (e.g. `params`, `test`, `l2`) to pytrees of tensors or
-    numbers that the collective contract requires to be identical on every rank. One
-    all-gather of 4 float64 checksums per argument; costs one pass over the values.
-    Equality is bitwise up to float64 summation round-off: retraining on every rank
-    passes only when the training is deterministic; otherwise load or broadcast one
-    rank's parameters.
-    """
+def _check_replicated(where: str, group, **named) -> None:
+    """`check_replicated` for the public call `where` (the name its errors give)."""
     if group is None or not named:
         return
     names = list(named)
@@ -124,8 +150,50 @@ def check_replicated(where: str, group, **named) -> None:
             "if they are training data.")
 
 
-def global_size(n_local: int, group) -> int:
-    """Returns Σ over ranks of `n_local` (the global number of examples); `n_local` without a group."""
+def check_replicated(group: ProcessGroup | None, **named: Any) -> None:
+    """Raises ValueError unless every rank holds the same value for each named argument.
+
+    Equality is bitwise up to float64 summation round-off: retraining on every rank passes
+    only when the training is deterministic; otherwise load or broadcast one rank's parameters.
+
+    Args:
+      group: a `torch.distributed` process group, or None (then nothing is checked).
+      **named: argument names (e.g. `params`, `test`, `l2`) mapped to pytrees of tensors or
+        numbers that the collective contract requires to be identical on every rank.
+
+    Raises:
+      ValueError: a named value differs between ranks (the message names it and the ranks).
+      CollectiveError: the all-gather failed.
+
+    Cost: one pass over the values (4 float64 checksums each) and one all-gather of 4·m numbers
+    for m names. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.check_replicated(None, params=params, l2=1e-2) is None
+      True
+    """
+    _check_replicated("ti.distributed.check_replicated", group, **named)
+
+
+def global_size(n_local: int, group: ProcessGroup | None) -> int:
+    """Returns Σ over ranks of `n_local`, the global number of examples.
+
+    Args:
+      n_local: this rank's number of examples.
+      group: a `torch.distributed` process group, or None (then `n_local` is returned).
+
+    Returns:
+      An int, the same on every rank.
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost: one all-gather of one integer per rank. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.global_size(60, None)
+      60
+    """
     if group is None:
         return n_local
     sizes = _sizes(n_local, group)
@@ -138,13 +206,47 @@ def _sizes(n_local: int, group) -> torch.Tensor:
     return torch.cat(_all_gather("ti.distributed", group, mine)).cpu()
 
 
-def sizes(n_local: int, group) -> torch.Tensor:
-    """The shard sizes of all ranks in rank order, LongTensor `[world]` (`[n_local]` without a group)."""
+def sizes(n_local: int, group: ProcessGroup | None) -> torch.Tensor:
+    """Returns the shard sizes of all ranks, in rank order.
+
+    Args:
+      n_local: this rank's number of examples (or rows).
+      group: a `torch.distributed` process group, or None.
+
+    Returns:
+      LongTensor `[world]` on the CPU, the same on every rank (`[n_local]` without a group).
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost: one all-gather of one integer per rank. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.sizes(60, None).tolist()
+      [60]
+    """
     return torch.tensor([n_local]) if group is None else _sizes(n_local, group)
 
 
-def offset(n_local: int, group) -> tuple[int, int]:
-    """Returns `(start, n)`: this rank's first global example id and the global n."""
+def offset(n_local: int, group: ProcessGroup | None) -> tuple[int, int]:
+    """Returns `(start, n)`: this rank's first global example id and the global n.
+
+    Args:
+      n_local: this rank's number of examples; shards are contiguous and in rank order.
+      group: a `torch.distributed` process group, or None (then `(0, n_local)`).
+
+    Returns:
+      Two ints: Σ of the sizes of the ranks before this one, and Σ of all sizes.
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost: one all-gather of one integer per rank. Nothing without a group.
+
+    Example:
+      >>> ti.distributed.offset(60, None)
+      (0, 60)
+    """
     if group is None:
         return 0, n_local
     sizes = _sizes(n_local, group)
@@ -152,11 +254,29 @@ def offset(n_local: int, group) -> tuple[int, int]:
     return int(sizes[:rank].sum()), int(sizes.sum())
 
 
-def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
-    """Returns the ranks' blocks `[..., n_local_r]` concatenated along the last axis, rank order.
+def gather_columns(local: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Returns the ranks' blocks concatenated along the last axis, in rank order; every rank gets the same.
 
     Shards may differ in size: blocks are padded to the largest for the collective and
-    trimmed after.
+    trimmed after. This is how a score matrix `[n_test, n_local]` becomes `[n_test, n_train]`.
+
+    Args:
+      local: a tensor `[..., n_local]`, the same leading shape on every rank.
+      group: a `torch.distributed` process group, or None (then `local` itself is returned).
+
+    Returns:
+      A tensor `[..., Σ n_local]`: rank 0's columns, then rank 1's, ...
+
+    Raises:
+      CollectiveError: a collective failed.
+
+    Cost: one all-gather of world · max(n_local) columns (that much memory) and one of the
+    widths. Nothing without a group.
+
+    Example:
+      >>> S = torch.zeros(5, 60)
+      >>> ti.distributed.gather_columns(S, None) is S
+      True
     """
     if group is None:
         return local
@@ -166,13 +286,8 @@ def gather_columns(local: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([block[..., :int(s)] for block, s in zip(every, widths)], dim=-1)
 
 
-def gather_rows(local, counts: torch.Tensor, group, *, where: str = "ti.distributed.gather_rows"):
-    """Returns the ranks' stacks (pytrees with leading axis `counts[r]`) concatenated in rank order.
-
-    `counts`: LongTensor `[world]`, every rank's number of rows (known to all ranks). All
-    leaves travel in ONE all-gather, each rank's rows zero-padded to the largest count and
-    trimmed after. Leaves `[Σ counts, ...]`; every rank gets the same stack (`local` without a group).
-    """
+def _gather_rows(where: str, local, counts: torch.Tensor, group):
+    """`gather_rows` for the public call `where` (the name a failed collective's error gives)."""
     if group is None:
         return local
     leaves = optree.tree_leaves(local, namespace="")
@@ -184,12 +299,54 @@ def gather_rows(local, counts: torch.Tensor, group, *, where: str = "ti.distribu
     return tr.unravel(union, like)
 
 
-def rounds(counts: torch.Tensor, per_round: int) -> list:
-    """The collective schedule over shards of sizes `counts` `[world]`, `per_round` rows per rank per round.
+def gather_rows(local: PyTree, counts: torch.Tensor, group: ProcessGroup | None) -> PyTree:
+    """Returns the ranks' stacks concatenated along the leading axis, in rank order; every rank gets the same.
 
-    Returns one LongTensor `[world, 2]` per round, the (start, stop) of every rank's rows
-    in that round (empty, start == stop, once a rank's shard is used up). Every rank gets
-    the same list, so every rank makes the same number of collective calls.
+    All leaves travel in ONE all-gather, each rank's rows zero-padded to the largest count
+    and trimmed after.
+
+    Args:
+      local: a pytree of tensors with leading axis `counts[rank]` (this rank's rows).
+      counts: LongTensor `[world]`, every rank's number of rows (known to all ranks, e.g. from `sizes`).
+      group: a `torch.distributed` process group, or None (then `local` itself is returned).
+
+    Returns:
+      The pytree of `local` with leaves `[Σ counts, ...]`: rank 0's rows, then rank 1's, ...
+
+    Raises:
+      CollectiveError: the all-gather failed.
+
+    Cost: one all-gather of world · max(counts) · P numbers (P = the numbers in one row); that much memory.
+
+    Example:
+      >>> rows = {"g": torch.randn(4, 3)}
+      >>> ti.distributed.gather_rows(rows, torch.tensor([4]), None) is rows
+      True
+    """
+    return _gather_rows("ti.distributed.gather_rows", local, counts, group)
+
+
+def rounds(counts: torch.Tensor, per_round: int) -> list:
+    """Returns the collective schedule over shards of sizes `counts`, `per_round` rows per rank per round.
+
+    Every rank gets the same list, so every rank makes the same number of collective calls,
+    whatever its shard size.
+
+    Args:
+      counts: LongTensor `[world]`, every rank's number of rows (from `sizes`).
+      per_round: rows per rank per round, an int >= 1.
+
+    Returns:
+      A list of ceil(max(counts) / per_round) (at least one) LongTensors `[world, 2]`: the
+      (start, stop) of every rank's rows in that round (empty, start == stop, once a rank's
+      shard is used up).
+
+    Cost: O(world) per round; no collective.
+
+    Example:
+      >>> schedule = ti.distributed.rounds(torch.tensor([5, 3]), 2)
+      >>> len(schedule), schedule[1].tolist() == [[2, 4], [2, 3]], schedule[2].tolist() == [[4, 5], [3, 3]]
+      (3, True, True)
     """
     total = max(1, -(-int(counts.max()) // per_round))
     return [torch.stack([counts.clamp(max=r * per_round), counts.clamp(max=(r + 1) * per_round)], dim=1)

@@ -295,8 +295,8 @@ def factor_fn(loss: Callable, *, call: str, keep: Callable = for_gram) -> Callab
         probes = tuple(probe for _, _, probe in plan.calls)
         probed = {id(t) for t in factored.values()}
         (dense, probe_grads), inputs = _factor_kernel(loss, factored, probed, where)(fallback, probes, batch)
-        return _assemble(plan, params, dict(dense), probe_grads, inputs, D.count_examples(batch, name="batch", call=where),
-                         keep)
+        return _assemble(plan, params, dict(dense), probe_grads, inputs,
+                         D._count_examples(batch, name="batch", call=where), keep)
 
     return kernel
 
@@ -337,7 +337,7 @@ def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None =
     checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
     ref = checks.params(where, params)
     checks.chunk_size(where, chunk_size)
-    D.count_examples(data, name="data", call=where)
+    D._count_examples(data, name="data", call=where)
     checks.floating_like(where, "data", data, ref)
     kernel = factor_fn(loss, call=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from typing import Any
 
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -47,6 +48,7 @@ def _pretrained_class():
 
 
 def is_hf_model(module: nn.Module) -> bool:
+    """Whether `module` is a transformers `PreTrainedModel` (False when transformers was never imported)."""
     cls = _pretrained_class()
     return cls is not None and isinstance(module, cls)
 
@@ -92,19 +94,51 @@ def vmap_safe(module: nn.Module) -> nn.Module:
     """The module `apply` should run: `module` itself, or for a transformers model whose attention is
     "sdpa" everywhere, a copy sharing all its tensors that builds its masks without branching on data.
 
-    Cost: one structural `copy.deepcopy` (modules and configs; parameters and buffers are shared).
+    Args:
+      module: any `nn.Module`; never changed.
+
+    Returns:
+      `module` itself (not a transformers model, another attention setting, or a
+      transformers release without attention registries), or the copy, whose attention
+      is `ATTENTION`.
+
+    Cost: for the copy, one structural `copy.deepcopy` (modules and configs; parameters
+    and buffers are shared, not copied); otherwise none.
+
+    Example:
+      >>> from tinfluence.core import hf
+      >>> hf.vmap_safe(model) is model      # not a transformers model
+      True
     """
     if not is_hf_model(module) or not all(c._attn_implementation == "sdpa" for c in _configs(module)):
         return module
     if not _register() or not hasattr(module, "set_attn_implementation"):
         return module
-    twin = copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
+    twin: Any = copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
     twin.set_attn_implementation(ATTENTION)
     return twin if all(c._attn_implementation == ATTENTION for c in _configs(twin)) else module
 
 
 def mirror_modes(pairs: list) -> None:
-    """Sets each copy's training flag to its original's, for `(original, copy)` submodule pairs."""
+    """Sets each copy's training flag to its original's, for `(original, copy)` submodule pairs.
+
+    `apply` calls it before every forward, so the copy runs in the mode the user's model is in.
+
+    Args:
+      pairs: a list of `(original, copy)` modules.
+
+    Returns:
+      None; the copies' `training` flags are set in place.
+
+    Cost: O(len(pairs)).
+
+    Example:
+      >>> from tinfluence.core import hf
+      >>> original, twin = torch.nn.Linear(2, 2).eval(), torch.nn.Linear(2, 2)
+      >>> hf.mirror_modes([(original, twin)])
+      >>> twin.training
+      False
+    """
     for original, twin in pairs:
         if twin.training != original.training:
             twin.training = original.training
@@ -113,6 +147,22 @@ def mirror_modes(pairs: list) -> None:
 def explain(where: str, module: nn.Module, err: RuntimeError) -> str | None:
     """A message saying what to change when a transformers model failed under vmap on data-dependent
     control flow (its attention mask code); None for any other error.
+
+    Args:
+      where: the public call the message starts with.
+      module: the user's module.
+      err: the error raised inside `apply`.
+
+    Returns:
+      The message (naming `attn_implementation='sdpa'` as the fix), or None when `err` is
+      not that failure or `module` is not a transformers model.
+
+    Cost: string operations only.
+
+    Example:
+      >>> from tinfluence.core import hf
+      >>> hf.explain("ti.functionalize: apply", model, RuntimeError("data-dependent control flow")) is None
+      True
     """
     if "data-dependent control flow" not in str(err) or not is_hf_model(module):
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Mapping
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,35 +22,21 @@ _WHERE = "ti.functionalize: apply"
 _TRAINING_MODE_MESSAGES = ("random operation", "mutate a captured Tensor", "more than 1 value per channel")
 
 
-def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bool] | None = None):
+def functionalize(module: nn.Module,
+                  trainable: Callable[[str, torch.Tensor], bool] | None = None) -> tuple[Callable, dict[str, torch.Tensor]]:
     """Returns `(apply, params)`: the module as a pure function of a parameter dict.
 
     `apply(params, *args, **kwargs)` runs `module.forward(*args, **kwargs)` with the given
-    parameters through `torch.func.functional_call`. Buffers (e.g. BatchNorm running
-    statistics) and the parameters that `trainable` leaves out are copied once and
-    closed over inside `apply`, frozen. Tied (shared) parameters appear once in `params`
-    and stay tied.
-
-    `apply` is strict about names: `params` must be a dict holding every key of the
-    returned `params`, each with its shape. It may also hold frozen parameters and buffers
-    by their `state_dict` names; these override the closed-over copies for that call only,
-    so one `apply` evaluates the module at any saved state (`ti.load_checkpoints` relies on
-    this: the differentiated subset is `params`, the rest of a checkpoint rides along as
-    `{**frozen, **params}`). Any other key, a missing key or another shape is an error, so a
-    misspelled name never falls back silently to the module's own tensor. The check is a set
-    comparison per call (not per example).
-
-    The module is never changed: `params` are detached copies, its training flag and
-    its tensors stay as they were. `apply` runs the module in the mode it is in when called;
-    call `module.eval()` first so that dropout and batch norm act per example (a warning says
-    so when such layers are in training mode, and per-example gradients through them raise
-    an error saying the same).
-
-    A Hugging Face `transformers` model with "sdpa" attention (the default) runs as a copy
-    that shares all its tensors and builds its attention masks without branching on data,
-    so per-example gradients of padded batches and Hessian-vector products work; see
-    `tinfluence/hf.py`. Other attention settings run as they are, and a failure under vmap
-    says to use `attn_implementation="sdpa"`.
+    parameters through `torch.func.functional_call`. Buffers and the parameters that
+    `trainable` leaves out are copied once and closed over, frozen; tied parameters appear
+    once in `params` and stay tied. `apply` is strict: `params` must hold every key of the
+    returned `params` with its shape, and may also hold frozen parameters and buffers by
+    `state_dict` name, which override the closed-over copies for that call only (how one
+    `apply` evaluates any saved checkpoint). The module itself is never changed. Call
+    `module.eval()` first: dropout and batch norm in training mode cannot run per example
+    (a warning says so here, and `apply` raises saying so under torch.func). A Hugging Face
+    model with "sdpa" attention runs as a vmap-safe copy sharing its tensors. The design of
+    each point is in docs/design.md, "Model state and checkpoints".
 
     Args:
       module: any `nn.Module`, with positional, keyword or dict inputs.
@@ -67,7 +53,18 @@ def functionalize(module: nn.Module, trainable: Callable[[str, torch.Tensor], bo
 
     Raises:
       TypeError: `module` is not an `nn.Module`, or a chosen parameter is not floating point.
-      ValueError: `trainable` selects no parameter, or a parameter is not finite.
+      ValueError: `module` has no parameters, `trainable` selects none, or a parameter is
+        not finite.
+
+    Cost: one copy of the parameters and buffers, here; each `apply` call is one forward
+    pass plus a check of the keys and shapes (per call, not per example).
+
+    Example:
+      >>> apply, p = ti.functionalize(model)
+      >>> torch.allclose(apply(p, test[0]), model(test[0]))
+      True
+      >>> list(ti.functionalize(model, trainable=lambda name, t: name == "bias")[1])
+      ['bias']
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"ti.functionalize: `module` must be a torch.nn.Module; got {type(module).__name__}.")
@@ -176,14 +173,27 @@ def _training_mode_message(module: nn.Module, err: RuntimeError) -> str:
 class Checkpoint(tuple):
     """One saved training state: the pair `(params, lr)`, with the rest of the state as `.frozen`.
 
-    `params` is the dict that `ti.functionalize(model, trainable)`'s `apply` takes (the
-    attributed subset); `frozen` holds the checkpoint's other parameters and its buffers
-    (e.g. batch-norm running statistics) by `state_dict` name. Estimators evaluate the
-    checkpoint as `loss({**frozen, **p}, batch)` and differentiate over `p` only, so the
-    user's `loss(params, batch)` must hand its `params` to `apply` unchanged. `frozen=None`
-    (as for a plain `(params, lr)` pair) means the state closed over by `apply`. It unpacks
-    as the pair, `params, lr = checkpoint`.
+    Estimators evaluate the checkpoint as `loss({**frozen, **p}, batch)` and differentiate
+    over `p` only, so the user's `loss(params, batch)` must hand its `params` to `apply`
+    unchanged. Built as `ti.Checkpoint(params, lr, frozen=None)`; it unpacks as the pair,
+    `params, lr = checkpoint`.
+
+    Attributes:
+      params: the dict that `ti.functionalize(model, trainable)`'s `apply` takes (the
+        attributed subset).
+      lr: the learning rate in force after this checkpoint (a Python number).
+      frozen: the checkpoint's other parameters and its buffers (e.g. batch-norm running
+        statistics) by `state_dict` name; None (as for a plain `(params, lr)` pair): the
+        state closed over by `apply`.
+
+    Example:
+      >>> checkpoint = ti.Checkpoint(params, 0.1)
+      >>> p, lr = checkpoint
+      >>> p is params and lr == 0.1 and checkpoint.frozen is None
+      True
     """
+
+    frozen: dict | None
 
     def __new__(cls, params, lr, frozen: dict | None = None):
         """The pair `(params, lr)` carrying `frozen`."""
@@ -192,12 +202,12 @@ class Checkpoint(tuple):
         return self
 
     @property
-    def params(self):
+    def params(self) -> Any:
         """The differentiated parameters."""
         return self[0]
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         """The learning rate in force after this checkpoint."""
         return self[1]
 

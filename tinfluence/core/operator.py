@@ -21,6 +21,7 @@ import torch
 from torch.func import vmap
 
 from . import tree as tr
+from .tree import PyTree
 
 __all__ = ["LinearOperator", "as_operator"]
 
@@ -44,17 +45,27 @@ class LinearOperator:
       kind: "hessian", "ggn", "dense", "preconditioner" or "custom"; solvers fit their
         advice to it (they do not suggest the Gauss-Newton matrix for a "ggn" operator).
 
-    Calling it on one vector costs one `fn`; on a stack, one `many` (one vmapped call,
-    not k). Operators compose: `A + B`, `c * A`, `A.damped(λ)` (= A + λI).
+    Operators compose: `A + B`, `c * A`, `A.damped(λ)` (= A + λI). Calling one on `v`
+    returns C v with the structure of `v` (for a stack, the k products).
+
+    Raises:
+      TypeError: `fn` is not callable; `like` is not a pytree of tensors.
+      ValueError: an unknown `kind`; called on a `v` that is neither one vector nor a stack.
+
+    Cost: calling it on one vector costs one `fn`; on a stack, one `many` (one vmapped
+    call, not k). Building it costs nothing.
 
     Example:
       >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
       >>> op = ti.LinearOperator(lambda u: A @ u, like=torch.zeros(2, dtype=torch.float64), psd=True)
-      >>> op.is_stack(torch.ones(5, 2))
-      True
+      >>> V = torch.randn(5, 2, dtype=torch.float64)
+      >>> op.is_stack(V), torch.allclose(op(V), V @ A.T), torch.allclose(op.damped(0.5)(V[0]), A @ V[0] + 0.5 * V[0])
+      (True, True, True)
     """
 
-    def __init__(self, fn: Callable, like=None, *, many: Callable | None = None, symmetric: bool = True,
+    matrix: torch.Tensor | None = None   # the `[P, P]` tensor of a `from_matrix` operator (`ti.direct` factorizes it)
+
+    def __init__(self, fn: Callable, like: PyTree | None = None, *, many: Callable | None = None, symmetric: bool = True,
                  psd: bool | None = None, kind: str = "custom"):
         if not callable(fn):
             raise TypeError(f"ti.LinearOperator: `fn` must be a function v -> C v; got {type(fn).__name__}.")
@@ -84,14 +95,35 @@ class LinearOperator:
         """The dtype of the vectors it acts on (None when `like` is None)."""
         return None if self.like is None else optree.tree_leaves(self.like, namespace="")[0].dtype
 
-    def is_stack(self, v, *, where: str = "ti.LinearOperator") -> bool:
-        """True when `v` is a stack of k vectors (one extra leading axis on every leaf), False for one vector.
+    def is_stack(self, v: PyTree) -> bool:
+        """Whether `v` is a stack of k vectors (one extra leading axis on every leaf) or one vector.
 
-        Raises ValueError (message prefixed by `where`) when `v` is neither: another tree
-        structure (dict keys, list order, nesting), other leaf shapes, or leaves without a
-        common leading axis. Dict keys are matched by name (optree sorts them), never by
-        insertion order.
+        Dict keys are matched by name (optree sorts them), never by insertion order.
+
+        Args:
+          v: a pytree shaped like `like` (one vector) or with a common extra leading axis k
+            on every leaf (a stack); with `like=None`, a tensor `[P]` or `[k, P]`.
+
+        Returns:
+          True for a stack, False for one vector.
+
+        Raises:
+          ValueError: `v` is neither: another tree structure (dict keys, list order, nesting),
+            other leaf shapes, or leaves without a common leading axis.
+          TypeError: `like` is None and `v` is not a 1-D or 2-D tensor.
+
+        Cost:
+          O(number of leaves), metadata only.
+
+        Example:
+          >>> op = ti.LinearOperator(lambda u: 2 * u, like={"w": torch.zeros(2, 3)})
+          >>> op.is_stack({"w": torch.zeros(5, 2, 3)}), op.is_stack({"w": torch.zeros(2, 3)})
+          (True, False)
         """
+        return self._is_stack(v, "ti.LinearOperator.is_stack")
+
+    def _is_stack(self, v, where: str) -> bool:
+        """`is_stack` for the public call `where` (the name its errors give)."""
         if self.like is None:
             if isinstance(v, torch.Tensor) and v.dim() in (1, 2):
                 return v.dim() == 2
@@ -108,10 +140,10 @@ class LinearOperator:
         if all(tuple(a.shape[1:]) == tuple(b.shape) and a.dim() == b.dim() + 1 for a, b in zip(v_leaves, like_leaves)) \
                 and len({a.shape[0] for a in v_leaves}) == 1:
             return True
-        got = [tuple(a.shape) for a in v_leaves]
+        shapes = [tuple(a.shape) for a in v_leaves]
         want = [tuple(b.shape) for b in like_leaves]
         raise ValueError(f"{where}: `v` leaves must have the parameter shapes {want} or a common leading axis on top "
-                         f"of them; got {got}.")
+                         f"of them; got {shapes}.")
 
     def on_stacks(self, stacked: bool) -> Callable:
         """The operator as a function on stacks: `many`, or `fn` on the one vector of a stack of one."""
@@ -119,9 +151,9 @@ class LinearOperator:
             return self.many if stacked else (lambda V: self.fn(V[0]).unsqueeze(0))
         return lambda V: tr.map(lambda leaf: leaf.unsqueeze(0), self.fn(tr.map(lambda leaf: leaf[0], V)))
 
-    def __call__(self, v):
+    def __call__(self, v: PyTree) -> PyTree:
         """C v for one vector, or the k products of a stack in one call."""
-        return self.many(v) if self.is_stack(v) else self.fn(v)
+        return self.many(v) if self._is_stack(v, "ti.LinearOperator") else self.fn(v)
 
     # ------------------------------------------------------------ composition
 
@@ -157,11 +189,27 @@ class LinearOperator:
                           lambda V: tr.add_scaled(self.many(V), damping, V), psd=psd, kind=self.kind)
 
     @classmethod
-    def from_matrix(cls, matrix: torch.Tensor, like=None, *, psd: bool | None = None) -> LinearOperator:
+    def from_matrix(cls, matrix: torch.Tensor, like: PyTree | None = None, *, psd: bool | None = None) -> LinearOperator:
         """The operator `v ↦ M v` of a dense symmetric `[P, P]` matrix over `ti.tree.ravel(like)` (kind "dense").
 
-        `like` (the parameters) gives it a pytree structure; without it, it acts on tensors
-        `[P]` and `[k, P]`. The matrix is kept as `.matrix` (`ti.direct` factorizes it).
+        Args:
+          matrix: a square tensor `[P, P]`, kept as `.matrix` (`ti.direct` factorizes it).
+          like: the pytree the operator acts on (P numbers in all, e.g. the parameters);
+            default a tensor `[P]` of the matrix's dtype and device, so it acts on `[P]` and `[k, P]`.
+          psd: as for `LinearOperator`.
+
+        Returns:
+          A `LinearOperator` of kind "dense", symmetric.
+
+        Raises:
+          ValueError: `matrix` is not square 2-D, or `like` holds other than P numbers.
+
+        Cost: one `[P, P]` matrix-vector product per vector (one matrix product for a stack).
+
+        Example:
+          >>> op = ti.LinearOperator.from_matrix(2 * torch.eye(3), psd=True)
+          >>> op(torch.ones(4, 3)).tolist() == [[2.0, 2.0, 2.0]] * 4
+          True
         """
         if not (isinstance(matrix, torch.Tensor) and matrix.dim() == 2 and matrix.shape[0] == matrix.shape[1]):
             got = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__

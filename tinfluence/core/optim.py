@@ -30,6 +30,17 @@ class Optimizer(NamedTuple):
     `params` and `grads` are pytrees of one structure; `step` must not modify its inputs and
     must be differentiable with `torch.func` in `params`, the floating leaves of `state` and
     `grads` (the reverse pass takes its vector-Jacobian product).
+
+    Attributes:
+      init: `params -> state`.
+      step: `(params, state, grads) -> (new params, new state)`.
+
+    Example:
+      >>> descend = ti.optim.Optimizer(init=lambda p: (), step=lambda p, s, g: (ti.tree.add_scaled(p, -0.5, g), s))
+      >>> p = {"w": torch.ones(2)}
+      >>> new, _ = descend.step(p, descend.init(p), {"w": torch.ones(2)})
+      >>> torch.equal(new["w"], torch.full((2,), 0.5))
+      True
     """
 
     init: Callable[[Any], Any]
@@ -45,7 +56,7 @@ class SGDState(NamedTuple):
 class AdamState(NamedTuple):
     """Adam's state: `count` steps taken (int), first moments `mu` and second moments `nu` (pytrees like the parameters)."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # a NamedTuple field may shadow tuple.count (optax's name for it)
     mu: Any
     nu: Any
 
@@ -72,6 +83,24 @@ def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: b
 
     Returns:
       An `Optimizer`; the state is `SGDState(momentum=b)` (`None` without momentum).
+
+    Raises:
+      ArgumentError: a hyper-parameter is not a finite number in its range, or `nesterov`
+        is not a bool.
+      ValueError: `nesterov=True` with `momentum=0`.
+
+    Cost: each step is O(P) time; the state holds one P-sized buffer with momentum, none without.
+
+    Example:
+      >>> w = torch.nn.Parameter(torch.ones(3))
+      >>> reference = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.01)
+      >>> w.grad = torch.tensor([1., -2., 3.])
+      >>> reference.step()
+      >>> opt = ti.optim.sgd(lr=0.1, momentum=0.9, weight_decay=0.01)
+      >>> p = {"w": torch.ones(3)}
+      >>> new, state = opt.step(p, opt.init(p), {"w": torch.tensor([1., -2., 3.])})
+      >>> torch.equal(new["w"], w.detach())
+      True
     """
     where = "ti.optim.sgd"
     lr = _check_hyper(where, "lr", lr, open_low=True)
@@ -150,6 +179,22 @@ def adam(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
     Returns:
       An `Optimizer`; the state is `AdamState(count, mu, nu)`.
+
+    Raises:
+      ArgumentError: a hyper-parameter is not a finite number in its range.
+
+    Cost: each step is O(P) time; the state holds two P-sized moment buffers.
+
+    Example:
+      >>> w = torch.nn.Parameter(torch.ones(3))
+      >>> reference = torch.optim.Adam([w], lr=0.1)
+      >>> w.grad = torch.tensor([1., -2., 3.])
+      >>> reference.step()
+      >>> opt = ti.optim.adam(lr=0.1)
+      >>> p = {"w": torch.ones(3)}
+      >>> new, state = opt.step(p, opt.init(p), {"w": torch.tensor([1., -2., 3.])})
+      >>> torch.equal(new["w"], w.detach()), state.count
+      (True, 1)
     """
     return _adam("ti.optim.adam", lr, b1, b2, eps, weight_decay, decoupled=False)
 
@@ -168,6 +213,22 @@ def adamw(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
 
     Returns:
       An `Optimizer`; the state is `AdamState(count, mu, nu)`.
+
+    Raises:
+      ArgumentError: a hyper-parameter is not a finite number in its range.
+
+    Cost: each step is O(P) time; the state holds two P-sized moment buffers.
+
+    Example:
+      >>> w = torch.nn.Parameter(torch.ones(3))
+      >>> reference = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1)
+      >>> w.grad = torch.tensor([1., -2., 3.])
+      >>> reference.step()
+      >>> opt = ti.optim.adamw(lr=0.1, weight_decay=0.1)
+      >>> p = {"w": torch.ones(3)}
+      >>> new, _ = opt.step(p, opt.init(p), {"w": torch.tensor([1., -2., 3.])})
+      >>> torch.equal(new["w"], w.detach())
+      True
     """
     return _adam("ti.optim.adamw", lr, b1, b2, eps, weight_decay, decoupled=True)
 

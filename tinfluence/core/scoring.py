@@ -35,7 +35,7 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
       loss: must be callable.
       params: a dict of finite tensors of one floating dtype and device.
       train: a pytree with a leading example axis, on that device and, where floating, of that dtype.
-      test: as `train` (or None); shaped like `train` (`ti.data.check_alike`) unless `alike=False`
+      test: as `train` (or None); shaped like `train` (`data._check_alike`) unless `alike=False`
         (`test` goes to a `measure` of its own).
       chunk_size: None or an int >= 1.
       names: the argument names of `train` and `test` in messages.
@@ -55,11 +55,21 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
     checks.chunk_size(call, chunk_size)
     for name, data in zip(names, (train, test)):
         if data is not None:
-            D.count_examples(data, name=name, call=call)
+            D._count_examples(data, name=name, call=call)
             checks.floating_like(call, name, data, ref)
     if test is not None and alike:
-        D.check_alike(call, train, test, names)
+        D._check_alike(call, train, test, names)
     return ref
+
+
+def measure_or_loss(call: str, loss: Callable, measure) -> tuple[Callable, str]:
+    """`(m, name)`: the function differentiated on the test side and the name its errors give.
+
+    `loss` under the name "loss" without a `measure`; else `measure`, checked to be callable.
+    """
+    if measure is None:
+        return loss, "loss"
+    return checks.function(call, "measure", measure, "(params, batch) -> Tensor[B]"), "measure"
 
 
 def _grad_kernel(loss: Callable, factored: bool, where: str, name: str, keep: Callable = fa.for_gram) -> Callable:
@@ -112,7 +122,7 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
       Memory: chunk_size·P for one chunk's gradients plus the concatenated result.
     """
     kernel = _checked(_grad_kernel(loss, factored, where, name), params, where, data_name)
-    return D.chunk_cat(lambda start, chunk: transform(kernel(start, chunk)), data, chunk_size, call=where,
+    return D._chunk_cat(lambda start, chunk: transform(kernel(start, chunk)), data, chunk_size, call=where,
                        indexed=True)
 
 
@@ -155,7 +165,7 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
         checks.finite_scores(where, data_name, out, G, start)   # one reduction of [.., c]; G searched on failure
         return out
 
-    local = D.chunk_cat(columns, train, chunk_size, dim=-1, call=where, indexed=True)
+    local = D._chunk_cat(columns, train, chunk_size, dim=-1, call=where, indexed=True)
     return dd.gather_columns(local, group)
 
 

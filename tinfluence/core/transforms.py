@@ -122,7 +122,7 @@ def grads(loss: Callable, params, data, *, chunk_size=None, compile: bool = Fals
     `name` and `data_name`.
     """
     ref = checks.params(call, params)
-    D.count_examples(data, name=data_name, call=call)
+    D._count_examples(data, name=data_name, call=call)
     checks.floating_like(call, data_name, data, ref)
     checks.chunk_size(call, chunk_size)
     kernel = grad_fn(loss, compile=compile, call=call, name=name)
@@ -132,7 +132,7 @@ def grads(loss: Callable, params, data, *, chunk_size=None, compile: bool = Fals
         checks.finite_chunk(call, data_name, G, start)
         return G
 
-    return D.chunk_cat(chunk_grads, data, chunk_size, call=call, indexed=True)
+    return D._chunk_cat(chunk_grads, data, chunk_size, call=call, indexed=True)
 
 
 def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = None, compile: bool = False):
@@ -313,7 +313,7 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
         checks.floating_like("ti.hvp", "f.data", f.data, ref)
     cache = _resolved_cache("ti.hvp", cache, compile)
     if isinstance(f, Objective) and f.group is not None:
-        dd.check_replicated("ti.hvp", f.group, params=params, l2=f.l2)
+        dd._check_replicated("ti.hvp", f.group, params=params, l2=f.l2)
         local = hvp(dataclasses.replace(f, l2=0.0, group=None), params, cache=cache, compile=compile)
         return _all_reducing(local, f.l2, f.group)
     if cache:
@@ -397,8 +397,8 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     checks.function("ti.ggn_vp", "predict", predict, "(params, batch) -> Tensor[B, ...]")
     checks.function("ti.ggn_vp", "output_loss", output_loss, "(outputs, batch) -> Tensor[B]")
     cache = _resolved_cache("ti.ggn_vp", cache, compile)
-    dd.check_replicated("ti.ggn_vp", group, params=params, l2=l2)
-    n = dd.global_size(D.count_examples(data, name="data", call="ti.ggn_vp"), group)
+    dd._check_replicated("ti.ggn_vp", group, params=params, l2=l2)
+    n = dd.global_size(D._count_examples(data, name="data", call="ti.ggn_vp"), group)
     checks.floating_like("ti.ggn_vp", "data", data, ref)
     local_l2 = 0.0 if group is not None else l2
 

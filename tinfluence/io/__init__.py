@@ -1,6 +1,8 @@
-"""Result files: scores written per test point (`influence_to_files`, `read_scores`) and
-training checkpoints read back as `(params, lr)` pairs (`load_checkpoints`), and the on-disk store of
-compressed training gradients (`write_store`, `open_store`, `GradientStore`).
+"""Result files: scores written per test point (`influence_to_files`, `read_scores`, and
+`ScoreWriter` for scores computed elsewhere), training checkpoints read back as `(params, lr)`
+pairs (`load_checkpoints`), and the on-disk store of compressed training gradients
+(`write_store`, `open_store`, `create_store`, `GradientStore`). Every write is atomic and
+verified, and every writer resumes a run that was killed.
 """
 
 from .checkpoints import load_checkpoints

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -14,18 +14,16 @@ from ..core.model import Checkpoint, functionalize
 __all__ = ["load_checkpoints"]
 
 
-def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Callable | None = None) -> list:
+def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs: float | Sequence[float], trainable: Callable | None = None) -> list:
     """Returns `[ti.Checkpoint(params_t, lr_t, frozen_t), ...]` read from saved `state_dict`s, one per path.
 
     Each file is read with `torch.load(path, weights_only=True)` (no code is run) and must
     hold the complete state dict of `model` (`torch.save(model.state_dict(), path)`).
     `params_t` holds the parameters that `trainable` selects, with the names, dtypes and
     device of `ti.functionalize(model, trainable)`'s `params`; `frozen_t` holds every other
-    parameter and every saved buffer of that checkpoint. `ti.tracin` evaluates checkpoint t
-    with its own complete state, `apply({**frozen_t, **p}, ...)`, and takes gradients over
-    `p` only, so TracIn over a subset (e.g. the last layer) sees the frozen layers and
-    batch-norm statistics as they were at t, not as they are in `model`. The module is never
-    changed.
+    parameter and every saved buffer of that checkpoint, so `ti.tracin` evaluates checkpoint t
+    with its own complete state (frozen layers and batch-norm statistics as they were at t).
+    The module is never changed.
 
     Args:
       paths: file paths (str or PathLike), in training order.
@@ -38,10 +36,24 @@ def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Calla
       list of `ti.Checkpoint`: `(params, lr)` pairs that carry the rest of the state as `.frozen`, ready for `ti.tracin`.
 
     Raises:
-      ValueError: no paths, a length mismatch between `paths` and `lrs`, a non-positive lr,
-        or a file whose state dict lacks an entry of `model`'s, has one of another shape, or
-        holds names the model does not have.
+      ValueError: no paths, a length mismatch between `paths` and `lrs`, or a file whose state
+        dict lacks an entry of `model`'s, has one of another shape, or holds names the model
+        does not have.
+      ArgumentError: an lr that is not a number > 0.
       TypeError: a file that does not hold a dict of tensors.
+
+    Cost: one `torch.load` per path; memory one full state dict per checkpoint.
+
+    Example:
+      >>> import os, tempfile
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     path = os.path.join(folder, "step0.pt")
+      ...     torch.save(model.state_dict(), path)
+      ...     checkpoints = ti.load_checkpoints([path], model, lrs=0.1, trainable=lambda name, p: name == "bias")
+      >>> sorted(checkpoints[0].params), sorted(checkpoints[0].frozen), checkpoints[0].lr
+      (['bias'], ['weight'], 0.1)
+      >>> torch.equal(checkpoints[0].frozen["weight"], model.weight.detach())
+      True
     """
     where = "ti.load_checkpoints"
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, Sequence) or not paths:
@@ -52,7 +64,8 @@ def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs, trainable: Calla
         raise checks.ArgumentError(f"{where}: `lrs` must be one number > 0 or a sequence of them, one per path; got "
                                    f"{checks.describe(lrs)}. Pass e.g. lrs=0.1 or lrs=[0.1] * len(paths).")
     else:
-        rates = [checks.number(where, f"lrs[{t}]", lr, minimum=0.0, exclusive=True) for t, lr in enumerate(lrs)]
+        rates = [checks.number(where, f"lrs[{t}]", lr, minimum=0.0, exclusive=True)   # a sequence: not a number
+                 for t, lr in enumerate(cast(Sequence[float], lrs))]
     if len(rates) != len(paths):
         raise ValueError(f"{where}: `lrs` must be one number or have one entry per path; got {len(rates)} for {len(paths)} paths.")
     _, chosen = functionalize(model, trainable)

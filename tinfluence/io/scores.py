@@ -29,7 +29,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import optree
@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import data as D
+from ..core.tree import PyTree
 
 __all__ = ["ScoreWriter", "influence_to_files", "read_scores", "run_identity"]
 
@@ -54,19 +55,36 @@ def _hash_tree(h, tree) -> None:
         h.update(leaf.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def run_identity(params, train, test, *, block_size: int, meta=None) -> str:
+def run_identity(params: PyTree, train: PyTree, test: PyTree, *, block_size: int, meta: object = None) -> str:
     """The identity of a score-file run: a hash of `params`, `test`, `n_train`, the dtype, `block_size` and `meta`.
 
     The training data enter by their size only (hashing them would cost a pass over all of
     them); `meta` (JSON) describes what no hash sees: the solver, its damping, `measure`.
 
+    Args:
+      params: the parameters (a pytree of tensors), hashed bytewise.
+      train: the training set; only its size n_train enters.
+      test: the test points (a pytree of tensors), hashed bytewise.
+      block_size: test points per block, as for `ti.influence_to_files`.
+      meta: JSON-serializable description of the rest of the run (default None).
+
     Returns:
-      16 hexadecimal digits.
+      A str of 16 hexadecimal digits.
+
+    Raises:
+      ValueError, TypeError: `train` is not a data set; `meta` is not JSON-serializable.
+
+    Cost: one sha256 pass over the bytes of `params` and `test`.
+
+    Example:
+      >>> rid = ti.io.run_identity(params, train, test, block_size=64, meta={"solver": "direct"})
+      >>> len(rid), rid == ti.io.run_identity(params, train, test, block_size=32, meta={"solver": "direct"})
+      (16, False)
     """
     h = hashlib.sha256()
     _hash_tree(h, params)
     _hash_tree(h, test)
-    h.update(json.dumps({"n_train": D.count_examples(train, name="train", call="ti.io.run_identity"),
+    h.update(json.dumps({"n_train": D._count_examples(train, name="train", call="ti.io.run_identity"),
                          "block_size": block_size, "meta": meta}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -85,7 +103,8 @@ def _index_entries(folder: Path, where: str) -> list[tuple[int, dict]]:
     if not index.exists():
         return []
     raw = index.read_bytes()
-    entries, seen = [], {}
+    entries: list[tuple[int, dict]] = []
+    seen: dict[int, int] = {}
     for number, line in enumerate(raw[:raw.rfind(b"\n") + 1].splitlines(), start=1):
         try:
             entry = json.loads(line)
@@ -166,13 +185,31 @@ class ScoreWriter:
       run: the run's identity, from `run_identity`.
       n_train: training-set size, the length of every score row.
       dtype: dtype of the scores, e.g. torch.float64.
-      where: the public call named in messages.
+
+    Attributes:
+      done: the ids whose files are complete and verified; `entries`: their index lines;
+        `damaged`: `{id: what is wrong}` for the files that are not.
 
     Raises:
       ValueError: the index holds a line of another run, or a line that is not an entry.
+
+    Cost: opening reads and hashes (sha256) every file listed in the index; each `write`
+    writes, fsyncs and reads back one file of n_train numbers.
+
+    Example:
+      >>> import tempfile
+      >>> folder = tempfile.mkdtemp()
+      >>> writer = ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64)
+      >>> writer.write(3, torch.zeros(60, dtype=torch.float64))
+      >>> ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64).done
+      {3}
     """
 
-    def __init__(self, folder, *, run: str, n_train: int, dtype, where: str = "ti.io.ScoreWriter"):
+    def __init__(self, folder: str | os.PathLike, *, run: str, n_train: int, dtype: torch.dtype):
+        self._open("ti.io.ScoreWriter", folder, run, n_train, dtype)
+
+    def _open(self, where: str, folder, run: str, n_train: int, dtype) -> None:
+        """Reads and verifies the folder, for the public call `where` (the name every error of this writer gives)."""
         self.folder, self.where = Path(folder), where
         self.identity = {"run": run, "n_train": int(n_train), "dtype": _dtype_name(dtype)}
         self._lines, self.damaged = [], {}        # every index line in order; what is wrong with the damaged ones
@@ -242,6 +279,15 @@ class ScoreWriter:
 
         A new test id's line is appended; a damaged file's line is put back in its place (the
         index is rewritten atomically), so the index reads as an uninterrupted run's.
+
+        Args:
+          test_id: an int, the file's name and its id in the index.
+          scores: `[n_train]` of the writer's dtype.
+
+        Raises:
+          ValueError: `scores` of another shape or dtype.
+          OSError: the file or the index line could not be written completely; nothing is
+            counted as done, and the same call resumes.
         """
         array = scores.detach().cpu().numpy()
         if array.shape != (self.identity["n_train"],) or str(array.dtype) != self.identity["dtype"]:
@@ -264,14 +310,39 @@ class ScoreWriter:
             self._lines.append(entry)
 
 
-def read_scores(folder, test_ids=None) -> torch.Tensor:
+def _score_writer(where: str, folder, *, run: str, n_train: int, dtype) -> ScoreWriter:
+    """`ScoreWriter` for the public call `where` (the name its errors give)."""
+    writer = ScoreWriter.__new__(ScoreWriter)
+    writer._open(where, folder, run, n_train, dtype)
+    return writer
+
+
+def read_scores(folder: str | os.PathLike, test_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """Returns the scores stored in `folder` as `[len(test_ids), n_train]` (default: index order); reads only.
 
     Every file is checked against its index line (size and sha256) before it is parsed.
 
+    Args:
+      folder: a folder written by `ti.influence_to_files` or a `ScoreWriter`.
+      test_ids: ints, the test ids to read, in the order of the rows; default all, in index order.
+
+    Returns:
+      `[len(test_ids), n_train]` in the dtype the scores were written in, on the CPU.
+
     Raises:
       ValueError: a test id without a score file; a damaged file; a folder holding the lines
         of more than one run; an index line that is not an entry. The message says how to recover.
+
+    Cost: one read and one sha256 of each file asked for; memory the result.
+
+    Example:
+      >>> import tempfile
+      >>> folder = tempfile.mkdtemp()
+      >>> writer = ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64)
+      >>> for i in (0, 1):
+      ...     writer.write(i, torch.full((60,), float(i), dtype=torch.float64))
+      >>> ti.io.read_scores(folder, [1, 0])[:, 0].tolist()
+      [1.0, 0.0]
     """
     where, folder = "ti.io.read_scores", Path(folder)
     entries = {e["id"]: e for _, e in _index_entries(folder, where)}
@@ -286,7 +357,7 @@ def read_scores(folder, test_ids=None) -> torch.Tensor:
     rows = []
     for i in ids:
         data, problem = _read_verified(folder, entries[i])
-        if problem is not None:
+        if data is None:
             raise ValueError(f"{where}: score file {str(folder / entries[i]['file'])!r} (test id {i}) {problem}. "
                              "Rerun ti.influence_to_files with the same arguments into this folder to recompute "
                              "it, then read again.")
@@ -294,9 +365,10 @@ def read_scores(folder, test_ids=None) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, out, test_ids=None,
-                       chunk_size: int | None = None, block_size: int = 64, meta=None, progress: bool = True,
-                       **options) -> Path:
+def influence_to_files(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ihvp: Callable, out: str | os.PathLike,
+                       test_ids: Sequence[int] | torch.Tensor | None = None,
+                       chunk_size: int | None = None, block_size: int = 64, meta: object = None, progress: bool = True,
+                       **options: Any) -> Path:
     """Returns the folder `out`, after writing every test point's `ti.influence` scores to it.
 
     Test points are scored in fixed blocks of `block_size` (one `ihvp` call and one pass
@@ -333,11 +405,23 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
       OSError: a score file could not be written completely (full disk, file-size limit);
         the files finished before it stay done, and a rerun resumes.
       RuntimeWarning (a warning): a damaged score file found on resume is recomputed.
+
+    Cost: `ti.influence`'s for every block not yet done (one `ihvp` call and one pass over
+    the training gradients per block of `block_size` test points), plus one write, fsync,
+    read-back and sha256 of n_train numbers per test point; memory one block's
+    `[block_size, n_train]` scores.
+
+    Example:
+      >>> import tempfile
+      >>> ihvp = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))
+      >>> out = ti.influence_to_files(loss, params, train, test, ihvp=ihvp, out=tempfile.mkdtemp(), progress=False)
+      >>> torch.allclose(ti.io.read_scores(out), ti.influence(loss, params, train, test, ihvp=ihvp))
+      True
     """
     from ..methods.influence import influence
 
     where = "ti.influence_to_files"
-    n_test = D.count_examples(test, name="test", call=where)
+    n_test = D._count_examples(test, name="test", call=where)
     ids = list(range(n_test)) if test_ids is None else [int(i) for i in test_ids]
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"{where}: `block_size` must be an int >= 1; got {block_size!r}.")
@@ -348,9 +432,9 @@ def influence_to_files(loss: Callable, params, train, test, *, ihvp: Callable, o
     except (TypeError, ValueError) as err:
         raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers; got {type(meta).__name__} "
                         f"({err}).") from None
-    writer = ScoreWriter(out, run=run_identity(params, train, test, block_size=block_size, meta=meta),
-                         n_train=D.count_examples(train, name="train", call=where),
-                         dtype=optree.tree_leaves(params, namespace="")[0].dtype, where=where)
+    writer = _score_writer(where, out, run=run_identity(params, train, test, block_size=block_size, meta=meta),
+                           n_train=D._count_examples(train, name="train", call=where),
+                           dtype=optree.tree_leaves(params, namespace="")[0].dtype)
     for test_id, problem in writer.damaged.items():
         if test_id in ids:
             warnings.warn(f"{where}: score file {str(writer.folder / f'{test_id}.npy')!r} {problem}; recomputing it.",

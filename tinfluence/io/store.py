@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,8 +36,12 @@ from tqdm.auto import tqdm
 from .. import distributed as dd
 from ..core import checks
 from ..core import data as D
+from ..core.tree import PyTree
 from ..methods.compressed import ProjectedCurvature, Projector, compressed_kernel
 from .scores import _atomic_write
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["GradientStore", "create_store", "write_store", "open_store"]
 
@@ -65,9 +70,22 @@ class GradientStore:
       dtype: the torch dtype the rows are kept in.
       chunk_rows: rows per chunk file; `n_chunks` files in all.
       fingerprint: the projector's fingerprint (`Projector.fingerprint`), checked on resume.
+
+    Cost: scoring (`influence`, `topk`) reads every chunk once per call, n·dim numbers, with
+    one chunk in memory at a time.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=tempfile.mkdtemp(), chunk_rows=16,
+      ...                           progress=False)
+      >>> q = torch.randn(3, proj.dim)
+      >>> values, ids = store.topk(q, 4)
+      >>> len(store), torch.equal(ids, store.influence(q).topk(4).indices)
+      (60, True)
     """
 
-    def __init__(self, folder, index: dict):
+    def __init__(self, folder: str | os.PathLike, index: dict):
         self.folder = Path(folder)
         self.index = index
         self.n, self.dim, self.chunk_rows = index["n"], index["dim"], index["chunk_rows"]
@@ -105,18 +123,23 @@ class GradientStore:
         Raises:
           ValueError: wrong shape, or values that are not finite after the cast (float16 overflows
             above 65504: use bfloat16 or float32).
+          OSError: the file could not be written completely (nothing is left in its place).
         """
+        self._write_chunk("ti.io.GradientStore.write_chunk", j, rows)
+
+    def _write_chunk(self, where: str, j: int, rows: torch.Tensor) -> None:
+        """`write_chunk` for the public call `where` (the name its errors give)."""
         start, stop = self.bounds(j)
         if tuple(rows.shape) != (stop - start, self.dim):
-            raise ValueError(f"ti.io.write_store: chunk {j} must be [{stop - start}, {self.dim}]; got {list(rows.shape)}.")
+            raise ValueError(f"{where}: chunk {j} must be [{stop - start}, {self.dim}]; got {list(rows.shape)}.")
         cast = rows.detach().to("cpu", self.dtype).contiguous()
         if not bool(torch.isfinite(cast).all()):
-            raise ValueError(f"ti.io.write_store: chunk {j} (examples {start}..{stop - 1}) has non-finite values in "
+            raise ValueError(f"{where}: chunk {j} (examples {start}..{stop - 1}) has non-finite values in "
                              f"{self.index['dtype']}; gradients overflowed or were not finite. Use dtype='bfloat16' "
                              "or 'float32', or check the loss.")
         raw = cast.view(torch.uint16) if self.dtype == torch.bfloat16 else cast
         data = raw.numpy().astype(np.dtype(self._np_dtype).newbyteorder("<"), copy=False).tobytes()
-        _atomic_write(self.path(j), data, "ti.io.write_store")
+        _atomic_write(self.path(j), data, where)
 
     def chunk(self, j: int) -> torch.Tensor:
         """Chunk j as a `[rows, dim]` tensor mapped from its file (copy-on-write, the file is never changed).
@@ -133,7 +156,7 @@ class GradientStore:
         t = torch.from_numpy(array)
         return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
 
-    def chunks(self, *, progress: bool = False, desc: str = "store"):
+    def chunks(self, *, progress: bool = False, desc: str = "store") -> Iterator[tuple[int, torch.Tensor]]:
         """Yields `(start, rows)` for every chunk in order (`rows` memory-mapped)."""
         missing = self.missing()
         if missing:
@@ -228,11 +251,27 @@ def _read_index(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def open_store(folder) -> GradientStore:
+def open_store(folder: str | os.PathLike) -> GradientStore:
     """Opens the gradient store in `folder` (complete or not).
+
+    Args:
+      folder: a folder written by `write_store` or `create_store`.
+
+    Returns:
+      The `GradientStore`; `store.missing()` lists the chunks not yet written.
 
     Raises:
       ValueError: `folder` holds no store index.
+
+    Cost: reads the index only; chunks are mapped when scored.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> folder = tempfile.mkdtemp()
+      >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=folder, progress=False)
+      >>> torch.equal(ti.io.open_store(folder).read(), store.read())
+      True
     """
     index = _read_index(Path(folder))
     if index is None:
@@ -262,7 +301,7 @@ def _create(where: str, folder: Path, index: dict) -> GradientStore:
     found = _read_index(folder)
     if found is None:
         text = json.dumps(index, indent=1)
-        _atomic_write(folder / INDEX, text.encode(), "ti.io.write_store")
+        _atomic_write(folder / INDEX, text.encode(), where)
     elif found != index:
         differ = {k: (found.get(k), v) for k, v in index.items() if found.get(k) != v}
         raise ValueError(f"{where}: {folder} holds a store written with other settings {differ} (found, asked); "
@@ -270,19 +309,11 @@ def _create(where: str, folder: Path, index: dict) -> GradientStore:
     return GradientStore(folder, index)
 
 
-def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="float32", chunk_rows: int = 1024,
-                 where: str = "ti.io.create_store") -> GradientStore:
-    """Returns an empty (or partly written) store for n rows of `projector.dim`; writes its index.
-
-    The building block of `write_store` for callers that fill the chunks themselves
-    (`GradientStore.write_chunk(j, rows)` for every j in `store.missing()`). An existing index in
-    `folder` must match (same projector, parameters, n, dtype, chunk_rows).
-
-    Raises:
-      ValueError: bad `dtype`/`chunk_rows`/`n`; a store with other settings in `folder`.
-    """
+def _create_store(where: str, folder, *, projector: Projector, params: dict, n: int, dtype="float32",
+                  chunk_rows: int = 1024) -> GradientStore:
+    """`create_store` for the public call `where` (the name its errors give)."""
     name = _dtype_name(where, dtype)
-    checks.chunk_size(where, chunk_rows)
+    checks.integer(where, "chunk_rows", chunk_rows, minimum=1)
     if not isinstance(projector, Projector):
         raise TypeError(f"{where}: `projector` must be a ti.Projector (from ti.projector); got {type(projector).__name__}.")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -292,8 +323,45 @@ def create_store(folder, *, projector: Projector, params: dict, n: int, dtype="f
     return _create(where, Path(folder), index)
 
 
-def write_store(loss: Callable, params: dict, train, *, projector: Projector, folder, dtype="float32",
-                chunk_rows: int = 1024, chunk_size: int | None = None, group=None,
+def create_store(folder: str | os.PathLike, *, projector: Projector, params: dict, n: int, dtype: str | torch.dtype = "float32",
+                 chunk_rows: int = 1024) -> GradientStore:
+    """Returns an empty (or partly written) store for n rows of `projector.dim`; writes its index.
+
+    The building block of `write_store` for callers that fill the chunks themselves
+    (`GradientStore.write_chunk(j, rows)` for every j in `store.missing()`). An existing index in
+    `folder` must match (same projector, parameters, n, dtype, chunk_rows).
+
+    Args:
+      folder: the store's folder (created).
+      projector: `ti.projector(params, ...)`; the rows are `projector.dim` wide.
+      params: `dict[str, Tensor]`, the parameters the gradients are taken at (a digest is recorded).
+      n: rows (training examples), an int >= 1.
+      dtype: "float32", "bfloat16" or "float16" (or the torch dtype) for the stored rows.
+      chunk_rows: rows per chunk file, an int >= 1.
+
+    Returns:
+      The `GradientStore` (`store.missing()` lists the chunks still to write).
+
+    Raises:
+      ValueError: bad `dtype`/`chunk_rows`/`n`; a store with other settings in `folder`.
+      TypeError: `projector` is not a `ti.Projector`.
+
+    Cost: O(1) disk (the index); a digest of at most 257 numbers per parameter tensor.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> store = ti.io.create_store(tempfile.mkdtemp(), projector=proj, params=params, n=60, chunk_rows=16)
+      >>> store.n_chunks, store.missing()
+      (4, [0, 1, 2, 3])
+    """
+    return _create_store("ti.io.create_store", folder, projector=projector, params=params, n=n, dtype=dtype,
+                         chunk_rows=chunk_rows)
+
+
+def write_store(loss: Callable, params: dict, train: PyTree, *, projector: Projector, folder: str | os.PathLike,
+                dtype: str | torch.dtype = "float32",
+                chunk_rows: int = 1024, chunk_size: int | None = None, group: ProcessGroup | None = None,
                 progress: bool = True) -> GradientStore:
     """Writes the projected per-example gradients of `train` to a store in `folder`; returns it.
 
@@ -324,14 +392,22 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
       ValueError: bad `dtype`/`chunk_rows`, a store with other settings in `folder`,
         non-finite rows (see `GradientStore.write_chunk`); errors of `ti.compressed_grads`.
 
-    Notes:
-      Cost: one projected-gradient pass over the missing chunks; disk n·dim·itemsize bytes.
+    Cost: one projected-gradient pass over the missing chunks; disk n·dim·itemsize bytes;
+    memory one chunk's gradients.
+
+    Example:
+      >>> import tempfile
+      >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=tempfile.mkdtemp(), chunk_rows=16,
+      ...                           progress=False)
+      >>> store.complete, torch.equal(store.read(), ti.compressed_grads(loss, params, train, projector=proj).float())
+      (True, True)
     """
     where = "ti.io.write_store"
     checks.chunk_size(where, chunk_size)
-    n = D.count_examples(train, name="train", call=where)
-    make = lambda: create_store(folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
-                                chunk_rows=chunk_rows, where=where)
+    n = D._count_examples(train, name="train", call=where)
+    make = lambda: _create_store(where, folder, projector=projector, params=params, n=n, dtype=dtype,  # noqa: E731
+                                 chunk_rows=chunk_rows)
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     if rank == 0:
         store = make()
@@ -346,7 +422,7 @@ def write_store(loss: Callable, params: dict, train, *, projector: Projector, fo
         start, stop = store.bounds(j)
         chunk = D.take(train, slice(start, stop))
         rows = D.chunk_cat(lambda part: kernel(params, part), chunk, chunk_size or chunk_rows)
-        store.write_chunk(j, rows)
+        store._write_chunk(where, j, rows)
     if group is not None:
         dist.barrier(group)
     return store

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import optree
@@ -41,6 +41,7 @@ from ..core import data as D
 from ..core import factored as fa
 from ..core import tree as tr
 from ..core.objective import per_example
+from ..core.tree import PyTree
 
 __all__ = ["Projector", "projector", "compressed_grad_fn", "compressed_grads", "ProjectedCurvature",
            "projected_curvature", "compressed_influence"]
@@ -49,37 +50,49 @@ KINDS = ("gaussian", "sjlt")
 
 
 @dataclass(frozen=True)
-class _Sketch:
-    """One random map `R^d -> R^k` on the last axis.
+class _Gaussian:
+    """One random map `R^d -> R^k` on the last axis: a dense Gaussian `matrix [k, d]`."""
 
-    A dense Gaussian `matrix [k, d]`, or an SJLT given by `rows [s, d]` (the s output rows of every
-    input coordinate) and `signs [s, d]` (±1/√s).
+    k: int
+    matrix: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix.mT
+
+    def tensors(self) -> tuple:
+        return (self.matrix,)
+
+
+@dataclass(frozen=True)
+class _SJLT:
+    """One random map `R^d -> R^k` on the last axis: an SJLT given by `rows [s, d]` (the s output
+    rows of every input coordinate) and `signs [s, d]` (±1/√s).
     """
 
     k: int
-    matrix: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    signs: torch.Tensor | None = None
+    rows: torch.Tensor
+    signs: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matrix is not None:
-            return x @ self.matrix.mT
         values = (x.unsqueeze(-2) * self.signs).reshape(*x.shape[:-1], -1)   # [..., s·d]
         out = x.new_zeros(*x.shape[:-1], self.k)
         return out.index_add_(-1, self.rows.reshape(-1), values)
 
     def tensors(self) -> tuple:
-        return tuple(t for t in (self.matrix, self.rows, self.signs) if t is not None)
+        return (self.rows, self.signs)
+
+
+_Sketch = _Gaussian | _SJLT
 
 
 def _draw(kind: str, k: int, d: int, sparsity: int, generator, dtype, device) -> _Sketch:
     if kind == "gaussian":
         m = torch.randn(k, d, generator=generator, dtype=dtype, device=generator.device) / math.sqrt(k)
-        return _Sketch(k, matrix=m.to(device))
+        return _Gaussian(k, m.to(device))
     s = min(sparsity, k)
     rows = torch.randint(0, k, (s, d), generator=generator, device=generator.device)
     signs = (torch.randint(0, 2, (s, d), generator=generator, device=generator.device) * 2 - 1).to(dtype) / math.sqrt(s)
-    return _Sketch(k, rows=rows.to(device), signs=signs.to(device))
+    return _SJLT(k, rows.to(device), signs.to(device))
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,11 @@ class Projector:
       shapes: `{name: shape}` of the matrix parameters.
       dim: output width, Σ k_out·k_in over matrices plus k_rest.
       fingerprint: a hex digest of every drawn tensor (identifies the projection in a store).
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> list(proj.blocks), proj.rest, proj.dim       # weight [3, 8]: 2·4 columns; bias: k_rest = 8
+      (['weight', 'rest'], ('bias',), 16)
     """
 
     kind: str
@@ -131,6 +149,9 @@ class Projector:
 
     def project_rest(self, vectors: dict, lead: tuple) -> torch.Tensor:
         """The fallback block for formed vector gradients `{name: [*lead, *shape]}`: `[*lead, k_rest]`."""
+        if self.rest_sketch is None:
+            raise ValueError("ti.Projector.project_rest: this projector has no vector parameters (`rest` is empty), "
+                             "so there is no fallback block; project only its `matrices`.")
         flat = torch.cat([vectors[name].reshape(*lead, -1) for name in self.rest], dim=-1)
         return self.rest_sketch(flat)
 
@@ -169,11 +190,19 @@ def projector(params: dict, *, k_in: int, k_out: int, k_rest: int | None = None,
       `Projector` of width `dim = Σ_matrices k_out·k_in + k_rest`; `E[⟨Pg, Ph⟩] = ⟨g, h⟩`.
 
     Raises:
-      TypeError: `params` not a dict of floating tensors; `generator` not a torch.Generator.
+      TypeError: `params` not a dict; `generator` not a torch.Generator.
+      ArgumentError: `params` not floating tensors of one dtype and device.
       ValueError: a k < 1, an unknown `kind`.
 
-    Notes:
-      Memory: k_in·in + k_out·out numbers per matrix (Gaussian), plus k_rest·Σ vector sizes.
+    Cost: O(Σ_matrices (k_in·in + k_out·out) + k_rest·Σ vector sizes) draws and memory
+    (Gaussian; SJLT stores `sparsity` entries per input coordinate instead).
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> proj.dim
+      16
+      >>> ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0)).fingerprint == proj.fingerprint
+      True
     """
     where = "ti.projector"
     if not isinstance(params, dict):
@@ -259,7 +288,7 @@ def _capture_kernel(loss: Callable, params: dict, batch, *, per_token: bool, whe
 def _token_losses(loss: Callable, params, batch, where: str) -> torch.Tensor:
     """`loss(params, batch)` checked to be `[B, T]`."""
     out = loss(params, batch)
-    b = D.count_examples(batch, name="batch", call=where)
+    b = D._count_examples(batch, name="batch", call=where)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != b:
         got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{where}: `token_loss` must return one loss per example and token, shape [{b}, T]; it returned "
@@ -291,7 +320,25 @@ def _compress(proj: Projector, params: dict, plan, formed: dict, probe_grads: tu
 def compressed_grad_fn(loss: Callable, proj: Projector, *, per_token: bool = False) -> Callable:
     """Returns `(params, batch) -> [B, dim]` (`[B, T, dim]` with `per_token`), projected gradients.
 
-    One vectorized backward per call; see `compressed_grads` and `ti.token_grads`.
+    The kernel of `ti.compressed_grads` (one batch, no chunking) and, with `per_token`, of
+    `ti.token_grads`; composes with the caller's own loop over chunks.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]` (`Tensor[B, T]` with `per_token`).
+      proj: a `ti.Projector`.
+      per_token: differentiate every token's loss (one extra axis T).
+
+    Returns:
+      `kernel(params, batch)`: `[B, proj.dim]` (or `[B, T, proj.dim]`), dtype and device of the
+      parameters; it raises as `ti.compressed_grads` does.
+
+    Cost: per call, one vectorized backward over the batch (T of them with `per_token`).
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> kernel = ti.compressed_grad_fn(loss, proj)
+      >>> torch.allclose(kernel(params, train), ti.compressed_grads(loss, params, train, projector=proj))
+      True
     """
     return compressed_kernel(loss, proj, per_token=per_token, where="ti.compressed_grads")
 
@@ -305,14 +352,15 @@ def compressed_kernel(loss: Callable, proj: Projector, *, per_token: bool = Fals
                             f"got {type(params).__name__}.")
         _check_projector(where, proj, params)
         plan, formed, probe_grads, inputs = _capture_kernel(loss, params, batch, per_token=per_token, where=where)
-        B = D.count_examples(batch, name="batch", call=where)
-        lead = (B,) if not per_token else (B, next(iter(optree.tree_leaves((formed, probe_grads), namespace=""))).shape[1])
+        B = D._count_examples(batch, name="batch", call=where)
+        captured: tr.PyTree = (formed, probe_grads)
+        lead = (B,) if not per_token else (B, next(iter(optree.tree_leaves(captured, namespace=""))).shape[1])
         return _compress(proj, params, plan, formed, probe_grads, inputs, lead)
 
     return kernel
 
 
-def compressed_grads(loss: Callable, params: dict, data, *, projector: Projector,
+def compressed_grads(loss: Callable, params: dict, data: PyTree, *, projector: Projector,
                      chunk_size: int | None = None) -> torch.Tensor:
     """Returns the projected per-example gradients `P ∇ℓ(z_i)` of `data`, `[n, projector.dim]`.
 
@@ -332,15 +380,27 @@ def compressed_grads(loss: Callable, params: dict, data, *, projector: Projector
 
     Raises:
       TypeError: `params` not a dict; `projector` not a Projector.
-      ValueError: a projector drawn for other parameters; bad data, loss or chunk_size.
+      ValueError: a projector drawn for other parameters; bad data or loss.
+      ArgumentError: a bad `chunk_size`.
 
-    Notes:
-      Cost per chunk: one vectorized backward, plus T·(k_in·in + k_out·out + k_in·k_out) per
-      example and linear layer; formed gradients of other parameters cost their size.
+    Cost: one vectorized backward per chunk, plus O(T·(k_in·in + k_out·out + k_in·k_out)) per
+    example and linear layer applied at T positions; formed gradients of other parameters
+    cost their size. Memory: `[n, dim]` out, one chunk's captured factors at a time.
+
+    Example:
+      The weight's block is `P_out ∇W P_inᵀ` of the exact per-example gradient:
+
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> G = ti.compressed_grads(loss, params, train, projector=proj)
+      >>> G.shape
+      torch.Size([60, 16])
+      >>> exact = ti.per_example_grads(loss, params, train)["weight"]          # [60, 3, 8]
+      >>> torch.allclose(G[:, proj.blocks["weight"]], proj.project_matrix("weight", exact))
+      True
     """
     where = "ti.compressed_grads"
     checks.chunk_size(where, chunk_size)
-    D.count_examples(data, name="data", call=where)
+    D._count_examples(data, name="data", call=where)
     kernel = compressed_kernel(loss, projector, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
@@ -358,6 +418,12 @@ class ProjectedCurvature:
       inverses: `(Ĉ_b + λI)⁻¹` per block, `[k_b, k_b]`.
       n: the number of training examples Ĉ averages over.
       damping: λ.
+
+    Example:
+      >>> G = torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+      >>> curv = ti.projected_curvature(G, damping=0.1)
+      >>> curv.n, torch.allclose(curv.query(G), curv.precondition(G) / 60)
+      (60, True)
     """
 
     blocks: tuple
@@ -375,7 +441,8 @@ class ProjectedCurvature:
         return self.precondition(Q) / self.n
 
 
-def projected_curvature(grads, *, damping: float, blocks=None) -> ProjectedCurvature:
+def projected_curvature(grads: torch.Tensor | Iterable[torch.Tensor], *, damping: float,
+                        blocks: Projector | dict | None = None) -> ProjectedCurvature:
     """Returns the damped covariance `Ĉ = (1/n) Σ_z ĝ_z ĝ_zᵀ` of projected gradients, exactly inverted.
 
     Args:
@@ -386,13 +453,21 @@ def projected_curvature(grads, *, damping: float, blocks=None) -> ProjectedCurva
         layer (block-diagonal Ĉ, Σ k_b² numbers instead of dim²).
 
     Returns:
-      `ProjectedCurvature`.
+      `ProjectedCurvature`, inverses in the gradients' dtype promoted to at least float32.
 
     Raises:
-      ValueError: `damping` <= 0 or not finite; empty `grads`; blocks that do not tile `dim`.
+      ValueError: `damping` <= 0 or not finite; empty or non-2-D `grads`; blocks that do not
+        tile `dim`.
 
-    Notes:
-      Cost: n·Σ k_b² for the covariance, Σ k_b³ for the inverses (Cholesky).
+    Cost: O(n·Σ k_b²) for the covariance, O(Σ k_b³) for the inverses (Cholesky); memory
+    Σ k_b² (dim² for one block).
+
+    Example:
+      >>> G = torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+      >>> curv = ti.projected_curvature(G, damping=0.1)
+      >>> C = G.T @ G / 60 + 0.1 * torch.eye(16, dtype=G.dtype)
+      >>> torch.allclose(curv.precondition(G) @ C, G)
+      True
     """
     where = "ti.projected_curvature"
     damping = float(damping)
@@ -409,7 +484,7 @@ def projected_curvature(grads, *, damping: float, blocks=None) -> ProjectedCurva
         part = [work[:, s].mT @ work[:, s] for s in slices]
         sums = part if sums is None else [a + b for a, b in zip(sums, part)]
         n += chunk.shape[0]
-    if sums is None or n == 0:
+    if sums is None or slices is None or n == 0:
         raise ValueError(f"{where}: `grads` is empty.")
     inverses = tuple(_damped_inverse(S / n, damping) for S in sums)
     return ProjectedCurvature(tuple(slices), inverses, n, damping)
@@ -430,7 +505,7 @@ def _damped_inverse(C: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(C + damping * eye))
 
 
-def compressed_influence(loss: Callable, params: dict, train, test, *, projector: Projector, damping: float,
+def compressed_influence(loss: Callable, params: dict, train: PyTree, test: PyTree, *, projector: Projector, damping: float,
                          per_layer: bool = False, chunk_size: int | None = None) -> torch.Tensor:
     """Returns influence in the projected space, `(1/n) ĝ_testᵀ (Ĉ + λI)⁻¹ ĝ_z`, `[n_test, n_train]`.
 
@@ -455,11 +530,21 @@ def compressed_influence(loss: Callable, params: dict, train, test, *, projector
       `[n_test, n_train]`, dtype of the parameters (at least float32).
 
     Raises:
-      ValueError: as `ti.compressed_grads` and `ti.projected_curvature`.
+      TypeError: `params` not a dict; `projector` not a Projector.
+      ValueError: as `ti.compressed_grads` and `ti.projected_curvature` (e.g. `damping` <= 0).
 
-    Notes:
-      Memory: n_train·dim for the projected training gradients. Cost: one projected-gradient pass
-      over each set, n_train·dim² for Ĉ, dim³ for its inverse, n_test·n_train·dim for the scores.
+    Cost: one projected-gradient pass over each set, O(n_train·dim²) for Ĉ, O(dim³) for its
+    inverse, O(n_test·n_train·dim) for the scores. Memory: n_train·dim projected gradients.
+
+    Example:
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> scores = ti.compressed_influence(loss, params, train, test, projector=proj, damping=0.1)
+      >>> scores.shape
+      torch.Size([5, 60])
+      >>> Gz, Gt = (ti.compressed_grads(loss, params, d, projector=proj) for d in (train, test))
+      >>> C = Gz.T @ Gz / 60 + 0.1 * torch.eye(proj.dim, dtype=Gz.dtype)
+      >>> torch.allclose(scores, torch.linalg.solve(C, Gt.T).T @ Gz.T / 60)
+      True
     """
     Gz = compressed_grads(loss, params, train, projector=projector, chunk_size=chunk_size)
     Gt = compressed_grads(loss, params, test, projector=projector, chunk_size=chunk_size)

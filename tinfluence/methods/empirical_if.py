@@ -4,7 +4,7 @@ and the reverse check that perturbs along training gradients instead.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from torch.func import vmap
@@ -14,7 +14,11 @@ from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
 from ..core.objective import example_loss, per_example
-from ..core.scoring import check_inputs, row_sq_norms, stacked_grads
+from ..core.scoring import check_inputs, measure_or_loss, row_sq_norms, stacked_grads
+from ..core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["empirical_if", "reverse_check", "ReverseCheck"]
 
@@ -42,67 +46,76 @@ def _averaged_products(d_a: torch.Tensor, d_b: torch.Tensor) -> torch.Tensor:
     return d_a.T @ d_b / d_a.shape[0]
 
 
-def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, directions: int | None = None,
-                 generator: torch.Generator | None = None, chunk_size: int | None = None, group=None) -> torch.Tensor:
-    """Returns EmpiricalIF scores from loss changes under perturbations of θ, `[n_test, n_train]`.
+def empirical_if(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, measure: Callable | None = None, radius: float = 1e-3,
+                 directions: int | None = None, generator: torch.Generator | None = None,
+                 chunk_size: int | None = None, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Returns EmpiricalIF scores from value changes under perturbations of θ, `[n_test, n_train]`.
 
-    Ascent/descent (default): for each test point, u = g_test/‖g_test‖ and θ± = θ ± r·u.
-    With ΔL± = L_test(θ±) − L_test(θ) and Δℓ±(z) = ℓ(z; θ±) − ℓ(z; θ),
+    Test side m = `measure` (default `loss`), training side ℓ. Ascent/descent (default):
+    per test point u = ∇m/‖∇m‖, θ± = θ ± r·u, ΔM± = m(θ±, z_test) − m(θ, z_test),
+    Δℓ±(z) = ℓ(θ±, z) − ℓ(θ, z), and
 
-        score(z_test, z) = ½ (ΔL⁺·Δℓ⁺(z) + ΔL⁻·Δℓ⁻(z)).
+        score(z_test, z) = ½ (ΔM⁺·Δℓ⁺(z) + ΔM⁻·Δℓ⁻(z)).
 
-    Sphere (`directions=m`): the same with m random unit directions v_k shared by all test
-    points, averaged: score = (1/2m) Σ_k Σ_± ΔL±_k·Δℓ±_k(z).
-
-    Sign: positive = helpful: z is a proponent when moving θ changes its loss the same
-    way as the test loss, so fitting z fits the test point (the sign of docs/design.md).
-    Scale: the odd orders in r cancel between + and −, so for small r
-    score = r²·⟨g_test, g_z⟩ + O(r⁴) (ascent/descent) and, averaged over directions,
-    E[score] = (r²/P)·⟨g_test, g_z⟩ + O(r⁴) (sphere, P = number of parameters). It is thus
-    `ti.grad_dot` rescaled, plus the nonlinear response of the losses for larger r; it
-    predicts the change of the test loss when z is removed only up to scale.
+    Sphere (`directions=k`): the same averaged over k random unit directions shared by all
+    test points. Sign: positive = helpful (the sign of `ti.grad_dot` with the same
+    `measure`): moving θ changes ℓ(z) the way it changes m. Scale: odd orders in r cancel,
+    so score = r²·⟨∇m, ∇ℓ⟩ + O(r⁴) (ascent/descent), E[score] = (r²/P)·⟨∇m, ∇ℓ⟩ + O(r⁴)
+    (sphere, P parameters); compare rankings.
 
     Args:
-      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss ℓ.
       params: `dict[str, Tensor]`, usually the trained θ̂.
       train: training set, leading axis n_train.
-      test: test set, leading axis n_test.
+      test: test set, leading axis n_test; shaped like `train` unless a `measure` reads it.
+      measure: `(params, batch) -> Tensor[B]`, the test quantity m, `torch.func.vmap`-safe
+        (it is vmapped over the perturbed parameters); default `loss`.
       radius: step length r > 0 of every perturbation (‖θ± − θ‖ = r).
-      directions: m >= 1 random directions (sphere variant); None for ascent/descent.
+      directions: k >= 1 random directions (sphere variant); None for ascent/descent.
       generator: required with `directions`; its state is copied, not advanced.
       chunk_size: training examples per forward pass (default 1024).
-      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
-        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
-        rank returns the single-process result.
+      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`;
+        `generator` is checked alike on every rank too).
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
       ValueError: radius <= 0, directions < 1, a `generator` missing with (or given
-        without) `directions`; bad parameters, data or loss.
+        without) `directions`; bad parameters or data; a loss or measure that is not one
+        value per example, or not finite at θ or θ±; with a group, ranks whose `params`,
+        `test` or `generator` differ.
+      TypeError: a non-callable `loss` or `measure`.
 
-    Notes:
-      Cost: ascent/descent: one per-example gradient pass over test, then one forward pass
-      over the training data per perturbed parameter set (2·n_test of them, vmapped
-      together, chunk by chunk). Sphere: 2m forward passes over train and test, independent
-      of n_test. Memory: 2k parameter sets (k = n_test or m) and 2k × chunk_size activations.
+    Cost:
+      Ascent/descent: one gradient pass over test, then 2·n_test vmapped forward passes over
+      train, O(n_test·n_train) forwards and O(n_test·(P + chunk_size·activations)) memory.
+      Sphere: 2k forward passes over train and test, independent of n_test.
+
+    Example:
+      >>> scores = ti.empirical_if(loss, params, train, test, radius=1e-3)
+      >>> scores.shape
+      torch.Size([5, 60])
+      >>> torch.allclose(scores / 1e-6, ti.grad_dot(loss, params, train, test), rtol=1e-2, atol=1e-4)
+      True
 
     References:
       Liu et al., NeurIPS 2022 (EmpiricalIF), and its reverse check (`ti.reverse_check`).
     """
     where = "ti.empirical_if"
-    check_inputs(where, loss, params, train, test, chunk_size=chunk_size)
+    check_inputs(where, loss, params, train, test, chunk_size=chunk_size, alike=measure is None)
+    m, name = measure_or_loss(where, loss, measure)
     radius = _check_radius(where, radius)
-    base_test = per_example(loss, params, test, where=where)  # [n_test]
-    checks.finite_chunk(where, "test", base_test, 0, what="losses")
+    values = "losses" if measure is None else "`measure` values"
+    base_test = per_example(m, params, test, where=where, name=name)  # [n_test]
+    checks.finite_chunk(where, "test", base_test, 0, what=values)
     if directions is None:
         if generator is not None:
             raise ValueError(f"{where}: `generator` is only used with `directions`; pass directions=... or drop generator.")
-        V = _unit_rows(stacked_grads(loss, params, test, chunk_size=chunk_size, where=where))  # [n_test, ...]
+        V = _unit_rows(stacked_grads(m, params, test, chunk_size=chunk_size, where=where, name=name))  # [n_test, ...]
         thetas = _plus_minus(params, radius, V)
         doubled = tr.map(lambda leaf: torch.cat([leaf, leaf]), test)
-        d_test = vmap(example_loss(loss, where=where))(thetas, doubled) - base_test.repeat(2)  # [2 n_test]
+        d_test = vmap(example_loss(m, where=where, name=name))(thetas, doubled) - base_test.repeat(2)  # [2 n_test]
         combine = _paired_products
     else:
         directions = checks.integer(where, "directions", directions, minimum=1,
@@ -110,11 +123,13 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"{where}: `directions` needs an explicit `generator`, "
                              f"e.g. generator=torch.Generator().manual_seed(0); got {type(generator).__name__}.")
-        V = tr.random_like(params, generator=tr.fork_generator(generator), kind="sphere", batch=(directions,))  # [m, ...]
+        V = tr.random_like(params, generator=tr.fork_generator(generator), kind="sphere", batch=(directions,))  # [k, ...]
         thetas = _plus_minus(params, radius, V)
-        d_test = vmap(loss, in_dims=(0, None))(thetas, test) - base_test  # [2m, n_test]
+        d_test = vmap(m, in_dims=(0, None))(thetas, test) - base_test  # [2k, n_test]
         combine = _averaged_products
-    _perturbed_finite(where, "test", d_test.reshape(-1, base_test.shape[0]), radius)
+    drawn = {} if directions is None else {"generator": V}
+    dd._check_replicated(where, group, params=params, test=test, **drawn)
+    _perturbed_finite(where, "test", d_test.reshape(-1, base_test.shape[0]), radius, what=values)
 
     def chunk_scores(start, chunk):
         base = per_example(loss, params, chunk, where=where)                                  # [c]
@@ -123,15 +138,17 @@ def empirical_if(loss: Callable, params, train, test, *, radius: float = 1e-3, d
         _perturbed_finite(where, "train", d_train, radius, start)
         return combine(d_test, d_train)
 
-    return dd.gather_columns(D.chunk_cat(chunk_scores, train, chunk_size, dim=1, call=where, indexed=True), group)
+    return dd.gather_columns(D._chunk_cat(chunk_scores, train, chunk_size, dim=1, call=where, indexed=True), group)
 
 
-def _perturbed_finite(where: str, name: str, d: torch.Tensor, radius: float, start: int = 0) -> None:
-    """Raises `ArgumentError` naming the examples of `name` whose loss at a perturbed θ ± r·v is
-    not finite (the model overflows there). `d` is `[2k, c]`, c examples from id `start`; one reduction.
+def _perturbed_finite(where: str, name: str, d: torch.Tensor, radius: float, start: int = 0, *,
+                      what: str = "losses") -> None:
+    """Raises `ArgumentError` naming the examples of `name` whose `what` (losses, `measure` values) at a
+    perturbed θ ± r·v is not finite (the model overflows there). `d` is `[2k, c]`, c examples from id
+    `start`; one reduction.
     """
     if not bool(torch.isfinite(d.sum())):
-        checks.finite_chunk(where, name, d.T, start, what="losses at the perturbed parameters θ ± r·v",
+        checks.finite_chunk(where, name, d.T, start, what=f"{what} at the perturbed parameters θ ± r·v",
                             hint=f"Lower `radius` (now {radius:g}) if the loss overflows there.")
 
 
@@ -156,7 +173,7 @@ class ReverseCheck(NamedTuple):
     sign_agreement: torch.Tensor
 
 
-def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tensor, *, ratio: float = 0.01,
+def reverse_check(loss: Callable, params: PyTree, train: PyTree, test_point: PyTree, scores: torch.Tensor, *, ratio: float = 0.01,
                   radius: float = 1e-3) -> ReverseCheck:
     """Returns a `ReverseCheck`: do the top and bottom scores hold when perturbing along training gradients?
 
@@ -184,14 +201,21 @@ def reverse_check(loss: Callable, params, train, test_point, scores: torch.Tenso
       ValueError: `test_point` does not hold exactly one example, `scores` does not have
         n_train entries, or `ratio`/`radius` are out of range.
 
-    Notes:
-      Cost: one per-example gradient pass over the 2k checked points and 4k forward passes
-      of one example each (vmapped).
+    Cost:
+      One per-example gradient pass over the 2k checked points and 4k forward passes of one
+      example each (vmapped): O(k) backward and forward passes, O(k·P) memory.
+
+    Example:
+      >>> point = ti.take(test, slice(0, 1))
+      >>> scores = ti.empirical_if(loss, params, train, point)[0]
+      >>> report = ti.reverse_check(loss, params, train, point, scores, ratio=0.1)
+      >>> report.indices.shape, bool(report.correlation > 0.99)
+      (torch.Size([12]), True)
     """
     where = "ti.reverse_check"
     check_inputs(where, loss, params, train, test_point, names=("train", "test_point"))
-    n = D.count_examples(train, name="train", call=where)
-    if D.count_examples(test_point, name="test_point", call=where) != 1:
+    n = D._count_examples(train, name="train", call=where)
+    if D._count_examples(test_point, name="test_point", call=where) != 1:
         raise ValueError(f"{where}: `test_point` must hold exactly one example (leading axis 1); "
                          f"got {D.num_examples(test_point)}. Use ti.take(test, slice(j, j + 1)).")
     if not isinstance(scores, torch.Tensor) or scores.reshape(-1).shape != (n,) or scores.dim() > 2:

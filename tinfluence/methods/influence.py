@@ -37,7 +37,7 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
       params: `dict[str, Tensor]` at the optimum θ̂ (or a trainable subset, the rest closed over by `loss`).
       train: training set, a pytree of tensors with leading axis n.
-      test: test set, `train`'s structure, leading axis n_test.
+      test: test set, leading axis n_test; `train`'s structure unless a `measure` reads it.
       ihvp: `v ↦ (H + λI)⁻¹ v` on a stack (leading axis k): `ti.direct`, `ti.cg`, `ti.lissa`, `ti.ekfac(...).ihvp`.
       measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`.
       chunk_size: training examples per vectorized gradient pass (default 1024).
@@ -89,9 +89,9 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     checks.flag(call, "gather", gather)
     checks.flag(call, "return_info", return_info)
     check_factored(call, factored)
-    n_local = D.count_examples(train, name="train", call=call)
-    n_test = D.count_examples(test, name="test", call=call)
-    dd.check_replicated(call, group, params=params, test=test)
+    n_local = D._count_examples(train, name="train", call=call)
+    n_test = D._count_examples(test, name="test", call=call)
+    dd._check_replicated(call, group, params=params, test=test)
     start, n = dd.offset(n_local, group)
     if candidates is not None:
         _check_candidates(candidates, n_test, n)
@@ -188,8 +188,8 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
       True
     """
     check_inputs("ti.self_influence", loss, params, train, chunk_size=chunk_size)
-    n_local = D.count_examples(train, name="train", call="ti.self_influence")
-    dd.check_replicated("ti.self_influence", group, params=params)
+    n_local = D._count_examples(train, name="train", call="ti.self_influence")
+    dd._check_replicated("ti.self_influence", group, params=params)
     counts = dd.sizes(n_local, group)                                   # [world]
     kernel = grad_fn(loss, call="ti.self_influence")
     pair = vmap(tr.vdot)
@@ -202,7 +202,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
         mine = D.take(train, slice(start, stop))
         G = kernel(params, mine) if stop > start else tr.map(lambda p: p.new_zeros((0, *p.shape)), params)
         checks.finite_chunk("ti.self_influence", "train", G, start)
-        U, _ = checked_solve("ti.self_influence", ihvp, dd.gather_rows(G, rows, group, where="ti.self_influence"))
+        U, _ = checked_solve("ti.self_influence", ihvp, dd._gather_rows("ti.self_influence", G, rows, group))
         if stop > start:
             first = int(rows[:rank].sum())
             parts.append(pair(G, tr.map(lambda leaf, a=first, b=first + stop - start: leaf[a:b], U)))

@@ -8,6 +8,7 @@ import torch
 
 from ..core import checks
 from ..core import data as D
+from ..core.tree import PyTree
 
 __all__ = ["knn_candidates"]
 
@@ -25,18 +26,14 @@ def _features(features_fn: Callable, params, data, chunk_size, where: str) -> to
     return torch.cat(parts)
 
 
-def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_size: int | None = None) -> torch.Tensor:
+def knn_candidates(features_fn: Callable, params: PyTree, train: PyTree, test: PyTree, k: int, *,
+                   chunk_size: int | None = None) -> torch.Tensor:
     """Returns the ids of the k training points nearest each test point, LongTensor `[n_test, k]`.
 
     Nearest in Euclidean distance between `features_fn(params, batch) -> [B, F]` (e.g. a
     penultimate layer, or the inputs), nearest first (ties by lower id). Pass the result
     to `ti.influence(..., candidates=)` to score only these pairs (FastIF): influence is
     concentrated on training points that resemble the test point.
-
-    Cost and memory: one forward pass of `features_fn` over test and over train, chunk
-    by chunk; each training chunk meets all test features in one `torch.cdist` and a
-    running top-k is merged with it. Held at once: n_test × F + chunk_size × F features
-    and n_test × (k + chunk_size) distances, never n_test × n_train × F.
 
     Args:
       features_fn: `(params, batch) -> Tensor[B, F]`.
@@ -50,7 +47,20 @@ def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_
       LongTensor `[n_test, k]` of training ids, on the features' device.
 
     Raises:
-      ValueError: `k` out of range, or `features_fn` not returning `[B, F]`.
+      ArgumentError: `k` out of range, a bad `chunk_size`, `features_fn` not a function.
+      ValueError: `features_fn` not returning `[B, F]`; bad or mismatched data.
+
+    Cost: one forward pass of `features_fn` over test and over train, chunk by chunk, and
+    O(n_test · n_train · F) for the distances (one `torch.cdist` per training chunk, merged
+    into a running top-k). Memory: O((n_test + chunk_size) · F) features and
+    O(n_test · (k + chunk_size)) distances, never n_test × n_train × F.
+
+    Example:
+      >>> ids = ti.knn_candidates(lambda p, batch: batch[0], params, train, test, k=3)   # nearest inputs
+      >>> ids.shape
+      torch.Size([5, 3])
+      >>> torch.equal(ids, torch.cdist(test[0], train[0]).argsort(dim=1)[:, :3])
+      True
 
     References:
       Guo, Rajani, Hase, Bansal & Xiong, FastIF: Scalable Influence Functions for
@@ -59,9 +69,9 @@ def knn_candidates(features_fn: Callable, params, train, test, k: int, *, chunk_
     where = "ti.knn_candidates"
     checks.function(where, "features_fn", features_fn, "(params, batch) -> Tensor[B, F]")
     checks.params(where, params)
-    n_train = D.count_examples(train, name="train", call=where)
-    D.count_examples(test, name="test", call=where)
-    D.check_alike(where, train, test)
+    n_train = D._count_examples(train, name="train", call=where)
+    D._count_examples(test, name="test", call=where)
+    D._check_alike(where, train, test)
     checks.chunk_size(where, chunk_size)
     k = checks.integer(where, "k", k, minimum=1, maximum=n_train, hint=f"(n_train = {n_train}.)")
     query = _features(features_fn, params, test, chunk_size, where)                     # [n_test, F]

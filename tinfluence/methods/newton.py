@@ -35,12 +35,13 @@ without `predict` from exact per-example Hessians, for small P) and solved direc
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch.func import grad, jacrev, vmap
 
 from ..core import checks
+from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
 from ..core.errors import ConvergenceError
@@ -48,76 +49,88 @@ from ..core.objective import objective, per_example
 from ..core.scoring import check_inputs
 from ..core.transforms import grads, hessian_fn
 from ..core.transforms import hessian as dense_hessian
+from ..core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["newton_loo", "newton_step_without"]
 
 
-def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=None, groups=None,
+def newton_loo(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, l2: float = 0.0,
+               indices: Sequence[int] | torch.Tensor | None = None, groups: Sequence[Sequence[int] | torch.Tensor] | None = None,
                measure: Callable | None = None, predict: Callable | None = None,
                output_loss: Callable | None = None, damping: float = 0.0,
-               chunk_size: int | None = None) -> torch.Tensor:
-    """Returns Newton estimates of the change in a test measurement when examples are removed.
+               chunk_size: int | None = None, group: ProcessGroup | None = None) -> torch.Tensor:
+    """Returns Newton estimates of the change in a test measure when examples are removed, `[n_test, k]`.
 
-    For each removed set S (one example per entry of `indices`, or one group of `groups`)
-    takes one Newton step Δ_S on the objective retrained without S (mean over the n − |S|
-    kept examples plus the same `l2`; see the module docstring for the exact formula) and
-    reports `measure(θ̂ + Δ_S, z_test) − measure(θ̂, z_test)`, the measurement evaluated at
-    the new parameters, not linearized. Same sign and scale as influence scores: it
-    predicts L_test(θ̂ without S) − L_test(θ̂); positive = helpful (removing S hurts).
+        score[t, j] = m(θ̂ + Δ_{S_j}, z_t) − m(θ̂, z_t),
 
-    For single removals this is second-order accurate where first-order influence
-    (+(1/n) g_testᵀ H⁻¹ g_z) is first-order; for groups it replaces the sum of
-    first-order scores, which ignores the removed examples' curvature and their
-    interaction.
+    m = `measure` (default `loss`), Δ_S one Newton step on the objective retrained without
+    S (mean over the n − |S| kept examples plus the same `l2`; formula in the module
+    docstring), m evaluated at the new parameters. Sign and scale of influence scores:
+    it predicts m(θ̂ without S) − m(θ̂); positive = helpful. Second-order accurate for
+    single removals; for groups it includes the removed examples' curvature and interaction.
 
     Args:
-      loss: `(params, batch) -> Tensor[B]`, one loss per example.
-      params: θ̂, the trained parameters (`dict[str, Tensor]`, possibly a trainable subset).
-      train: the training set, leading axis n.
-      test: the test set, leading axis n_test.
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
+      params: θ̂, the trained parameters (`dict[str, Tensor]`, possibly a subset; P numbers).
+      train: the training set, leading axis n (with a group, this rank's shard).
+      test: the test set, leading axis n_test; shaped like `train` unless a `measure` reads it.
       l2: the L2 coefficient of the training objective `ti.objective(loss, train, l2=l2)`.
       indices: k training ids, each removed on its own (a 1-D int tensor or list).
-      groups: a list of k 1-D int tensors or lists of training ids, each removed as a whole.
-        Give exactly one of `indices` and `groups`.
-      measure: `(params, batch) -> Tensor[B]`, the measurement per test example; default `loss`.
-        It is vmapped over the k stacked parameter sets, so it must be `torch.func.vmap`-safe.
+      groups: a list of k id lists or 1-D tensors, each removed as a whole. Exactly one of
+        `indices` and `groups`; with a group, the ids are global.
+      measure: `(params, batch) -> Tensor[B]`, the test quantity m, vmapped over the k
+        parameter sets (`torch.func.vmap`-safe); default `loss`.
       predict: `(params, batch) -> Tensor[B, ...]`, the model outputs; with `output_loss`,
-        selects the Gauss-Newton curvature factors (fast for many removals).
-      output_loss: `(outputs, batch) -> Tensor[B]` with
-        `loss(params, batch) == output_loss(predict(params, batch), batch)`.
+        the Gauss-Newton curvature factors (fast for many removals).
+      output_loss: `(outputs, batch) -> Tensor[B]`, `output_loss(predict(p, b), b) == loss(p, b)`.
       damping: λ ≥ 0 added to the Hessian of the retrained objective (default 0).
       chunk_size: examples per chunk in the passes over `train` and `test`.
+      group: a process group when `train` is this rank's contiguous shard (shards in rank
+        order, sizes may differ). `params`, `test`, the ids, `l2` and `damping` must be the
+        same on every rank (checked); the sums over `train` are all-reduced and every rank
+        returns the single-process result.
 
     Returns:
-      `[n_test, k]` tensor, dtype and device of the parameters.
+      `[n_test, k]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      ValueError: both or neither of `indices`/`groups`; an id out of range; an empty
-        group or one repeating an id; a group removing every example; only one of
-        `predict`/`output_loss`; `l2` or `damping` < 0.
-      TypeError: ids that are not integers.
-      ConvergenceError: a Newton step is not finite (the retrained objective's curvature
-        is singular); raise `damping` or use the Gauss-Newton factors.
+      ValueError: both or neither of `indices`/`groups`; ids out of range, repeated in a
+        group, or removing every example; only one of `predict`/`output_loss`, or the two
+        not composing to `loss`; `l2` or `damping` < 0; bad data, loss or measure; with a
+        group, replicated arguments that differ between ranks.
+      TypeError: ids that are not integers; a non-callable `loss`, `measure` or `predict`.
+      ConvergenceError: a Newton step is not finite (singular curvature); raise `damping`.
 
-    Notes:
-      Cost: one pass over `train` for the summed gradient and one for A (Gauss-Newton:
-      per-example Jacobians, O vector-Jacobian products each; otherwise `ti.hessian`); one
-      P×P eigendecomposition; per-example gradients and curvature factors of the removed
-      examples only; one batched Woodbury solve of size O·|S| per distinct group size
-      (removals of the same size are solved together, a Python loop runs only over
-      distinct sizes); the measurement at all k parameter sets in one vmap per test chunk.
+    Cost:
+      Two passes over `train` (gradient and curvature sums; O(n·O) vector-Jacobian products
+      with Gauss-Newton factors), one O(P³) eigendecomposition, one batched Woodbury solve
+      of size O·|S| per distinct set size, the measure at k parameter sets in one vmap per
+      test chunk; O(P² + k·P) memory. With a group the passes over `train` are split.
 
     Example:
       >>> delta = ti.newton_loo(loss, params, train, test, l2=1e-2, indices=top_k,
-      ...                       predict=predict, output_loss=output_loss)          # [n_test, 4]
+      ...                       predict=predict, output_loss=output_loss)
+      >>> delta.shape
+      torch.Size([5, 4])
+      >>> stepped = ti.newton_step_without(loss, params, train, l2=1e-2, remove=top_k[1:2],
+      ...                                  predict=predict, output_loss=output_loss)
+      >>> torch.allclose(delta[:, 1], loss(stepped, test) - loss(params, test))
+      True
     """
     where = "ti.newton_loo"
-    n, l2, damping = _check(where, loss, params, train, test, l2, damping, predict, output_loss, chunk_size,
-                            alike=measure is None)
+    n_local, l2, damping = _check(where, loss, params, train, test, l2, damping, predict, output_loss, chunk_size,
+                                  alike=measure is None)
     measure = loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
+    start, n = dd.offset(n_local, group)
     sets = _removals(where, n, indices, groups)
-    stacked = _newton_params(where, loss, params, train, sets, l2=l2, damping=damping,
-                             predict=predict, output_loss=output_loss, chunk_size=chunk_size)
+    ids = torch.cat(sets)
+    removed = {"indices": ids} if groups is None else {"groups": (ids, torch.tensor([len(s) for s in sets]))}
+    dd._check_replicated(where, group, params=params, test=test, **removed, l2=l2, damping=damping)
+    stacked = _newton_params(where, loss, params, train, sets, l2=l2, damping=damping, predict=predict,
+                             output_loss=output_loss, chunk_size=chunk_size, group=group, start=start, n=n)
     k = len(sets)
     at_all = vmap(measure, in_dims=(0, None))
 
@@ -129,10 +142,10 @@ def newton_loo(loss: Callable, params, train, test, *, l2: float = 0.0, indices=
                             hint="The stepped parameters make `measure` overflow: raise `damping`.")
         return delta
 
-    return D.chunk_cat(changes, test, chunk_size, dim=1, call=where, indexed=True).T
+    return D._chunk_cat(changes, test, chunk_size, dim=1, call=where, indexed=True).T
 
 
-def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remove,
+def newton_step_without(loss: Callable, params: PyTree, train: PyTree, *, l2: float = 0.0, remove: Sequence[int] | torch.Tensor,
                         predict: Callable | None = None, output_loss: Callable | None = None,
                         damping: float = 0.0, chunk_size: int | None = None) -> dict:
     """Returns θ̂ + Δ: one Newton step from θ̂ on the objective retrained without `remove`.
@@ -158,6 +171,19 @@ def newton_step_without(loss: Callable, params, train, *, l2: float = 0.0, remov
 
     Raises:
       ValueError: as `ti.newton_loo`, with `remove` in place of a group.
+      TypeError: as `ti.newton_loo`.
+      ConvergenceError: as `ti.newton_loo`.
+
+    Cost:
+      As `ti.newton_loo` for one removed set, without the measure: two passes over `train`,
+      one O(P³) eigendecomposition, one solve of size O·|S|; memory O(P²).
+
+    Example:
+      >>> stepped = ti.newton_step_without(loss, params, train, l2=1e-2, remove=[0, 1, 2])
+      >>> R = ti.objective(loss, ti.take(train, torch.arange(3, 60)), l2=1e-2)   # the retrained objective
+      >>> size = lambda p: ti.ravel(torch.func.grad(R)(p)).norm()
+      >>> bool(size(stepped) < 0.2 * size(params))    # the step goes most of the way to its optimum
+      True
     """
     where = "ti.newton_step_without"
     n, l2, damping = _check(where, loss, params, train, None, l2, damping, predict, output_loss, chunk_size)
@@ -182,7 +208,7 @@ def _check(where, loss, params, train, test, l2, damping, predict, output_loss, 
             f"{where}: give both `predict` and `output_loss` (Gauss-Newton curvature factors) or "
             f"neither (exact per-example Hessians, small models); got only "
             f"`{'predict' if output_loss is None else 'output_loss'}`.")
-    n = D.count_examples(train, name="train", call=where)
+    n = D._count_examples(train, name="train", call=where)
     if predict is not None:
         _check_consistent(where, loss, params, D.take(train, slice(0, CONSISTENCY_EXAMPLES)), predict, output_loss)
     return n, l2, damping
@@ -239,13 +265,23 @@ def _removals(where, n, indices, groups) -> list:
     return [_as_ids(where, f"groups[{j}]", g, n, unique=True) for j, g in enumerate(groups)]
 
 
-def _newton_params(where, loss, params, train, sets, *, l2, damping, predict, output_loss, chunk_size):
-    """θ̂ + Δ_S for every set S, stacked: leaves `[k, *shape]` in the order of `sets`."""
-    n = D.count_examples(train, name="train", call=where)
+def _newton_params(where, loss, params, train, sets, *, l2, damping, predict, output_loss, chunk_size,
+                   group=None, start: int = 0, n: int | None = None):
+    """θ̂ + Δ_S for every set S, stacked: leaves `[k, *shape]` in the order of `sets`.
+
+    With a process group, `train` is this rank's shard, holding the global ids
+    [start, start + n_local) of n: the sums G and A are all-reduced (one collective), and
+    so are the removed examples' terms (one per distinct set size), so every rank makes
+    the same collective calls and takes the same steps.
+    """
+    n_local = D._count_examples(train, name="train", call=where)
+    n = n_local if n is None else n
     theta = tr.ravel(params)
-    G = n * tr.ravel(grad(objective(loss, train, chunk_size=chunk_size))(params))   # Σ_i ∇ℓ_i, [P]
+    G = n_local * tr.ravel(grad(objective(loss, train, chunk_size=chunk_size))(params))   # Σ_i ∇ℓ_i over the shard, [P]
     A = _curvature_sum(where, loss, params, train, predict, output_loss, chunk_size)       # Σ_i ∇²ℓ_i, [P, P]
-    _check_sums(where, loss, params, train, G, A, chunk_size)
+    local_finite = bool(torch.isfinite(G.sum() + A.sum()))
+    G, A = dd._all_reduce(where, (G, A), group)
+    _check_sums(where, loss, params, train, G, A, chunk_size, local_finite)
     eigvals, Q = torch.linalg.eigh(A)
     norms = []
     sizes = torch.tensor([len(s) for s in sets])
@@ -254,10 +290,10 @@ def _newton_params(where, loss, params, train, sets, *, l2, damping, predict, ou
         pos = (sizes == size).nonzero().flatten()
         ids = torch.stack([sets[j] for j in pos.tolist()]).to(theta.device)   # [g, s]
         c = (n - size) * (l2 + damping)
-        removed = grads(loss, params, D.take(train, ids.flatten()), chunk_size=chunk_size, call=where, data_name="train")
-        norms.append(tr.ravel(removed, batch_ndim=1).norm(dim=1))
-        rhs = G - _group_sum(removed, ids.shape) + (n - size) * l2 * theta                # [g, P]
-        J, Omega = _factors(where, loss, params, D.take(train, ids.flatten()), predict, output_loss)
+        removed, J, Omega = _removed_terms(where, loss, params, train, ids.flatten(), start, predict, output_loss,
+                                           chunk_size, group)
+        norms.append(removed.norm(dim=1))
+        rhs = G - removed.reshape(*ids.shape, -1).sum(1) + (n - size) * l2 * theta         # [g, P]
         try:
             steps[pos.to(steps.device)] = -_solve_without(A, eigvals, Q, c, J, Omega, ids.shape, rhs)
         except torch.linalg.LinAlgError:
@@ -289,28 +325,49 @@ def warn_if_not_stationary(where: str, gradient: torch.Tensor, share: torch.Tens
             stacklevel=3)
 
 
-def _check_sums(where, loss, params, train, G, A, chunk_size) -> None:
+def _check_sums(where, loss, params, train, G, A, chunk_size, local_finite: bool = True) -> None:
     """Raises `ArgumentError` naming the examples and leaf when the gradient sum `G` or curvature
-    sum `A` is not finite: one reduction each; the culprits are searched for only then.
+    sum `A` is not finite: one reduction each; the culprits are searched for only then, on the
+    rank whose shard's sums were not finite (`local_finite` False; the ids are of that shard).
     """
     if bool(torch.isfinite(G.sum() + A.sum())):
         return
+    if local_finite:
+        raise checks.ArgumentError(
+            f"{where}: the gradient or curvature sums of another rank's shard of `train` are not finite; that "
+            "rank's error names the examples. Fix or drop them there.")
     grads(loss, params, train, chunk_size=chunk_size, call=where, data_name="train")   # raises naming the ids
     raise checks.ArgumentError(
         f"{where}: every training gradient is finite but the curvature sum is not; check `predict` and "
         "`output_loss` (or the loss's second derivatives) for overflow on `train`.")
 
 
+def _removed_terms(where, loss, params, train, ids, start, predict, output_loss, chunk_size, group):
+    """The removed examples' raveled gradients `[m, P]` and curvature factors (`_factors`), for global `ids` `[m]`.
+
+    With a group each rank computes the terms of the ids in its shard [start, start + n_local)
+    (one example of its own stands in when it holds none, to fix the shapes), zeros the
+    others' rows and the ranks' terms are summed: one all-reduce of m·(P + O·P + O²) numbers
+    (m·(P + P²) with exact Hessians).
+    """
+    n_local = D.num_examples(train)
+    local = ids - start
+    owned = ((local >= 0) & (local < n_local)).nonzero().flatten()
+    rows = local[owned] if group is None or owned.numel() else local.new_zeros(1)
+    batch = D.take(train, rows)
+    removed = tr.ravel(grads(loss, params, batch, chunk_size=chunk_size, call=where, data_name="train"), batch_ndim=1)
+    J, Omega = _factors(where, loss, params, batch, predict, output_loss)
+    terms: tuple[torch.Tensor, ...] = (removed, Omega) if J is None else (removed, Omega, J)
+    if group is not None:
+        terms = tuple(t.new_zeros((ids.numel(), *t.shape[1:])).index_copy(0, owned, t[:owned.numel()]) for t in terms)
+        terms = dd._all_reduce(where, terms, group)
+    return terms[0], (None if J is None else terms[2]), terms[1]
+
+
 def _singular(where) -> ConvergenceError:
     return ConvergenceError(f"{where}: a Newton step is not finite: the curvature of the objective without the "
                             "removed examples is singular. Raise `damping`, or pass `predict`/`output_loss` "
                             "for the positive semi-definite Gauss-Newton curvature.")
-
-
-def _group_sum(per_example, shape):
-    """Raveled per-example trees `[g·s, ...]` summed within each group -> `[g, P]`."""
-    g, s = shape
-    return tr.ravel(per_example, batch_ndim=1).reshape(g, s, -1).sum(1)
 
 
 def _solve_without(A, eigvals, Q, c, J, Omega, shape, rhs):

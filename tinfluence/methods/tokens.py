@@ -23,12 +23,13 @@ import torch
 
 from ..core import checks
 from ..core import data as D
+from ..core.tree import PyTree
 from .compressed import ProjectedCurvature, Projector, compressed_kernel
 
 __all__ = ["token_grads", "query_token_influence", "train_token_influence"]
 
 
-def token_grads(token_loss: Callable, params: dict, data, *, projector: Projector,
+def token_grads(token_loss: Callable, params: dict, data: PyTree, *, projector: Projector,
                 chunk_size: int | None = None) -> torch.Tensor:
     """Returns the projected gradient of every token's loss, `[n, T, projector.dim]`.
 
@@ -47,15 +48,28 @@ def token_grads(token_loss: Callable, params: dict, data, *, projector: Projecto
       `[n, T, dim]`, dtype and device of the parameters.
 
     Raises:
-      ValueError: `token_loss` not `[B, T]`; errors of `ti.compressed_grads`.
+      ValueError: `token_loss` not `[B, T]`; as `ti.compressed_grads`.
+      TypeError: as `ti.compressed_grads`.
+      ArgumentError: a bad `chunk_size`.
 
-    Notes:
-      Cost per chunk: T backward passes batched by vmap, and T²·(k_out·k_in + k_out·out) + T·k_in·in
-      per sequence and linear layer for the projections.
+    Cost: per chunk, T backward passes batched by vmap, and O(T²·(k_out·k_in + k_out·out) +
+    T·k_in·in) per sequence and linear layer for the projections; memory O(chunk·T·dim).
+
+    Example:
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
+      >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
+      >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> G = ti.token_grads(token_loss, params, seqs, projector=proj)
+      >>> G.shape
+      torch.Size([4, 3, 16])
+      >>> torch.allclose(G.sum(1), ti.compressed_grads(seq_loss, params, seqs, projector=proj))
+      True
     """
     where = "ti.token_grads"
     checks.chunk_size(where, chunk_size)
-    D.count_examples(data, name="data", call=where)
+    D._count_examples(data, name="data", call=where)
     kernel = compressed_kernel(token_loss, projector, per_token=True, where=where)
     return D.chunk_cat(lambda chunk: kernel(params, chunk), data, chunk_size)
 
@@ -66,7 +80,7 @@ def _check_curvature(where: str, curvature) -> None:
                         f"gradients); got {type(curvature).__name__}.")
 
 
-def query_token_influence(token_loss: Callable, params: dict, queries, train, *, projector: Projector,
+def query_token_influence(token_loss: Callable, params: dict, queries: PyTree, train: PyTree, *, projector: Projector,
                           curvature: ProjectedCurvature, chunk_size: int | None = None,
                           progress: bool = False) -> torch.Tensor:
     """Returns the influence of each training sequence on each query token's loss, `[n_query, T, n_train]`.
@@ -86,11 +100,29 @@ def query_token_influence(token_loss: Callable, params: dict, queries, train, *,
       progress: a tqdm bar over the store's chunks.
 
     Returns:
-      `[n_query, T, n_train]`; positive = helpful.
+      `[n_query, T, n_train]`, dtype of the curvature (at least float32); positive = helpful.
 
-    Notes:
-      Cost: one per-token gradient pass over the queries, then one `[n_query·T, dim] × [dim, n_train]`
-      product (chunk by chunk for a store).
+    Raises:
+      TypeError: `curvature` not a `ti.ProjectedCurvature`; as `ti.token_grads`.
+      ValueError: as `ti.token_grads`.
+
+    Cost: one per-token gradient pass over the queries, then one `[n_query·T, dim] × [dim, n_train]`
+    product, O(n_query·T·dim·n_train) (chunk by chunk for a store).
+
+    Example:
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
+      >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
+      >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> Gz = ti.compressed_grads(seq_loss, params, seqs, projector=proj)
+      >>> curv = ti.projected_curvature(Gz, damping=0.1)
+      >>> scores = ti.query_token_influence(token_loss, params, seqs, Gz, projector=proj, curvature=curv)
+      >>> scores.shape
+      torch.Size([4, 3, 4])
+      >>> per_sequence = ti.compressed_influence(seq_loss, params, seqs, seqs, projector=proj, damping=0.1)
+      >>> torch.allclose(scores.sum(1), per_sequence)
+      True
     """
     where = "ti.query_token_influence"
     _check_curvature(where, curvature)
@@ -100,7 +132,7 @@ def query_token_influence(token_loss: Callable, params: dict, queries, train, *,
     return train.influence(Q, curvature, progress=progress)
 
 
-def train_token_influence(token_loss: Callable, params: dict, train, queries, *, projector: Projector,
+def train_token_influence(token_loss: Callable, params: dict, train: PyTree, queries: PyTree, *, projector: Projector,
                           curvature: ProjectedCurvature, query_loss: Callable | None = None,
                           chunk_size: int | None = None) -> torch.Tensor:
     """Returns the influence of each training token on each query's loss, `[n_query, n_train, T]`.
@@ -121,11 +153,30 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
       chunk_size: training sequences per vectorized backward.
 
     Returns:
-      `[n_query, n_train, T]`; positive = helpful.
+      `[n_query, n_train, T]`, dtype of the curvature (at least float32); positive = helpful.
 
-    Notes:
-      Cost: one per-token gradient pass over `train` (chunk by chunk) and one over the queries
-      summed; memory n_query·n_train·T for the result and chunk·T·dim for the gradients.
+    Raises:
+      TypeError: `curvature` not a `ti.ProjectedCurvature`; as `ti.token_grads`.
+      ValueError: as `ti.token_grads`.
+      ArgumentError: a bad `chunk_size`.
+
+    Cost: one per-token gradient pass over `train` (chunk by chunk) and one gradient pass over
+    the queries, then O(n_query·n_train·T·dim); memory n_query·n_train·T for the result and
+    chunk·T·dim for the gradients.
+
+    Example:
+      >>> x, y = ti.take(train, torch.arange(12))
+      >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
+      >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
+      >>> seq_loss = lambda p, b: token_loss(p, b).sum(-1)
+      >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
+      >>> curv = ti.projected_curvature(ti.compressed_grads(seq_loss, params, seqs, projector=proj), damping=0.1)
+      >>> scores = ti.train_token_influence(token_loss, params, seqs, seqs, projector=proj, curvature=curv)
+      >>> scores.shape
+      torch.Size([4, 4, 3])
+      >>> per_sequence = ti.compressed_influence(seq_loss, params, seqs, seqs, projector=proj, damping=0.1)
+      >>> torch.allclose(scores.sum(-1), per_sequence)
+      True
     """
     where = "ti.train_token_influence"
     _check_curvature(where, curvature)
@@ -134,5 +185,5 @@ def train_token_influence(token_loss: Callable, params: dict, train, queries, *,
     query_kernel = compressed_kernel(measure, projector, where=where)
     Q = curvature.query(D.chunk_cat(lambda c: query_kernel(params, c), queries, chunk_size))   # [n_query, dim]
     kernel = compressed_kernel(token_loss, projector, per_token=True, where=where)
-    D.count_examples(train, name="train", call=where)
+    D._count_examples(train, name="train", call=where)
     return D.chunk_cat(lambda c: torch.einsum("qd,ztd->qzt", Q, kernel(params, c).to(Q.dtype)), train, chunk_size, dim=1)

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import optree
 import torch
 
 from ..core import checks
+from ..core import collectives as dd
 from ..core import tree as tr
 from ..core.model import Checkpoint
-from ..core.scoring import check_factored, check_inputs, grad_products, over_train, stacked_grads
+from ..core.scoring import check_factored, check_inputs, grad_products, measure_or_loss, over_train, stacked_grads
+from ..core.tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["tracin", "tracin_self_influence"]
 
 
-def _check_checkpoints(where: str, checkpoints) -> list:
+def _check_checkpoints(where: str, checkpoints) -> list[Checkpoint]:
     """The checkpoints as `ti.Checkpoint(params, float lr, frozen dict)`, all with the names and shapes of the first.
 
     A `(params, lr)` pair or `frozen=None` gets `frozen={}` (the state closed over by `apply`).
@@ -28,15 +33,17 @@ def _check_checkpoints(where: str, checkpoints) -> list:
             f"got {type(checkpoints).__name__}{' (empty)' if isinstance(checkpoints, (list, tuple)) else ''}.")
     out = [_check_checkpoint(where, t, item) for t, item in enumerate(checkpoints)]
     first = out[0]
+    first_frozen = first.frozen or {}
     shapes = [tuple(leaf.shape) for leaf in optree.tree_leaves(first.params, namespace="")]
     for t, ckpt in enumerate(out[1:], start=1):
         if optree.tree_structure(ckpt.params, namespace="") != optree.tree_structure(first.params, namespace="") or \
                 [tuple(leaf.shape) for leaf in optree.tree_leaves(ckpt.params, namespace="")] != shapes:
             raise ValueError(f"{where}: checkpoint {t} does not have the parameter names and shapes of checkpoint 0; "
                              "every checkpoint must hold the same parameters.")
-        if ckpt.frozen.keys() != first.frozen.keys():
+        frozen = ckpt.frozen or {}
+        if frozen.keys() != first_frozen.keys():
             raise ValueError(f"{where}: checkpoint {t} does not have the frozen names of checkpoint 0 "
-                             f"(differing: {sorted(ckpt.frozen.keys() ^ first.frozen.keys())}); every checkpoint "
+                             f"(differing: {sorted(frozen.keys() ^ first_frozen.keys())}); every checkpoint "
                              "must hold the same state, as ti.load_checkpoints returns it.")
     return out
 
@@ -66,7 +73,21 @@ def _check_checkpoint(where: str, t: int, item) -> Checkpoint:
     return Checkpoint(params, lr, dict(frozen))
 
 
-def _at(loss: Callable, frozen: dict) -> Callable:
+def _lr_weighted_sum(ckpts: list[Checkpoint], term: Callable[[Checkpoint], torch.Tensor]) -> torch.Tensor:
+    """`Σ_t lr_t · term(checkpoint t)`, accumulated one checkpoint at a time (`ckpts` is non-empty)."""
+    first, *rest = ckpts
+    total = first.lr * term(first)
+    for ckpt in rest:
+        total = total + ckpt.lr * term(ckpt)
+    return total
+
+
+def _replicated(ckpts: list) -> list:
+    """What every rank must hold alike of the checkpoints: `(params, lr, frozen)` each."""
+    return [(ckpt.params, ckpt.lr, ckpt.frozen) for ckpt in ckpts]
+
+
+def _at(loss: Callable, frozen: dict | None) -> Callable:
     """`(p, batch) -> loss({**frozen, **p}, batch)`: the loss at a checkpoint's full state, a function of `p` only."""
     if not frozen:
         return loss
@@ -92,63 +113,56 @@ def _projection(params, dim: int, generator: torch.Generator) -> Callable:
     return project
 
 
-def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | None = None,
-           generator: torch.Generator | None = None, chunk_size: int | None = None, group=None,
-           factored: bool = False) -> torch.Tensor:
-    """Returns TracIn scores Σ_t lr_t ⟨∇ℓ(z_test; θ_t), ∇ℓ(z; θ_t)⟩, `[n_test, n_train]`.
+def tracin(loss: Callable, checkpoints: Sequence[tuple], train: PyTree, test: PyTree, *, measure: Callable | None = None,
+           projection_dim: int | None = None, generator: torch.Generator | None = None,
+           chunk_size: int | None = None, group: ProcessGroup | None = None, factored: bool = False) -> torch.Tensor:
+    """Returns TracIn scores Σ_t lr_t ⟨∇m(θ_t, z_test), ∇ℓ(θ_t, z)⟩, `[n_test, n_train]`.
 
-    The TracInCP form: at each saved checkpoint θ_t the test and training gradients meet
-    in one matrix product, weighted by the learning rate in force after that checkpoint.
-    Training gradients are computed once per checkpoint, chunk by chunk, and reused for
-    every test point.
-
-    Sign: positive = proponent (helpful): a gradient step on z lowers the test loss to first
-    order, so removing z would raise it, as in docs/design.md; TracIn's own sign is the same.
-    Scale: for full-batch gradient descent on the mean loss with a checkpoint at every step,
-    `tracin / n` is the first-order change of the test loss that z's share of the steps
-    caused; it ignores how removing z changes the later trajectory, so it predicts the
-    leave-one-out change only up to scale (and only roughly); compare rankings.
-
-    With `projection_dim=d`, every gradient is multiplied by one Gaussian matrix with
-    N(0, 1/d) entries (Johnson–Lindenstrauss), the same for test, train and every
-    checkpoint; each product is then an unbiased estimate of the exact one, with error
-    about ‖g_test‖‖g_z‖/√d. Gradients are projected chunk by chunk, so memory is
-    n_test·d + chunk_size·P + P·d instead of n_test·P.
+    The TracInCP form, m = `measure` (default `loss`), lr_t the learning rate in force after
+    checkpoint θ_t. Sign: positive = proponent (helpful): a gradient step on z lowers m to
+    first order, so removing z would raise it; TracIn's own sign is the same. Scale: for
+    full-batch gradient descent with a checkpoint at every step, `tracin / n` is the
+    first-order change of m that z's share of the steps caused, ignoring how removing z
+    changes the later trajectory; compare rankings. With `projection_dim=d` every gradient
+    is multiplied by one shared Gaussian N(0, 1/d) matrix: each product is an unbiased
+    estimate with error about ‖∇m‖‖∇ℓ‖/√d.
 
     Args:
-      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss ℓ.
       checkpoints: list of `(params_t, lr_t)` pairs or `ti.Checkpoint(params_t, lr_t, frozen_t)`
-        (as `ti.load_checkpoints` returns them); `params_t` of one structure, lr_t > 0.
-        Checkpoint t is evaluated at its own complete state, `loss({**frozen_t, **p}, batch)`,
-        with gradients over `p` only (the attributed subset); a pair means the state closed
-        over by `apply`. `loss` must hand its `params` to `ti.functionalize`'s `apply` as they are.
+        (as `ti.load_checkpoints` returns them), lr_t > 0. `loss` and `measure` are evaluated
+        at `{**frozen_t, **p}` with gradients over `p` only.
       train: training set, leading axis n_train.
-      test: test set, leading axis n_test.
+      test: test set, leading axis n_test; shaped like `train` unless a `measure` reads it.
+      measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`.
       projection_dim: d for the random-projection variant; None for exact products.
       generator: required with `projection_dim`; its state is copied, not advanced.
       chunk_size: examples per vectorized backward (default 1024).
-      group: a `torch.distributed` process group when `train` is this rank's contiguous shard
-        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
-        rank returns the single-process result.
-      factored: True computes the products of linear-layer gradients from their factors
-        (`ti.factored`: layer inputs and output gradients) without forming per-example
-        gradients, and other parameters' gradients as usual; the same result to round-off.
-        Not with `projection_dim`, which needs the formed gradients.
+      group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`;
+        the checkpoints, `test` and `generator` are checked alike on every rank).
+      factored: linear layers' products from their factors (as `ti.grad_dot`); not with `projection_dim`.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      ValueError: empty or inconsistent `checkpoints` (names, shapes or frozen names differ, a
-        name both in params and frozen), lr <= 0, `projection_dim` < 1, a
+      ValueError: empty or inconsistent `checkpoints`, lr <= 0, `projection_dim` < 1, a
         `generator` missing with (or given without) `projection_dim`, `projection_dim` with
-        `factored=True`; bad data or loss.
-      TypeError: a non-bool `factored`; `params_t` not a dict with `factored=True` or with
-        `frozen_t`; `frozen_t` not a dict of tensors.
+        `factored=True`; bad data, loss or measure (as `ti.grad_dot`).
+      TypeError: a non-callable `loss` or `measure`; a non-bool `factored`; `params_t` not a
+        dict with `factored=True` or with `frozen_t`; `frozen_t` not a dict of tensors.
 
-    Notes:
-      Cost: per checkpoint, one per-example gradient pass over test and one over train, and
-      one matrix product per training chunk (factored: two per linear layer, see `ti.grad_dot`).
+    Cost:
+      Per checkpoint what `ti.grad_dot` costs, O(n_test·n_train·P) time and
+      O((n_test + chunk_size)·P) memory; projected, O(n_test·d + chunk_size·P + P·d) memory.
+
+    Example:
+      >>> ckpts = [(params, 0.1), (ti.tree.scale(0.5, params), 0.05)]
+      >>> scores = ti.tracin(loss, ckpts, train, test)
+      >>> scores.shape
+      torch.Size([5, 60])
+      >>> torch.allclose(ti.tracin(loss, ckpts[:1], train, test), 0.1 * ti.grad_dot(loss, params, train, test))
+      True
 
     References:
       Pruthi, Liu, Kale & Sundararajan, Estimating Training Data Influence by Tracing
@@ -156,23 +170,25 @@ def tracin(loss: Callable, checkpoints, train, test, *, projection_dim: int | No
     """
     where = "ti.tracin"
     ckpts = _check_checkpoints(where, checkpoints)
-    check_inputs(where, loss, ckpts[0].params, train, test, chunk_size=chunk_size)
+    check_inputs(where, loss, ckpts[0].params, train, test, chunk_size=chunk_size, alike=measure is None)
     check_factored(where, factored)
+    m, name = measure_or_loss(where, loss, measure)
     if factored and projection_dim is not None:
         raise ValueError(f"{where}: `projection_dim` needs the per-example gradients formed, which `factored=True` avoids; "
                          "use factored=True without projection_dim (exact, and cheap for linear layers) or "
                          "projection_dim with factored=False.")
     project = _projection_or_identity(where, ckpts[0].params, projection_dim, generator)
+    drawn = {} if generator is None else {"generator": generator.get_state()}
+    dd._check_replicated(where, group, checkpoints=_replicated(ckpts), test=test, **drawn)
     pairwise, _ = grad_products(factored)
-    total = None
-    for ckpt in ckpts:
-        params, lr, at = ckpt.params, ckpt.lr, _at(loss, ckpt.frozen)
-        U = stacked_grads(at, params, test, chunk_size=chunk_size, transform=project, where=where,
-                          factored=factored)  # [n_test, ...]
-        scores = over_train(lambda G, U=U: pairwise(U, project(G)), at, params, train, chunk_size=chunk_size, where=where,
-                            group=group, factored=factored)
-        total = lr * scores if total is None else total + lr * scores
-    return total
+
+    def scores(ckpt: Checkpoint) -> torch.Tensor:
+        U = stacked_grads(_at(m, ckpt.frozen), ckpt.params, test, chunk_size=chunk_size, transform=project,
+                          where=where, factored=factored, name=name)  # [n_test, ...]
+        return over_train(lambda G: pairwise(U, project(G)), _at(loss, ckpt.frozen), ckpt.params, train,
+                          chunk_size=chunk_size, where=where, group=group, factored=factored)
+
+    return _lr_weighted_sum(ckpts, scores)
 
 
 def _projection_or_identity(where: str, params, projection_dim, generator) -> Callable:
@@ -188,8 +204,8 @@ def _projection_or_identity(where: str, params, projection_dim, generator) -> Ca
     return _projection(params, projection_dim, generator)
 
 
-def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int | None = None,
-                          group=None, factored: bool = False) -> torch.Tensor:
+def tracin_self_influence(loss: Callable, checkpoints: Sequence[tuple], train: PyTree, *, chunk_size: int | None = None,
+                          group: ProcessGroup | None = None, factored: bool = False) -> torch.Tensor:
     """Returns TracIn self-influence Σ_t lr_t ‖∇ℓ(z; θ_t)‖² for every training example, `[n_train]`.
 
     The diagonal of `ti.tracin(loss, checkpoints, train, train)`, without the n² matrix.
@@ -203,8 +219,8 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
       train: training set, leading axis n_train.
       chunk_size: examples per vectorized backward (default 1024).
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
-        (`ti.distributed.shard`); the shards' columns are all-gathered in rank order, so every
-        rank returns the single-process result.
+        (`ti.distributed.shard`); the checkpoints must be the same on every rank (checked),
+        and every rank returns the single-process result, gathered in rank order.
       factored: True computes linear layers' squared gradient norms from their factors
         (`ti.factored.sq_norms`, n·T²·(in + out) per layer) without forming per-example
         gradients; the same result to round-off.
@@ -216,17 +232,22 @@ def tracin_self_influence(loss: Callable, checkpoints, train, *, chunk_size: int
       ValueError: as `ti.tracin`.
       TypeError: as `ti.tracin`.
 
-    Notes:
-      Cost: one per-example gradient pass over train per checkpoint.
+    Cost:
+      One per-example gradient pass over train per checkpoint; O(chunk_size·P) memory
+      (factored: O(chunk_size·T·(in + out)) per linear layer).
+
+    Example:
+      >>> ckpts = [(params, 0.1), (ti.tree.scale(0.5, params), 0.05)]
+      >>> own = ti.tracin_self_influence(loss, ckpts, train)
+      >>> torch.allclose(own, ti.tracin(loss, ckpts, train, train).diagonal())
+      True
     """
     where = "ti.tracin_self_influence"
     ckpts = _check_checkpoints(where, checkpoints)
     check_inputs(where, loss, ckpts[0].params, train, chunk_size=chunk_size)
     check_factored(where, factored)
+    dd._check_replicated(where, group, checkpoints=_replicated(ckpts))
     _, sq_norms = grad_products(factored)
-    total = None
-    for ckpt in ckpts:
-        sq = over_train(sq_norms, _at(loss, ckpt.frozen), ckpt.params, train, chunk_size=chunk_size, where=where,
-                        group=group, factored=factored)
-        total = ckpt.lr * sq if total is None else total + ckpt.lr * sq
-    return total
+    return _lr_weighted_sum(ckpts, lambda ckpt: over_train(sq_norms, _at(loss, ckpt.frozen), ckpt.params, train,
+                                                           chunk_size=chunk_size, where=where, group=group,
+                                                           factored=factored))

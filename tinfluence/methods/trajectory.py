@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import optree
 import torch
@@ -40,8 +40,9 @@ from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
 from ..core.objective import per_example
-from ..core.optim import check_optimizer
+from ..core.optim import Optimizer, check_optimizer
 from ..core.transforms import grad_fn
+from ..core.tree import PyTree
 
 __all__ = ["TrainingRun", "group_influence", "replay_effect", "training_run", "trajectory_influence"]
 
@@ -55,14 +56,30 @@ ROW_BLOCK = 16                    # rows per block (see _pullback_blocks)
 class TrainingRun:
     """A finished mini-batch training run whose schedule and data weights are fixed, replayable exactly.
 
-    Built by `ti.training_run`. `batches[t]` holds the training ids of step t's mini-batch
-    (T = epochs · ⌈n / batch_size⌉ steps); `weights` `[n]` the data weights it was trained with.
+    Built by `ti.training_run`; the input of `ti.trajectory_influence` and `ti.replay_effect`.
+
+    Attributes:
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
+      params0: θ_0, the initial parameters (a pytree).
+      train: the training set, leading axis n.
+      optimizer: the pure optimizer (`init`, `step`).
+      batches: T LongTensors; `batches[t]` holds the training ids of step t's mini-batch
+        (T = epochs · ⌈n / batch_size⌉).
+      weights: `[n]` the data weights the run was trained with.
+
+    Example:
+      >>> run = ti.training_run(loss, params, train, ti.optim.sgd(lr=0.1), epochs=2, batch_size=25,
+      ...                       generator=torch.Generator().manual_seed(0))
+      >>> run.steps                                   # 2 epochs of ⌈60 / 25⌉ batches
+      6
+      >>> torch.equal(ti.ravel(run.params_at([6])[0]), ti.ravel(run.final_params()))
+      True
     """
 
     loss: Callable
-    params0: object
-    train: object
-    optimizer: object
+    params0: Any
+    train: Any
+    optimizer: Optimizer
     batches: tuple
     weights: torch.Tensor
     final: tuple = field(repr=False)        # (θ_T, s_T)
@@ -72,19 +89,30 @@ class TrainingRun:
         """T, the number of optimizer steps."""
         return len(self.batches)
 
-    def final_params(self):
+    def final_params(self) -> PyTree:
         """θ_T, the parameters after the last step (a pytree like `params0`)."""
         return self.final[0]
 
-    def final_state(self):
+    def final_state(self) -> PyTree:
         """s_T, the optimizer state after the last step."""
         return self.final[1]
 
-    def params_at(self, steps) -> list:
-        """θ_t for each t in `steps` (ints in [0, T], θ_0 = `params0`), by one replay of the run.
+    def params_at(self, steps: Sequence[int]) -> list:
+        """θ_t for each t in `steps`, by one replay of the run.
 
         E.g. `[(θ, lr) for θ in run.params_at(range(0, run.steps, steps_per_epoch))]` are the
-        checkpoints of `ti.tracin`. Cost: one training run up to max(steps).
+        checkpoints of `ti.tracin`.
+
+        Args:
+          steps: a non-empty sequence of ints in [0, T] (θ_0 = `params0`).
+
+        Returns:
+          A list of parameter pytrees, one per entry of `steps`.
+
+        Raises:
+          ArgumentError: `steps` empty, not ints, or outside [0, T].
+
+        Cost: max(steps) optimizer steps; memory len(steps) parameter sets.
         """
         items = list(steps) if hasattr(steps, "__iter__") and not isinstance(steps, (str, bytes)) else None
         if not items or not all(checks.is_int(t) and 0 <= int(t) <= self.steps for t in items):
@@ -99,17 +127,23 @@ class TrainingRun:
                 theta, state = _advance(parts, theta, state, t, self.weights)
         return [kept[t] for t in wanted]
 
-    def replay(self, weights) -> TrainingRun:
+    def replay(self, weights: torch.Tensor) -> TrainingRun:
         """The same run (same initial parameters, schedule and optimizer) with other data weights.
 
         Exact, not a prediction: `weights[S] = 0` removes the examples S while every other
         example keeps its place in the schedule (the batch divisor |B_t| is unchanged).
 
         Args:
-          weights: `[n_train]` floating tensor.
+          weights: `[n_train]` finite floating tensor.
 
         Returns:
-          A new `TrainingRun`. Cost: one training run.
+          A new `TrainingRun` trained with `weights`.
+
+        Raises:
+          TypeError: `weights` not a floating tensor.
+          ValueError: `weights` not `[n_train]` or not finite.
+
+        Cost: one training run (T batch gradients).
         """
         w = _check_weights("ti.TrainingRun.replay", weights, self.weights.shape[0], self.weights)
         return _trained(self.loss, self.params0, self.train, self.optimizer, self.batches, w)
@@ -156,17 +190,16 @@ def _check_count(where: str, name: str, value) -> int:
     return checks.integer(where, name, value, minimum=1)
 
 
-def training_run(loss: Callable, params0, train, step, *, epochs: int, batch_size: int,
-                 generator: torch.Generator, weights=None) -> TrainingRun:
+def training_run(loss: Callable, params0: PyTree, train: PyTree, step: Optimizer, *, epochs: int, batch_size: int,
+                 generator: torch.Generator, weights: torch.Tensor | None = None) -> TrainingRun:
     """Trains by mini-batch steps on a schedule fixed by `generator`, with per-example data weights.
 
     The schedule: for each epoch, `torch.randperm(n, generator=g)` split into consecutive
     batches of `batch_size` (the last one shorter when n is not a multiple), drawn from a
     copy of `generator` (the caller's generator is not advanced) and stored in the run.
     Step t takes `step.step(θ, s, ∇_θ Σ_{i∈B_t} w_i ℓ_i(θ)/|B_t|)`. With w = 1 this is
-    the plain loop (`for ids in torch.randperm(n, generator=g).split(batch_size):
-    loss(θ, batch).mean().backward(); opt.step()` with `torch.optim.SGD/Adam/AdamW` and
-    the matching `ti.optim` step), bit for bit.
+    the plain `torch.optim.SGD/Adam/AdamW` loop with the matching `ti.optim` step, bit for
+    bit (docs/design.md, "Trajectory influence").
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, one loss per example (reduction="none").
@@ -180,15 +213,33 @@ def training_run(loss: Callable, params0, train, step, *, epochs: int, batch_siz
       weights: `[n]` data weights (default all ones, the ordinary run).
 
     Returns:
-      A `TrainingRun`: `.final_params()`, `.replay(weights)`, and the input of
-      `ti.trajectory_influence`. Memory: θ_T and s_T only (no trajectory is kept).
-      Cost: epochs · ⌈n/batch_size⌉ gradient evaluations of a batch.
+      A `TrainingRun`: `.final_params()` (θ_T, dtype and device of `params0`),
+      `.replay(weights)`, and the input of `ti.trajectory_influence`.
+
+    Raises:
+      ArgumentError: `loss` not a function, `params0` not a pytree of finite floating
+        tensors, `epochs` or `batch_size` not an int >= 1, or `step` without `init`/`step`.
+      TypeError: `generator` not a torch.Generator, or `weights` not a floating tensor.
+      ValueError: `train` empty or its leaves of differing lengths, or `weights` not a
+        finite `[n]` tensor.
+
+    Cost: T = epochs · ⌈n/batch_size⌉ batch gradients, O(T · batch_size) per-example loss
+    gradients; memory θ_T and s_T only (no trajectory is kept).
+
+    Example:
+      One full-batch SGD step is θ_1 = θ_0 − lr ∇(mean loss)(θ_0):
+
+      >>> run = ti.training_run(loss, params, train, ti.optim.sgd(lr=0.1), epochs=1, batch_size=60,
+      ...                       generator=torch.Generator().manual_seed(0))
+      >>> g = torch.func.grad(lambda p: loss(p, train).mean())(params)
+      >>> torch.allclose(run.final_params()["weight"], params["weight"] - 0.1 * g["weight"])
+      True
     """
     where = "ti.training_run"
     checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
     ref = checks.params(where, params0, name="params0")
     check_optimizer(where, step)
-    n = D.count_examples(train, name="train", call=where)
+    n = D._count_examples(train, name="train", call=where)
     checks.floating_like(where, "train", train, ref)
     epochs = _check_count(where, "epochs", epochs)
     batch_size = _check_count(where, "batch_size", batch_size)
@@ -241,9 +292,8 @@ def _pullback_graph(parts: tuple, theta, state, t: int, weights: torch.Tensor, l
     """`_pullback` for a small stack: one batched autograd backward through the step's graph.
 
     The graph is built once with autograd (`create_graph`) and its backward runs batched over
-    the k rows (`is_grads_batched`, vmap inside autograd): measured 1.3–2× faster than `vmap`
-    over a `torch.func.vjp` for one row on the digits models, and for 100 rows of digits
-    logistic regression and the 64-32-10 MLP.
+    the k rows (`is_grads_batched`, vmap inside autograd); for small stacks this is the faster
+    way (docs/costs.md, "ti.trajectory_influence").
     """
     loss, train, optimizer, batches = parts
     ids = batches[t]
@@ -260,10 +310,11 @@ def _pullback_graph(parts: tuple, theta, state, t: int, weights: torch.Tensor, l
         outputs = [*spec.flatten_up_to(new_theta), *_split_state(new_state)[0]]
         cotangents = [*spec.flatten_up_to(lam), *mu]
         live = [i for i, out in enumerate(outputs) if out.requires_grad]
-        pulled = torch.autograd.grad([outputs[i] for i in live], inputs, [cotangents[i] for i in live],
-                                     is_grads_batched=True, allow_unused=True) if live else [None] * len(inputs)
+        raw: Sequence[torch.Tensor | None] = torch.autograd.grad(
+            [outputs[i] for i in live], inputs, [cotangents[i] for i in live], is_grads_batched=True,
+            allow_unused=True) if live else [None] * len(inputs)
     pulled = [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) if d is None else d.detach()
-              for x, d in zip(inputs, pulled)]
+              for x, d in zip(inputs, raw)]
     return optree.tree_unflatten(spec, pulled[:len(leaves)]), pulled[len(leaves):-1], pulled[-1]
 
 
@@ -271,11 +322,9 @@ def _pullback_blocks(parts: tuple, theta, state, t: int, weights: torch.Tensor, 
     """`_pullback` for a large stack: `vmap` over one `torch.func.vjp` of the step, in blocks of rows.
 
     The step's gradient is `torch.func.grad`; blocks of `ROW_BLOCK` rows keep a block's
-    intermediates in cache.
-
-    Measured for 100 measures (one thread, plain SGD, 100 steps of 100 examples): the digits CNN
-    22.8 s → 13.5 s, the 64-128-10 MLP 8.9 s → 6.5 s against `_pullback_graph` (where autograd's
-    legacy batching loops over the rows for tanh_backward, log_softmax and convolution backward).
+    intermediates in cache, and no row loop runs where autograd's legacy batching of
+    `_pullback_graph` would loop (tanh_backward, log_softmax and convolution backward);
+    measurements in docs/costs.md, "ti.trajectory_influence".
     """
     loss, train, optimizer, batches = parts
     ids = batches[t]
@@ -287,7 +336,7 @@ def _pullback_blocks(parts: tuple, theta, state, t: int, weights: torch.Tensor, 
         new_theta, new_state = optimizer.step(params, rebuild(f), grad(objective)(params, batch, w))
         return new_theta, _split_state(new_state)[0]
 
-    _, pull = vjp(step, theta, floats, weights[ids])
+    pull = vjp(step, theta, floats, weights[ids])[1]
     blocks = [vmap(pull)(tr.map(lambda x, a=a: x[a:a + ROW_BLOCK], (lam, mu)))
               for a in range(0, tr.leading_size(lam), ROW_BLOCK)]
     return tuple(optree.tree_map(lambda *xs: torch.cat(xs), *blocks, namespace=""))
@@ -354,7 +403,8 @@ def _same(x, y) -> bool:
 def _fingerprint(run: TrainingRun, test, chunk_size, length: int) -> str:
     """A digest of everything that fixes the scores: initial parameters, weights, schedule, data, test set, chunking."""
     h = hashlib.sha256(f"{run.steps}|{chunk_size}|{length}".encode())
-    for leaf in optree.tree_leaves((run.params0, run.weights, list(run.batches), run.train, test), namespace=""):
+    parts: tr.PyTree = (run.params0, run.weights, list(run.batches), run.train, test)
+    for leaf in optree.tree_leaves(parts, namespace=""):
         h.update(f"{tuple(leaf.shape)}{leaf.dtype}".encode())
         h.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -385,66 +435,72 @@ def _load(where: str, folder: Path, fingerprint: str) -> dict | None:
     return progress
 
 
-def trajectory_influence(run: TrainingRun, test, *, measure: Callable | None = None, chunk_size: int | None = None,
-                         memory_budget: int = DEFAULT_MEMORY_BUDGET, out=None, progress: bool = False) -> torch.Tensor:
+def trajectory_influence(run: TrainingRun, test: PyTree, *, measure: Callable | None = None, chunk_size: int | None = None,
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET, out: str | os.PathLike | None = None,
+                         progress: bool = False) -> torch.Tensor:
     """Returns score[t, i] = −∂m_t(θ_T)/∂w_i: the predicted change m_t(θ_T with w_i = 0) − m_t(θ_T).
 
-    The exact gradient of each test measure m_t (the measure of test point t at the run's
-    final parameters) with respect to the data weights, by reverse mode through the run. The
-    prediction is first order in w: removal replays (`TrainingRun.replay`) give the exact
-    change and show the nonlinearity. Sign: positive = helpful (removing i raises m_t), as
-    every tinfluence score.
-
-    Per step t, from T−1 down to 0, one vector-Jacobian product of the pure step
-    (θ_t, s_t, w_{B_t}) ↦ (θ_{t+1}, s_{t+1}), batched over the stack of k test cotangents,
-    gives the cotangents of θ_t and s_t (a Hessian-vector product of the batch loss with
-    each cotangent plus the optimizer-state terms) and ∂m/∂w_i for the batch's examples,
-    added into the scores (an example in several batches collects all of them).
-
-    Memory: the training states (θ_t and the floating state leaves) are all kept when T of
-    them fit in `memory_budget`; otherwise the replay keeps a checkpoint every L = ⌈√T⌉ steps
-    and recomputes one segment at a time (⌈T/L⌉ + L states, ≈ 2√T). Both give identical
-    scores. On top of the states: 2–3 stacks of k cotangents of the size of θ and s, plus
-    the k batched Hessian-vector products of one batch.
-
-    Cost: one forward replay (two when checkpointed) plus, per step, one vjp of the step
-    batched over k cotangents (about the cost of k batch Hessian-vector products); a sweep
-    over the test set is repeated for each chunk of `chunk_size` test points.
+    The exact gradient in the data weights of each test measure m_t at the run's final
+    parameters, by reverse mode through the run: one vector-Jacobian product of the pure step
+    per step, batched over the test cotangents (docs/design.md, "Trajectory influence"). First
+    order in w; `ti.replay_effect` gives the exact change. Positive = helpful.
 
     Args:
       run: a `TrainingRun` from `ti.training_run`.
       test: test set, a pytree of tensors with leading axis n_test.
       measure: `(params, batch) -> Tensor[B]`, one value per test point (default the run's loss).
-      chunk_size: test measures propagated together per sweep (default all n_test).
-      memory_budget: bytes the stored training states may take (default 1 GiB).
-      out: a folder for resumable progress: after every segment of steps the cotangents and
-        partial scores are written there (atomically); a later call with the same run, test
-        set and chunking resumes from them with identical results. Without `out` nothing is written.
+      chunk_size: test measures k propagated together per sweep (default all n_test).
+      memory_budget: bytes the stored training states may take (default 1 GiB): all T states
+        when they fit, else a checkpoint every L = ⌈√T⌉ steps (identical scores).
+      out: a folder for resumable progress, written atomically after every segment; a later
+        call with the same run, test set and chunking resumes with identical results.
       progress: show a tqdm progress bar over the reverse steps.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
 
     Raises:
-      ValueError: a `memory_budget` below ⌈T/L⌉ + L states, a bad `chunk_size`, an `out`
-        folder holding another computation's progress, bad test data or measure.
-      RuntimeError: the replay did not reproduce the run's final parameters (a random or
-        stateful loss or step).
+      TypeError: `run` is not a `TrainingRun`.
+      ArgumentError: a bad `chunk_size`, `memory_budget` or `measure`; test data of another
+        dtype or device than the run.
+      ValueError: `memory_budget` below ⌈T/L⌉ + L states, an `out` folder of another computation.
+      RuntimeError: the replay did not reproduce θ_T (a random or stateful loss or step).
+
+    Cost: one forward replay (two when checkpointed) plus, per sweep of k = `chunk_size` test
+    measures, T step vjps batched over k, about k batch Hessian-vector products each: time
+    O(T · k · |B| · P) per sweep, ⌈n_test / k⌉ sweeps. Memory: the stored states (T, or
+    about 2√T, of θ and s) plus 2–3 stacks of k cotangents of the size of θ and s.
+
+    Example:
+      After one full-batch SGD step θ_1 = θ_0 − (lr/n) Σ_i w_i ∇ℓ_i(θ_0), the score is
+      (lr/n) ∇m_t(θ_1) · ∇ℓ_i(θ_0):
+
+      >>> run = ti.training_run(loss, params, train, ti.optim.sgd(lr=0.5), epochs=1, batch_size=60,
+      ...                       generator=torch.Generator().manual_seed(0))
+      >>> scores = ti.trajectory_influence(run, test)
+      >>> scores.shape
+      torch.Size([5, 60])
+      >>> g_test = ti.ravel(ti.per_example_grads(loss, run.final_params(), test), batch_ndim=1)
+      >>> g_train = ti.ravel(ti.per_example_grads(loss, params, train), batch_ndim=1)
+      >>> torch.allclose(scores, 0.5 / 60 * g_test @ g_train.T)
+      True
     """
     where = "ti.trajectory_influence"
     if not isinstance(run, TrainingRun):
         raise TypeError(f"{where}: `run` must be a TrainingRun from ti.training_run(...); got {type(run).__name__}.")
-    n_test = D.count_examples(test, name="test", call=where)
+    n_test = D._count_examples(test, name="test", call=where)
     checks.chunk_size(where, chunk_size)
     measure = run.loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
     checks.floating_like(where, "test", test, run.weights)
     theta_T = run.final_params()
     length, keep_all = _segment_length(where, run.steps, _state_bytes(theta_T, run.final_state()), memory_budget)
     folder = None if out is None else Path(out)
+    fingerprint: str | None = None
+    saved: dict | None = None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = None if folder is None else _fingerprint(run, test, chunk_size, length)
-    saved = None if folder is None else _load(where, folder, fingerprint)
+        fingerprint = _fingerprint(run, test, chunk_size, length)
+        saved = _load(where, folder, fingerprint)
     size = n_test if chunk_size is None else chunk_size
     starts = list(range(0, n_test, size))
     done = [] if saved is None else list(saved["done"])
@@ -519,7 +575,7 @@ def _group_masks(where: str, groups, n: int, device) -> torch.Tensor:
     return mask
 
 
-def group_influence(scores: torch.Tensor, groups) -> torch.Tensor:
+def group_influence(scores: torch.Tensor, groups: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
     """First-order effect of removing each group S: −Σ_{z∈S} ∂m/∂w_z = Σ_{z∈S} score[:, z].
 
     Args:
@@ -527,8 +583,21 @@ def group_influence(scores: torch.Tensor, groups) -> torch.Tensor:
       groups: a list of training-id sequences, or a bool mask `[n_groups, n_train]`.
 
     Returns:
-      `[n_test, n_groups]`: the predicted m(θ_T with w_S = 0) − m(θ_T); positive = helpful.
-      Compare with `ti.replay_effect` (exact) to see the nonlinearity. Cost: one matrix product.
+      `[n_test, n_groups]`, dtype and device of `scores`: the predicted
+      m(θ_T with w_S = 0) − m(θ_T); positive = helpful. Compare with `ti.replay_effect`
+      (exact) to see the nonlinearity.
+
+    Raises:
+      ValueError: `scores` not 2-D; `groups` empty, not id sequences nor a `[n_groups, n_train]`
+        bool mask, or holding non-integer or out-of-range ids.
+
+    Cost: one `[n_test, n_train] × [n_train, n_groups]` product.
+
+    Example:
+      >>> scores = torch.arange(300.).reshape(5, 60)
+      >>> effect = ti.group_influence(scores, [[0, 1], [7]])
+      >>> torch.equal(effect, torch.stack([scores[:, 0] + scores[:, 1], scores[:, 7]], dim=1))
+      True
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError("ti.group_influence: `scores` must be a [n_test, n_train] tensor from ti.trajectory_influence; "
@@ -537,7 +606,7 @@ def group_influence(scores: torch.Tensor, groups) -> torch.Tensor:
     return scores @ mask.to(scores.dtype).T
 
 
-def replay_effect(run: TrainingRun, test, groups, *, measure: Callable | None = None,
+def replay_effect(run: TrainingRun, test: PyTree, groups: Sequence[Sequence[int] | torch.Tensor], *, measure: Callable | None = None,
                   progress: bool = False) -> torch.Tensor:
     """The exact change m(θ_T with w_S = 0) − m(θ_T) of every test measure for each group S, by replaying the run.
 
@@ -553,12 +622,34 @@ def replay_effect(run: TrainingRun, test, groups, *, measure: Callable | None = 
       progress: show a tqdm progress bar over the groups.
 
     Returns:
-      `[n_test, n_groups]`, the ground truth that `trajectory_influence` and `group_influence` predict.
+      `[n_test, n_groups]`, dtype and device of the parameters: the ground truth that
+      `trajectory_influence` and `group_influence` predict (positive = removing S raises m).
+
+    Raises:
+      TypeError: `run` is not a `TrainingRun`.
+      ArgumentError: a bad `measure`, or test data of another dtype or device than the run.
+      ValueError: bad test data or `groups` (as `ti.group_influence`).
+
+    Cost: n_groups training runs (T batch gradients each) and n_groups + 1 passes of
+    `measure` over the test set.
+
+    Example:
+      After one full-batch SGD step, removing z_0 takes back its share (lr/n) ∇ℓ_0(θ_0):
+
+      >>> run = ti.training_run(loss, params, train, ti.optim.sgd(lr=0.5), epochs=1, batch_size=60,
+      ...                       generator=torch.Generator().manual_seed(0))
+      >>> effect = ti.replay_effect(run, test, [[0], [1, 2]])
+      >>> effect.shape
+      torch.Size([5, 2])
+      >>> g0 = ti.per_example_grads(loss, params, ti.take(train, [0]))
+      >>> theta = {k: run.final_params()[k] + 0.5 / 60 * g0[k].squeeze(0) for k in params}
+      >>> torch.allclose(effect[:, 0], loss(theta, test) - loss(run.final_params(), test))
+      True
     """
     where = "ti.replay_effect"
     if not isinstance(run, TrainingRun):
         raise TypeError(f"{where}: `run` must be a TrainingRun from ti.training_run(...); got {type(run).__name__}.")
-    D.count_examples(test, name="test", call=where)
+    D._count_examples(test, name="test", call=where)
     checks.floating_like(where, "test", test, run.weights)
     measure = run.loss if measure is None else checks.function(where, "measure", measure, "(params, batch) -> Tensor[B]")
     mask = _group_masks(where, groups, run.weights.shape[0], run.weights.device)

@@ -113,7 +113,7 @@ def _check_traceable(where: str, tol, v) -> None:
 
 def _run(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, where):
     """The CG driver: returns (X, state, V, apply, stacked) on stacks."""
-    stacked = op.is_stack(v, where=where)
+    stacked = op._is_stack(v, where)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
     base = op.on_stacks(stacked)
     apply = (lambda P: tr.add_scaled(base(P), damping, P)) if damping else base
@@ -203,7 +203,7 @@ def _cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, a
         state, _, _, stacked, _ = _run(op, v, **options)
         return state.x if stacked else tr.map(lambda leaf: leaf[0], state.x)
 
-    return InverseOperator(solve, on_failure=on_failure, apply=apply if tol is None else None, where=where)
+    return InverseOperator(solve, on_failure=on_failure, apply=apply if tol is None else None, solver=where)
 
 
 def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0, maxiter: int = 100,

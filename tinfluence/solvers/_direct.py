@@ -14,47 +14,48 @@ from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_fail
 __all__ = ["direct"]
 
 
-def direct(H, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOperator:
+def direct(H: torch.Tensor | LinearOperator, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ with a dense factorization of H + λI.
 
-    H + λI is factorized once, here (Cholesky, P³/3 flops); each call is then two
-    triangular solves, P² flops per right-hand side, with no data-dependent branch, so
-    `ihvp(v)` is pure, vmappable and compile-safe.
-
-    Structure of `v`: with `H` a `ti.LinearOperator` (from `ti.hvp`, `ti.ggn_vp`, or
-    `ti.LinearOperator.from_matrix(M, like=params)`), `v` must have the operator's
-    structure (dict keys matched by name, list and tuple order as in the parameters) or be
-    a stack of it; anything else raises, naming the mismatch. With a bare matrix `[P, P]`
-    (ordered as `ti.tree.ravel`, as `ti.hessian` and `ti.to_dense` produce), `v` is a
-    tensor `[P]` / `[k, P]`, or a pytree of dicts only (optree sorts dict keys, so the
-    order is that of the parameters'); a pytree with lists or tuples cannot be matched
-    to a bare matrix and raises (wrap the matrix with `ti.LinearOperator.from_matrix`).
-
-    If H + λI is not positive definite (indefinite or singular), that is the solve's
-    status (`Status.BREAKDOWN`, with the smallest eigenvalue in `info.curvature`):
-    `ihvp(v)` raises `ConvergenceError`, or with on_failure="warn" warns and solves with
-    the eigendecomposition (a pseudo-inverse of the nonzero eigenvalues).
+    H + λI is factorized once, here (Cholesky); each call is two triangular solves with no
+    data-dependent branch, so `ihvp(v)` is pure, vmappable and compile-safe. If H + λI is not
+    positive definite, that is the solve's status (`Status.BREAKDOWN`, the smallest
+    eigenvalue in `info.curvature`): `ihvp(v)` raises, or with on_failure="warn" warns and
+    solves with the eigendecomposition (a pseudo-inverse of the nonzero eigenvalues).
 
     Args:
-      H: `[P, P]` symmetric matrix (e.g. `ti.hessian(R, params)`), or a `ti.LinearOperator`,
-        formed densely with `ti.to_dense` (P operator calls) unless it holds `.matrix`.
+      H: `[P, P]` symmetric matrix, ordered as `ti.tree.ravel` (e.g. `ti.hessian(R, params)`),
+        or a `ti.LinearOperator`, formed densely with `ti.to_dense` (P operator calls)
+        unless it holds `.matrix`.
       damping: λ ≥ 0 added to the diagonal.
       on_failure: "raise" or "warn", as in `ti.cg`.
 
     Returns:
       `ihvp(v) -> x = (H + λI)⁻¹ v` (structure, shapes, dtype and device of `v`), and
-      `ihvp.solve(v) -> ti.Solution(x, info)`, never raising for numerical failure.
+      `ihvp.solve(v) -> ti.Solution(x, info)`, never raising for numerical failure. With an
+      operator `H`, `v` has its structure (dict keys matched by name) or is a stack of it;
+      with a bare matrix, `v` is a tensor `[P]` / `[k, P]` or a pytree of dicts only (their
+      order is fixed by the sorted keys; for lists or tuples wrap the matrix with
+      `ti.LinearOperator.from_matrix(H, like=params)`).
 
     Raises:
-      TypeError: `H` is neither a tensor nor a `ti.LinearOperator`.
-      ValueError: `H` is not square, not symmetric or not finite; `damping` < 0; at call
-        time, `v` is not shaped like the operator's vectors (nor a stack of them).
+      TypeError: `H` is neither a tensor nor a `ti.LinearOperator`, or the operator has no
+        structure (`like`).
+      ValueError: `H` is not square, not symmetric or not finite; `damping` < 0 or
+        `on_failure` invalid; at call time, `v` is not shaped like the operator's vectors
+        (nor a stack of them), or holds lists or tuples against a bare matrix.
       ConvergenceError: from `ihvp(v)`, when H + λI is not positive definite.
 
+    Cost: P³/3 flops and O(P²) memory to factorize, here (an operator adds P calls to form
+    it); each call O(k·P²) for k right-hand sides.
+
     Example:
-      >>> H = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
-      >>> ti.direct(H)(torch.tensor([1., 2.], dtype=torch.float64))
-      tensor([0.0909, 0.6364], dtype=torch.float64)
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
+      >>> ihvp = ti.direct(H, damping=1e-3)
+      >>> v = ti.tree.map(torch.ones_like, params)
+      >>> A = H + 1e-3 * torch.eye(27, dtype=torch.float64)
+      >>> torch.allclose(ti.ravel(ihvp(v)), torch.linalg.solve(A, ti.ravel(v)))
+      True
     """
     check_on_failure("ti.direct", on_failure)
     matrix, op = _matrix_and_structure(H)
@@ -97,7 +98,7 @@ def direct(H, *, damping: float = 0.0, on_failure: str = "raise") -> InverseOper
             report(solve(v).info, on_failure, stacklevel=4)
         return flat(v)[0]
 
-    return InverseOperator(solve, on_failure=on_failure, apply=apply, where="ti.direct")
+    return InverseOperator(solve, on_failure=on_failure, apply=apply, solver="ti.direct")
 
 
 def _matrix_and_structure(H) -> tuple[torch.Tensor, LinearOperator | None]:
@@ -143,7 +144,7 @@ def _is_stack(op: LinearOperator | None, v, leaves, P: int) -> bool:
     if not leaves:
         raise ValueError("ti.direct: `v` has no tensors.")
     if op is not None:
-        return op.is_stack(v, where="ti.direct")
+        return op._is_stack(v, "ti.direct")
     if not isinstance(v, torch.Tensor):
         _check_dict_only(v)
     total = sum(leaf.numel() for leaf in leaves)
@@ -152,7 +153,8 @@ def _is_stack(op: LinearOperator | None, v, leaves, P: int) -> bool:
         return True
     if total == P and not (isinstance(v, torch.Tensor) and v.dim() != 1):
         return False
-    if not isinstance(v, torch.Tensor) and len(firsts) == 1 and None not in firsts and total == firsts.pop() * P:
+    first = next(iter(firsts)) if len(firsts) == 1 else None
+    if not isinstance(v, torch.Tensor) and first is not None and total == first * P:
         return True
     raise ValueError(
         f"ti.direct: `v` must hold P={P} numbers (one vector shaped like the parameters) or k·P with a common "

@@ -166,7 +166,7 @@ class Curvature:
     def ihvp(self) -> InverseOperator:
         """(F̂ + λI)⁻¹ as a `ti.InverseOperator` (callable, with `.solve(v) -> Solution`)."""
         return InverseOperator(functools.partial(_solve, self), on_failure="raise",
-                               apply=functools.partial(_apply, self, mode="inverse"), where=f"ti.{self.method}")
+                               apply=functools.partial(_apply, self, mode="inverse"), solver=f"ti.{self.method}")
 
     @property
     def operator(self) -> LinearOperator:
@@ -242,7 +242,7 @@ def _block_apply(block: KroneckerBlock, X: torch.Tensor, mode: str) -> torch.Ten
 
 def _apply(curv: Curvature, v, *, mode: str):
     """(F̂ + λI)⁻¹ v ("inverse"), F̂ v ("forward") or (F̂ + λI) v ("damped"), for one vector or a stack."""
-    stacked = LinearOperator(lambda u: u, curv.params).is_stack(v, where=f"ti.{curv.method}")
+    stacked = LinearOperator(lambda u: u, curv.params)._is_stack(v, f"ti.{curv.method}")
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
     out = {}
     for block in curv.kronecker:
@@ -256,7 +256,7 @@ def _apply(curv: Curvature, v, *, mode: str):
 
 def _solve(curv: Curvature, v) -> Solution:
     """`Solution(x, info)`: the exact block inverse and the true relative residual of the damped system."""
-    stacked = LinearOperator(lambda u: u, curv.params).is_stack(v, where=f"ti.{curv.method}")
+    stacked = LinearOperator(lambda u: u, curv.params)._is_stack(v, f"ti.{curv.method}")
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
     X = _apply(curv, V, mode="inverse")
     residual = tr.map(torch.sub, _apply(curv, X, mode="damped"), V)
@@ -701,7 +701,7 @@ def _check(where: str, loss, params, train, predict, output_loss, fisher, genera
                         f"layers' weights; got {type(params).__name__}.")
     checks.params(where, params)
     checks.chunk_size(where, chunk_size)
-    D.count_examples(train, name="train", call=where)
+    D._count_examples(train, name="train", call=where)
     if fisher not in FISHERS:
         raise ValueError(f'{where}: `fisher` must be "empirical", "true" or "ggn"; got {fisher!r}.')
     if fisher == "true" and not isinstance(generator, torch.Generator):

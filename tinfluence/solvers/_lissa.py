@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -14,8 +14,12 @@ from ..core import data as D
 from ..core import tree as tr
 from ..core.objective import objective, per_example
 from ..core.transforms import hvp
+from ..core.tree import PyTree
 from ._cg import _check_preconditioner, _dots, _where, true_residual, under_transform
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["lissa", "lissa_solve"]
 
@@ -37,10 +41,9 @@ def _batch_hvp(loss: Callable, params: dict) -> Callable:
     """`(batch, U) -> ∇²(mean loss on batch) U` for a stack U (leading axis k), in one call.
 
     Reverse over reverse: the gradient's graph is built once per batch and pulled back
-    along all k directions together (`is_grads_batched`); on CPU this is several times
-    faster per step than `vmap(jvp(grad))`, whose transform overhead dominates on small
-    mini-batches. The Hessian is symmetric, so the vector-Jacobian product of the
-    gradient is the Hessian-vector product.
+    along all k directions together (`is_grads_batched`), one product per step for all k;
+    measured against `vmap(jvp(grad))` in docs/costs.md. The Hessian is symmetric, so the
+    vector-Jacobian product of the gradient is the Hessian-vector product.
     """
     names = list(params)
 
@@ -122,7 +125,7 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     builds the full-data operator H + λI (for `scale="auto"` and the true residual).
     """
     checks.params(where, params)
-    n_local = D.count_examples(train, name="train", call=where)
+    n_local = D._count_examples(train, name="train", call=where)
     n = dd.global_size(n_local, group)
     checks.number(where, "l2", l2, minimum=0.0)
     checks.number(where, "damping", damping, minimum=0.0)
@@ -143,9 +146,10 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     device = tr.ravel(params).device
     idx = torch.randint(n, (repeats, depth, min(batch_size, n)), generator=local, device=local.device).to(device)
     per_example(loss, params, D.take(train, slice(0, min(batch_size, n_local))), where=where)
-    dd.check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
+    dd._check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
                         scale=0.0 if scale == "auto" else scale)
-    full = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size, group=group), params, cache=False).damped(damping)
+    full = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size, group=group), params,
+               cache=False).damped(damping)  # type: ignore[attr-defined]  # temporary: ti.hvp is annotated -> Callable; it returns a LinearOperator
     if scale == "auto":
         scale = _auto_scale(loss, params, train, idx, full=full, shift=l2 + damping, generator=local, group=group,
                             preconditioner=preconditioner)
@@ -200,7 +204,7 @@ def _run(loss, params, train, v, idx, *, l2, damping, scale, tol, progress, grou
 
 def _solution(where, loss, params, train, v, idx, full, *, tol, depth, scale, damping, **options) -> Solution:
     """Single vector or stack: runs the recursion on a stack and judges it on the true residual."""
-    stacked = full.is_stack(v, where=where)
+    stacked = full._is_stack(v, where)
     V = v if stacked else tr.map(lambda leaf: leaf.unsqueeze(0), v)
     x, change, steps, diverged = _run(loss, params, train, V, idx, tol=tol, scale=scale, damping=damping, **options)
     residual = true_residual(full.on_stacks(True), x, V)
@@ -217,12 +221,49 @@ def _solution(where, loss, params, train, v, idx, full, *, tol, depth, scale, da
     return Solution(tr.map(lambda leaf: leaf[0], x), info.single())
 
 
-def lissa_solve(loss: Callable, params, train, v, *, l2: float = 0.0, damping: float = 0.0, scale="auto",
+def lissa_solve(loss: Callable, params: PyTree, train: PyTree, v: PyTree, *, l2: float = 0.0, damping: float = 0.0,
+                scale: float | str = "auto",
                 depth: int = 1000, repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None,
-                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group=None,
+                tol: float | None = None, chunk_size: int | None = None, progress: bool = False, group: ProcessGroup | None = None,
                 preconditioner: Callable | None = None, x0: Callable | None = None) -> Solution:
     """`ti.lissa(loss, params, train, ...).solve(v)`: returns `Solution(x, info)`, never raising for a
-    numerical failure. Arguments as in `ti.lissa`; unpacks as `x, info = ti.lissa_solve(...)`.
+    numerical failure.
+
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
+      params: `dict[str, Tensor]` at which H is taken.
+      train: training set, leading axis n.
+      v: the right-hand side, shaped like `params`, or a stack of k (leaves `[k, *shape]`).
+      l2: as in `ti.lissa`.
+      damping: as in `ti.lissa`.
+      scale: as in `ti.lissa`.
+      depth: as in `ti.lissa`.
+      repeats: as in `ti.lissa`.
+      batch_size: as in `ti.lissa`.
+      generator: as in `ti.lissa`.
+      tol: as in `ti.lissa`.
+      chunk_size: as in `ti.lissa`.
+      progress: as in `ti.lissa`.
+      group: as in `ti.lissa`.
+      preconditioner: as in `ti.lissa`.
+      x0: as in `ti.lissa`.
+
+    Returns:
+      `ti.Solution(x, info)`, unpacking as `x, info = ti.lissa_solve(...)`: `x ≈ (H + λI)⁻¹ v`
+      like `v`; `info` a `ti.SolveInfo`, fields `[k]` (0-d for one vector): status,
+      recursion steps summed over repeats, and the true relative residual.
+
+    Raises:
+      ValueError: an invalid option, or `v` shaped neither like `params` nor a stack of them.
+      TypeError: `preconditioner` or `x0` is not callable.
+
+    Cost: as `ti.lissa`, for one solve.
+
+    Example:
+      >>> v = ti.tree.stack([ti.tree.map(torch.ones_like, params)] * 3)
+      >>> x, info = ti.lissa_solve(loss, params, train, v, l2=1e-2, damping=0.1, scale=1.0, depth=100, batch_size=60)
+      >>> x["weight"].shape, info.status.shape, bool(info.converged.all())
+      (torch.Size([3, 3, 8]), torch.Size([3]), True)
     """
     return _lissa(loss, params, train, l2=l2, damping=damping, scale=scale, depth=depth, repeats=repeats,
                  batch_size=batch_size, generator=generator, tol=tol, chunk_size=chunk_size, progress=progress,
@@ -247,106 +288,72 @@ def _lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0
         return _solution(where, loss, params, train, v, idx, full, l2=l2, damping=damping, scale=scale, tol=tol,
                          depth=depth, progress=progress, group=group, preconditioner=preconditioner, x0=x0)
 
-    return InverseOperator(solve, on_failure=on_failure, where=where)
+    return InverseOperator(solve, on_failure=on_failure, solver=where)
 
 
-def lissa(loss: Callable, params, train, *, l2: float = 0.0, damping: float = 0.0, scale="auto", depth: int = 1000,
+def lissa(loss: Callable, params: PyTree, train: PyTree, *, l2: float = 0.0, damping: float = 0.0, scale: float | str = "auto",
+          depth: int = 1000,
           repeats: int = 1, batch_size: int = 16, generator: torch.Generator | None = None, tol: float | None = None,
-          chunk_size: int | None = None, progress: bool = False, group=None, on_failure: str = "raise",
+          chunk_size: int | None = None, progress: bool = False, group: ProcessGroup | None = None, on_failure: str = "raise",
           preconditioner: Callable | None = None, x0: Callable | None = None) -> InverseOperator:
     """Returns `ihvp`, which applies (H + λI)⁻¹ by the stochastic LiSSA recursion.
 
-    With A = H + λI, H the Hessian of R(θ) = mean loss + (l2/2)‖θ‖² at `params`, and a
-    fresh mini-batch B_j of `batch_size` training examples at every step,
+    With A = H + λI (H the Hessian of R(θ) = mean loss + (l2/2)‖θ‖² at `params`), M ≈ A⁻¹
+    the preconditioner (M = I by default) and a fresh mini-batch B_j at every step,
 
-        h₀ = v,   h_j = v + (I − A_{B_j} / scale) h_{j−1},   x = h_depth / scale,
+        h₀ = M v,   h_j = M v + (I − M A_{B_j} / scale) h_{j−1},   x = h_depth / scale,
 
-    averaged over `repeats` independent runs. In expectation h_j / scale is the Neumann
-    series Σ_{i<j+1} (I − A/scale)^i v / scale → A⁻¹ v, with error shrinking like
-    (1 − λ_min(A)/scale)^depth: damping (raising λ_min) and a tight `scale` both speed it up.
-
-    Preconditioned (the idea of ASTRA, Wang et al. 2025), with M = P⁻¹ ≈ A⁻¹ symmetric positive
-    definite (e.g. a fitted `ti.ekfac`, `preconditioner=curv`), the same recursion runs on the
-    equivalent system M A x = M v:
-
-        h₀ = M v (or scale · x0(v)),   h_j = M v + (I − M A_{B_j} / scale) h_{j−1},   x = h_depth / scale,
-
-    i.e. x_j = x_{j−1} + M (v − A_{B_j} x_{j−1}) / scale, preconditioned Richardson on mini-batches.
-    Its fixed point is still A⁻¹ v (M v = M A x), and its error now shrinks like
-    (1 − λ_min(MA)/scale)^depth with `scale` above half the largest eigenvalue of M A_B: when M
-    captures A's spread of eigenvalues, κ(MA) ≪ κ(A) and far less depth is needed.
-    `x0`, a function `V -> X0` on stacks (e.g. `curv.ihvp`), starts the recursion there (a warm
-    start; `ti.influence` hands the solver only v, hence a function rather than a value).
-
-    scale: the recursion contracts only if `scale` exceeds (half of) the largest
-    eigenvalue of every mini-batch's A_B. `scale="auto"` runs 20 power iterations of the
-    full-data A (20 Hessian-vector products over the training set, `chunk_size` examples
-    at a time, from a start drawn from `generator`) and of the first 10 mini-batches, and
-    takes 1.5 × the largest estimate: the factor covers the estimate's shortfall and
-    mini-batches whose curvature exceeds the ones checked.
-
-    Failure is reported as in `ti.cg`: every solve ends with the TRUE relative residual
-    ‖(H + λI)x − v‖/‖v‖ (one full-data Hessian-vector product, `chunk_size` examples at a
-    time). A recursion that blows up (non-finite, or ‖h_j‖ > 10·(j+1)·‖v‖), or whose
-    result is no better than x = 0 (relative residual ≥ 1, e.g. a scale just below half
-    the largest eigenvalue, which diverges slowly), is `Status.DIVERGED` and raises
-    `DivergenceError` asking to raise `scale`; a `tol` not met within `depth` raises
-    `ConvergenceError`. With `tol=None` a solve is judged only against divergence: LiSSA is
-    stochastic, and its residual (reported in `info.relative_residual`) rarely falls below
-    the mini-batch noise. `on_failure="warn"` warns instead; `ihvp.solve(v)` never raises.
-
-    With `tol`, each right-hand side stops updating once its relative change meets it, and
-    `info.iterations` counts its own steps (summed over repeats).
-
-    Randomness: all mini-batch indices `[repeats, depth, batch_size]` (then the power
-    iteration's start) are drawn here, at construction, from a COPY of `generator`, so
-    the returned function is deterministic, the same generator state gives the same
-    numbers, and the caller's generator is not advanced. `generator=None` uses a
-    generator seeded with 0.
+    averaged over `repeats` runs. Its fixed point is A⁻¹ v; its error shrinks like
+    (1 − λ_min(MA)/scale)^depth. Every mini-batch id is drawn here from a copy of
+    `generator`, so `ihvp` is deterministic. `scale="auto"`, the divergence test and `tol`:
+    docs/design.md, "LiSSA".
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
       params: `dict[str, Tensor]` at which H is taken.
       train: training set, leading axis n; mini-batches are drawn from it with replacement.
-      l2: the objective's weight decay (its Hessian adds l2·I), as in `ti.objective`.
+      l2: the objective's weight decay (H includes l2·I), as in `ti.objective`.
       damping: λ ≥ 0.
-      scale: "auto" or a finite number > 0 (with a preconditioner, for M A: "auto" estimates that).
-      depth: recursion steps per repeat (each one mini-batch HVP for all right-hand sides).
-      repeats: independent runs averaged (variance falls like 1/repeats).
+      scale: a number > 0 above half the largest eigenvalue of every M A_B, or "auto" (estimated).
+      depth: recursion steps per repeat, an int ≥ 1.
+      repeats: independent runs averaged (the variance falls like 1/repeats).
       batch_size: examples per mini-batch.
-      generator: source of the mini-batch indices (copied, not advanced).
-      tol: stop a repeat once every right-hand side's relative change
-        ‖h_j − h_{j−1}‖/‖h_j‖ ≤ tol (checked every 10 steps); None runs the full depth.
-      chunk_size: examples per chunk in the power iteration.
+      generator: source of the mini-batch ids (copied, not advanced); None: seeded with 0.
+      tol: a right-hand side stops updating once its relative change ‖h_j − h_{j−1}‖/‖h_j‖
+        ≤ tol (checked every 10 steps); None: the full depth, judged only against divergence.
+      chunk_size: examples per chunk in the full-data products.
       progress: show a tqdm bar over the recursion steps.
+      group: a process group when `train` is this rank's shard (the result is one process's).
       on_failure: "raise" or "warn", as in `ti.cg`.
-      preconditioner: `V -> M V` on stacks (leading axis k), M ≈ (H + λI)⁻¹ symmetric positive
-        definite, e.g. a `ti.ekfac` value or its `.preconditioner`; None: M = I (plain LiSSA).
-      x0: `V -> X0` on stacks, the starting point x₀ for each right-hand side (h₀ = scale · x₀),
-        e.g. `curv.ihvp`; None: h₀ = M v, the series' first term.
-      group: a `torch.distributed` process group when `train` is this rank's contiguous
-        shard (`ti.distributed.shard`). Every rank draws the same global mini-batch ids from
-        the same generator, evaluates the part of each mini-batch it holds, and the
-        mini-batch products are all-reduced (one collective per step), so the result
-        equals one process's with the same generator on the concatenated shards.
+      preconditioner: `V -> M V` on stacks (leading axis k), M ≈ (H + λI)⁻¹ symmetric
+        positive definite, e.g. a fitted `ti.ekfac`; None: M = I (plain LiSSA).
+      x0: `V -> X0` on stacks, a warm start (h₀ = scale · x0(v)), e.g. `curv.ihvp`.
 
     Returns:
-      `ihvp(v) -> x`, deterministic; `v` shaped like `params` or a stack (leading axis k,
-      solved together: one batched mini-batch HVP per step for all k); `x` like `v`.
-      `ihvp.solve(v) -> ti.Solution(x, info)` with the per-right-hand-side status.
+      `ihvp(v) -> x ≈ (H + λI)⁻¹ v`; `v` shaped like `params` or a stack of them (leading
+      axis k, solved together), `x` like `v`. `ihvp.solve(v) -> ti.Solution(x, info)` never
+      raises for a numerical failure; `info.relative_residual` is the TRUE residual.
 
     Raises:
-      ValueError: at construction, for invalid options (`scale` not finite and > 0); at
-        call time, for `v` shaped neither like `params` nor a stack of them.
-      DivergenceError: from `ihvp(v)`, if the recursion diverged (raise `scale`).
-      ConvergenceError: from `ihvp(v)`, if `tol` was not met within `depth`.
+      ValueError: an invalid option; at call time, `v` shaped neither like `params` nor a
+        stack, or a call under torch.func.vmap or torch.compile.
+      TypeError: `preconditioner` or `x0` is not callable.
+      DivergenceError: from `ihvp(v)`, the recursion blew up or is no better than x = 0.
+      ConvergenceError: from `ihvp(v)`, `tol` was not met within `depth`.
 
-    Notes:
-      Cost: repeats × depth mini-batch HVPs (each ≈ a few gradients on `batch_size`
-      examples, batched over k), one full-data HVP for the residual, plus 20 full-data
-      HVPs for `scale="auto"`; a preconditioner adds one application of M per step (and per
-      power iteration), `x0` one call. Not vmappable
-      (divergence checks synchronize every 10 steps).
+    Cost: repeats·depth mini-batch HVPs (each a few gradients on `batch_size` examples,
+    batched over the k right-hand sides) and one full-data HVP for the residual;
+    `scale="auto"` adds 20 full-data and 200 mini-batch HVPs, a preconditioner one
+    application of M per step. Memory O(k·P) plus one chunk. Not vmappable.
+
+    Example:
+      >>> ihvp = ti.lissa(loss, params, train, l2=1e-2, damping=0.1, scale=1.0, depth=100, batch_size=60,
+      ...                 generator=torch.Generator().manual_seed(0))
+      >>> v = ti.tree.map(torch.ones_like, params)
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params) + 0.1 * torch.eye(27, dtype=torch.float64)
+      >>> exact = ti.unravel(torch.linalg.solve(H, ti.ravel(v)), params)
+      >>> bool(ti.tree.norm(ti.tree.sub(ihvp(v), exact)) < 1e-3 * ti.tree.norm(exact))
+      True
 
     References:
       Agarwal, Bullins & Hazan, Second-order stochastic optimization for machine learning

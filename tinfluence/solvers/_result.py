@@ -15,12 +15,25 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..core.errors import ConvergenceError, DivergenceError
+from ..core.tree import PyTree
 
 __all__ = ["Status", "SolveInfo", "Solution", "InverseOperator", "check_on_failure"]
 
 
 class Status(enum.IntEnum):
-    """Per-right-hand-side outcome of a solve (the integer codes of `SolveInfo.status`)."""
+    """Per-right-hand-side outcome of a solve (the integer codes of `SolveInfo.status`).
+
+    CONVERGED (0): the true relative residual meets the tolerance. MAX_ITERATIONS (1): the
+    budget (maxiter, depth) ran out, or CG stalled above an unattainable tol. BREAKDOWN (2):
+    negative or zero curvature, H + λI is not positive definite. DIVERGED (3): the
+    iteration blew up (non-finite, or no better than x = 0). Higher is worse.
+
+    Example:
+      >>> A = torch.tensor([[1., 0.], [0., -1.]], dtype=torch.float64)   # indefinite
+      >>> x, info = ti.direct(A).solve(torch.ones(2, dtype=torch.float64))
+      >>> ti.Status(int(info.status))
+      <Status.BREAKDOWN: 2>
+    """
 
     CONVERGED = 0        # the true relative residual meets the tolerance
     MAX_ITERATIONS = 1   # not converged: the budget (maxiter, depth) ran out, or CG stalled above an unattainable tol
@@ -32,16 +45,24 @@ class Status(enum.IntEnum):
 class SolveInfo:
     """Diagnostics of one solve, per right-hand side: tensors `[k]`, 0-d for one vector.
 
-    status: `Status` codes (int64).
-    iterations: iterations actually used (operator calls this right-hand side took part in;
-      LiSSA: recursion steps summed over repeats; direct: 0).
-    relative_residual: the TRUE relative residual ‖(H + λI)x − v‖ / ‖v‖, recomputed from x
-      with one more operator call (LiSSA: with the full-data Hessian), not a recursion's estimate.
-    curvature: at a breakdown, the Rayleigh quotient pᵀ(H + λI)p / ‖p‖² met (direct: the
-      smallest eigenvalue of H + λI); NaN elsewhere.
-    solver: the public call ("ti.cg", "ti.lissa", "ti.direct").
-    tol: the tolerance the status was judged against.
-    context: the options the message needs (maxiter, damping, scale, operator kind, dtype).
+    Attributes:
+      status: `Status` codes (int64).
+      iterations: iterations actually used (operator calls this right-hand side took part
+        in; LiSSA: recursion steps summed over repeats; direct: 0), int64.
+      relative_residual: the TRUE relative residual ‖(H + λI)x − v‖ / ‖v‖, recomputed from
+        x with one more operator call (LiSSA: with the full-data Hessian), not a
+        recursion's estimate.
+      curvature: at a breakdown, the Rayleigh quotient pᵀ(H + λI)p / ‖p‖² met (direct: the
+        smallest eigenvalue of H + λI); NaN elsewhere.
+      solver: the public call ("ti.cg", "ti.lissa", "ti.direct").
+      tol: the tolerance the status was judged against.
+      context: the options the message needs (maxiter, damping, scale, operator kind, dtype).
+
+    Example:
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
+      >>> x, info = ti.direct(H).solve(torch.ones(4, 27, dtype=torch.float64))
+      >>> info.status.shape, info.ok, bool((info.relative_residual <= info.tol).all())
+      (torch.Size([4]), True, True)
     """
 
     status: torch.Tensor
@@ -63,27 +84,52 @@ class SolveInfo:
         return bool(self.converged.all())
 
     def single(self) -> SolveInfo:
-        """The info of a stack of one as that of one vector (0-d fields)."""
+        """The info of a stack of one as that of one vector (0-d fields; the first right-hand side's)."""
         return dataclasses.replace(self, status=self.status[0], iterations=self.iterations[0],
                                    relative_residual=self.relative_residual[0], curvature=self.curvature[0])
 
     @property
     def message(self) -> str:
-        """What happened, for the worst right-hand side, and the remedy for its status."""
+        """What happened, for the worst right-hand side, and the remedy for its status (a str starting with `solver`)."""
         status = self.status.reshape(-1)
         worst = int(status.max()) if status.numel() else 0
         return _MESSAGES[Status(worst)](self)
 
 
 class Solution(NamedTuple):
-    """`x` (like `v`) and its `SolveInfo`; unpacks as `x, info = ihvp.solve(v)`."""
+    """`x` (like `v`) and its `SolveInfo`; unpacks as `x, info = ihvp.solve(v)`.
+
+    Attributes:
+      x: the solution, with the structure, shapes, dtype and device of `v`.
+      info: its `SolveInfo`.
+
+    Example:
+      >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
+      >>> solution = ti.direct(A).solve(torch.tensor([1., 2.], dtype=torch.float64))
+      >>> x, info = solution
+      >>> torch.allclose(A @ x, torch.tensor([1., 2.], dtype=torch.float64)) and solution.info is info
+      True
+    """
 
     x: object
     info: SolveInfo
 
 
 def check_on_failure(where: str, on_failure) -> None:
-    """Raises ValueError unless `on_failure` is "raise" or "warn"."""
+    """Raises ValueError unless `on_failure` is "raise" or "warn".
+
+    Args:
+      where: the public call named in the message.
+      on_failure: the value checked.
+
+    Raises:
+      ValueError: `on_failure` is neither "raise" nor "warn".
+
+    Example:
+      >>> from tinfluence.solvers._result import check_on_failure
+      >>> check_on_failure("ti.cg", "warn") is None
+      True
+    """
     if on_failure not in ("raise", "warn"):
         raise ValueError(f'{where}: `on_failure` must be "raise" or "warn"; got {on_failure!r}.')
 
@@ -103,25 +149,48 @@ def report(info: SolveInfo, on_failure: str, stacklevel: int = 3) -> None:
 
 
 class InverseOperator:
-    """`ihvp`: v ↦ (H + λI)⁻¹ v, callable, with `ihvp.solve(v) -> Solution(x, info)`.
+    """`ihvp`: v ↦ (H + λI)⁻¹ v, callable, with `ihvp.solve(v) -> Solution(x, info)`; built by
+    `ti.direct`, `ti.cg` and `ti.lissa`.
 
-    `ihvp(v)` applies the solver's `on_failure` policy; `ihvp.solve(v)` returns the
-    diagnostics and never raises for a numerical failure (only for invalid input). With
-    `pure` set (`ti.cg(tol=None)`, `ti.direct`) `ihvp(v)` computes `x` with no host
-    synchronization, so it composes with `torch.func.vmap` and `torch.compile`.
+    `ihvp(v)` returns `x` like `v` (one vector or a stack, leading axis k) and applies the
+    solver's `on_failure` policy: it raises `ConvergenceError` / `DivergenceError` (the
+    `SolveInfo` as `err.info`) or warns. `ihvp.solve(v)` returns the diagnostics and never
+    raises for a numerical failure (only for invalid input). For `ti.cg(tol=None)` and
+    `ti.direct` (positive definite), `ihvp(v)` computes `x` with no host synchronization,
+    so it composes with `torch.func.vmap` and `torch.compile`.
+
+    Args:
+      solve: `v -> Solution(x, info)`.
+      on_failure: "raise" or "warn".
+      apply: `v -> x` applying the policy itself (e.g. without a host sync); None: `solve`
+        then the policy.
+      solver: the public call that built it ("ti.cg", ...), for its repr.
+
+    Attributes:
+      on_failure: the policy `ihvp(v)` applies.
+      solver: the public call that built it.
+
+    Example:
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
+      >>> ihvp = ti.direct(H)
+      >>> V = torch.ones(3, 27, dtype=torch.float64)
+      >>> torch.equal(ihvp(V), ihvp.solve(V).x)
+      True
     """
 
-    def __init__(self, solve: Callable, *, on_failure: str, apply: Callable | None = None, where: str):
+    def __init__(self, solve: Callable, *, on_failure: str, apply: Callable | None = None, solver: str):
         self._solve = solve
         self._apply = apply
         self.on_failure = on_failure
-        self.where = where
+        self.solver = solver
 
-    def solve(self, v) -> Solution:
-        """`Solution(x, info)` for one vector or a stack; never raises for numerical failure."""
+    def solve(self, v: PyTree) -> Solution:
+        """`Solution(x, info)` for one vector or a stack (leading axis k: `info` fields `[k]`); never
+        raises for numerical failure, only for invalid input.
+        """
         return self._solve(v)
 
-    def __call__(self, v):
+    def __call__(self, v: PyTree) -> PyTree:
         if self._apply is not None:
             return self._apply(v)
         x, info = self._solve(v)
@@ -129,7 +198,7 @@ class InverseOperator:
         return x
 
     def __repr__(self) -> str:
-        return f"InverseOperator({self.where}, on_failure={self.on_failure!r})"
+        return f"InverseOperator({self.solver}, on_failure={self.on_failure!r})"
 
 
 # ---------------------------------------------------------------- messages

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import optree
 import torch
@@ -34,6 +34,7 @@ from ..core import tree as tr
 from ..core.errors import ConvergenceError
 from ..core.objective import objective, per_example
 from ..core.transforms import hessian
+from ..core.tree import PyTree
 from ..solvers import direct
 from ..solvers._minimize import gradient, max_norm, minimize
 
@@ -64,7 +65,19 @@ def lbfgs_trainer(loss: Callable, *, l2: float = 0.0, gtol: float = 1e-10, maxit
       `train_fn(params, data) -> params`: new, detached parameters; the inputs are not modified.
 
     Raises:
+      ArgumentError: `loss` not a function; `l2` < 0, `gtol` <= 0, `maxiter` < 1,
+        `newton_steps` < 0 or a bad `chunk_size` (checked here, not at the first retraining).
       ConvergenceError: from `train_fn`, when the gradient stays above `gtol`.
+
+    Cost: per call, up to `maxiter` L-BFGS iterations of one gradient over `data` each
+    (O(n·P) per pass), plus one dense Hessian (O(P²) memory) per Newton step.
+
+    Example:
+      >>> rest = ti.take(train, torch.arange(1, 60))                    # without training point 0
+      >>> theta = ti.lbfgs_trainer(loss, l2=1e-2, newton_steps=3)(params, rest)
+      >>> g = torch.func.grad(lambda p: loss(p, rest).mean() + 0.5e-2 * ti.vdot(p, p))(theta)
+      >>> bool(ti.ravel(g).abs().max() <= 1e-10)
+      True
     """
     _check_training("ti.lbfgs_trainer", loss, l2, gtol, maxiter, chunk_size)
     newton_steps = checks.integer("ti.lbfgs_trainer", "newton_steps", newton_steps, minimum=0)
@@ -76,7 +89,7 @@ def lbfgs_trainer(loss: Callable, *, l2: float = 0.0, gtol: float = 1e-10, maxit
     return train_fn
 
 
-def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: float = 1e-10, maxiter: int = 50,
+def newton_trainer(loss: Callable, params: PyTree, train: PyTree, *, l2: float = 0.0, gtol: float = 1e-10, maxiter: int = 50,
                    chunk_size: int | None = None) -> Callable:
     """Returns `train_fn(params, data) -> params`: Newton iterations with the Hessian of the full training set.
 
@@ -103,10 +116,20 @@ def newton_trainer(loss: Callable, params, train, *, l2: float = 0.0, gtol: floa
       `train_fn(params, data) -> params`: new, detached parameters.
 
     Raises:
+      ArgumentError: `loss` not a function, `params` not finite floating tensors; `l2` < 0,
+        `gtol` <= 0, `maxiter` < 1 or a bad `chunk_size`.
       ConvergenceError: from `train_fn`, when the gradient is still above `gtol` after
         `maxiter` iterations.
 
-    Cost: one dense Hessian (P×P) at construction; per call, iterations × one gradient.
+    Cost: one dense Hessian (O(n·P²) time, P² memory) and its Cholesky factor (O(P³)) at
+    construction; per call, iterations × one gradient over `data` and one O(P²) solve.
+
+    Example:
+      >>> rest = ti.take(train, torch.arange(1, 60))                    # without training point 0
+      >>> theta = ti.newton_trainer(loss, params, train, l2=1e-2)(params, rest)
+      >>> g = torch.func.grad(lambda p: loss(p, rest).mean() + 0.5e-2 * ti.vdot(p, p))(theta)
+      >>> bool(ti.ravel(g).abs().max() <= 1e-10)
+      True
     """
     _check_training("ti.newton_trainer", loss, l2, gtol, maxiter, chunk_size)
     checks.params("ti.newton_trainer", params)
@@ -157,8 +180,8 @@ def _settings(where: str, meta, params, train, test) -> dict:
     except (TypeError, ValueError) as err:
         raise TypeError(f"{where}: `meta` must be JSON-serializable with finite numbers (dicts, lists, str, int, "
                         f"float, bool, None); got {type(meta).__name__} ({err}).") from None
-    settings = {"meta": meta, "n_train": D.count_examples(train, name="train", call=where),
-                "n_test": D.count_examples(test, name="test", call=where),
+    settings = {"meta": meta, "n_train": D._count_examples(train, name="train", call=where),
+                "n_test": D._count_examples(test, name="test", call=where),
                 "dtype": str(optree.tree_leaves(params, namespace="")[0].dtype).removeprefix("torch.")}
     run = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return settings | {"run": run}
@@ -237,11 +260,11 @@ def leave_one_out_records(out: str | os.PathLike, params, train, test, *, meta=N
     """The finished records of a `ti.leave_one_out` file, checked as a resumed call checks them; reads only.
 
     Args:
-      out: as given to `ti.leave_one_out` (`params` only for its dtype).
-      params: as given to `ti.leave_one_out` (`params` only for its dtype).
-      train: as given to `ti.leave_one_out` (`params` only for its dtype).
-      test: as given to `ti.leave_one_out` (`params` only for its dtype).
-      meta: as given to `ti.leave_one_out` (`params` only for its dtype).
+      out: the JSON-lines file, as given to `ti.leave_one_out`.
+      params: as given to `ti.leave_one_out` (only its dtype is read).
+      train: as given to `ti.leave_one_out` (only its size is read).
+      test: as given to `ti.leave_one_out` (only its size is read).
+      meta: as given to `ti.leave_one_out`.
 
     Returns:
       `{id: [measure per test point]}` (id -1: the base run); empty when `out` does not exist.
@@ -289,24 +312,20 @@ def _append(f, key: int, values: torch.Tensor, settings: dict) -> list[float]:
     return record
 
 
-def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: Callable,
-                  out: str | os.PathLike | None = None, meta=None, chunk_size: int | None = None,
+def leave_one_out(train_fn: Callable, params: PyTree, train: PyTree, test: PyTree, indices: Sequence[int] | torch.Tensor, *,
+                  measure: Callable,
+                  out: str | os.PathLike | None = None, meta: object = None, chunk_size: int | None = None,
                   progress: bool = True) -> torch.Tensor:
     """Returns the actual change of `measure` on every test point when each training point is removed.
 
     `actual[t, j] = measure(θ_{-i}, z_t) − measure(θ_full, z_t)` for `i = indices[j]`, where
     `θ_{-i} = train_fn(params, train without i)` and `θ_full = train_fn(params, train)` (the
-    base run, retrained by the same `train_fn`, so both sides share its tolerance). With the
-    loss as `measure` this is the quantity every score predicts, in the same sign: positive
-    means removing the point raises the test loss (it was helpful).
+    base run, by the same `train_fn`). With the loss as `measure` this is what every score
+    predicts, in the same sign: positive = removing the point raises the test loss.
 
-    Resumable: with `out`, each retrained model's values are appended to that JSON-lines file
-    (flushed and fsynced) as soon as it is measured; a rerun skips ids already in the file and
-    cuts off a partially written last line, so a run killed at any moment loses at most the
-    model in progress and never duplicates one. Every record carries the run's identity and
-    is checked on resume (see the module docstring for the format); a file that fails is
-    refused and left as it is. When every asked-for model is in the file, the file is only
-    read (it may lie on a read-only mount).
+    Resumable: with `out`, each model's values are appended (fsynced) to that JSON-lines file
+    as soon as measured; a rerun skips the ids there. Records carry the run's identity and are
+    checked on resume (format in the module docstring); a file that fails is left as it is.
 
     Args:
       train_fn: `(params, data) -> params`, e.g. `ti.lbfgs_trainer(loss, l2=1e-2)`; it is
@@ -315,15 +334,13 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
       train: the training set, a pytree of tensors with leading axis n_train.
       test: the test points, leading axis n_test; all are measured at once per model.
       indices: distinct training ids to remove one at a time, a sequence or 1-d tensor.
-      measure: `(params, batch) -> Tensor[B]`, the per-example quantity the scores predict;
-        pass the training loss to compare with influence scores (it has no default, so that
-        the compared quantity is always explicit).
+      measure: `(params, batch) -> Tensor[B]`, the per-example quantity the scores predict
+        (the training loss to compare with influence scores); no default, so it is explicit.
       out: path of the JSON-lines file (created if missing, resumed if present); None keeps
         results in memory only.
-      meta: JSON-serializable description of the run (which test points, which model),
-        written into the base record and, hashed with the training-set size, the number of
-        test points and the dtype, into every record as the run's identity; resuming a file
-        of another identity is refused, so results of one setup are never mixed into another.
+      meta: JSON-serializable description of the run (which test points, which model);
+        hashed with the training-set size, the number of test points and the dtype into
+        every record as the run's identity, so results of two setups are never mixed.
       chunk_size: test points measured at once.
       progress: show a tqdm progress bar over the retrainings.
 
@@ -331,15 +348,24 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
       `[n_test, len(indices)]`, dtype and device of `params`; column j belongs to `indices[j]`.
 
     Raises:
-      ValueError: `indices` not distinct integers in range; `measure` not per-example or
-        non-finite on a retrained model (nothing is written for that model); `out` holding a
-        record of another run, records without their base record, a repeated or non-finite
-        record, or not a leave-one-out file (the message names the line; the file is left as is).
+      ValueError: `measure` not per-example or non-finite on a retrained model; `out` holding
+        records of another run, or damaged (the message names the line).
       TypeError: `meta` not JSON-serializable.
+      ArgumentError: `indices` not distinct ids in range; `train_fn` or `measure` not a
+        function, bad `params`, data of another dtype or device, a bad `chunk_size`.
       ConvergenceError: from `train_fn`.
 
     Cost: len(indices) + 1 calls of `train_fn` (fewer when resuming), each followed by one
-    pass of `measure` over the test points.
+    pass of `measure` over the test points; memory one retrained model at a time.
+
+    Example:
+      >>> train_fn = ti.newton_trainer(loss, params, train, l2=1e-2)
+      >>> actual = ti.leave_one_out(train_fn, params, train, test, [0, 5], measure=loss, progress=False)
+      >>> actual.shape
+      torch.Size([5, 2])
+      >>> theta = ti.lbfgs_trainer(loss, l2=1e-2, newton_steps=3)(params, ti.take(train, torch.arange(1, 60)))
+      >>> torch.allclose(actual[:, 0], loss(theta, test) - loss(params, test), rtol=0, atol=1e-9)
+      True
     """
     where = "ti.leave_one_out"
     for name, fn in (("train_fn", train_fn), ("measure", measure)):
@@ -349,7 +375,7 @@ def leave_one_out(train_fn: Callable, params, train, test, indices, *, measure: 
     checks.chunk_size(where, chunk_size)
     checks.flag(where, "progress", progress)
     for name, data in (("train", train), ("test", test)):
-        D.count_examples(data, name=name, call=where)
+        D._count_examples(data, name=name, call=where)
         checks.floating_like(where, name, data, ref)
     settings = _settings(where, meta, params, train, test)
     n_train, n_test = settings["n_train"], settings["n_test"]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..core import checks
 from ..core import data as D
 from ..core import tree as tr
+from ..core.tree import PyTree
 from .loo import measure_all
 
 __all__ = ["pearson", "spearman", "topk_overlap", "sign_agreement", "lds", "LDSResult"]
@@ -53,7 +54,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return (below + through + 1).to(x.dtype) / 2
 
 
-def pearson(scores, actual) -> torch.Tensor:
+def pearson(scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
     """Returns Pearson's correlation between `scores` and `actual` along the last axis.
 
     Matches `scipy.stats.pearsonr`. Invariant to a positive scale and any offset of either
@@ -68,11 +69,22 @@ def pearson(scores, actual) -> torch.Tensor:
 
     Raises:
       ValueError: shapes differ, fewer than 2 values per row, or non-finite values.
+
+    Cost: O(numel) time and memory.
+
+    Example:
+      >>> scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+      >>> actual = scores + torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+      >>> r = ti.pearson(scores, actual)
+      >>> r.shape
+      torch.Size([3])
+      >>> torch.allclose(r[0], torch.corrcoef(torch.stack([scores[0], actual[0]]))[0, 1])
+      True
     """
     return _pearson(*_as_pair("ti.pearson", scores, actual))
 
 
-def spearman(scores, actual) -> torch.Tensor:
+def spearman(scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
     """Returns Spearman's rank correlation between `scores` and `actual` along the last axis.
 
     The Pearson correlation of the ranks, tied values taking the average of their ranks;
@@ -87,6 +99,14 @@ def spearman(scores, actual) -> torch.Tensor:
 
     Raises:
       ValueError: shapes differ, fewer than 2 values per row, or non-finite values.
+
+    Cost: O(numel · log k) (one sort per row) time, O(numel) memory.
+
+    Example:
+      >>> x, y = torch.tensor([1., 2., 2., 4.]), torch.tensor([1., 3., 2., 4.])
+      >>> ranks = torch.tensor([[1., 2.5, 2.5, 4.], [1., 3., 2., 4.]])   # tied values share their mean rank
+      >>> torch.allclose(ti.spearman(x, y), torch.corrcoef(ranks)[0, 1])
+      True
     """
     x, y = _as_pair("ti.spearman", scores, actual)
     return _pearson(_ranks(x), _ranks(y))
@@ -96,7 +116,7 @@ def _check_k(where: str, k: int, size: int) -> int:
     return checks.integer(where, "k", k, minimum=1, maximum=size, hint=f"(the number of values per row is {size}.)")
 
 
-def topk_overlap(scores, actual, k: int) -> torch.Tensor:
+def topk_overlap(scores: torch.Tensor, actual: torch.Tensor, k: int) -> torch.Tensor:
     """Returns the fraction of the k largest |actual| that are also among the k largest |scores|.
 
     Compares which training points matter most, regardless of sign and scale: 1 when the
@@ -111,7 +131,15 @@ def topk_overlap(scores, actual, k: int) -> torch.Tensor:
       `[...]`: overlap in [0, 1] per row.
 
     Raises:
-      ValueError: shapes differ, k out of range, or non-finite values.
+      ValueError: shapes differ, or non-finite values.
+      ArgumentError: `k` not an int in [1, m].
+
+    Cost: O(numel) time (two top-k per row) and memory.
+
+    Example:
+      >>> scores, actual = torch.tensor([3., -2., 0.1, 0.]), torch.tensor([1., 5., 0., 4.])
+      >>> ti.topk_overlap(scores, actual, k=2).item()      # top 2 by magnitude: {0, 1} and {1, 3}
+      0.5
     """
     x, y = _as_pair("ti.topk_overlap", scores, actual)
     _check_k("ti.topk_overlap", k, x.shape[-1])
@@ -119,7 +147,7 @@ def topk_overlap(scores, actual, k: int) -> torch.Tensor:
     return in_actual.gather(-1, x.abs().topk(k, dim=-1).indices).sum(-1) / k
 
 
-def sign_agreement(scores, actual, *, k: int | None = None) -> torch.Tensor:
+def sign_agreement(scores: torch.Tensor, actual: torch.Tensor, *, k: int | None = None) -> torch.Tensor:
     """Returns the fraction of points where `scores` and `actual` have the same sign.
 
     With the library's sign (positive = helpful), this asks whether a predicted helpful
@@ -136,7 +164,15 @@ def sign_agreement(scores, actual, *, k: int | None = None) -> torch.Tensor:
       `[...]`: agreement in [0, 1] per row.
 
     Raises:
-      ValueError: shapes differ, k out of range, or non-finite values.
+      ValueError: shapes differ, or non-finite values.
+      ArgumentError: `k` not an int in [1, m].
+
+    Cost: O(numel) time and memory.
+
+    Example:
+      >>> scores, actual = torch.tensor([1., -2., 3., -0.5]), torch.tensor([2., -1., 1., 0.5])
+      >>> ti.sign_agreement(scores, actual).item(), ti.sign_agreement(scores, actual, k=2).item()
+      (0.75, 1.0)
     """
     x, y = _as_pair("ti.sign_agreement", scores, actual)
     same = (torch.sign(x) == torch.sign(y)).to(x.dtype)
@@ -147,26 +183,35 @@ def sign_agreement(scores, actual, *, k: int | None = None) -> torch.Tensor:
 
 
 class LDSResult(NamedTuple):
-    """Linear datamodeling score: mean over test points and its confidence interval."""
+    """Linear datamodeling score: mean over test points and its confidence interval (`ti.lds`).
 
-    mean: torch.Tensor        # 0-d: mean over test points of the per-test rank correlation
-    low: torch.Tensor         # 0-d: lower end of the confidence interval
-    high: torch.Tensor        # 0-d: upper end
-    per_test: torch.Tensor    # [n_test]: Spearman over subsets, one per test point
+    Attributes:
+      mean: 0-d, the mean over test points of the per-test rank correlation.
+      low: 0-d, the lower end of the confidence interval.
+      high: 0-d, the upper end.
+      per_test: `[n_test]`, Spearman's correlation over the subsets, one per test point.
+
+    Example:
+      >>> ti.LDSResult._fields
+      ('mean', 'low', 'high', 'per_test')
+    """
+
+    mean: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    per_test: torch.Tensor
 
 
-def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, subsets: int = 16,
+def lds(train_fn: Callable, params: PyTree, train: PyTree, test: PyTree, scores: torch.Tensor, *, measure: Callable, subsets: int = 16,
         fraction: float = 0.5, generator: torch.Generator, confidence: float = 0.95,
         chunk_size: int | None = None, progress: bool = True) -> LDSResult:
     """Returns the linear datamodeling score of `scores` (Park et al. 2023), with a confidence interval.
 
-    Draws `subsets` random subsets S_j of the training set, each holding a `fraction` of its
-    points, and retrains on each (`train_fn(params, take(train, S_j))`, warm-started from
-    `params`). For a test point, the scores predict the change of its measure when the points
-    outside S_j are removed, Σ_{i ∉ S_j} scores[t, i] (the library's sign: score ≈ change when
-    removed); the per-test LDS is Spearman's correlation, over the subsets, between that
-    prediction and the measured `measure(θ_{S_j}, z_t)`. The result averages over test points,
-    with a normal-approximation interval `mean ± z·sd/√n_test`.
+    Retrains on `subsets` random subsets S_j, each a `fraction` of the training set
+    (`train_fn(params, take(train, S_j))`). The per-test LDS is Spearman's correlation, over
+    the subsets, between the predicted change Σ_{i ∉ S_j} scores[t, i] (score ≈ change when
+    removed) and the measured `measure(θ_{S_j}, z_t)`; averaged over test points, with a
+    normal-approximation interval `mean ± z·sd/√n_test`.
 
     Args:
       train_fn: `(params, data) -> params`, e.g. `ti.lbfgs_trainer(loss, l2=...)`.
@@ -186,15 +231,30 @@ def lds(train_fn: Callable, params, train, test, scores, *, measure: Callable, s
       `LDSResult(mean, low, high, per_test)`; `per_test` is `[n_test]`.
 
     Raises:
-      ValueError: `scores` is not `[n_test, n_train]`, or `subsets`, `fraction` or
-        `confidence` is out of range.
+      ValueError: `scores` is not `[n_test, n_train]`; bad data.
+      ArgumentError: `train_fn` or `measure` not a function, `subsets` < 3, `fraction` or
+        `confidence` outside (0, 1), a bad `chunk_size`, `generator` not a torch.Generator,
+        or non-finite `scores`.
+
+    Cost: `subsets` calls of `train_fn` and as many passes of `measure` over the test set,
+    plus O(n_test · n_train · subsets) for the predictions.
+
+    Example:
+      Influence scores of this convex model rank the subsets' test losses well:
+
+      >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
+      >>> scores = ti.influence(loss, params, train, test, ihvp=ti.direct(H))
+      >>> r = ti.lds(ti.newton_trainer(loss, params, train, l2=1e-2), params, train, test, scores,
+      ...            measure=loss, subsets=8, generator=torch.Generator().manual_seed(0), progress=False)
+      >>> r.per_test.shape, bool(r.low <= r.mean <= r.high), bool(r.mean > 0.5)
+      (torch.Size([5]), True, True)
 
     References:
       Park et al., TRAK: Attributing Model Behavior at Scale, 2023.
     """
     where = "ti.lds"
-    n_train = D.count_examples(train, name="train", call=where)
-    n_test = D.count_examples(test, name="test", call=where)
+    n_train = D._count_examples(train, name="train", call=where)
+    n_test = D._count_examples(test, name="test", call=where)
     scores = torch.as_tensor(scores)
     if tuple(scores.shape) != (n_test, n_train):
         raise ValueError(f"{where}: `scores` must be [n_test, n_train] = [{n_test}, {n_train}]; got {list(scores.shape)}.")

@@ -71,12 +71,16 @@ def ti_cg(task: Task):
 
 
 def _ti_ekfac(task: Task, fisher: str):
-    """EK-FAC influence with damping = l2 (the objective's weight decay), as kronfluence's `damping_factor`."""
+    """EK-FAC influence with damping = l2 (the objective's weight decay), as kronfluence's `damping_factor`.
+
+    Scored with `factored=True`: the training side meets the solved test stack through each linear
+    layer's captured inputs and output gradients, never as per-example gradients.
+    """
     apply, params, loss = pure(task)
     curv = ti.ekfac(loss, params, task.train, predict=lambda p, b: apply(p, b[0]),
                     output_loss=lambda o, b: F.cross_entropy(o, b[1], reduction="none"), fisher=fisher,
                     generator=torch.Generator().manual_seed(0) if fisher == "true" else None, damping=task.l2)
-    return ti.influence(loss, params, task.train, task.test, ihvp=curv.ihvp)
+    return ti.influence(loss, params, task.train, task.test, ihvp=curv.ihvp, factored=True)
 
 
 def ti_ekfac(task: Task):
@@ -337,7 +341,8 @@ NOTES = {
                           "LR tasks, Gauss-Newton on digits-mlp: the loosest that still reaches Pearson 0.9999 with "
                           "exact influence)",
     ("tinfluence", "ekfac"): "ti.ekfac(fisher=\"true\", labels sampled from the softmax through a generator seeded 0), "
-                             "damping = l2, default chunks; scores through ti.influence(ihvp=curv.ihvp)",
+                             "damping = l2, default chunks; scores through ti.influence(ihvp=curv.ihvp, factored=True) "
+                             "(training linear layers as their factors)",
     ("tinfluence", "ekfac-emp"): "ti.ekfac(fisher=\"empirical\"), otherwise as ekfac",
     ("tinfluence", "lissa"): "depth 400 (LR) / 300 (MLP), batch 256, 1 repeat, scale auto",
     ("tinfluence", "tracin"): "factored=True: exact Gram matrices of every linear layer from its inputs and output "

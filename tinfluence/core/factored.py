@@ -7,12 +7,14 @@ MLP, the sequence length for a layer applied token by token):
     ∇_W ℓ_i = Σ_t G_itᵀ A_it,      A_it ∈ R^in the layer's input, G_it ∈ R^out ∂ℓ_i/∂(output at t),
 
 so ⟨∇_W ℓ_i, ∇_W ℓ_j⟩ = Σ_{t,s} (G_it·G_js)(A_it·A_js) costs T_i·T_j·(in + out) instead of
-in·out, and the n × P per-example gradients are never formed. `grad_factors` captures A and G
+in·out, and the n × P per-example gradients are never formed; against a dense stack V (e.g.
+solved test gradients), ⟨V_W, ∇_W ℓ_i⟩ = Σ_t G_itᵀ V_W A_it (`dense_gram`). `grad_factors` captures A and G
 for every parameter that the forward uses only as the weight or bias of `F.linear`
 (`nn.Linear`, and any module calling `F.linear`), and takes `vmap(grad)` per-example
 gradients of every other parameter (convolutions, embeddings, norms, tied weights); one
 vectorized backward gives both. `gram`, `sq_norms` and `materialize` then equal
-`ti.tree.pairwise_vdot`, the squared row norms and `ti.per_example_grads` to round-off.
+`ti.tree.pairwise_vdot`, the squared row norms and `ti.per_example_grads` to round-off, and
+`dense_gram(V, factors)` equals `ti.tree.pairwise_vdot(V, materialize(factors))`.
 
 Capture: the loss is evaluated for each example separately (`vmap` over the batch, each
 example a batch of one, exactly as `ti.per_example_grads` does) under a
@@ -29,8 +31,9 @@ use as the 1-d bias) of `F.linear`; several calls with one weight are concatenat
 an input without an example axis is repeated for every example. Any other use (a weight tied
 to an embedding, `W.t()`, a convolution, a custom op) sends the parameter to `vmap(grad)`; a
 call that returns only metadata, such as `W.shape`, is not a use. A weight whose factors cost
-more than its gradient, T²·(in + out) >= in·out (long sequences), has its gradient formed
-from the factors instead, so no layer becomes slower than with `ti.per_example_grads`.
+more than its gradient (for Gram matrices T²·(in + out) >= in·out, long sequences; for
+`dense_gram` T·(in + out) >= in·out) has its gradient formed from the factors instead, so no
+layer becomes slower than with `ti.per_example_grads`.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from . import data as D
 from . import tree as tr
 from .objective import per_example
 
-__all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "sq_norms", "materialize"]
+__all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "dense_gram", "sq_norms", "materialize"]
 
 
 class GradFactors(NamedTuple):
@@ -64,7 +67,8 @@ class GradFactors(NamedTuple):
         Several calls with the same weight are concatenated along T.
       dense: `{name: [B, *shape]}`, the per-example gradient of every other parameter:
         biases of linear layers (Σ_t G[i, t]), weights whose factors would cost more than
-        the gradient itself (T² (in + out) >= in·out), and parameters used in any other way.
+        the gradient itself (for `gram`: T² (in + out) >= in·out), and parameters used in
+        any other way.
     """
 
     linear: dict
@@ -212,8 +216,21 @@ def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str) -> Calla
     return vmap(grad(example_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
 
 
-def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs: tuple, B: int) -> GradFactors:
-    """GradFactors of B examples from the probe gradients and layer inputs of the probed calls."""
+def for_gram(T: int, n_in: int, out: int) -> bool:
+    """Keep a weight's factors for `gram`: T²·(in + out) < in·out (their products cost less than the gradient's)."""
+    return T * T * (n_in + out) < n_in * out
+
+
+def for_dense_products(T: int, n_in: int, out: int) -> bool:
+    """Keep a weight's factors for `dense_gram`: T·(in + out) < in·out (they hold fewer numbers than the gradient)."""
+    return T * (n_in + out) < n_in * out
+
+
+def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs: tuple, B: int,
+              keep: Callable = for_gram) -> GradFactors:
+    """GradFactors of B examples from the probe gradients and layer inputs of the probed calls; a weight
+    whose factors `keep(T, in, out)` refuses is formed from them, `Σ_t G_tᵀ A_t`.
+    """
     pieces: dict = {}
     for (w, b, _), G, a in zip(plan.calls, probe_grads, inputs):
         G = G.reshape(B, -1, G.shape[-1])   # [B, T, out]
@@ -226,7 +243,7 @@ def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs
         A = torch.cat([a for a, _ in parts], dim=1)   # [B, T, in]
         G = torch.cat([g for _, g in parts], dim=1)   # [B, T, out]
         out_features, in_features = params[name].shape
-        if A.shape[1] ** 2 * (in_features + out_features) < in_features * out_features:
+        if keep(A.shape[1], in_features, out_features):
             linear[name] = (A, G)
         else:
             dense[name] = G.mT @ A
@@ -236,24 +253,37 @@ def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs
 def grad_factor_fn(loss: Callable) -> Callable:
     """Returns `(params, batch) -> GradFactors`, the per-example gradients of a batch, factored.
 
-    Each call first runs the loss once on the batch's first example (no gradient) to see
-    which parameters are used only by `F.linear`, then one `vmap(grad)` over the batch
-    returns their factors and the per-example gradients of all other parameters. Like
-    `ti.per_example_grad_fn`, but linear-layer weights come as `(A, G)`; see `GradFactors`.
+    Like `ti.per_example_grad_fn`, but linear-layer weights come as `(A, G)` (see `GradFactors`).
+    Each call runs the loss once on the batch's first example (no gradient) to see which
+    parameters are used only by `F.linear`, then one `vmap(grad)` over the batch returns their
+    factors and the per-example gradients of all other parameters. Assumes each example's loss
+    depends on that example only and that the forward runs the same layers for every example.
 
-    Assumes each example's loss depends on that example only (as `ti.per_example_grads`
-    does: every example is evaluated as a batch of one) and that the forward runs the same
-    layers for every example.
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, one loss per example.
+
+    Returns:
+      `(params, batch) -> GradFactors` with leading axis B on every leaf.
 
     Raises:
-      TypeError: `params` is not a `dict[str, Tensor]`.
-      RuntimeError: the forward under vmap made other F.linear calls than the plain one.
+      TypeError: (when called) `params` is not a `dict[str, Tensor]`.
+      RuntimeError: (when called) the forward under vmap made other F.linear calls than the plain one.
+
+    Cost:
+      As `grad_factors` for one chunk.
+
+    Example:
+      >>> factors = ti.factored.grad_factor_fn(loss)(params, train)
+      >>> sorted(factors.linear), sorted(factors.dense)
+      (['weight'], ['bias'])
     """
     return factor_fn(loss, call="ti.factored.grad_factors")
 
 
-def factor_fn(loss: Callable, *, call: str) -> Callable:
-    """`grad_factor_fn` for the public call `call` (the name its errors give)."""
+def factor_fn(loss: Callable, *, call: str, keep: Callable = for_gram) -> Callable:
+    """`grad_factor_fn` for the public call `call` (the name its errors give); `keep(T, in, out)` says
+    which factored weights stay factors (`for_gram`, `for_dense_products`), the others are formed.
+    """
     where = call
 
     def kernel(params, batch):
@@ -265,7 +295,8 @@ def factor_fn(loss: Callable, *, call: str) -> Callable:
         probes = tuple(probe for _, _, probe in plan.calls)
         probed = {id(t) for t in factored.values()}
         (dense, probe_grads), inputs = _factor_kernel(loss, factored, probed, where)(fallback, probes, batch)
-        return _assemble(plan, params, dict(dense), probe_grads, inputs, D._count_examples(batch, name="batch", call=where))
+        return _assemble(plan, params, dict(dense), probe_grads, inputs,
+                         D._count_examples(batch, name="batch", call=where), keep)
 
     return kernel
 
@@ -273,9 +304,9 @@ def factor_fn(loss: Callable, *, call: str) -> Callable:
 def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None = None) -> GradFactors:
     """Returns the per-example gradients of `data` with linear-layer weights kept as factors.
 
-    `materialize(grad_factors(loss, params, data))` equals `ti.per_example_grads(loss,
-    params, data)`; `gram` and `sq_norms` use the factors directly. Computed chunk by
-    chunk (one vectorized backward per chunk).
+    `materialize(grad_factors(loss, params, data))` equals `ti.per_example_grads(loss, params,
+    data)`; `gram`, `dense_gram` and `sq_norms` use the factors directly. Computed chunk by chunk
+    (one vectorized backward per chunk).
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, one loss per example; models in eval mode, each
@@ -290,13 +321,17 @@ def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None =
     Raises:
       TypeError: `loss` not callable, `params` not a dict of floating tensors.
       ValueError: bad data, a loss that is not per-example, or a bad `chunk_size`.
+      RuntimeError: the forward under vmap made other F.linear calls than the plain one.
 
-    Notes:
-      Cost: one vectorized backward per chunk plus a forward of one example. Memory:
-      n·T·(in + out) per factored weight instead of n·in·out. Measured (one thread,
-      1000 digits, float64): 1.4 ms for logistic regression 64→10 and 3.4 ms for a
-      64-128-10 MLP, against 1.5 and 38 ms for `ti.per_example_grads` and 0.46 and 2.5 ms
-      for one batched backward of the mean loss.
+    Cost:
+      One vectorized backward per chunk plus a forward of one example. Memory: n·T·(in + out)
+      per factored weight instead of n·in·out; other parameters n·size.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> A, G = factors.linear["weight"]
+      >>> A.shape, G.shape
+      (torch.Size([60, 1, 8]), torch.Size([60, 1, 3]))
     """
     where = "ti.factored.grad_factors"
     checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
@@ -334,9 +369,7 @@ def _flat_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     """Returns all inner products ⟨∇ℓ(z_i), ∇ℓ(z'_j)⟩ between two batches' gradients, `[B1, B2]`.
 
-    Equal to `ti.tree.pairwise_vdot(materialize(F1), materialize(F2))` to round-off. A weight
-    factored on both sides costs B1·B2·T1·T2·(in + out) (two matrix products); a weight dense
-    on either side is materialized on the other and costs B1·B2·in·out, as the dense leaves do.
+    Equal to `ti.tree.pairwise_vdot(materialize(F1), materialize(F2))` to round-off.
 
     Args:
       F1: `GradFactors` of B1 examples.
@@ -348,6 +381,16 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     Raises:
       TypeError: an argument is not a `GradFactors`.
       ValueError: `F1` and `F2` do not hold the same parameters.
+
+    Cost:
+      A weight factored on both sides: B1·B2·T1·T2·(in + out) (two matrix products); a weight
+      dense on either side is materialized on the other and costs B1·B2·in·out, as dense leaves do.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> G = ti.per_example_grads(loss, params, train)
+      >>> torch.allclose(ti.factored.gram(factors, factors), ti.tree.pairwise_vdot(G, G))
+      True
     """
     where = "ti.factored.gram"
     _check_factors(where, "F1", F1)
@@ -367,13 +410,105 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     return total
 
 
-def sq_norms(factors: GradFactors) -> torch.Tensor:
-    """Returns ‖∇ℓ(z_i)‖² for every example of the batch, `[B]`.
+def _contracted_first(k: int, T: int) -> bool:
+    """Whether `U · (A, G)` is cheaper contracted directly, k·c·T·in·out, than through the chunk's
+    gradients formed from the factors, c·T·in·out + k·c·in·out (always for T = 1 or k = 1).
+    """
+    return k * T < T + k
 
-    A factored weight costs B·T²·(in + out): Σ_{t,s} (G_it·G_is)(A_it·A_is).
+
+def _dense_factored(U: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """`[k, c]`: ⟨U[j], Σ_t G[i, t]ᵀ A[i, t]⟩ for U `[k, out, in]`, A `[c, T, in]`, G `[c, T, out]`."""
+    k, out, n_in = U.shape
+    c, T = A.shape[:2]
+    if _contracted_first(k, T):
+        P = (U.reshape(k * out, n_in) @ A.reshape(c * T, n_in).T).reshape(k, out, c * T)   # no [c, out, in]
+        return (P * G.reshape(c * T, out).T).sum(1).reshape(k, c, T).sum(2)
+    return U.reshape(k, -1) @ _materialize_one(A, G).reshape(c, -1).T
+
+
+def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
+    """Returns the inner products ⟨V[j], ∇ℓ(z_i)⟩ of a dense stack with factored gradients, `[k, c]`.
+
+    Equal to `ti.tree.pairwise_vdot(V, materialize(factors))` to round-off, without the c
+    per-example gradients of a factored weight applied at one position: there
+    `⟨V_W[j], g_i a_iᵀ⟩ = Σ_o (V_W[j] a_i)_o g_io`. A weight applied at T > 1 positions takes
+    the cheaper of contracting V with the factors directly and forming the chunk's gradients
+    from them by one batched product (`materialize`); dense leaves are flattened dot products.
+    `ti.influence(factored=True)` scores each training chunk with it (V the solved test stack).
+
+    Args:
+      V: `{name: [k, *shape]}`, one entry per parameter of `factors` (e.g. `ihvp` of test
+        gradients), the dtype and device of the factors.
+      factors: `GradFactors` of c examples.
+
+    Returns:
+      `[k, c]` tensor, dtype and device of the factors.
 
     Raises:
       TypeError: `factors` is not a `GradFactors`.
+      ValueError: `V` does not hold the parameters of `factors`, or a leaf is not `[k, *shape]`.
+
+    Cost:
+      A factored weight `[out, in]` at T positions: k·c·in·out + k·c·out time and k·c·out
+      memory for T = 1; min(k·c·T·in·out, c·T·in·out + k·c·in·out) time otherwise (memory
+      k·c·T·out or c·in·out). A dense leaf: k·c·size. Never more than the dense products.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> V = ti.tree.map(lambda p: torch.randn(2, *p.shape, dtype=p.dtype), params)
+      >>> S = ti.factored.dense_gram(V, factors)
+      >>> torch.allclose(S, ti.tree.pairwise_vdot(V, ti.per_example_grads(loss, params, train)))
+      True
+    """
+    where = "ti.factored.dense_gram"
+    _check_factors(where, "factors", factors)
+    names = factors.linear.keys() | factors.dense.keys()
+    if not isinstance(V, dict) or V.keys() != names:
+        held = set(V) if isinstance(V, dict) else set()
+        raise ValueError(f"{where}: `V` must hold the parameters of `factors` as a dict; only in V: "
+                         f"{sorted(held - names)}, only in factors: {sorted(names - held)}.")
+    k = None
+    total = 0
+    for name in sorted(names):
+        if name in factors.linear:
+            A, G = factors.linear[name]
+            shape = (G.shape[-1], A.shape[-1])
+        else:
+            shape = tuple(factors.dense[name].shape[1:])
+        v = V[name]
+        k = v.shape[0] if k is None and isinstance(v, torch.Tensor) and v.dim() else k
+        if not isinstance(v, torch.Tensor) or v.dim() != len(shape) + 1 or tuple(v.shape[1:]) != shape \
+                or v.shape[0] != k:
+            got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{where}: `V[{name!r}]` must be [k, {', '.join(map(str, shape))}] "
+                             f"(k = {k}, the stack's size); got {got}.")
+        total = total + (_dense_factored(v, *factors.linear[name]) if name in factors.linear
+                         else _flat_dot(v, factors.dense[name]))
+    return total
+
+
+def sq_norms(factors: GradFactors) -> torch.Tensor:
+    """Returns ‖∇ℓ(z_i)‖² for every example of the batch, `[B]`.
+
+    A factored weight contributes Σ_{t,s} (G_it·G_is)(A_it·A_is).
+
+    Args:
+      factors: `GradFactors` of B examples.
+
+    Returns:
+      `[B]` tensor, dtype and device of the factors.
+
+    Raises:
+      TypeError: `factors` is not a `GradFactors`.
+
+    Cost:
+      B·T²·(in + out) per factored weight, B·size per dense leaf.
+
+    Example:
+      >>> factors = ti.factored.grad_factors(loss, params, train)
+      >>> torch.allclose(ti.factored.sq_norms(factors), ti.factored.gram(factors, factors).diagonal())
+      True
     """
     _check_factors("ti.factored.sq_norms", "factors", factors)
     total = 0
@@ -387,12 +522,24 @@ def sq_norms(factors: GradFactors) -> torch.Tensor:
 def materialize(factors: GradFactors) -> dict:
     """Returns the per-example gradients as `ti.per_example_grads` does: `{name: [B, *shape]}`.
 
-    A factored weight becomes `Σ_t G[i, t]ᵀ A[i, t]`, B·T·in·out operations; writing the
-    B × P result dominates (32 ms for 1000 examples of a 64-128-10 MLP, one thread, float64,
-    about what `ti.per_example_grads` takes).
+    A factored weight becomes `Σ_t G[i, t]ᵀ A[i, t]`.
+
+    Args:
+      factors: `GradFactors` of B examples.
+
+    Returns:
+      `{name: [B, *shape]}`, dtype and device of the factors.
 
     Raises:
       TypeError: `factors` is not a `GradFactors`.
+
+    Cost:
+      B·T·in·out per factored weight; memory B·P (writing the result dominates).
+
+    Example:
+      >>> G = ti.factored.materialize(ti.factored.grad_factors(loss, params, train))
+      >>> torch.allclose(G["weight"], ti.per_example_grads(loss, params, train)["weight"])
+      True
     """
     _check_factors("ti.factored.materialize", "factors", factors)
     return {**factors.dense, **{name: _materialize_one(A, G) for name, (A, G) in factors.linear.items()}}

@@ -30,12 +30,25 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
                  names: tuple[str, str] = ("train", "test"), alike: bool = True) -> torch.Tensor:
     """The checks every estimator `(loss, params, train, test, **options)` makes up front.
 
-    `loss` callable; `params` a dict of finite tensors of one floating dtype and device;
-    `train` (and `test`) pytrees with a leading example axis, on that device and, where
-    floating, of that dtype; `test` shaped like `train` (`data._check_alike`; not with
-    `alike=False`, when `test` goes to a `measure` of its own);
-    `chunk_size` None or an int >= 1. Returns the reference parameter leaf. Cost: one
-    `isfinite` pass over the parameters, metadata otherwise.
+    Args:
+      call: the public call the messages name, e.g. "ti.influence".
+      loss: must be callable.
+      params: a dict of finite tensors of one floating dtype and device.
+      train: a pytree with a leading example axis, on that device and, where floating, of that dtype.
+      test: as `train` (or None); shaped like `train` (`data._check_alike`) unless `alike=False`
+        (`test` goes to a `measure` of its own).
+      chunk_size: None or an int >= 1.
+      names: the argument names of `train` and `test` in messages.
+      alike: check that `test` has `train`'s structure and per-example shapes.
+
+    Returns:
+      The reference parameter leaf (its dtype and device are the estimator's).
+
+    Raises:
+      ArgumentError (TypeError and ValueError): any check fails; the message names `call` and the argument.
+
+    Cost:
+      One `isfinite` pass over the parameters, O(P); metadata otherwise.
     """
     checks.function(call, "loss", loss, "(params, batch) -> Tensor[B]")
     ref = checks.params(call, params)
@@ -59,9 +72,11 @@ def measure_or_loss(call: str, loss: Callable, measure) -> tuple[Callable, str]:
     return checks.function(call, "measure", measure, "(params, batch) -> Tensor[B]"), "measure"
 
 
-def _grad_kernel(loss: Callable, factored: bool, where: str, name: str) -> Callable:
-    """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`."""
-    return fa.factor_fn(loss, call=where) if factored else grad_fn(loss, call=where, name=name)
+def _grad_kernel(loss: Callable, factored: bool, where: str, name: str, keep: Callable = fa.for_gram) -> Callable:
+    """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`
+    (`keep` the rule for which weights stay factors: `ti.factored.for_gram` or `for_dense_products`).
+    """
+    return fa.factor_fn(loss, call=where, keep=keep) if factored else grad_fn(loss, call=where, name=name)
 
 
 def _checked(kernel: Callable, params, where: str, data_name: str) -> Callable:
@@ -83,11 +98,28 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
                   factored: bool = False, name: str = "loss", data_name: str = "test"):
     """Returns `transform(G)` for the per-example gradients G of `data`, computed chunk by chunk.
 
-    `transform` maps a chunk's gradients (leaves `[c, *shape]`, or `GradFactors` when
-    `factored`) to a stack with leading axis c (a pytree, or a `[c, d]` projection); the
-    chunks are concatenated. Every chunk's gradients are checked to be finite
-    (`checks.finite_chunk`: `where` names the call, `data_name` the data argument, `name`
-    the differentiated function in a shape error).
+    Args:
+      loss: `(params, batch) -> Tensor[B]`, differentiated per example.
+      params: the point of the gradients (a dict with `factored`).
+      data: pytree with leading axis n.
+      chunk_size: examples per vectorized backward (default 1024).
+      transform: maps a chunk's gradients (leaves `[c, *shape]`, or `GradFactors` when
+        `factored`) to a stack with leading axis c (a pytree, or a `[c, d]` projection).
+      where: the public call errors name.
+      factored: give `transform` `GradFactors` (`ti.factored`) instead of a pytree.
+      name: the differentiated function's name in a shape error.
+      data_name: the data argument's name in a finiteness error.
+
+    Returns:
+      The chunks' `transform(G)` concatenated along the leading axis (n rows).
+
+    Raises:
+      ArgumentError: a chunk's gradient is not finite (`checks.finite_chunk` names the ids and leaf),
+        or a loss that is not one value per example.
+
+    Cost:
+      One vectorized backward per chunk; one reduction per gradient leaf and chunk for the check.
+      Memory: chunk_size·P for one chunk's gradients plus the concatenated result.
     """
     kernel = _checked(_grad_kernel(loss, factored, where, name), params, where, data_name)
     return D._chunk_cat(lambda start, chunk: transform(kernel(start, chunk)), data, chunk_size, call=where,
@@ -95,19 +127,37 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
 
 
 def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None,
-               factored: bool = False, data_name: str = "train") -> torch.Tensor:
+               factored: bool = False, keep: Callable = fa.for_gram, data_name: str = "train") -> torch.Tensor:
     """Returns `fn(G_chunk)` concatenated along the last axis over the training chunks.
 
-    `fn` maps a chunk's per-example gradients (leaves `[c, *shape]`, or `GradFactors` when
-    `factored`) to a tensor whose last axis is c (e.g. `[n_test, c]` or `[c]`); the result's
-    last axis is n_train. Every chunk's result is checked to be finite with one reduction
-    over `fn(G)` (`[n_test, c]`, far fewer numbers than G): a nan or inf gradient makes its
-    column non-finite, and only then are the gradients searched to name the ids and the
-    leaf (with a group, the ids of this rank's shard). With a
-    process group, `train` is this rank's shard and the shards' results are all-gathered
-    in rank order.
+    Training gradients are computed once, one chunk at a time, and never held for all n.
+
+    Args:
+      fn: maps a chunk's per-example gradients (leaves `[c, *shape]`, or `GradFactors` when
+        `factored`) to a tensor whose last axis is c (e.g. `[n_test, c]` or `[c]`).
+      loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
+      params: the point of the gradients (a dict with `factored`).
+      train: this process's training data, leading axis n (a rank's shard with `group`).
+      chunk_size: examples per vectorized backward (default 1024).
+      where: the public call errors name.
+      group: a process group; the shards' results are all-gathered in rank order.
+      factored: give `fn` `GradFactors` (`ti.factored`) instead of a pytree.
+      keep: with `factored`, which weights stay factors, `(T, in, out) -> bool`
+        (`ti.factored.for_gram` for factor-factor products, `for_dense_products` against a dense stack).
+      data_name: the data argument's name in a finiteness error.
+
+    Returns:
+      Tensor with last axis n_train (global with a group).
+
+    Raises:
+      ArgumentError: a chunk's result is not finite: one reduction over `fn(G)` (far fewer
+        numbers than G); only then are the gradients searched to name the ids and the leaf
+        (with a group, ids of this rank's shard).
+
+    Cost:
+      One vectorized backward and one `fn` per chunk; memory chunk_size·P (or its factors) plus the result.
     """
-    kernel = _grad_kernel(loss, factored, where, "loss")
+    kernel = _grad_kernel(loss, factored, where, "loss", keep)
 
     def columns(start, chunk):
         G = kernel(params, chunk)
@@ -120,18 +170,42 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
 
 
 def row_sq_norms(G) -> torch.Tensor:
-    """‖G[i]‖² for each row of a stack (pytree with leaves `[c, ...]`): `[c]`."""
+    """‖G[i]‖² for each row of a stack (pytree with leaves `[c, ...]`): `[c]`.
+
+    Args:
+      G: pytree of tensors with a common leading axis c.
+
+    Returns:
+      `[c]`, dtype and device of the leaves.
+
+    Cost:
+      O(c·P).
+    """
     leaves = optree.tree_leaves(G, namespace="")
     return sum(leaf.reshape(leaf.shape[0], -1).pow(2).sum(1) for leaf in leaves)
 
 
 def grad_products(factored: bool) -> tuple[Callable, Callable]:
-    """`(pairwise, sq_norms)` for stacks of per-example gradients: `(G1, G2) -> [c1, c2]` and
-    `G -> [c]`, on pytrees (`ti.tree.pairwise_vdot`, `row_sq_norms`) or on `GradFactors`.
+    """`(pairwise, sq_norms)` for stacks of per-example gradients, on pytrees or on `GradFactors`.
+
+    Args:
+      factored: True for `GradFactors` (`ti.factored.gram`, `ti.factored.sq_norms`), False for
+        pytrees (`ti.tree.pairwise_vdot`, `row_sq_norms`).
+
+    Returns:
+      `(pairwise, sq_norms)`: `(G1, G2) -> [c1, c2]` and `G -> [c]`.
     """
     return (fa.gram, fa.sq_norms) if factored else (tr.pairwise_vdot, row_sq_norms)
 
 
 def check_factored(where: str, factored) -> None:
-    """Raises `ArgumentError` (a TypeError) unless `factored` is a bool."""
+    """Raises unless `factored` is exactly True or False.
+
+    Args:
+      where: the public call the message names.
+      factored: the value given.
+
+    Raises:
+      ArgumentError (TypeError and ValueError): `factored` is not a bool (0/1 and None refused).
+    """
     checks.flag(where, "factored", factored)

@@ -12,8 +12,9 @@ from torch.func import vmap
 from ..core import checks
 from ..core import collectives as dd
 from ..core import data as D
+from ..core import factored as fa
 from ..core import tree as tr
-from ..core.scoring import check_inputs, over_train
+from ..core.scoring import check_factored, check_inputs, over_train
 from ..core.transforms import grad_fn, grads
 from ..solvers._result import report
 
@@ -22,72 +23,63 @@ __all__ = ["influence", "self_influence"]
 
 def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: Callable | None = None,
               chunk_size: int | None = None, candidates: torch.Tensor | None = None, group=None,
-              gather: bool = True, return_info: bool = False):
+              gather: bool = True, return_info: bool = False, factored: bool = False):
     """Returns the influence of every training example on every test example, `[n_test, n_train]`.
 
         score[t, i] = (1/n) ∇_θ m(θ̂, z_t)ᵀ (H + λI)⁻¹ ∇_θ ℓ(θ̂, z_i),
 
-    with m = `measure` (default `loss`), n = number of training examples and
-    `ihvp = v ↦ (H + λI)⁻¹ v` for H the Hessian of the training objective
-    R(θ) = (1/n) Σ ℓ(θ, z_i) + (l2/2)‖θ‖² (or its Gauss-Newton matrix).
-
-    Sign: the score predicts m_t(θ̂ without z_i) − m_t(θ̂), the change in the test
-    measure when z_i is removed and the model retrained; POSITIVE = helpful (removing
-    z_i would raise the test loss), negative = harmful. Koh & Liang's
-    I_up,loss(z, z_test) = −∇L_testᵀ H⁻¹ ∇ℓ(z) is the derivative for up-weighting z by ε;
-    removing z is ε = −1/n, so score = −I_up,loss / n.
-
-    Cost and memory: the test gradients (n_test × P numbers) are solved together in ONE
-    `ihvp` call (for `ti.cg`, one pass over the training data per iteration for all test
-    points); training gradients are then computed once, `chunk_size` examples at a time,
-    and each chunk meets all test directions in one matrix product. Held at once:
-    2 × n_test × P (test gradients and their solves) + chunk_size × P (one chunk of
-    training gradients) + the n_test × n_train result. Training gradients are never all
-    held and never recomputed per test point.
+    m = `measure` (default `loss`), n the number of training examples, `ihvp = v ↦ (H + λI)⁻¹ v`
+    for H the Hessian (or Gauss-Newton matrix) of R(θ) = (1/n) Σ ℓ(θ, z_i) + (l2/2)‖θ‖².
+    Sign: the score predicts m_t(θ̂ without z_i) − m_t(θ̂); POSITIVE = helpful. It equals
+    −I_up,loss / n of Koh & Liang (removing z is up-weighting it by ε = −1/n).
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
-      params: `dict[str, Tensor]` at the optimum θ̂ (or a trainable subset, e.g. the last layer,
-        with the rest of the model closed over by `loss`).
-      train: training set, a pytree of tensors with a common leading axis n.
-      test: test set, the same pytree structure as `train` with leading axis n_test.
-      ihvp: `v ↦ (H + λI)⁻¹ v` accepting a stack (leading axis k): `ti.direct`, `ti.cg`, `ti.lissa`.
+      params: `dict[str, Tensor]` at the optimum θ̂ (or a trainable subset, the rest closed over by `loss`).
+      train: training set, a pytree of tensors with leading axis n.
+      test: test set, leading axis n_test; `train`'s structure unless a `measure` reads it.
+      ihvp: `v ↦ (H + λI)⁻¹ v` on a stack (leading axis k): `ti.direct`, `ti.cg`, `ti.lissa`, `ti.ekfac(...).ihvp`.
       measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`.
-      chunk_size: examples per vectorized gradient computation (default 1024).
-      candidates: LongTensor `[n_test, k]` of training ids (e.g. `ti.knn_candidates`):
-        score only these pairs. Only the gradients of the distinct candidate ids are
-        computed (chunk by chunk), and the result is `[n_test, k]` with
-        `result[t, j] = score[t, candidates[t, j]]`, in the order of `candidates`.
-      group: a `torch.distributed` process group when `train` is this rank's contiguous
-        shard (`ti.distributed.shard`, shards in rank order). `params` and `test` are
-        replicated on every rank (checked: `ti.distributed.check_replicated`), `ihvp`
-        must reduce over the group (e.g. `ti.cg(ti.hvp(ti.objective(..., group=group),
-        params))`), n is the global training size, and each rank scores its own shard.
-      gather: with a group, all-gather the shards' columns into the full
-        `[n_test, n_train]` matrix on every rank (True, default) or return this rank's
-        block `[n_test, n_local]` (False). With `candidates` (global ids) every rank
-        returns the full `[n_test, k]` result.
-      return_info: also return the solver's diagnostics of the test-gradient solve (one
-        `ti.SolveInfo`, per test point: status, iterations, true relative residual), e.g.
-        how many CG iterations a successful run took. Needs a solver of the library
-        (`ihvp.solve`); its `on_failure` policy still applies.
+      chunk_size: training examples per vectorized gradient pass (default 1024).
+      candidates: LongTensor `[n_test, k]` of training ids (e.g. `ti.knn_candidates`): only these
+        pairs are scored, from the gradients of the distinct ids; result `[n_test, k]` in that order.
+      group: a process group when `train` is this rank's contiguous shard (`ti.distributed.shard`);
+        `params` and `test` replicated (checked), `ihvp` reducing over the group, n global.
+      gather: with a group, all-gather the full `[n_test, n_train]` (True) or return this rank's
+        columns `[n_test, n_local]` (False). With `candidates` every rank returns `[n_test, k]`.
+      return_info: also return the `ti.SolveInfo` of the test-gradient solve (needs `ihvp.solve`).
+      factored: True takes each training chunk's linear-layer gradients as their factors (layer
+        inputs and output gradients, `ti.factored`) and meets them with the solved test stack by
+        `ti.factored.dense_gram`, never forming them; other parameters as usual. The same scores
+        to round-off, with `candidates` and `group` alike.
 
     Returns:
       Tensor `[n_test, n_train]` (`[n_test, k]` with `candidates`, `[n_test, n_local]` with
-      `gather=False`), dtype and device of `params`; positive = helpful. With a group the
-      matrix equals a single process's on the concatenated shards. With `return_info`, the
-      pair `(scores, info)`.
+      `gather=False`), dtype and device of `params`; positive = helpful. With `return_info`,
+      `(scores, info)`.
 
     Raises:
-      ValueError: `test` and `train` differ in structure or in per-example shapes, or either
-        is empty; `candidates` is not an integer `[n_test, k]` tensor of ids in [0, n_train);
-        `ihvp` returns something other than a finite stack shaped like its input (TypeError
-        for a leaf that is not a tensor); with a group, the ranks' `params` or `test` differ.
+      ArgumentError (TypeError and ValueError): bad `loss`, `params`, data, `chunk_size`, flags
+        (`gather`, `return_info`, `factored`) or `candidates` (not integer ids `[n_test, k]` in [0, n)).
+      ValueError: `ihvp` returns other than a finite stack shaped like its input (TypeError for a
+        non-tensor leaf); with a group, the ranks' `params` or `test` differ.
+      RuntimeError: with `factored=True`, the forward makes other `F.linear` calls under vmap.
       ti.distributed.CollectiveError: with a group, a peer died or stalled past the timeout.
 
+    Cost:
+      One gradient pass over test, ONE `ihvp` call on the n_test × P stack, one gradient pass over
+      train (chunk by chunk, each chunk met by all test directions in one product): O(n_test·n·P)
+      for the products. Memory: 2·n_test·P + chunk_size·P + n_test·n. With `factored`, a linear
+      layer `[out, in]` applied once per example holds chunk_size·(in + out) numbers instead of
+      chunk_size·in·out (see `ti.factored.dense_gram`).
+
     Example:
-      >>> R = ti.objective(loss, train, l2=1e-2)
-      >>> scores = ti.influence(loss, params, train, test, ihvp=ti.cg(ti.hvp(R, params), tol=1e-8))
+      >>> ihvp = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))
+      >>> scores = ti.influence(loss, params, train, test, ihvp=ihvp)
+      >>> scores.shape
+      torch.Size([5, 60])
+      >>> torch.allclose(ti.influence(loss, params, train, test, ihvp=ihvp, factored=True), scores)
+      True
 
     References:
       Koh & Liang, Understanding black-box predictions via influence functions, ICML 2017.
@@ -96,6 +88,7 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     check_inputs(call, loss, params, train, test, chunk_size=chunk_size, alike=measure is None)
     checks.flag(call, "gather", gather)
     checks.flag(call, "return_info", return_info)
+    check_factored(call, factored)
     n_local = D._count_examples(train, name="train", call=call)
     n_test = D._count_examples(test, name="test", call=call)
     dd._check_replicated(call, group, params=params, test=test)
@@ -105,17 +98,22 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
     G_test = grads(measure or loss, params, test, chunk_size=chunk_size, call=call,
                    name="loss" if measure is None else "measure", data_name="test")             # leaves [n_test, ...]
     U, info = checked_solve(call, ihvp, G_test, with_info=return_info)                        # leaves [n_test, ...]
+    pairwise = fa.dense_gram if factored else tr.pairwise_vdot
     if candidates is not None:
-        kernel = grad_fn(loss, call=call)
-        scores = _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) / n
+        kernel = fa.factor_fn(loss, call=call, keep=fa.for_dense_products) if factored else grad_fn(loss, call=call)
+        scores = _candidate_scores(kernel, pairwise, params, train, U, candidates, start, n_local, chunk_size,
+                                   group) / n
     else:
-        local = over_train(lambda G: tr.pairwise_vdot(U, G), loss, params, train, chunk_size=chunk_size, where=call) / n
+        local = over_train(lambda G: pairwise(U, G), loss, params, train, chunk_size=chunk_size, where=call,
+                           factored=factored, keep=fa.for_dense_products) / n
         scores = dd.gather_columns(local, group) if gather else local
     return (scores, info) if return_info else scores
 
 
-def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chunk_size, group) -> torch.Tensor:
-    """`[n_test, k]`: U[t]ᵀ ∇ℓ(z_{candidates[t, j]}), from the gradients of the distinct ids held here.
+def _candidate_scores(kernel, pairwise, params, train, U, candidates, start, n_local, chunk_size,
+                      group) -> torch.Tensor:
+    """`[n_test, k]`: U[t]ᵀ ∇ℓ(z_{candidates[t, j]}), from the gradients of the distinct ids held here
+    (`kernel(params, chunk)`, met by `pairwise(U, G) -> [n_test, c]`).
 
     A rank fills the entries whose ids fall in its shard [start, start + n_local), zero
     elsewhere, and the ranks' results are summed.
@@ -126,7 +124,7 @@ def _candidate_scores(kernel, params, train, U, candidates, start, n_local, chun
     out = torch.zeros(ids.shape, dtype=tr.ravel(U).dtype, device=ids.device)
     if mine.numel():
         picked = D.take(train, mine - start)
-        S = D.chunk_cat(lambda chunk: tr.pairwise_vdot(U, kernel(params, chunk)), picked, chunk_size, dim=1)
+        S = D.chunk_cat(lambda chunk: pairwise(U, kernel(params, chunk)), picked, chunk_size, dim=1)
         position = torch.searchsorted(mine, ids).clamp_max(mine.numel() - 1)
         held = mine[position] == ids
         out = torch.where(held, S.gather(1, position), out)
@@ -152,22 +150,14 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
 
         score[i] = (1/n) ∇ℓ(θ̂, z_i)ᵀ (H + λI)⁻¹ ∇ℓ(θ̂, z_i)  (≥ 0 when H + λI is positive definite),
 
-    the diagonal of `ti.influence(loss, params, train, train, ...)` without the
-    n × n matrix: how much z_i's own loss would rise if it were removed. Large values
-    flag memorized, mislabeled or atypical examples.
+    the diagonal of `ti.influence(loss, params, train, train, ...)` without the n × n matrix:
+    how much z_i's own loss would rise if it were removed. Large values flag memorized,
+    mislabeled or atypical examples. There is no `factored` option: the training gradients
+    are the right-hand sides of the solve, so they are formed anyway.
 
-    Cost and memory: one gradient pass over the training data and one `ihvp` call per
-    chunk (the chunk's gradients solved together as a stack of `chunk_size`); held at
-    once: 2 × chunk_size × P numbers plus the n-vector result.
-
-    With a group, a collective `ihvp` (`ti.cg` over a group's operator, `ti.lissa(group=)`)
-    sums the ranks' products of ONE vector, so every rank must hand it the same
-    right-hand sides: the ranks work in rounds, each contributing up to
-    ⌈chunk_size / world⌉ of its own gradients; a round's gradients are all-gathered (one
-    collective of ≤ chunk_size × P numbers), every rank solves their union in one `ihvp`
-    call and keeps its own rows. Every rank joins every round (a rank whose shard is used
-    up contributes no rows), so the calls pair up whatever the shard sizes. Per rank:
-    the same solves as one process, the curvature products split over the ranks.
+    With a group the ranks work in rounds (each contributing up to ⌈chunk_size / world⌉ of its
+    own gradients, all-gathered), so a collective `ihvp` receives the same right-hand sides on
+    every rank whatever the shard sizes.
 
     Args:
       loss: `(params, batch) -> Tensor[B]`, the per-example training loss.
@@ -175,16 +165,27 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
       train: training set, leading axis n.
       ihvp: `v ↦ (H + λI)⁻¹ v` accepting a stack.
       chunk_size: right-hand sides per `ihvp` call (default 1024; with a group, summed over ranks).
-      group: a process group when `train` is this rank's shard (see `ti.influence`);
-        shards may differ in size.
+      group: a process group when `train` is this rank's shard (see `ti.influence`); shards may
+        differ in size.
 
     Returns:
-      Tensor `[n_train]` (gathered in rank order with a group), dtype and device of
-      `params`; positive = helpful to itself.
+      Tensor `[n_train]` (gathered in rank order with a group), dtype and device of `params`;
+      positive = helpful to itself.
 
     Raises:
-      ValueError: `ihvp` returns something other than a finite stack shaped like its input
-        (TypeError: a leaf that is not a tensor); with a group, the ranks' `params` differ.
+      ArgumentError (TypeError and ValueError): bad `loss`, `params`, `train` or `chunk_size`.
+      ValueError: `ihvp` returns other than a finite stack shaped like its input (TypeError for a
+        non-tensor leaf); with a group, the ranks' `params` differ.
+
+    Cost:
+      One gradient pass over train and ⌈n / chunk_size⌉ `ihvp` calls on stacks of chunk_size;
+      memory 2·chunk_size·P + n. With a group, one all-gather of ≤ chunk_size·P numbers per round.
+
+    Example:
+      >>> ihvp = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))
+      >>> s = ti.self_influence(loss, params, train, ihvp=ihvp)
+      >>> torch.allclose(s, ti.influence(loss, params, train, train, ihvp=ihvp).diagonal())
+      True
     """
     check_inputs("ti.self_influence", loss, params, train, chunk_size=chunk_size)
     n_local = D._count_examples(train, name="train", call="ti.self_influence")

@@ -597,8 +597,8 @@ _F64 = torch.float64
 
 
 def _dense(side) -> torch.Tensor:
-    """A side as a dense float64 tensor `[B, m', T, d]` (one-hot indices materialized)."""
-    return (side.dense() if isinstance(side, _Index) else side).to(_F64)
+    """A side as a dense tensor `[B, m', T, d]` in the model's dtype (one-hot indices materialized)."""
+    return side.dense() if isinstance(side, _Index) else side
 
 
 def _is_diagonal(uses: list) -> bool:
@@ -607,12 +607,15 @@ def _is_diagonal(uses: list) -> bool:
 
 
 def _gram(side, m: int) -> torch.Tensor:
-    """Σ over examples, cotangents and positions of x xᵀ (a side without the m axis counts m times)."""
+    """Σ over examples, cotangents and positions of x xᵀ (a side without the m axis counts m times), float64.
+
+    One chunk's product runs in the model's dtype (its B·T terms); the chunks are summed in float64.
+    """
     if isinstance(side, _Index):
         return torch.zeros(side.size, dtype=_F64, device=side.ids.device).index_add_(
             0, side.ids.reshape(-1), (side.weight.reshape(-1) * m).to(_F64))
-    X = side.to(_F64).reshape(-1, side.shape[-1])
-    return X.mT @ X * (m / side.shape[1])
+    X = side.reshape(-1, side.shape[-1])
+    return (X.mT @ X).to(_F64) * (m / side.shape[1])
 
 
 def _factor_sums(captured: _Captured) -> dict:
@@ -630,18 +633,25 @@ def _factor_sums(captured: _Captured) -> dict:
 
 
 def _corrected_sums(captured: _Captured, bases: dict) -> dict:
-    """Pass 2 of a chunk (EK-FAC): Σ_n Σ_c (Q_Lᵀ ∇_W ℓ_nc Q_R)² per factored weight."""
+    """Pass 2 of a chunk (EK-FAC): Σ_n Σ_c (Q_Lᵀ ∇_W ℓ_nc Q_R)² per factored weight, float64.
+
+    The rotations and the chunk's sum of squares (non-negative terms) run in the model's dtype;
+    the chunks are summed in float64.
+    """
     out = {}
     for w, uses in captured.sides.items():
         QL, QR = bases[w]
+        QR = QR.to(_dense(uses[0][1]).dtype)
         if QL is None:
-            out[w] = _indexed_squares([lf for lf, _ in uses], [_dense(r) @ QR for _, r in uses], captured.m)
+            out[w] = _indexed_squares([lf for lf, _ in uses], [(_dense(r) @ QR).to(_F64) for _, r in uses],
+                                      captured.m)
             continue
+        QL = QL.to(QR.dtype)
         if len(uses) == 1 and uses[0][0].shape[2] == uses[0][1].shape[2] == 1:
-            out[w] = _outer_squares(_dense(uses[0][0]) @ QL, _dense(uses[0][1]) @ QR)
+            out[w] = _outer_squares(_dense(uses[0][0]) @ QL, _dense(uses[0][1]) @ QR).to(_F64)
             continue
         G = sum((_dense(lf) @ QL).mT @ (_dense(r) @ QR) for lf, r in uses)           # [B, m, d0', d1']
-        out[w] = G.pow(2).sum((0, 1))
+        out[w] = G.pow(2).sum((0, 1)).to(_F64)
     return out
 
 

@@ -64,7 +64,7 @@ def load_digits_split(n_train: int = N_TRAIN):
       `train = (x [n_train, 64] float64, y [n_train] int64)`, `test` the same for the rest
       (797 points for n_train = 1000), `images = (train images, test images)`, `[n, 8, 8]`.
 
-    Example:
+    Examples:
       >>> train, test, images = ti.demo.load_digits_split()
       >>> train[0].shape, test[0].shape, images[0].shape
       (torch.Size([1000, 64]), torch.Size([797, 64]), torch.Size([1000, 8, 8]))
@@ -94,7 +94,7 @@ class Problem:
       l2: the L2 coefficient of the objective.
       group: a `torch.distributed` process group over which scoring is sharded, or None.
 
-    Example:
+    Examples:
       >>> problem = ti.demo.digits_problem(n_train=100)
       >>> problem.loss(problem.params, problem.test).shape
       torch.Size([1697])
@@ -142,7 +142,7 @@ def digits_problem(n_train: int = N_TRAIN, l2: float = L2) -> Problem:
 
     Cost: L-BFGS iterations of O(n_train · 650) each, then dense 650 × 650 Newton steps.
 
-    Example:
+    Examples:
       >>> problem = ti.demo.digits_problem(n_train=100)
       >>> g = torch.func.grad(problem.objective())(problem.params)
       >>> bool(ti.ravel(g).abs().max() <= 1e-12)
@@ -172,7 +172,7 @@ def gd_checkpoints(R: Callable, params, *, steps: int = GD_STEPS, lr: float = GD
 
     Cost: `steps` full gradients of `R`.
 
-    Example:
+    Examples:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> checkpoints = ti.demo.gd_checkpoints(R, params, steps=3, lr=0.5)
       >>> (theta0, lr0), (theta1, lr1) = checkpoints[:2]
@@ -244,7 +244,7 @@ class DemoResult(NamedTuple):
       table: one dict per method (method, pearson, spearman, sign, seconds), metrics averaged
         over test points.
 
-    Example:
+    Examples:
       >>> ti.demo.DemoResult._fields
       ('test_ids', 'scores', 'retrained', 'actual', 'table')
     """
@@ -268,7 +268,7 @@ def settings(methods, test_ids, top_k: int, seed: int) -> dict:
     Returns:
       A JSON-serializable dict.
 
-    Example:
+    Examples:
       >>> ti.demo.settings(["cg"], (0, 1), 5, 0)["test_ids"]
       [0, 1]
     """
@@ -301,7 +301,7 @@ def check_out(out: str, settings: dict, fresh: bool) -> str:
       FolderError: `out` holds the demo's files of a run with other settings, or without
         `run.json` (an older version's), and `fresh` is False. Nothing is changed.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> out, settings = tempfile.mkdtemp(), ti.demo.settings(["cg"], [0], 5, 0)
       >>> ti.demo.check_out(out, settings, fresh=False)
@@ -361,7 +361,7 @@ def run(methods, test_ids, top_k: int, out: str, *, seed: int = 0, progress: boo
     Cost: training θ̂ on the 1000 digits, each method's scores of the test points, and one
     Newton retraining per retrained id (at most len(methods) · top_k per test point).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> out = tempfile.mkdtemp()
       >>> result = ti.demo.run(["direct"], [0], 2, out, progress=False, echo=lambda line: None)

@@ -86,7 +86,7 @@ def init(backend: str = "gloo", *, timeout: float = DEFAULT_TIMEOUT, **kwargs: A
 
     Cost: one rendezvous of all ranks.
 
-    Example:
+    Examples:
       >>> ti.distributed.init("gloo", timeout=0)
       Traceback (most recent call last):
       ...
@@ -128,7 +128,7 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
     Cost: O(1).
 
-    Example:
+    Examples:
       >>> ti.distributed.shard_bounds(10, 0, 3), ti.distributed.shard_bounds(10, 1, 3), ti.distributed.shard_bounds(10, 2, 3)
       ((0, 4), (4, 7), (7, 10))
     """
@@ -154,7 +154,7 @@ def shard(data: PyTree, rank: int, world: int) -> PyTree:
 
     Cost: O(number of leaves); the leaves are sliced, not copied.
 
-    Example:
+    Examples:
       >>> x, y = ti.distributed.shard(train, 1, 3)
       >>> x.shape, y.shape
       (torch.Size([20, 8]), torch.Size([20]))

@@ -83,7 +83,7 @@ class Folder:
       owner: names the kind in messages ("the demo's").
       flags: `settings -> str`, the settings spelled as command-line options.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> out = tempfile.mkdtemp()
       >>> folder = ti.pipeline.Folder(out, {"top_k": 5}, ("table.json",), "the example's", str)
@@ -182,7 +182,7 @@ def retrain_sets(scores: dict, top_k: int) -> list:
 
     Cost: O(methods · n_test · n_train) for the top-k.
 
-    Example:
+    Examples:
       >>> scores = {"cg": torch.tensor([[3., -1., 0., 2.]]), "tracin": torch.tensor([[0., 0.5, -4., 1.]])}
       >>> ti.pipeline.retrain_sets(scores, 2)
       [[0, 2, 3]]
@@ -209,7 +209,7 @@ def metrics(name: str, scores: torch.Tensor, actual: torch.Tensor, columns: dict
     Raises:
       ValueError: a set of fewer than 2 ids, or non-finite values (as `ti.pearson`).
 
-    Example:
+    Examples:
       >>> scores = torch.tensor([[1., -2., 3., 0.5]])
       >>> m = ti.pipeline.metrics("cg", scores, 2 * scores[:, [0, 1, 2]], {0: 0, 1: 1, 2: 2}, [[0, 1, 2]], 2)
       >>> m["method"], round(m["pearson"], 12), round(m["spearman"], 12), m["sign"]
@@ -234,7 +234,7 @@ def table_text(table: list, top_k: int) -> str:
     Returns:
       The table as one string: a header, a rule, one line per row.
 
-    Example:
+    Examples:
       >>> row = {"method": "cg", "pearson": 0.9, "spearman": 0.8, "sign": 1.0, "seconds": 1.5}
       >>> text = ti.pipeline.table_text([row], 10)
       >>> text.splitlines()[0].split(), text.splitlines()[2].split()
@@ -273,7 +273,7 @@ def retrain_stage(train_fn: Callable, params, train, test, retrained: list, *, m
 
     Cost: len(retrained) + 1 calls of `train_fn` (fewer when resuming).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> path, lines = os.path.join(tempfile.mkdtemp(), "loo.jsonl"), []
       >>> train_fn = ti.newton_trainer(loss, params, train, l2=1e-2)
@@ -326,7 +326,7 @@ class Task:
     `damping`, `gtol`, `cg_tol`, `cg_maxiter`, `top_k` (>= 2), `test_ids`, `seed`,
     `checkpoints` (for "tracin"), `images`, `labels`.
 
-    Example:
+    Examples:
       >>> task = ti.pipeline.Task(train, test, loss, params)
       >>> task.method, task.dtype, task.tol("cg_tol")           # float64 parameters: tight defaults
       (('cg',), torch.float64, 1e-08)
@@ -447,7 +447,7 @@ def load_task(path: str | os.PathLike, **overrides) -> Task:
       TaskError: the file is missing or raises (the message carries its error), or a field is
         missing or wrong (the message names the field and what to write).
 
-    Example:
+    Examples:
       >>> import os, tinfluence.tasks
       >>> task = ti.pipeline.load_task(os.path.join(os.path.dirname(tinfluence.tasks.__file__), "digits.py"))
       >>> task.name, task.top_k, task.method[:2]
@@ -715,7 +715,7 @@ def run_task(task: Task, out: str, *, progress: bool = True, echo: Callable = pr
     Cost: one training, each method's scores of the test ids, len(retrained) + 1 retrainings
     (resumed ones skipped), and the figures.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> out = tempfile.mkdtemp()
       >>> task = ti.pipeline.Task(train, test, loss, params, method=("direct",), l2=1e-2, trained=True,

@@ -90,7 +90,7 @@ def loo_scatter(actual: torch.Tensor | Sequence[torch.Tensor], predicted: Mappin
 
     Cost: O(Σ points) to draw; one PNG write when `path` is given.
 
-    Example:
+    Examples:
       >>> actual = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
       >>> fig = ti.plot.loo_scatter(actual, {"cg": 0.9 * actual, "tracin": 5 * actual}, scale_free=["tracin"])
       >>> len(fig.axes)                                  # 2 methods × 3 test points
@@ -166,7 +166,7 @@ def top_examples(images: torch.Tensor, scores: torch.Tensor, test_image: torch.T
 
     Cost: O(n_test · n_train) for the rankings, 2·n_test·(k + 1) image panels.
 
-    Example:
+    Examples:
       >>> images = torch.rand(20, 4, 4, generator=torch.Generator().manual_seed(0))
       >>> scores = torch.randn(2, 20, generator=torch.Generator().manual_seed(1))
       >>> fig = ti.plot.top_examples(images, scores, images[:2], k=3)
@@ -232,7 +232,7 @@ def score_hist(scores: Mapping, *, bins: int = 50, path: str | os.PathLike | Non
 
     Cost: O(Σ numel) for the histograms.
 
-    Example:
+    Examples:
       >>> s = torch.randn(5, 60, generator=torch.Generator().manual_seed(0))
       >>> fig = ti.plot.score_hist({"cg": s, "tracin": 3 * s}, bins=20)
       >>> len(fig.axes)

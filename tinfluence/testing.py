@@ -32,7 +32,7 @@ def loop_grads(loss: Callable, params: dict, data) -> dict:
 
     Cost: n backward passes, one per example (a Python loop: slow by design).
 
-    Example:
+    Examples:
       >>> from tinfluence.testing import loop_grads
       >>> some = ti.take(train, torch.arange(4))
       >>> G = loop_grads(loss, params, some)

@@ -53,7 +53,7 @@ def stdlib_windows(length: int, count: int, *, generator: torch.Generator | None
 
     Cost: reads O(length · count) bytes of the standard library's files.
 
-    Example:
+    Examples:
       >>> ids = ti.text.stdlib_windows(16, 4)
       >>> ids.shape, ids.dtype
       (torch.Size([4, 16]), torch.int64)
@@ -85,7 +85,7 @@ def decode(ids: Sequence[int] | torch.Tensor) -> str:
     Raises:
       ValueError: an id outside 0..255.
 
-    Example:
+    Examples:
       >>> ti.text.decode(torch.tensor(list(b"def f():")))
       'def f():'
     """
@@ -125,7 +125,7 @@ class ByteDecoder(nn.Module):
 
     Cost: a forward pass is O(B · T · layers · (d · hidden + d² + T · d)).
 
-    Example:
+    Examples:
       >>> net = ti.text.ByteDecoder(d=16, layers=1, heads=2, context=8)
       >>> ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
       >>> logits = net(ids)
@@ -175,7 +175,7 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
 
     Cost: O(B · T · vocab).
 
-    Example:
+    Examples:
       >>> logits = torch.randn(2, 4, 256, generator=torch.Generator().manual_seed(0))
       >>> ids = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(1))
       >>> nll = ti.text.token_nll(logits, ids)

@@ -27,7 +27,7 @@ class ArgumentError(TypeError, ValueError):
     Its message reads `{call}: `{argument}` must be {expected}; got {value}.`, then the fix
     where there is one.
 
-    Example:
+    Examples:
       >>> try:
       ...     ti.objective(loss, train, l2=-1.0)
       ... except ValueError as err:

@@ -39,7 +39,7 @@ class CollectiveError(RuntimeError):
     Raised by every `group=` function; the message starts with the public call, names the
     rank and the time waited, and says what to look at (the other ranks' output, the timeout).
 
-    Example:
+    Examples:
       >>> issubclass(ti.distributed.CollectiveError, RuntimeError)
       True
     """
@@ -95,7 +95,7 @@ def all_reduce(value: PyTree, group: ProcessGroup | None) -> PyTree:
 
     Cost: one all-reduce of P numbers (P = total leaf size); O(P) memory for the flat copy. Nothing without a group.
 
-    Example:
+    Examples:
       >>> tree = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
       >>> ti.distributed.all_reduce(tree, None) is tree
       True
@@ -168,7 +168,7 @@ def check_replicated(group: ProcessGroup | None, **named: Any) -> None:
     Cost: one pass over the values (4 float64 checksums each) and one all-gather of 4·m numbers
     for m names. Nothing without a group.
 
-    Example:
+    Examples:
       >>> ti.distributed.check_replicated(None, params=params, l2=1e-2) is None
       True
     """
@@ -190,7 +190,7 @@ def global_size(n_local: int, group: ProcessGroup | None) -> int:
 
     Cost: one all-gather of one integer per rank. Nothing without a group.
 
-    Example:
+    Examples:
       >>> ti.distributed.global_size(60, None)
       60
     """
@@ -221,7 +221,7 @@ def sizes(n_local: int, group: ProcessGroup | None) -> torch.Tensor:
 
     Cost: one all-gather of one integer per rank. Nothing without a group.
 
-    Example:
+    Examples:
       >>> ti.distributed.sizes(60, None).tolist()
       [60]
     """
@@ -243,7 +243,7 @@ def offset(n_local: int, group: ProcessGroup | None) -> tuple[int, int]:
 
     Cost: one all-gather of one integer per rank. Nothing without a group.
 
-    Example:
+    Examples:
       >>> ti.distributed.offset(60, None)
       (0, 60)
     """
@@ -273,7 +273,7 @@ def gather_columns(local: torch.Tensor, group: ProcessGroup | None) -> torch.Ten
     Cost: one all-gather of world · max(n_local) columns (that much memory) and one of the
     widths. Nothing without a group.
 
-    Example:
+    Examples:
       >>> S = torch.zeros(5, 60)
       >>> ti.distributed.gather_columns(S, None) is S
       True
@@ -318,7 +318,7 @@ def gather_rows(local: PyTree, counts: torch.Tensor, group: ProcessGroup | None)
 
     Cost: one all-gather of world · max(counts) · P numbers (P = the numbers in one row); that much memory.
 
-    Example:
+    Examples:
       >>> rows = {"g": torch.randn(4, 3)}
       >>> ti.distributed.gather_rows(rows, torch.tensor([4]), None) is rows
       True
@@ -343,7 +343,7 @@ def rounds(counts: torch.Tensor, per_round: int) -> list:
 
     Cost: O(world) per round; no collective.
 
-    Example:
+    Examples:
       >>> schedule = ti.distributed.rounds(torch.tensor([5, 3]), 2)
       >>> len(schedule), schedule[1].tolist() == [[2, 4], [2, 3]], schedule[2].tolist() == [[4, 5], [3, 3]]
       (3, True, True)

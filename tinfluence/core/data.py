@@ -40,7 +40,7 @@ def num_examples(data: PyTree) -> int:
 
     Cost: metadata only.
 
-    Example:
+    Examples:
       >>> ti.num_examples(train)
       60
     """
@@ -65,7 +65,7 @@ def _count_examples(data, *, name: str = "data", call: str = "ti") -> int:
 
     Cost: metadata only.
 
-    Example:
+    Examples:
       >>> ti.data._count_examples(test, name="test", call="ti.influence")
       5
     """
@@ -103,7 +103,7 @@ def take(data: PyTree, index: slice | torch.Tensor) -> PyTree:
 
     Cost: O(m · per-example size) memory (a view for a slice).
 
-    Example:
+    Examples:
       >>> x, y = ti.take(train, top_k)
       >>> x.shape, torch.equal(y, train[1].index_select(0, top_k))
       (torch.Size([4, 8]), True)
@@ -122,7 +122,7 @@ def batch_of_one(example: PyTree) -> PyTree:
 
     Cost: metadata only.
 
-    Example:
+    Examples:
       >>> ti.data.batch_of_one((train[0][0], train[1][0]))[0].shape
       torch.Size([1, 8])
     """
@@ -149,7 +149,7 @@ def _check_alike(call: str, train, test, names: tuple[str, str] = ("train", "tes
 
     Cost: metadata only.
 
-    Example:
+    Examples:
       >>> try:
       ...     ti.data._check_alike("ti.influence", train, (test[0][:, :4], test[1]))
       ... except ti.ArgumentError as err:
@@ -186,7 +186,7 @@ def chunks(data: PyTree, size: int | None = None) -> Iterator:
 
     Cost: no copy (each chunk is a slice); a consumer holds one chunk at a time.
 
-    Example:
+    Examples:
       >>> tuple(ti.num_examples(chunk) for chunk in ti.chunks(train, 25))
       (25, 25, 10)
     """
@@ -221,7 +221,7 @@ def chunk_sum(fn: Callable, data: PyTree, chunk_size: int | None = None) -> PyTr
 
     Cost: ⌈n / chunk_size⌉ calls of `fn`; memory of one chunk's result plus the running sum.
 
-    Example:
+    Examples:
       >>> total = ti.data.chunk_sum(lambda chunk: chunk[0].sum(0), train, 7)
       >>> torch.allclose(total, train[0].sum(0))
       True
@@ -262,7 +262,7 @@ def chunk_cat(fn: Callable, data: PyTree, chunk_size: int | None = None, *, dim:
 
     Cost: ⌈n / chunk_size⌉ calls of `fn`; memory of all results (they are kept).
 
-    Example:
+    Examples:
       >>> starts = ti.data.chunk_cat(lambda start, chunk: torch.full((ti.num_examples(chunk),), start),
       ...                            train, 25, indexed=True)
       >>> torch.equal(starts, torch.arange(60) // 25 * 25)
@@ -301,7 +301,7 @@ def from_loader(source: Iterable | Dataset) -> PyTree:
 
     Cost: reads `source` once; holds every batch and then the result (O(n) memory).
 
-    Example:
+    Examples:
       >>> x, y = ti.from_loader(torch.utils.data.TensorDataset(*train))
       >>> torch.equal(x, train[0]) and torch.equal(y, train[1])
       True

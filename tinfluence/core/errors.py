@@ -15,7 +15,7 @@ class ConvergenceError(RuntimeError):
       message: what happened and the remedy, starting with the public call.
       info: the diagnostics, or None.
 
-    Example:
+    Examples:
       >>> A = torch.tensor([[1., 0.], [0., -1.]], dtype=torch.float64)   # not positive definite
       >>> try:
       ...     ti.direct(A)(torch.ones(2, dtype=torch.float64))
@@ -37,7 +37,7 @@ class DivergenceError(RuntimeError):
       message: what happened and the remedy, starting with the public call.
       info: the diagnostics, or None.
 
-    Example:
+    Examples:
       >>> ihvp = ti.lissa(loss, params, train, l2=1e-2, scale=1e-3, depth=10)   # scale far too small
       >>> try:
       ...     ihvp(ti.tree.map(torch.ones_like, params))

@@ -272,7 +272,7 @@ def grad_factor_fn(loss: Callable) -> Callable:
     Cost:
       As `grad_factors` for one chunk.
 
-    Example:
+    Examples:
       >>> factors = ti.factored.grad_factor_fn(loss)(params, train)
       >>> sorted(factors.linear), sorted(factors.dense)
       (['weight'], ['bias'])
@@ -327,7 +327,7 @@ def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None =
       One vectorized backward per chunk plus a forward of one example. Memory: n·T·(in + out)
       per factored weight instead of n·in·out; other parameters n·size.
 
-    Example:
+    Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
       >>> A, G = factors.linear["weight"]
       >>> A.shape, G.shape
@@ -386,7 +386,7 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
       A weight factored on both sides: B1·B2·T1·T2·(in + out) (two matrix products); a weight
       dense on either side is materialized on the other and costs B1·B2·in·out, as dense leaves do.
 
-    Example:
+    Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
       >>> G = ti.per_example_grads(loss, params, train)
       >>> torch.allclose(ti.factored.gram(factors, factors), ti.tree.pairwise_vdot(G, G))
@@ -454,7 +454,7 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
       memory for T = 1; min(k·c·T·in·out, c·T·in·out + k·c·in·out) time otherwise (memory
       k·c·T·out or c·in·out). A dense leaf: k·c·size. Never more than the dense products.
 
-    Example:
+    Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
       >>> V = ti.tree.map(lambda p: torch.randn(2, *p.shape, dtype=p.dtype), params)
       >>> S = ti.factored.dense_gram(V, factors)
@@ -505,7 +505,7 @@ def sq_norms(factors: GradFactors) -> torch.Tensor:
     Cost:
       B·T²·(in + out) per factored weight, B·size per dense leaf.
 
-    Example:
+    Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
       >>> torch.allclose(ti.factored.sq_norms(factors), ti.factored.gram(factors, factors).diagonal())
       True
@@ -536,7 +536,7 @@ def materialize(factors: GradFactors) -> dict:
     Cost:
       B·T·in·out per factored weight; memory B·P (writing the result dominates).
 
-    Example:
+    Examples:
       >>> G = ti.factored.materialize(ti.factored.grad_factors(loss, params, train))
       >>> torch.allclose(G["weight"], ti.per_example_grads(loss, params, train)["weight"])
       True

@@ -105,7 +105,7 @@ def vmap_safe(module: nn.Module) -> nn.Module:
     Cost: for the copy, one structural `copy.deepcopy` (modules and configs; parameters
     and buffers are shared, not copied); otherwise none.
 
-    Example:
+    Examples:
       >>> from tinfluence.core import hf
       >>> hf.vmap_safe(model) is model      # not a transformers model
       True
@@ -132,7 +132,7 @@ def mirror_modes(pairs: list) -> None:
 
     Cost: O(len(pairs)).
 
-    Example:
+    Examples:
       >>> from tinfluence.core import hf
       >>> original, twin = torch.nn.Linear(2, 2).eval(), torch.nn.Linear(2, 2)
       >>> hf.mirror_modes([(original, twin)])
@@ -159,7 +159,7 @@ def explain(where: str, module: nn.Module, err: RuntimeError) -> str | None:
 
     Cost: string operations only.
 
-    Example:
+    Examples:
       >>> from tinfluence.core import hf
       >>> hf.explain("ti.functionalize: apply", model, RuntimeError("data-dependent control flow")) is None
       True

@@ -59,7 +59,7 @@ def functionalize(module: nn.Module,
     Cost: one copy of the parameters and buffers, here; each `apply` call is one forward
     pass plus a check of the keys and shapes (per call, not per example).
 
-    Example:
+    Examples:
       >>> apply, p = ti.functionalize(model)
       >>> torch.allclose(apply(p, test[0]), model(test[0]))
       True
@@ -186,7 +186,7 @@ class Checkpoint(tuple):
         statistics) by `state_dict` name; None (as for a plain `(params, lr)` pair): the
         state closed over by `apply`.
 
-    Example:
+    Examples:
       >>> checkpoint = ti.Checkpoint(params, 0.1)
       >>> p, lr = checkpoint
       >>> p is params and lr == 0.1 and checkpoint.frozen is None

@@ -44,7 +44,7 @@ def per_example(loss: LossFn, params, batch, *, where: str = "ti", name: str = "
     Cost: one call of `loss`; the checks read metadata only, so it also runs under vmap
     and torch.compile.
 
-    Example:
+    Examples:
       >>> from tinfluence.core.objective import per_example
       >>> per_example(loss, params, train, where="ti.influence").shape
       torch.Size([60])
@@ -81,7 +81,7 @@ def example_loss(loss: LossFn, *, where: str = "ti", name: str = "loss") -> Call
 
     Cost: each call is one call of `loss` on a batch of one.
 
-    Example:
+    Examples:
       >>> from tinfluence.core.objective import example_loss
       >>> f = example_loss(loss, where="ti.grad_dot")
       >>> torch.allclose(torch.func.vmap(f, in_dims=(None, 0))(params, train), loss(params, train))
@@ -107,7 +107,7 @@ class Objective:
       n: the number of examples the mean is over (global with a group).
       group: the `torch.distributed` process group, or None.
 
-    Example:
+    Examples:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> (R.n, R.l2)
       (60, 0.01)
@@ -177,7 +177,7 @@ def objective(loss: LossFn, data: PyTree, *, l2: float = 0.0, chunk_size: int | 
     Cost: metadata only here (with a group, one all-reduce of the shard sizes); each
     evaluation is n loss evaluations, `chunk_size` examples at a time (memory of one chunk).
 
-    Example:
+    Examples:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> expected = loss(params, train).mean() + 0.5 * 1e-2 * ti.tree.sq_norm(params)
       >>> torch.allclose(R(params), expected)

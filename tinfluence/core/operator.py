@@ -55,7 +55,7 @@ class LinearOperator:
     Cost: calling it on one vector costs one `fn`; on a stack, one `many` (one vmapped
     call, not k). Building it costs nothing.
 
-    Example:
+    Examples:
       >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
       >>> op = ti.LinearOperator(lambda u: A @ u, like=torch.zeros(2, dtype=torch.float64), psd=True)
       >>> V = torch.randn(5, 2, dtype=torch.float64)
@@ -115,7 +115,7 @@ class LinearOperator:
         Cost:
           O(number of leaves), metadata only.
 
-        Example:
+        Examples:
           >>> op = ti.LinearOperator(lambda u: 2 * u, like={"w": torch.zeros(2, 3)})
           >>> op.is_stack({"w": torch.zeros(5, 2, 3)}), op.is_stack({"w": torch.zeros(2, 3)})
           (True, False)
@@ -206,7 +206,7 @@ class LinearOperator:
 
         Cost: one `[P, P]` matrix-vector product per vector (one matrix product for a stack).
 
-        Example:
+        Examples:
           >>> op = ti.LinearOperator.from_matrix(2 * torch.eye(3), psd=True)
           >>> op(torch.ones(4, 3)).tolist() == [[2.0, 2.0, 2.0]] * 4
           True

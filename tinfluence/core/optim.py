@@ -35,7 +35,7 @@ class Optimizer(NamedTuple):
       init: `params -> state`.
       step: `(params, state, grads) -> (new params, new state)`.
 
-    Example:
+    Examples:
       >>> descend = ti.optim.Optimizer(init=lambda p: (), step=lambda p, s, g: (ti.tree.add_scaled(p, -0.5, g), s))
       >>> p = {"w": torch.ones(2)}
       >>> new, _ = descend.step(p, descend.init(p), {"w": torch.ones(2)})
@@ -91,7 +91,7 @@ def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: b
 
     Cost: each step is O(P) time; the state holds one P-sized buffer with momentum, none without.
 
-    Example:
+    Examples:
       >>> w = torch.nn.Parameter(torch.ones(3))
       >>> reference = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.01)
       >>> w.grad = torch.tensor([1., -2., 3.])
@@ -185,7 +185,7 @@ def adam(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
     Cost: each step is O(P) time; the state holds two P-sized moment buffers.
 
-    Example:
+    Examples:
       >>> w = torch.nn.Parameter(torch.ones(3))
       >>> reference = torch.optim.Adam([w], lr=0.1)
       >>> w.grad = torch.tensor([1., -2., 3.])
@@ -219,7 +219,7 @@ def adamw(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
 
     Cost: each step is O(P) time; the state holds two P-sized moment buffers.
 
-    Example:
+    Examples:
       >>> w = torch.nn.Parameter(torch.ones(3))
       >>> reference = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1)
       >>> w.grad = torch.tensor([1., -2., 3.])

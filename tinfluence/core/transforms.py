@@ -99,7 +99,7 @@ def per_example_grad_fn(loss: Callable, *, compile: bool = False) -> Callable:
     Cost: one vectorized backward over the batch, O(B · cost of one gradient) time and
     B × P numbers for the result.
 
-    Example:
+    Examples:
       >>> G = ti.per_example_grad_fn(loss)(params, train)
       >>> G["weight"].shape
       torch.Size([60, 3, 8])
@@ -171,7 +171,7 @@ def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = 
     Cost: n/`chunk_size` vectorized backwards, O(n · cost of one gradient) time; memory
     n × P numbers for the result plus one chunk's intermediates.
 
-    Example:
+    Examples:
       >>> G = ti.per_example_grads(loss, params, train, chunk_size=16)
       >>> torch.allclose(G["weight"], ti.per_example_grad_fn(loss)(params, train)["weight"])
       True
@@ -305,7 +305,7 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
     Cost: building the cached form, about one gradient of f; each product about one
     gradient's backward per vector (k vectors batched in one call), O(k · cost of ∇f).
 
-    Example:
+    Examples:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> Hv = ti.hvp(R, params)
       >>> torch.allclose(ti.to_dense(Hv, params), ti.hessian(R, params))
@@ -400,7 +400,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     (k vectors batched in one call), O(k · n · cost of one example's forward); the cached
     form keeps every chunk's graphs (memory ∝ n), the recomputing one a chunk's.
 
-    Example:
+    Examples:
       >>> GNv = ti.ggn_vp(predict, params, train, output_loss=output_loss, l2=1e-2)
       >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)   # predict is linear in θ
       >>> torch.allclose(ti.to_dense(GNv, params), H)
@@ -474,7 +474,7 @@ def hessian(f: Callable, params) -> torch.Tensor:
     Raises:
       ArgumentError: `params` is not a pytree of finite floating tensors of one dtype and device.
 
-    Example:
+    Examples:
       >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
       >>> H.shape, torch.allclose(H, H.T)
       (torch.Size([27, 27]), True)
@@ -507,7 +507,7 @@ def to_dense(operator: Callable, params) -> torch.Tensor:
     Returns:
       `[P, P]` tensor in the order of `ti.tree.ravel(params)`, dtype and device of `params`.
 
-    Example:
+    Examples:
       >>> A = torch.tensor([[2., 1.], [1., 3.]], dtype=torch.float64)
       >>> op = ti.LinearOperator(lambda u: A @ u, like=torch.zeros(2, dtype=torch.float64))
       >>> torch.equal(ti.to_dense(op, torch.zeros(2, dtype=torch.float64)), A)

@@ -44,7 +44,7 @@ def map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001 - mi
 
     Cost: one `fn` call per leaf.
 
-    Example:
+    Examples:
       >>> ti.tree.map(torch.square, params)["weight"].shape
       torch.Size([3, 8])
     """
@@ -63,7 +63,7 @@ def add(x: PyTree, y: PyTree) -> PyTree:
 
     Cost: O(P) time and memory.
 
-    Example:
+    Examples:
       >>> torch.equal(ti.tree.add(params, params)["bias"], 2 * params["bias"])
       True
     """
@@ -82,7 +82,7 @@ def sub(x: PyTree, y: PyTree) -> PyTree:
 
     Cost: O(P) time and memory.
 
-    Example:
+    Examples:
       >>> bool((ti.tree.sub(params, params)["weight"] == 0).all())
       True
     """
@@ -102,7 +102,7 @@ def scale(alpha: float | torch.Tensor, x: PyTree) -> PyTree:
 
     Cost: O(P) time and memory.
 
-    Example:
+    Examples:
       >>> torch.equal(ti.tree.scale(3.0, params)["bias"], 3.0 * params["bias"])
       True
     """
@@ -122,7 +122,7 @@ def add_scaled(x: PyTree, alpha: float | torch.Tensor, y: PyTree) -> PyTree:
 
     Cost: O(P) time and memory.
 
-    Example:
+    Examples:
       >>> torch.allclose(ti.tree.add_scaled(params, -1.0, params)["weight"], torch.zeros(3, 8, dtype=torch.float64))
       True
     """
@@ -147,7 +147,7 @@ def vdot(x: PyTree, y: PyTree) -> torch.Tensor:
 
     Cost: O(P) time, O(number of leaves) extra memory.
 
-    Example:
+    Examples:
       >>> torch.allclose(ti.vdot(params, params), ti.ravel(params) @ ti.ravel(params))
       True
     """
@@ -173,7 +173,7 @@ def pairwise_vdot(x: PyTree, y: PyTree) -> torch.Tensor:
 
     Cost: O(m·n·P) time, O(m·n) extra memory per leaf.
 
-    Example:
+    Examples:
       >>> x = ti.tree.stack([params, params])
       >>> y = ti.tree.stack([params, params, params])
       >>> ti.tree.pairwise_vdot(x, y).shape
@@ -194,7 +194,7 @@ def sq_norm(x: PyTree) -> torch.Tensor:
 
     Cost: O(P) time.
 
-    Example:
+    Examples:
       >>> torch.allclose(ti.tree.sq_norm(params), ti.ravel(params).square().sum())
       True
     """
@@ -212,7 +212,7 @@ def norm(x: PyTree) -> torch.Tensor:
 
     Cost: O(P) time.
 
-    Example:
+    Examples:
       >>> torch.allclose(ti.tree.norm(params), torch.linalg.vector_norm(ti.ravel(params)))
       True
     """
@@ -230,7 +230,7 @@ def zeros_like(x: PyTree) -> PyTree:
 
     Cost: O(P) memory.
 
-    Example:
+    Examples:
       >>> ti.tree.zeros_like(params)["bias"].dtype
       torch.float64
     """
@@ -248,7 +248,7 @@ def size(x: PyTree) -> int:
 
     Cost: metadata only.
 
-    Example:
+    Examples:
       >>> ti.tree.size(params)   # weight [3, 8] and bias [3]
       27
     """
@@ -277,7 +277,7 @@ def random_like(x: PyTree, *, generator: torch.Generator, kind: str = "normal", 
 
     Cost: O(prod(batch)·P) time and memory.
 
-    Example:
+    Examples:
       >>> u = ti.tree.random_like(params, generator=torch.Generator().manual_seed(0), kind="sphere", batch=(4,))
       >>> torch.allclose(torch.func.vmap(ti.tree.norm)(u), torch.ones(4, dtype=torch.float64))
       True
@@ -314,7 +314,7 @@ def ravel(x: PyTree, *, batch_ndim: int = 0) -> torch.Tensor:
 
     Cost: O(prod(batch)·P) time and memory (one copy).
 
-    Example:
+    Examples:
       >>> ti.ravel(params).shape
       torch.Size([27])
       >>> ti.ravel(ti.tree.stack([params, params]), batch_ndim=1).shape
@@ -343,7 +343,7 @@ def unravel(flat: torch.Tensor, like: PyTree) -> PyTree:
 
     Cost: O(prod(batch)·P) time at most; no copy where the reshape is a view.
 
-    Example:
+    Examples:
       >>> back = ti.unravel(ti.ravel(params), params)
       >>> all(torch.equal(back[k], params[k]) for k in params)
       True
@@ -370,7 +370,7 @@ def select(params: dict, predicate: Callable[[str, torch.Tensor], bool]) -> dict
 
     Cost: one `predicate` call per entry.
 
-    Example:
+    Examples:
       >>> list(ti.tree.select(params, lambda name, t: t.dim() == 2))
       ['weight']
     """
@@ -389,7 +389,7 @@ def partition(params: dict, predicate: Callable[[str, torch.Tensor], bool]) -> t
 
     Cost: one `predicate` call per entry.
 
-    Example:
+    Examples:
       >>> chosen, rest = ti.tree.partition(params, lambda name, t: name == "bias")
       >>> (list(chosen), list(rest))
       (['bias'], ['weight'])
@@ -412,7 +412,7 @@ def merge(*dicts: dict) -> dict:
 
     Cost: O(number of entries).
 
-    Example:
+    Examples:
       >>> sorted(ti.tree.merge(*ti.tree.partition(params, lambda name, t: name == "bias")))
       ['bias', 'weight']
     """
@@ -439,7 +439,7 @@ def stack(trees: list) -> PyTree:
 
     Cost: O(k·P) time and memory (one copy).
 
-    Example:
+    Examples:
       >>> ti.tree.stack([params, params, params])["weight"].shape
       torch.Size([3, 3, 8])
     """
@@ -463,7 +463,7 @@ def unstack(tree: PyTree) -> list:
     Cost: O(k · number of leaves), no copy. A Python loop over k: for stacks of right-hand
     sides, not for per-example gradients (use vmap or `pairwise_vdot` there).
 
-    Example:
+    Examples:
       >>> len(ti.tree.unstack(ti.tree.stack([params, params])))
       2
     """
@@ -484,7 +484,7 @@ def leading_size(tree: PyTree) -> int:
 
     Cost: metadata only.
 
-    Example:
+    Examples:
       >>> ti.tree.leading_size(ti.tree.stack([params] * 4))
       4
     """
@@ -508,7 +508,7 @@ def fork_generator(generator: torch.Generator) -> torch.Generator:
 
     Cost: one copy of the generator state.
 
-    Example:
+    Examples:
       >>> g = torch.Generator().manual_seed(0)
       >>> a = torch.randn(3, generator=ti.tree.fork_generator(g))
       >>> torch.equal(a, torch.randn(3, generator=g))

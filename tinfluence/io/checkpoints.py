@@ -44,7 +44,7 @@ def load_checkpoints(paths: Sequence, model: nn.Module, *, lrs: float | Sequence
 
     Cost: one `torch.load` per path; memory one full state dict per checkpoint.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> with tempfile.TemporaryDirectory() as folder:
       ...     path = os.path.join(folder, "step0.pt")

@@ -76,7 +76,7 @@ def run_identity(params: PyTree, train: PyTree, test: PyTree, *, block_size: int
 
     Cost: one sha256 pass over the bytes of `params` and `test`.
 
-    Example:
+    Examples:
       >>> rid = ti.io.run_identity(params, train, test, block_size=64, meta={"solver": "direct"})
       >>> len(rid), rid == ti.io.run_identity(params, train, test, block_size=32, meta={"solver": "direct"})
       (16, False)
@@ -196,7 +196,7 @@ class ScoreWriter:
     Cost: opening reads and hashes (sha256) every file listed in the index; each `write`
     writes, fsyncs and reads back one file of n_train numbers.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> folder = tempfile.mkdtemp()
       >>> writer = ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64)
@@ -335,7 +335,7 @@ def read_scores(folder: str | os.PathLike, test_ids: Sequence[int] | torch.Tenso
 
     Cost: one read and one sha256 of each file asked for; memory the result.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> folder = tempfile.mkdtemp()
       >>> writer = ti.io.ScoreWriter(folder, run="0" * 16, n_train=60, dtype=torch.float64)
@@ -411,7 +411,7 @@ def influence_to_files(loss: Callable, params: PyTree, train: PyTree, test: PyTr
     read-back and sha256 of n_train numbers per test point; memory one block's
     `[block_size, n_train]` scores.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> ihvp = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))
       >>> out = ti.influence_to_files(loss, params, train, test, ihvp=ihvp, out=tempfile.mkdtemp(), progress=False)

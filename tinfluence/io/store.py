@@ -74,7 +74,7 @@ class GradientStore:
     Cost: scoring (`influence`, `topk`) reads every chunk once per call, n·dim numbers, with
     one chunk in memory at a time.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=tempfile.mkdtemp(), chunk_rows=16,
@@ -265,7 +265,7 @@ def open_store(folder: str | os.PathLike) -> GradientStore:
 
     Cost: reads the index only; chunks are mapped when scored.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> folder = tempfile.mkdtemp()
@@ -348,7 +348,7 @@ def create_store(folder: str | os.PathLike, *, projector: Projector, params: dic
 
     Cost: O(1) disk (the index); a digest of at most 257 numbers per parameter tensor.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> store = ti.io.create_store(tempfile.mkdtemp(), projector=proj, params=params, n=60, chunk_rows=16)
@@ -395,7 +395,7 @@ def write_store(loss: Callable, params: dict, train: PyTree, *, projector: Proje
     Cost: one projected-gradient pass over the missing chunks; disk n·dim·itemsize bytes;
     memory one chunk's gradients.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> proj = ti.projector(params, k_in=2, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> store = ti.io.write_store(loss, params, train, projector=proj, folder=tempfile.mkdtemp(), chunk_rows=16,

@@ -112,7 +112,7 @@ class Projector:
       dim: output width, Σ k_out·k_in over matrices plus k_rest.
       fingerprint: a hex digest of every drawn tensor (identifies the projection in a store).
 
-    Example:
+    Examples:
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> list(proj.blocks), proj.rest, proj.dim       # weight [3, 8]: 2·4 columns; bias: k_rest = 8
       (['weight', 'rest'], ('bias',), 16)
@@ -197,7 +197,7 @@ def projector(params: dict, *, k_in: int, k_out: int, k_rest: int | None = None,
     Cost: O(Σ_matrices (k_in·in + k_out·out) + k_rest·Σ vector sizes) draws and memory
     (Gaussian; SJLT stores `sparsity` entries per input coordinate instead).
 
-    Example:
+    Examples:
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> proj.dim
       16
@@ -334,7 +334,7 @@ def compressed_grad_fn(loss: Callable, proj: Projector, *, per_token: bool = Fal
 
     Cost: per call, one vectorized backward over the batch (T of them with `per_token`).
 
-    Example:
+    Examples:
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> kernel = ti.compressed_grad_fn(loss, proj)
       >>> torch.allclose(kernel(params, train), ti.compressed_grads(loss, params, train, projector=proj))
@@ -387,7 +387,7 @@ def compressed_grads(loss: Callable, params: dict, data: PyTree, *, projector: P
     example and linear layer applied at T positions; formed gradients of other parameters
     cost their size. Memory: `[n, dim]` out, one chunk's captured factors at a time.
 
-    Example:
+    Examples:
       The weight's block is `P_out ∇W P_inᵀ` of the exact per-example gradient:
 
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
@@ -419,7 +419,7 @@ class ProjectedCurvature:
       n: the number of training examples Ĉ averages over.
       damping: λ.
 
-    Example:
+    Examples:
       >>> G = torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
       >>> curv = ti.projected_curvature(G, damping=0.1)
       >>> curv.n, torch.allclose(curv.query(G), curv.precondition(G) / 60)
@@ -462,7 +462,7 @@ def projected_curvature(grads: torch.Tensor | Iterable[torch.Tensor], *, damping
     Cost: O(n·Σ k_b²) for the covariance, O(Σ k_b³) for the inverses (Cholesky); memory
     Σ k_b² (dim² for one block).
 
-    Example:
+    Examples:
       >>> G = torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
       >>> curv = ti.projected_curvature(G, damping=0.1)
       >>> C = G.T @ G / 60 + 0.1 * torch.eye(16, dtype=G.dtype)
@@ -536,7 +536,7 @@ def compressed_influence(loss: Callable, params: dict, train: PyTree, test: PyTr
     Cost: one projected-gradient pass over each set, O(n_train·dim²) for Ĉ, O(dim³) for its
     inverse, O(n_test·n_train·dim) for the scores. Memory: n_train·dim projected gradients.
 
-    Example:
+    Examples:
       >>> proj = ti.projector(params, k_in=4, k_out=2, generator=torch.Generator().manual_seed(0))
       >>> scores = ti.compressed_influence(loss, params, train, test, projector=proj, damping=0.1)
       >>> scores.shape

@@ -92,7 +92,7 @@ def empirical_if(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *,
       train, O(n_test·n_train) forwards and O(n_test·(P + chunk_size·activations)) memory.
       Sphere: 2k forward passes over train and test, independent of n_test.
 
-    Example:
+    Examples:
       >>> scores = ti.empirical_if(loss, params, train, test, radius=1e-3)
       >>> scores.shape
       torch.Size([5, 60])
@@ -205,7 +205,7 @@ def reverse_check(loss: Callable, params: PyTree, train: PyTree, test_point: PyT
       One per-example gradient pass over the 2k checked points and 4k forward passes of one
       example each (vmapped): O(k) backward and forward passes, O(k·P) memory.
 
-    Example:
+    Examples:
       >>> point = ti.take(test, slice(0, 1))
       >>> scores = ti.empirical_if(loss, params, train, point)[0]
       >>> report = ti.reverse_check(loss, params, train, point, scores, ratio=0.1)

@@ -73,7 +73,7 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
       layer `[out, in]` applied once per example holds chunk_size·(in + out) numbers instead of
       chunk_size·in·out (see `ti.factored.dense_gram`).
 
-    Example:
+    Examples:
       >>> ihvp = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))
       >>> scores = ti.influence(loss, params, train, test, ihvp=ihvp)
       >>> scores.shape
@@ -181,7 +181,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
       One gradient pass over train and ⌈n / chunk_size⌉ `ihvp` calls on stacks of chunk_size;
       memory 2·chunk_size·P + n. With a group, one all-gather of ≤ chunk_size·P numbers per round.
 
-    Example:
+    Examples:
       >>> ihvp = ti.direct(ti.hessian(ti.objective(loss, train, l2=1e-2), params))
       >>> s = ti.self_influence(loss, params, train, ihvp=ihvp)
       >>> torch.allclose(s, ti.influence(loss, params, train, train, ihvp=ihvp).diagonal())

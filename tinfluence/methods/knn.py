@@ -55,7 +55,7 @@ def knn_candidates(features_fn: Callable, params: PyTree, train: PyTree, test: P
     into a running top-k). Memory: O((n_test + chunk_size) · F) features and
     O(n_test · (k + chunk_size)) distances, never n_test × n_train × F.
 
-    Example:
+    Examples:
       >>> ids = ti.knn_candidates(lambda p, batch: batch[0], params, train, test, k=3)   # nearest inputs
       >>> ids.shape
       torch.Size([5, 3])

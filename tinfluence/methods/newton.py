@@ -110,7 +110,7 @@ def newton_loo(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, l
       of size O·|S| per distinct set size, the measure at k parameter sets in one vmap per
       test chunk; O(P² + k·P) memory. With a group the passes over `train` are split.
 
-    Example:
+    Examples:
       >>> delta = ti.newton_loo(loss, params, train, test, l2=1e-2, indices=top_k,
       ...                       predict=predict, output_loss=output_loss)
       >>> delta.shape
@@ -178,7 +178,7 @@ def newton_step_without(loss: Callable, params: PyTree, train: PyTree, *, l2: fl
       As `ti.newton_loo` for one removed set, without the measure: two passes over `train`,
       one O(P³) eigendecomposition, one solve of size O·|S|; memory O(P²).
 
-    Example:
+    Examples:
       >>> stepped = ti.newton_step_without(loss, params, train, l2=1e-2, remove=[0, 1, 2])
       >>> R = ti.objective(loss, ti.take(train, torch.arange(3, 60)), l2=1e-2)   # the retrained objective
       >>> size = lambda p: ti.ravel(torch.func.grad(R)(p)).norm()

@@ -60,7 +60,7 @@ def grad_dot(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, mea
       positions per example costs O(n_test·n_train·T²·(in + out)) instead of
       O(n_test·n_train·in·out) and holds O((n_test + chunk_size)·T·(in + out)) numbers.
 
-    Example:
+    Examples:
       >>> scores = ti.grad_dot(loss, params, train, test)
       >>> scores.shape
       torch.Size([5, 60])
@@ -111,7 +111,7 @@ def grad_cos(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, mea
       As `ti.grad_dot`; the norms come from the same gradient chunks (factored, a linear
       layer's squared norms cost O(n·T²·(in + out))).
 
-    Example:
+    Examples:
       >>> cos = ti.grad_cos(loss, params, train, test)
       >>> cos.shape, bool(cos.abs().max() <= 1 + 1e-6)
       (torch.Size([5, 60]), True)

@@ -55,7 +55,7 @@ def token_grads(token_loss: Callable, params: dict, data: PyTree, *, projector: 
     Cost: per chunk, T backward passes batched by vmap, and O(T²·(k_out·k_in + k_out·out) +
     T·k_in·in) per sequence and linear layer for the projections; memory O(chunk·T·dim).
 
-    Example:
+    Examples:
       >>> x, y = ti.take(train, torch.arange(12))
       >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
       >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
@@ -109,7 +109,7 @@ def query_token_influence(token_loss: Callable, params: dict, queries: PyTree, t
     Cost: one per-token gradient pass over the queries, then one `[n_query·T, dim] × [dim, n_train]`
     product, O(n_query·T·dim·n_train) (chunk by chunk for a store).
 
-    Example:
+    Examples:
       >>> x, y = ti.take(train, torch.arange(12))
       >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
       >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]
@@ -164,7 +164,7 @@ def train_token_influence(token_loss: Callable, params: dict, train: PyTree, que
     the queries, then O(n_query·n_train·T·dim); memory n_query·n_train·T for the result and
     chunk·T·dim for the gradients.
 
-    Example:
+    Examples:
       >>> x, y = ti.take(train, torch.arange(12))
       >>> seqs = (x.reshape(4, 3, 8), y.reshape(4, 3))                     # 4 sequences of 3 tokens
       >>> token_loss = lambda p, b: F.cross_entropy(apply(p, b[0]).mT, b[1], reduction="none")   # [B, 3]

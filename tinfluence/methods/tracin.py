@@ -156,7 +156,7 @@ def tracin(loss: Callable, checkpoints: Sequence[tuple], train: PyTree, test: Py
       Per checkpoint what `ti.grad_dot` costs, O(n_test·n_train·P) time and
       O((n_test + chunk_size)·P) memory; projected, O(n_test·d + chunk_size·P + P·d) memory.
 
-    Example:
+    Examples:
       >>> ckpts = [(params, 0.1), (ti.tree.scale(0.5, params), 0.05)]
       >>> scores = ti.tracin(loss, ckpts, train, test)
       >>> scores.shape
@@ -236,7 +236,7 @@ def tracin_self_influence(loss: Callable, checkpoints: Sequence[tuple], train: P
       One per-example gradient pass over train per checkpoint; O(chunk_size·P) memory
       (factored: O(chunk_size·T·(in + out)) per linear layer).
 
-    Example:
+    Examples:
       >>> ckpts = [(params, 0.1), (ti.tree.scale(0.5, params), 0.05)]
       >>> own = ti.tracin_self_influence(loss, ckpts, train)
       >>> torch.allclose(own, ti.tracin(loss, ckpts, train, train).diagonal())

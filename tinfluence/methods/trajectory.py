@@ -67,7 +67,7 @@ class TrainingRun:
         (T = epochs · ⌈n / batch_size⌉).
       weights: `[n]` the data weights the run was trained with.
 
-    Example:
+    Examples:
       >>> run = ti.training_run(loss, params, train, ti.optim.sgd(lr=0.1), epochs=2, batch_size=25,
       ...                       generator=torch.Generator().manual_seed(0))
       >>> run.steps                                   # 2 epochs of ⌈60 / 25⌉ batches
@@ -226,7 +226,7 @@ def training_run(loss: Callable, params0: PyTree, train: PyTree, step: Optimizer
     Cost: T = epochs · ⌈n/batch_size⌉ batch gradients, O(T · batch_size) per-example loss
     gradients; memory θ_T and s_T only (no trajectory is kept).
 
-    Example:
+    Examples:
       One full-batch SGD step is θ_1 = θ_0 − lr ∇(mean loss)(θ_0):
 
       >>> run = ti.training_run(loss, params, train, ti.optim.sgd(lr=0.1), epochs=1, batch_size=60,
@@ -471,7 +471,7 @@ def trajectory_influence(run: TrainingRun, test: PyTree, *, measure: Callable | 
     O(T · k · |B| · P) per sweep, ⌈n_test / k⌉ sweeps. Memory: the stored states (T, or
     about 2√T, of θ and s) plus 2–3 stacks of k cotangents of the size of θ and s.
 
-    Example:
+    Examples:
       After one full-batch SGD step θ_1 = θ_0 − (lr/n) Σ_i w_i ∇ℓ_i(θ_0), the score is
       (lr/n) ∇m_t(θ_1) · ∇ℓ_i(θ_0):
 
@@ -593,7 +593,7 @@ def group_influence(scores: torch.Tensor, groups: Sequence[Sequence[int] | torch
 
     Cost: one `[n_test, n_train] × [n_train, n_groups]` product.
 
-    Example:
+    Examples:
       >>> scores = torch.arange(300.).reshape(5, 60)
       >>> effect = ti.group_influence(scores, [[0, 1], [7]])
       >>> torch.equal(effect, torch.stack([scores[:, 0] + scores[:, 1], scores[:, 7]], dim=1))
@@ -633,7 +633,7 @@ def replay_effect(run: TrainingRun, test: PyTree, groups: Sequence[Sequence[int]
     Cost: n_groups training runs (T batch gradients each) and n_groups + 1 passes of
     `measure` over the test set.
 
-    Example:
+    Examples:
       After one full-batch SGD step, removing z_0 takes back its share (lr/n) ∇ℓ_0(θ_0):
 
       >>> run = ti.training_run(loss, params, train, ti.optim.sgd(lr=0.5), epochs=1, batch_size=60,

@@ -195,7 +195,7 @@ def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None =
       ValueError: invalid options, or `v` shaped neither like the operator's vectors nor a stack of them.
       TypeError: `v` is a pytree and the operator is a plain function on tensors.
 
-    Example:
+    Examples:
       >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
       >>> x, info = ti.cg_solve(lambda u: u @ A.T, torch.ones(3, 2, dtype=torch.float64), tol=1e-10)
       >>> info.iterations.tolist(), bool(info.converged.all())
@@ -269,7 +269,7 @@ def cg(operator: Callable, *, damping: float = 0.0, tol: float | None = 1e-6, at
     pass over the data), one preconditioner call and O(k·P) vector work; about
     √κ · log(1/tol) iterations, κ the (preconditioned) condition number. Memory O(k·P).
 
-    Example:
+    Examples:
       >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
       >>> ihvp = ti.cg(lambda u: u @ A.T, tol=1e-12)
       >>> x = ihvp(torch.tensor([1., 2.], dtype=torch.float64))

@@ -49,7 +49,7 @@ def direct(H: torch.Tensor | LinearOperator, *, damping: float = 0.0, on_failure
     Cost: P³/3 flops and O(P²) memory to factorize, here (an operator adds P calls to form
     it); each call O(k·P²) for k right-hand sides.
 
-    Example:
+    Examples:
       >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
       >>> ihvp = ti.direct(H, damping=1e-3)
       >>> v = ti.tree.map(torch.ones_like, params)

@@ -152,7 +152,7 @@ class Curvature:
     All take one vector shaped like the parameters or a stack (leaves `[k, *shape]`) and
     cost O(k · Σ_blocks d0'·d1'·(d0' + d1')). λ is per block (see `damping_mode` of `ti.kfac`).
 
-    Example:
+    Examples:
       >>> curv = ti.kfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-2)
       >>> V = ti.per_example_grads(loss, params, test)
       >>> torch.allclose(curv.ihvp(V)["weight"], curv.preconditioner(V)["weight"])
@@ -856,7 +856,7 @@ def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss:
         loss other than cross entropy; fisher="ggn" with a non-convex output loss.
       RuntimeError: the forward makes other layer calls under vmap than on one example.
 
-    Example:
+    Examples:
       >>> curv = ti.kfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-3)
       >>> ti.influence(loss, params, train, test, ihvp=curv.ihvp).shape   # [n_test, n_train]
       torch.Size([5, 60])
@@ -890,7 +890,7 @@ def ekfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss
     Cost: `ti.kfac`'s plus a second pass whose per-chunk memory is B·m·d0'·d1' per layer
     (the chunk's rotated per-example gradients; embeddings only B·m·T·d1).
 
-    Example:
+    Examples:
       >>> curv = ti.ekfac(loss, params, train, predict=predict, output_loss=output_loss, damping=1e-2)
       >>> G = ti.per_example_grads(loss, params, test)
       >>> x, info = ti.cg_solve(ti.ggn_vp(predict, params, train, output_loss=output_loss), G, damping=1e-2,

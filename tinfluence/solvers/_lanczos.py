@@ -53,7 +53,7 @@ def eigenvalues(operator: Callable, *, k: int = 1, generator: torch.Generator, i
     Cost: m operator calls on one vector, O(m²·P) for the re-orthogonalization, O(m·P)
     memory for the Lanczos basis.
 
-    Example:
+    Examples:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> ev = ti.eigenvalues(ti.hvp(R, params), k=1, generator=torch.Generator().manual_seed(0))
       >>> exact = torch.linalg.eigvalsh(ti.hessian(R, params))

@@ -259,7 +259,7 @@ def lissa_solve(loss: Callable, params: PyTree, train: PyTree, v: PyTree, *, l2:
 
     Cost: as `ti.lissa`, for one solve.
 
-    Example:
+    Examples:
       >>> v = ti.tree.stack([ti.tree.map(torch.ones_like, params)] * 3)
       >>> x, info = ti.lissa_solve(loss, params, train, v, l2=1e-2, damping=0.1, scale=1.0, depth=100, batch_size=60)
       >>> x["weight"].shape, info.status.shape, bool(info.converged.all())
@@ -346,7 +346,7 @@ def lissa(loss: Callable, params: PyTree, train: PyTree, *, l2: float = 0.0, dam
     `scale="auto"` adds 20 full-data and 200 mini-batch HVPs, a preconditioner one
     application of M per step. Memory O(k·P) plus one chunk. Not vmappable.
 
-    Example:
+    Examples:
       >>> ihvp = ti.lissa(loss, params, train, l2=1e-2, damping=0.1, scale=1.0, depth=100, batch_size=60,
       ...                 generator=torch.Generator().manual_seed(0))
       >>> v = ti.tree.map(torch.ones_like, params)

@@ -54,7 +54,7 @@ def minimize(f: Callable, params: PyTree, *, gtol: float = 1e-10, maxiter: int =
     O(history_size·P) work; memory O(history_size·P). Each Newton step is one gradient and
     up to 1000 HVPs (a few dozen for a well-conditioned convex objective).
 
-    Example:
+    Examples:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> theta = ti.minimize(R, ti.tree.zeros_like(params), gtol=1e-8)
       >>> gradient = torch.func.grad(R)(theta)

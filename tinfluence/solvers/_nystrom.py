@@ -48,7 +48,7 @@ def nystrom(operator: Callable, *, rank: int, generator: torch.Generator, dampin
     Cost: the sketch is one operator call on a stack of r vectors plus O(P·r²) for a QR,
     a Cholesky and an SVD; each application 4·r·P flops per right-hand side. Memory `[P, r]`.
 
-    Example:
+    Examples:
       >>> R = ti.objective(loss, train, l2=1e-2)
       >>> pre = ti.nystrom(ti.hvp(R, params), rank=10, generator=torch.Generator().manual_seed(0))
       >>> x, info = ti.cg_solve(ti.hvp(R, params), ti.per_example_grads(loss, params, test), tol=1e-10,

@@ -28,7 +28,7 @@ class Status(enum.IntEnum):
     negative or zero curvature, H + λI is not positive definite. DIVERGED (3): the
     iteration blew up (non-finite, or no better than x = 0). Higher is worse.
 
-    Example:
+    Examples:
       >>> A = torch.tensor([[1., 0.], [0., -1.]], dtype=torch.float64)   # indefinite
       >>> x, info = ti.direct(A).solve(torch.ones(2, dtype=torch.float64))
       >>> ti.Status(int(info.status))
@@ -58,7 +58,7 @@ class SolveInfo:
       tol: the tolerance the status was judged against.
       context: the options the message needs (maxiter, damping, scale, operator kind, dtype).
 
-    Example:
+    Examples:
       >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
       >>> x, info = ti.direct(H).solve(torch.ones(4, 27, dtype=torch.float64))
       >>> info.status.shape, info.ok, bool((info.relative_residual <= info.tol).all())
@@ -103,7 +103,7 @@ class Solution(NamedTuple):
       x: the solution, with the structure, shapes, dtype and device of `v`.
       info: its `SolveInfo`.
 
-    Example:
+    Examples:
       >>> A = torch.tensor([[4., 1.], [1., 3.]], dtype=torch.float64)
       >>> solution = ti.direct(A).solve(torch.tensor([1., 2.], dtype=torch.float64))
       >>> x, info = solution
@@ -125,7 +125,7 @@ def check_on_failure(where: str, on_failure) -> None:
     Raises:
       ValueError: `on_failure` is neither "raise" nor "warn".
 
-    Example:
+    Examples:
       >>> from tinfluence.solvers._result import check_on_failure
       >>> check_on_failure("ti.cg", "warn") is None
       True
@@ -170,7 +170,7 @@ class InverseOperator:
       on_failure: the policy `ihvp(v)` applies.
       solver: the public call that built it.
 
-    Example:
+    Examples:
       >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)
       >>> ihvp = ti.direct(H)
       >>> V = torch.ones(3, 27, dtype=torch.float64)

@@ -28,7 +28,7 @@ def loss(params, batch):
     Returns:
       `[B]` losses, float64.
 
-    Example:
+    Examples:
       >>> import tinfluence.tasks.digits as task
       >>> task.loss(task.params, ti.take(task.train, torch.arange(3))).shape
       torch.Size([3])
@@ -50,7 +50,7 @@ def fit(params, data):
     Raises:
       ConvergenceError: the tolerance is not reached.
 
-    Example:
+    Examples:
       >>> import tinfluence.tasks.digits as task
       >>> data = ti.take(task.train, torch.arange(100))
       >>> theta = task.fit(task.params, data)
@@ -67,7 +67,7 @@ def checkpoints():
     Returns:
       `ti.demo.GD_STEPS` pairs `(θ_t, lr)` (`ti.demo.gd_checkpoints`).
 
-    Example:
+    Examples:
       >>> import tinfluence.tasks.digits as task
       >>> len(task.checkpoints()) == ti.demo.GD_STEPS
       True

@@ -72,7 +72,7 @@ def lbfgs_trainer(loss: Callable, *, l2: float = 0.0, gtol: float = 1e-10, maxit
     Cost: per call, up to `maxiter` L-BFGS iterations of one gradient over `data` each
     (O(n·P) per pass), plus one dense Hessian (O(P²) memory) per Newton step.
 
-    Example:
+    Examples:
       >>> rest = ti.take(train, torch.arange(1, 60))                    # without training point 0
       >>> theta = ti.lbfgs_trainer(loss, l2=1e-2, newton_steps=3)(params, rest)
       >>> g = torch.func.grad(lambda p: loss(p, rest).mean() + 0.5e-2 * ti.vdot(p, p))(theta)
@@ -124,7 +124,7 @@ def newton_trainer(loss: Callable, params: PyTree, train: PyTree, *, l2: float =
     Cost: one dense Hessian (O(n·P²) time, P² memory) and its Cholesky factor (O(P³)) at
     construction; per call, iterations × one gradient over `data` and one O(P²) solve.
 
-    Example:
+    Examples:
       >>> rest = ti.take(train, torch.arange(1, 60))                    # without training point 0
       >>> theta = ti.newton_trainer(loss, params, train, l2=1e-2)(params, rest)
       >>> g = torch.func.grad(lambda p: loss(p, rest).mean() + 0.5e-2 * ti.vdot(p, p))(theta)
@@ -358,7 +358,7 @@ def leave_one_out(train_fn: Callable, params: PyTree, train: PyTree, test: PyTre
     Cost: len(indices) + 1 calls of `train_fn` (fewer when resuming), each followed by one
     pass of `measure` over the test points; memory one retrained model at a time.
 
-    Example:
+    Examples:
       >>> train_fn = ti.newton_trainer(loss, params, train, l2=1e-2)
       >>> actual = ti.leave_one_out(train_fn, params, train, test, [0, 5], measure=loss, progress=False)
       >>> actual.shape

@@ -72,7 +72,7 @@ def pearson(scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
 
     Cost: O(numel) time and memory.
 
-    Example:
+    Examples:
       >>> scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
       >>> actual = scores + torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
       >>> r = ti.pearson(scores, actual)
@@ -102,7 +102,7 @@ def spearman(scores: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
 
     Cost: O(numel · log k) (one sort per row) time, O(numel) memory.
 
-    Example:
+    Examples:
       >>> x, y = torch.tensor([1., 2., 2., 4.]), torch.tensor([1., 3., 2., 4.])
       >>> ranks = torch.tensor([[1., 2.5, 2.5, 4.], [1., 3., 2., 4.]])   # tied values share their mean rank
       >>> torch.allclose(ti.spearman(x, y), torch.corrcoef(ranks)[0, 1])
@@ -136,7 +136,7 @@ def topk_overlap(scores: torch.Tensor, actual: torch.Tensor, k: int) -> torch.Te
 
     Cost: O(numel) time (two top-k per row) and memory.
 
-    Example:
+    Examples:
       >>> scores, actual = torch.tensor([3., -2., 0.1, 0.]), torch.tensor([1., 5., 0., 4.])
       >>> ti.topk_overlap(scores, actual, k=2).item()      # top 2 by magnitude: {0, 1} and {1, 3}
       0.5
@@ -169,7 +169,7 @@ def sign_agreement(scores: torch.Tensor, actual: torch.Tensor, *, k: int | None 
 
     Cost: O(numel) time and memory.
 
-    Example:
+    Examples:
       >>> scores, actual = torch.tensor([1., -2., 3., -0.5]), torch.tensor([2., -1., 1., 0.5])
       >>> ti.sign_agreement(scores, actual).item(), ti.sign_agreement(scores, actual, k=2).item()
       (0.75, 1.0)
@@ -191,7 +191,7 @@ class LDSResult(NamedTuple):
       high: 0-d, the upper end.
       per_test: `[n_test]`, Spearman's correlation over the subsets, one per test point.
 
-    Example:
+    Examples:
       >>> ti.LDSResult._fields
       ('mean', 'low', 'high', 'per_test')
     """
@@ -239,7 +239,7 @@ def lds(train_fn: Callable, params: PyTree, train: PyTree, test: PyTree, scores:
     Cost: `subsets` calls of `train_fn` and as many passes of `measure` over the test set,
     plus O(n_test · n_train · subsets) for the predictions.
 
-    Example:
+    Examples:
       Influence scores of this convex model rank the subsets' test losses well:
 
       >>> H = ti.hessian(ti.objective(loss, train, l2=1e-2), params)

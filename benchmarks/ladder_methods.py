@@ -94,7 +94,8 @@ def influence_cg(task):
     apply, params, loss = pure(task)
     op = _curvature(task, apply, params, loss)
     pre = ti.nystrom(op, rank=NYSTROM_RANK, generator=torch.Generator().manual_seed(0))
-    return ti.influence(loss, params, task.train, task.test, ihvp=ti.cg(op, tol=CG_TOL, maxiter=1000, preconditioner=pre))
+    return ti.influence(loss, params, task.train, task.test, ihvp=ti.cg(op, tol=CG_TOL, maxiter=1000, preconditioner=pre),
+                        factored=_factored(task))
 
 
 def _factored(task) -> bool:
@@ -134,7 +135,7 @@ def _kfac_family(task, fit, fisher: str):
     apply, params, loss = pure(task)
     curvature = fit(loss, params, task.train, predict=_predict(apply), output_loss=_output_loss, fisher=fisher,
                     damping=task.l2)
-    return ti.influence(loss, params, task.train, task.test, ihvp=curvature.ihvp)
+    return ti.influence(loss, params, task.train, task.test, ihvp=curvature.ihvp, factored=_factored(task))
 
 
 def base_run(task):

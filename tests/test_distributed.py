@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 import time
 from unittest import mock
 
@@ -88,6 +89,9 @@ def _rank_main(rank, world, port, fn, args, out, timeout):
         torch.save(fn(rank, world, *args), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)         # skip interpreter shutdown, where gloo can abort (SIGABRT) after a clean run, as the CLI does
 
 
 def _worker(rank, world, port, params, train, test, out):
@@ -99,6 +103,9 @@ def _worker(rank, world, port, params, train, test, out):
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)         # as in _rank_main
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ from . import checks
 from . import data as D
 from . import tree as tr
 from .objective import per_example
+from .tree import PyTree
 
 __all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "dense_gram", "sq_norms", "materialize"]
 
@@ -122,7 +123,8 @@ class _Uses(TorchFunctionMode):
             if w is not None or bias is not None:
                 self.calls.append((w, bias, torch.zeros_like(out)))
         elif _holds_tensor(out):
-            for leaf in optree.tree_leaves((args, kwargs), namespace=""):
+            call: PyTree = (args, kwargs)
+            for leaf in optree.tree_leaves(call, namespace=""):
                 self._note(leaf, _OTHER)
         return out
 
@@ -301,7 +303,7 @@ def factor_fn(loss: Callable, *, call: str, keep: Callable = for_gram) -> Callab
     return kernel
 
 
-def grad_factors(loss: Callable, params: dict, data, *, chunk_size: int | None = None) -> GradFactors:
+def grad_factors(loss: Callable, params: dict, data: PyTree, *, chunk_size: int | None = None) -> GradFactors:
     """Returns the per-example gradients of `data` with linear-layer weights kept as factors.
 
     `materialize(grad_factors(loss, params, data))` equals `ti.per_example_grads(loss, params,
@@ -399,7 +401,7 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     if names1 != names2:
         raise ValueError(f"{where}: `F1` and `F2` must hold the same parameters; only in F1: {sorted(names1 - names2)}, "
                          f"only in F2: {sorted(names2 - names1)}.")
-    total = 0
+    total = torch.zeros(())   # a 0-d zero adds as the int 0 does (no dtype promotion, any device), typed a Tensor
     for name in sorted(names1):
         if name in F1.linear and name in F2.linear:
             total = total + _factored_gram(*F1.linear[name], *F2.linear[name])
@@ -469,7 +471,7 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
         raise ValueError(f"{where}: `V` must hold the parameters of `factors` as a dict; only in V: "
                          f"{sorted(held - names)}, only in factors: {sorted(names - held)}.")
     k = None
-    total = 0
+    total = torch.zeros(())   # a 0-d zero adds as the int 0 does (no dtype promotion, any device), typed a Tensor
     for name in sorted(names):
         if name in factors.linear:
             A, G = factors.linear[name]
@@ -511,7 +513,7 @@ def sq_norms(factors: GradFactors) -> torch.Tensor:
       True
     """
     _check_factors("ti.factored.sq_norms", "factors", factors)
-    total = 0
+    total = torch.zeros(())   # a 0-d zero adds as the int 0 does (no dtype promotion, any device), typed a Tensor
     for A, G in factors.linear.values():
         total = total + ((A @ A.mT) * (G @ G.mT)).sum((1, 2))
     for leaf in factors.dense.values():

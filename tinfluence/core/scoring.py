@@ -11,7 +11,7 @@ products (`gram`, `sq_norms`) never form the per-example gradients of linear lay
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import optree
 import torch
@@ -22,12 +22,17 @@ from . import data as D
 from . import factored as fa
 from . import tree as tr
 from .transforms import grad_fn
+from .tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["check_inputs", "stacked_grads", "over_train", "row_sq_norms", "grad_products", "check_factored"]
 
 
-def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_size=None,
-                 names: tuple[str, str] = ("train", "test"), alike: bool = True) -> torch.Tensor:
+def check_inputs(call: str, loss: Callable, params: PyTree, train: PyTree, test: PyTree | None = None, *,
+                 chunk_size: int | None = None, names: tuple[str, str] = ("train", "test"),
+                 alike: bool = True) -> torch.Tensor:
     """The checks every estimator `(loss, params, train, test, **options)` makes up front.
 
     Args:
@@ -62,7 +67,7 @@ def check_inputs(call: str, loss: Callable, params, train, test=None, *, chunk_s
     return ref
 
 
-def measure_or_loss(call: str, loss: Callable, measure) -> tuple[Callable, str]:
+def measure_or_loss(call: str, loss: Callable, measure: Callable | None) -> tuple[Callable, str]:
     """`(m, name)`: the function differentiated on the test side and the name its errors give.
 
     `loss` under the name "loss" without a `measure`; else `measure`, checked to be callable.
@@ -94,8 +99,9 @@ def _checked(kernel: Callable, params, where: str, data_name: str) -> Callable:
     return run
 
 
-def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: Callable = lambda G: G, where: str,
-                  factored: bool = False, name: str = "loss", data_name: str = "test"):
+def stacked_grads(loss: Callable, params: PyTree, data: PyTree, *, chunk_size: int | None = None,
+                  transform: Callable = lambda G: G, where: str, factored: bool = False, name: str = "loss",
+                  data_name: str = "test") -> PyTree:
     """Returns `transform(G)` for the per-example gradients G of `data`, computed chunk by chunk.
 
     Args:
@@ -126,8 +132,9 @@ def stacked_grads(loss: Callable, params, data, *, chunk_size=None, transform: C
                        indexed=True)
 
 
-def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, where: str, group=None,
-               factored: bool = False, keep: Callable = fa.for_gram, data_name: str = "train") -> torch.Tensor:
+def over_train(fn: Callable, loss: Callable, params: PyTree, train: PyTree, *, chunk_size: int | None = None, where: str,
+               group: ProcessGroup | None = None, factored: bool = False, keep: Callable = fa.for_gram,
+               data_name: str = "train") -> torch.Tensor:
     """Returns `fn(G_chunk)` concatenated along the last axis over the training chunks.
 
     Training gradients are computed once, one chunk at a time, and never held for all n.
@@ -169,7 +176,7 @@ def over_train(fn: Callable, loss: Callable, params, train, *, chunk_size=None, 
     return dd.gather_columns(local, group)
 
 
-def row_sq_norms(G) -> torch.Tensor:
+def row_sq_norms(G: PyTree) -> torch.Tensor:
     """‖G[i]‖² for each row of a stack (pytree with leaves `[c, ...]`): `[c]`.
 
     Args:
@@ -198,7 +205,7 @@ def grad_products(factored: bool) -> tuple[Callable, Callable]:
     return (fa.gram, fa.sq_norms) if factored else (tr.pairwise_vdot, row_sq_norms)
 
 
-def check_factored(where: str, factored) -> None:
+def check_factored(where: str, factored: Any) -> None:
     """Raises unless `factored` is exactly True or False.
 
     Args:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import optree
 import torch
@@ -25,6 +25,10 @@ from . import data as D
 from . import tree as tr
 from .objective import Objective, example_loss, per_example
 from .operator import LinearOperator
+from .tree import PyTree
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["per_example_grads", "per_example_grad_fn", "hvp", "ggn_vp", "hessian", "to_dense"]
 
@@ -117,8 +121,8 @@ def grad_fn(loss: Callable, *, compile: bool = False, call: str, name: str = "lo
     return _compiled(kernel) if compile else kernel
 
 
-def grads(loss: Callable, params, data, *, chunk_size=None, compile: bool = False, call: str, name: str = "loss",
-          data_name: str = "data"):
+def grads(loss: Callable, params: PyTree, data: PyTree, *, chunk_size: int | None = None, compile: bool = False,
+          call: str, name: str = "loss", data_name: str = "data") -> PyTree:
     """Per-example gradients of `data` (leaves `[n, *shape]`), each chunk checked to be finite.
 
     The checked path behind `ti.per_example_grads` for any public call: `params` (one
@@ -141,7 +145,8 @@ def grads(loss: Callable, params, data, *, chunk_size=None, compile: bool = Fals
     return D._chunk_cat(chunk_grads, data, chunk_size, call=call, indexed=True)
 
 
-def per_example_grads(loss: Callable, params, data, *, chunk_size: int | None = None, compile: bool = False):
+def per_example_grads(loss: Callable, params: PyTree, data: PyTree, *, chunk_size: int | None = None,
+                      compile: bool = False) -> PyTree:
     """Gradients of every example's loss: leaves `[n, *param.shape]`, `G[i] = ∇_θ loss(θ, z_i)`.
 
     Computed chunk by chunk (`chunk_size` examples at a time, default 1024) with one
@@ -232,6 +237,12 @@ def _all_reducing(local: LinearOperator, l2: float, group) -> LinearOperator:
                           psd=local.psd, kind=local.kind)
 
 
+def _leaves(spec: optree.PyTreeSpec, v: PyTree) -> list[torch.Tensor]:
+    """The leaves of `v`, in the order of `spec` (the flattened parameters); a ValueError if its structure differs."""
+    # `flatten_up_to` is typed for any prefix spec (its items are subtrees); under a spec of tensor leaves they are tensors
+    return cast("list[torch.Tensor]", spec.flatten_up_to(v))
+
+
 def _retained_hvp(f: Callable, params) -> Callable:
     """`v -> ∇²f(params) v` by reverse over reverse on a gradient graph built once and kept."""
     leaves, spec = optree.tree_flatten(params, namespace="")
@@ -241,7 +252,7 @@ def _retained_hvp(f: Callable, params) -> Callable:
     live = [i for i, g in enumerate(grads) if g.requires_grad]   # a gradient constant in θ has H = 0
 
     def apply_one(v):
-        tangents = spec.flatten_up_to(v)
+        tangents = _leaves(spec, v)
         out = [torch.zeros_like(t) for t in tangents]
         if live:
             products = torch.autograd.grad([grads[i] for i in live], primals, [tangents[i] for i in live],
@@ -266,7 +277,7 @@ def _resolved_cache(where: str, cache: bool | None, compile: bool) -> bool:
     return cache
 
 
-def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False) -> Callable:
+def hvp(f: Callable, params: PyTree, *, cache: bool | None = None, compile: bool = False) -> LinearOperator:
     """Returns the operator v ↦ ∇²f(θ) v at θ = `params`, exact.
 
     Three forms, one result:
@@ -324,7 +335,8 @@ def hvp(f: Callable, params, *, cache: bool | None = None, compile: bool = False
         return _accepting_stacks(_retained_hvp(f, params), params)
     if isinstance(f, Objective):
         def chunk_hvp(p, chunk, v):
-            return jvp(grad(lambda q: f.data_term(q, chunk)), (p,), (v,))[1]
+            chunk_grad = grad(lambda q: f.data_term(q, chunk))
+            return jvp(chunk_grad, (p,), (v,))[1]
 
         return _chunked_operator(chunk_hvp, params, f.data, f.chunk_size, f.l2, compile)
 
@@ -352,7 +364,7 @@ def _retained_ggn_term(forward: Callable, output_grad: Callable, params, n: int)
     live = [i for i, t in enumerate(JTu) if t is not None and t.requires_grad]
 
     def term(v):
-        tangents = spec.flatten_up_to(v)
+        tangents = _leaves(spec, v)
         Jv = torch.autograd.grad([JTu[i] for i in live], u, [tangents[i] for i in live], retain_graph=True)[0]
         HJv = torch.autograd.grad(g_out, o, Jv, retain_graph=True)[0] if g_out.requires_grad else torch.zeros_like(Jv)
         # 1/n on the outputs' side ([B, ...] per vector), not on the P-sized result
@@ -362,8 +374,9 @@ def _retained_ggn_term(forward: Callable, output_grad: Callable, params, n: int)
     return term
 
 
-def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float = 0.0,
-           chunk_size: int | None = None, cache: bool | None = None, compile: bool = False, group=None) -> Callable:
+def ggn_vp(predict: Callable, params: PyTree, data: PyTree, *, output_loss: Callable, l2: float = 0.0,
+           chunk_size: int | None = None, cache: bool | None = None, compile: bool = False,
+           group: ProcessGroup | None = None) -> LinearOperator:
     """Returns the Gauss-Newton operator v ↦ (1/n) Σ_i J_iᵀ H_i J_i v + l2·v.
 
     With outputs o_i = predict(θ, z_i) and per-example losses output_loss(o_i, z_i),
@@ -417,7 +430,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     checks.floating_like("ti.ggn_vp", "data", data, ref)
     local_l2 = 0.0 if group is not None else l2
 
-    def parts(chunk):
+    def parts(chunk: PyTree) -> tuple[Callable, Callable]:
         forward = lambda p: predict(p, chunk)  # noqa: E731
         output_grad = grad(lambda o: per_example(output_loss, o, chunk, where="ti.ggn_vp", name="output_loss").sum())
         return forward, output_grad
@@ -428,7 +441,7 @@ def ggn_vp(predict: Callable, params, data, *, output_loss: Callable, l2: float 
     else:
         def chunk_ggn_vp(p, chunk, v):
             forward, output_grad = parts(chunk)
-            outputs, Jv = jvp(forward, (p,), (v,))
+            outputs, Jv = jvp(forward, (p,), (v,))[:2]   # typed as 2 or 3 values (3 with has_aux=True)
             HJv = jvp(output_grad, (outputs,), (Jv,))[1]
             return tr.scale(1.0 / n, vjp(forward, p)[1](HJv)[0])
 
@@ -454,7 +467,7 @@ def hessian_fn(f: Callable, *, chunk_size: int | None = None) -> Callable:
     return jacrev(grad(f), chunk_size=chunk_size)
 
 
-def hessian(f: Callable, params) -> torch.Tensor:
+def hessian(f: Callable, params: PyTree) -> torch.Tensor:
     """Dense Hessian ∇²f(θ) as a `[P, P]` matrix over `ti.tree.ravel(params)`.
 
     For small P only (P² numbers). An `Objective` is reduced chunk by chunk. Computed with
@@ -492,7 +505,7 @@ def hessian(f: Callable, params) -> torch.Tensor:
     return dense(f)
 
 
-def to_dense(operator: Callable, params) -> torch.Tensor:
+def to_dense(operator: Callable, params: PyTree) -> torch.Tensor:
     """The matrix `[P, P]` of a linear operator on parameter pytrees (column j = C e_j).
 
     Applies the operator to stacks of `DENSE_BLOCK` (32) basis vectors; for small P only.

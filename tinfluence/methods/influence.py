@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Literal, overload
 
 import optree
 import torch
@@ -16,14 +16,34 @@ from ..core import factored as fa
 from ..core import tree as tr
 from ..core.scoring import check_factored, check_inputs, over_train
 from ..core.transforms import grad_fn, grads
-from ..solvers._result import report
+from ..core.tree import PyTree
+from ..solvers._result import SolveInfo, report
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["influence", "self_influence"]
 
 
-def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: Callable | None = None,
-              chunk_size: int | None = None, candidates: torch.Tensor | None = None, group=None,
-              gather: bool = True, return_info: bool = False, factored: bool = False):
+@overload
+def influence(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ihvp: Callable,
+              measure: Callable | None = None, chunk_size: int | None = None, candidates: torch.Tensor | None = None,
+              group: ProcessGroup | None = None, gather: bool = True, return_info: Literal[False] = ...,
+              factored: bool = False) -> torch.Tensor: ...
+@overload
+def influence(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ihvp: Callable,
+              measure: Callable | None = None, chunk_size: int | None = None, candidates: torch.Tensor | None = None,
+              group: ProcessGroup | None = None, gather: bool = True, return_info: Literal[True],
+              factored: bool = False) -> tuple[torch.Tensor, SolveInfo]: ...
+@overload
+def influence(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ihvp: Callable,
+              measure: Callable | None = None, chunk_size: int | None = None, candidates: torch.Tensor | None = None,
+              group: ProcessGroup | None = None, gather: bool = True, return_info: bool,
+              factored: bool = False) -> torch.Tensor | tuple[torch.Tensor, SolveInfo]: ...
+def influence(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ihvp: Callable,
+              measure: Callable | None = None, chunk_size: int | None = None, candidates: torch.Tensor | None = None,
+              group: ProcessGroup | None = None, gather: bool = True, return_info: bool = False,
+              factored: bool = False) -> torch.Tensor | tuple[torch.Tensor, SolveInfo]:
     """Returns the influence of every training example on every test example, `[n_test, n_train]`.
 
         score[t, i] = (1/n) ∇_θ m(θ̂, z_t)ᵀ (H + λI)⁻¹ ∇_θ ℓ(θ̂, z_i),
@@ -107,7 +127,7 @@ def influence(loss: Callable, params, train, test, *, ihvp: Callable, measure: C
         local = over_train(lambda G: pairwise(U, G), loss, params, train, chunk_size=chunk_size, where=call,
                            factored=factored, keep=fa.for_dense_products) / n
         scores = dd.gather_columns(local, group) if gather else local
-    return (scores, info) if return_info else scores
+    return scores if info is None else (scores, info)   # info is None exactly when not return_info
 
 
 def _candidate_scores(kernel, pairwise, params, train, U, candidates, start, n_local, chunk_size,
@@ -144,8 +164,8 @@ def _check_candidates(candidates, n_test: int, n: int) -> None:
                          f"got values in [{int(candidates.min())}, {int(candidates.max())}].")
 
 
-def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size: int | None = None,
-                   group=None) -> torch.Tensor:
+def self_influence(loss: Callable, params: PyTree, train: PyTree, *, ihvp: Callable, chunk_size: int | None = None,
+                   group: ProcessGroup | None = None) -> torch.Tensor:
     """Returns each training example's influence on its own loss, `[n_train]`.
 
         score[i] = (1/n) ∇ℓ(θ̂, z_i)ᵀ (H + λI)⁻¹ ∇ℓ(θ̂, z_i)  (≥ 0 when H + λI is positive definite),
@@ -210,7 +230,7 @@ def self_influence(loss: Callable, params, train, *, ihvp: Callable, chunk_size:
     return dd.gather_columns(local / int(counts.sum()), group)
 
 
-def checked_solve(where: str, ihvp: Callable, V, *, with_info: bool = False):
+def checked_solve(where: str, ihvp: Callable, V: PyTree, *, with_info: bool = False) -> tuple[PyTree, SolveInfo | None]:
     """`(ihvp(V), info)` for a stack `V` (leaves `[k, ...]`), checked to be a finite stack shaped like `V`.
 
     A solver returning another number of vectors, another structure, shape, dtype or

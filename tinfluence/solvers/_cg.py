@@ -10,6 +10,7 @@ import torch
 from ..core import checks
 from ..core import tree as tr
 from ..core.operator import as_operator
+from ..core.tree import PyTree
 from ._result import InverseOperator, Solution, SolveInfo, Status, check_on_failure
 
 __all__ = ["cg", "cg_solve"]
@@ -93,7 +94,7 @@ def _check_preconditioner(where, preconditioner):
                         f"ti.nystrom(operator, rank=50, generator=g); got {type(preconditioner).__name__}.")
 
 
-def under_transform(v) -> bool:
+def under_transform(v: PyTree) -> bool:
     """Whether `v` is being traced by `torch.func.vmap` or `torch.compile` (no host sync possible)."""
     if torch.compiler.is_compiling():
         return True
@@ -137,14 +138,14 @@ def _run(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, whe
     return state, V, apply, stacked, stop
 
 
-def true_residual(apply: Callable, X, V) -> torch.Tensor:
+def true_residual(apply: Callable, X: PyTree, V: PyTree) -> torch.Tensor:
     """‖(H + λI)x − v‖ / ‖v‖ per right-hand side, `[k]` (0 for v = 0 solved by x = 0): one operator call."""
     R = tr.sub(apply(X), V)
     v_sq = _dots(V, V)
     return torch.sqrt(_dots(R, R) / torch.where(v_sq > 0, v_sq, torch.ones_like(v_sq)))
 
 
-def judged_tol(tol, atol, dtype) -> float:
+def judged_tol(tol: float | None, atol: float, dtype: torch.dtype) -> float:
     """The relative residual a status is judged against: `tol`, or √eps of the dtype for fixed iterations."""
     return float(torch.finfo(dtype).eps ** 0.5) if tol is None else tol
 
@@ -167,7 +168,7 @@ def _solve(op, v, *, damping, tol, atol, maxiter, check_every, preconditioner, w
     return Solution(tr.map(lambda leaf: leaf[0], state.x), info.single())
 
 
-def cg_solve(operator: Callable, v, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0,
+def cg_solve(operator: Callable, v: PyTree, *, damping: float = 0.0, tol: float | None = 1e-6, atol: float = 0.0,
              maxiter: int = 100, check_every: int | None = None, preconditioner: Callable | None = None) -> Solution:
     """`ti.cg(operator, ...).solve(v)`: returns `Solution(x, info)` and never raises for a numerical failure.
 

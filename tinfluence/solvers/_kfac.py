@@ -42,7 +42,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import optree
 import torch
@@ -58,7 +58,11 @@ from ..core.factored import _holds_tensor, _linear_args, _Probing
 from ..core.objective import per_example
 from ..core.operator import LinearOperator
 from ..core.transforms import hessian_fn
+from ..core.tree import PyTree
 from ._result import InverseOperator, Solution, SolveInfo, Status
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["Curvature", "DiagonalBlock", "KroneckerBlock", "ekfac", "kfac"]
 
@@ -186,7 +190,7 @@ class Curvature:
         fn = functools.partial(_apply, self, mode="inverse")
         return LinearOperator(fn, self.params, many=fn, psd=True, kind="preconditioner")
 
-    def __call__(self, v):
+    def __call__(self, v: PyTree) -> PyTree:
         return _apply(self, v, mode="inverse")
 
     def summary(self) -> str:
@@ -353,15 +357,16 @@ class _Uses(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         call = _layer_call(func, args, kwargs)
-        w = None if call is None else self.names.get(id(call.weight))
-        if w is not None:
-            for leaf in optree.tree_leaves((call.input, call.options), namespace=""):
+        if call is not None and (w := self.names.get(id(call.weight))) is not None:
+            operands: PyTree = (call.input, call.options)
+            for leaf in optree.tree_leaves(operands, namespace=""):
                 self._note(leaf, "other")
             self._note(call.weight, "weight")
             b = self._note(call.bias, ("bias", w, _ACTIVATION_SIDE[call.kind]))
             self.calls.append((call, w, b, torch.zeros_like(out)))
         elif _holds_tensor(out):
-            for leaf in optree.tree_leaves((args, kwargs), namespace=""):
+            operands = (args, kwargs)
+            for leaf in optree.tree_leaves(operands, namespace=""):
                 self._note(leaf, "other")
         return out
 
@@ -398,24 +403,27 @@ def _plan(predict: Callable, params: dict, example_batch, where: str) -> _Plan:
     with torch.no_grad(), uses:
         predict(params, example_batch)
     weights = {name for name, roles in uses.roles.items() if roles == {"weight"}}
-    kronecker, reasons = {}, {}
+    biases: dict[str, tuple[str, str]] = {}   # weight name -> (the bias folded into it, its side)
     for name, roles in uses.roles.items():
         if name in weights or len(roles) != 1:
             continue
         (role,) = roles
-        if isinstance(role, tuple) and role[1] in weights and role[1] not in kronecker:
-            kronecker[role[1]] = (name, role[2])
-    calls, kinds, firsts = [], {}, {}
+        if isinstance(role, tuple) and role[1] in weights and role[1] not in biases:
+            biases[role[1]] = (name, role[2])
+    calls: list = []
+    kinds: dict[str, list[str]] = {}
+    firsts: dict[str, str] = {}
     for call, w, b, probe in uses.calls:
         if w in weights:
-            folded = kronecker.get(w, (None, None))[0]
-            calls.append((call.options, call.kind, w, b is not None and b == folded, probe))
+            folded_bias = biases.get(w, (None, None))[0]
+            calls.append((call.options, call.kind, w, b is not None and b == folded_bias, probe))
             kinds.setdefault(w, []).append(_kind_name(call))
             firsts.setdefault(w, call.kind)
-    kronecker = {w: (*kronecker.get(w, (None, None)), "+".join(dict.fromkeys(kinds[w])),
-                     kronecker.get(w, (None, None))[1] or _ACTIVATION_SIDE[firsts[w]])
+    kronecker = {w: (*biases.get(w, (None, None)), "+".join(dict.fromkeys(kinds[w])),
+                     biases.get(w, (None, None))[1] or _ACTIVATION_SIDE[firsts[w]])
                  for w in params if w in weights}
     folded = {b for b, *_ in kronecker.values() if b is not None}
+    reasons: dict[str, str] = {}
     for name in params:
         if name in kronecker or name in folded:
             continue
@@ -518,7 +526,8 @@ def _capture_fn(predict: Callable, params: dict, plan: _Plan, where: str) -> Cal
             probing.check_complete()
             return out, tuple(probing.inputs)
 
-        _, pull, inputs = vjp(forward, fb, probes, has_aux=True)
+        # torch types vjp's result as 2 or 3 values; with has_aux=True it is 3
+        _, pull, inputs = cast("tuple[Any, Callable, Any]", vjp(forward, fb, probes, has_aux=True))
         fb_grads, probe_grads = vmap(pull)(cotangents.unsqueeze(1))
         return fb_grads, probe_grads, inputs
 
@@ -781,7 +790,7 @@ def _fit(where: str, method: str, loss, params, train, predict, output_loss, fis
                  for name in plan.reasons}
     dampings = _dampings(damping, damping_mode, values, diagonals)
     kronecker = tuple(
-        KroneckerBlock(w, bias, kind, side, activation, *(t.to(dtype) for t in factors[w][:2]),
+        KroneckerBlock(w, bias, kind, side, activation, factors[w][0].to(dtype), factors[w][1].to(dtype),
                        None if bases[w][0] is None else bases[w][0].to(dtype), bases[w][1].to(dtype),
                        values[w].to(dtype), dampings[w])
         for w, (bias, side, kind, activation) in plan.kronecker.items())
@@ -803,9 +812,9 @@ def _dampings(damping: float, mode: str, values: dict, diagonals: dict) -> dict:
     return {name: float(damping) * (mean if mean > 0 else total) for name, mean in means.items()}
 
 
-def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss: Callable, fisher: str = "empirical",
+def kfac(loss: Callable, params: dict, train: PyTree, *, predict: Callable, output_loss: Callable, fisher: str = "empirical",
          generator: torch.Generator | None = None, damping: float, damping_mode: str = "absolute",
-         fallback: str = "diagonal", chunk_size: int | None = None, group=None) -> Curvature:
+         fallback: str = "diagonal", chunk_size: int | None = None, group: ProcessGroup | None = None) -> Curvature:
     """Fits K-FAC (Martens & Grosse 2015; convolutions as in Grosse & Martens 2016): F̂ = ⊕_layers L ⊗ R.
 
     Per recognised layer (`nn.Linear`, `nn.Conv1d`/`nn.Conv2d` with groups = 1,
@@ -869,9 +878,9 @@ def kfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss:
                 fallback, chunk_size, group)
 
 
-def ekfac(loss: Callable, params: dict, train, *, predict: Callable, output_loss: Callable, fisher: str = "empirical",
+def ekfac(loss: Callable, params: dict, train: PyTree, *, predict: Callable, output_loss: Callable, fisher: str = "empirical",
           generator: torch.Generator | None = None, damping: float, damping_mode: str = "absolute",
-          fallback: str = "diagonal", chunk_size: int | None = None, group=None) -> Curvature:
+          fallback: str = "diagonal", chunk_size: int | None = None, group: ProcessGroup | None = None) -> Curvature:
     """Fits EK-FAC (George et al. 2018): K-FAC's eigenbasis with eigenvalues corrected from the gradients.
 
     Everything as `ti.kfac`, then a second pass over the data replaces each block's

@@ -149,7 +149,7 @@ def _prepare(where, loss, params, train, *, l2, damping, scale, depth, repeats, 
     dd._check_replicated(where, group, params=params, generator=idx, l2=l2, damping=damping,
                         scale=0.0 if scale == "auto" else scale)
     full = hvp(objective(loss, train, l2=l2, chunk_size=chunk_size, group=group), params,
-               cache=False).damped(damping)  # type: ignore[attr-defined]  # temporary: ti.hvp is annotated -> Callable; it returns a LinearOperator
+               cache=False).damped(damping)
     if scale == "auto":
         scale = _auto_scale(loss, params, train, idx, full=full, shift=l2 + damping, generator=local, group=group,
                             preconditioner=preconditioner)

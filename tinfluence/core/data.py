@@ -48,22 +48,8 @@ def num_examples(data: PyTree) -> int:
 
 
 def _count_examples(data, *, name: str = "data", call: str = "ti") -> int:
-    """The common leading-axis size n of every tensor leaf of `data`, for the public call `call`
-    whose argument `name` it is (the names its errors give).
-
-    Args:
-      data: a pytree of tensors sharing a leading example axis.
-      name: the argument `data` is, as the caller's signature names it.
-      call: the public call, as a user writes it (`"ti.influence"`).
-
-    Returns:
-      n, a Python int >= 1.
-
-    Raises:
-      TypeError: a leaf is not a tensor.
-      ValueError: `data` has no leaves, a 0-d leaf, leaves with different leading sizes, or n = 0.
-
-    Cost: metadata only.
+    """`ti.num_examples(data)` for the public call `call` whose argument `name` `data` is (the
+    names its errors give, e.g. `call="ti.influence", name="test"`).
 
     Examples:
       >>> ti.data._count_examples(test, name="test", call="ti.influence")

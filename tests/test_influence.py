@@ -91,6 +91,7 @@ def test_influence_mismatched_test_train(digits_lr, H, test, match):
         ti.influence(digits_lr.loss, digits_lr.params, digits_lr.train, test, ihvp=ti.direct(H))
 
 
+@pytest.mark.slow
 def test_influence_predicts_leave_one_out_retraining(digits_lr, H):
     """For 3 test points and the 30 training points with the largest |score| each, retrain
     without the point (warm start, Newton polish to gradient 1e-12) and compare the actual

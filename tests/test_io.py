@@ -60,6 +60,7 @@ def _stats(folder):
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_files(saved_problem, tmp_path):
     out, reference = tmp_path / "out", tmp_path / "reference"
     job = subprocess.Popen(_command(saved_problem, out, 0.3))

@@ -131,6 +131,7 @@ def _run(script, out, pause):
     return [sys.executable, str(script), str(out), str(pause)]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     script = tmp_path / "loo_job.py"
     script.write_text(_SCRIPT)

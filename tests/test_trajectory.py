@@ -332,6 +332,7 @@ def resume_setting():
     return run, test, {"chunk_size": 2, "memory_budget": 12 * per_state}
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_identical_results(tmp_path, monkeypatch):
     out = tmp_path / "progress"
     child = subprocess.Popen([sys.executable, "-c", RESUME_CHILD.format(here=str(HERE), out=str(out))],

@@ -102,8 +102,9 @@ def test_sequence_axis_and_sides_with_other_lengths():
 
 @pytest.mark.parametrize("name, linear", [("cnn", ["3.weight"]), ("tied", ["proj.weight"]), ("text_dict", ["head.weight"])])
 def test_fallback_leaves_of_models_with_other_layers(name, linear):
-    """Convolutions and embeddings take vmap(grad); the embedding tied to the output layer's
-    weight is used by F.embedding too, so that weight is not factored either."""
+    """The cnn's convolution (T = 16) and text_dict's embedding (T = 7) cost more as factors than
+    formed, so their gradients are formed; the embedding tied to the output layer's weight is used
+    by F.embedding too, so that weight falls back to vmap(grad)."""
     _, params, loss, data = build(next(c for c in cases(n=10) if c[0] == name))
     F_all = fa.grad_factors(loss, params, data)
     assert sorted(F_all.linear) == linear
@@ -189,7 +190,7 @@ def test_errors(mlp):
         fa.sq_norms({})
     with pytest.raises(TypeError, match=r"ti.factored.materialize: `factors` must be a GradFactors .*; got tuple"):
         fa.materialize(tuple(F_train))
-    fewer = fa.GradFactors(F_train.linear, {k: v for k, v in F_train.dense.items() if k != "0.bias"})
+    fewer = fa.GradFactors(F_train.linear, {k: v for k, v in F_train.dense.items() if k != "0.bias"}, F_train.embedding)
     with pytest.raises(ValueError, match=r"ti.factored.gram: `F1` and `F2` must hold the same parameters; "
                                          r"only in F1: \[\], only in F2: \['0.bias'\]"):
         fa.gram(fewer, F_train)
@@ -213,3 +214,137 @@ def test_forward_that_changes_between_calls_is_refused(mlp):
     with pytest.raises(RuntimeError, match=r"ti.grad_cos: the forward made other F.linear calls on the parameters under "
                                            r"vmap than in a plain call on one example \(expected 4 calls"):
         ti.grad_cos(fickle, ckpts[0][0], train, train, factored=True)
+
+
+# ---------------------------------------------------------------- convolutions and embeddings
+
+def _always(T, width, size):
+    """A keep rule that keeps every factor, so the factored products are checked whatever their cost."""
+    return True
+
+
+class Conv(nn.Module):
+    """One convolution (conv1d or conv2d, with the given options), tanh, flatten and a linear head."""
+
+    def __init__(self, dim, options, spatial):
+        super().__init__()
+        conv = nn.Conv1d if dim == 1 else nn.Conv2d
+        self.conv = conv(2, 3, (3,) if dim == 1 else (3, 2), **options)
+        with torch.no_grad():
+            width = self.conv(torch.zeros(1, 2, *spatial)).numel()
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class Bag(nn.Module):
+    """An embedding (with the given options), tanh, mean over the tokens and a linear head."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 4, **options), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+def _check_kept(loss, params, train, test, *, linear, embedding):
+    """Every recognised weight kept as factors: gram, sq_norms, materialize and dense_gram equal the loop's."""
+    kernel = fa.factor_fn(loss, call="test", keep=_always)
+    F_train, F_test = kernel(params, train), kernel(params, test)
+    assert (sorted(F_train.linear), sorted(F_train.embedding)) == (sorted(linear), sorted(embedding))
+    G_train, G_test = loop_grads(loss, params, train), loop_grads(loss, params, test)
+    _close(fa.gram(F_test, F_train), ti.tree.pairwise_vdot(G_test, G_train))
+    _close(fa.sq_norms(F_train), ti.tree.pairwise_vdot(G_train, G_train).diagonal())
+    for name, leaf in fa.materialize(F_train).items():
+        _close(leaf, G_train[name])
+    g = torch.Generator().manual_seed(3)
+    for k in (1, 3):
+        V = ti.tree.map(lambda p, k=k: torch.randn(k, *p.shape, generator=g, dtype=p.dtype), params)
+        _close(fa.dense_gram(V, F_train), ti.tree.pairwise_vdot(V, G_train))
+    formed = fa.grad_factors(loss, params, test)                      # the test side formed by the cost rule
+    _close(fa.gram(formed, F_train), ti.tree.pairwise_vdot(G_test, G_train))
+    return F_train
+
+
+@pytest.mark.parametrize("dim, options, spatial", [
+    (2, {}, (5, 4)),
+    (2, {"stride": 2}, (6, 5)),
+    (2, {"stride": (2, 1), "padding": (1, 0)}, (5, 4)),
+    (2, {"padding": 1, "dilation": 2}, (6, 5)),
+    (2, {"padding": "same", "dilation": (2, 1)}, (4, 4)),
+    (2, {"padding": "valid", "bias": False}, (4, 3)),
+    (2, {"padding": 1, "padding_mode": "reflect"}, (4, 3)),
+    (1, {"stride": 2, "padding": 1}, (7,)),
+    (1, {"dilation": 2, "padding": "same"}, (6,)),
+])
+def test_conv_weight_factored_on_its_patches(dim, options, spatial):
+    """A convolution's weight is a linear layer on its im2col patches, T = the output positions."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    apply, params = ti.functionalize(Conv(dim, options, spatial).double())
+    data = (torch.randn(9, 2, *spatial, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g))
+    F_train = _check_kept(_cross_entropy(apply), params, data, ti.take(data, slice(0, 4)),
+                          linear=["conv.weight", "head.weight"], embedding=[])
+    A, G = F_train.linear["conv.weight"]
+    assert A.shape[2:] == params["conv.weight"].shape[1:] and G.shape[2] == 3 and A.shape[1] == G.shape[1]
+
+
+def test_grouped_convolution_falls_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)).double()
+    apply, params = ti.functionalize(model)
+    data = (torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    _check_kept(_cross_entropy(apply), params, data, data, linear=["3.weight"], embedding=[])
+
+
+@pytest.mark.parametrize("options", [{}, {"padding_idx": 0}, {"padding_idx": -1}])
+def test_embedding_weight_factored_on_its_indices(options):
+    """Repeated tokens within and across examples, and the padding row's zero gradient."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    apply, params = ti.functionalize(Bag(**options).double())
+    ids = torch.randint(0, 7, (10, 6), generator=g)
+    ids[:, :2] = torch.tensor([0, 6])          # every example holds both padding candidates
+    data = (ids, torch.randint(0, 3, (10,), generator=g))
+    F_train = _check_kept(_cross_entropy(apply), params, data, ti.take(data, slice(0, 4)),
+                          linear=["head.weight"], embedding=["emb.weight"])
+    assert F_train.embedding["emb.weight"][0].shape == (10, 6) and F_train.embedding["emb.weight"][1].shape == (10, 6, 4)
+
+
+@pytest.mark.parametrize("options", [{"max_norm": 1.0}, {"scale_grad_by_freq": True}])
+def test_embedding_with_max_norm_or_frequency_scaling_falls_back(options):
+    torch.manual_seed(0)
+    apply, params = ti.functionalize(Bag(**options).double())
+    data = (torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6,)))
+    _check_kept(_cross_entropy(apply), params, data, data, linear=["head.weight"], embedding=[])
+
+
+class SmallCNN(nn.Module):
+    """A strided, padded Conv2d at T = 2 positions and an embedding of 3 tokens, each below its cost rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.emb = nn.Conv2d(6, 16, 3, stride=2, padding=1), nn.Embedding(30, 6)
+        self.head = nn.Linear(32 + 6, 3)
+
+    def forward(self, batch):
+        x, ids = batch
+        return self.head(torch.cat([torch.tanh(self.conv(x)).flatten(1), torch.tanh(self.emb(ids)).mean(1)], 1))
+
+
+def test_methods_factored_equal_formed_for_conv_and_embedding():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    apply, params = ti.functionalize(SmallCNN().double())
+    loss = lambda p, b: F.cross_entropy(apply(p, b[0]), b[1], reduction="none")  # noqa: E731
+    data = ((torch.randn(30, 6, 2, 3, generator=g, dtype=torch.float64), torch.randint(0, 30, (30, 3), generator=g)),
+            torch.randint(0, 3, (30,), generator=g))
+    train, test = ti.take(data, slice(0, 24)), ti.take(data, slice(24, 30))
+    factors = fa.grad_factors(loss, params, train)
+    assert (sorted(factors.linear), sorted(factors.embedding)) == (["conv.weight", "head.weight"], ["emb.weight"])
+    for method in (ti.grad_dot, ti.grad_cos):
+        _close(method(loss, params, train, test, factored=True, chunk_size=10), method(loss, params, train, test))
+    ckpts = [(params, 0.1), (ti.tree.map(lambda p: 0.9 * p, params), 0.2)]
+    _close(ti.tracin(loss, ckpts, train, test, factored=True, chunk_size=10), ti.tracin(loss, ckpts, train, test))

@@ -40,6 +40,19 @@ class Tokens(nn.Module):
         return self.head(torch.tanh(self.mix(self.emb(ids))).mean(1))
 
 
+class Strided(nn.Module):
+    """A strided, padded, dilated Conv2d (T = 2), a Conv1d over its output rows (T = 1) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+        self.line, self.head = nn.Conv1d(6, 5, 2, stride=2), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(2)                 # [B, 6, 2]
+        return self.head(torch.tanh(self.line(h)).mean(2))
+
+
 def _problem(name):
     """(model, train, test, the weights that must come out factored) in float64, 40 train / 4 test."""
     g = torch.Generator().manual_seed(0)
@@ -49,10 +62,13 @@ def _problem(name):
         factored = ["0.weight", "2.weight"]
     elif name == "conv":
         model, x = PointwiseConv(), torch.randn(44, 1, 4, 4, generator=g)
-        factored = ["head.weight", "mix.weight"]
+        factored = ["conv.weight", "head.weight", "mix.weight"]
+    elif name == "strided":
+        model, x = Strided(), torch.randn(44, 2, 4, 1, generator=g)
+        factored = ["conv.weight", "head.weight", "line.weight"]
     elif name == "embedding":
         model, x = Tokens(), torch.randint(0, 13, (44, 3), generator=g)
-        factored = ["head.weight", "mix.weight"]
+        factored = ["emb.weight", "head.weight", "mix.weight"]
     else:
         model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
         x, factored = torch.randn(44, 5, generator=g), ["0.weight", "3.weight"]
@@ -84,11 +100,11 @@ def _close(got, expected, tol=1e-12):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "embedding", "layernorm"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "strided", "embedding", "layernorm"])
 def test_factored_influence_equals_dense_for_every_solver(name):
     params, loss, predict, output_loss, R, train, test, factored = _fitted(name)
     kept = fa.factor_fn(loss, call="test", keep=fa.for_dense_products)(params, train)
-    assert sorted(kept.linear) == factored
+    assert sorted([*kept.linear, *kept.embedding]) == factored
     cand = torch.tensor([[0, 39, 7], [3, 3, 12], [20, 1, 0], [38, 2, 9]])
     for solver, ihvp in _ihvps(params, loss, predict, output_loss, R, train).items():
         dense = ti.influence(loss, params, train, test, ihvp=ihvp, chunk_size=16)
@@ -102,13 +118,16 @@ def test_factored_influence_equals_dense_for_every_solver(name):
                ti.influence(loss, params, train, one, ihvp=ihvp))
 
 
-@pytest.mark.parametrize("name, chunk", [("mlp", 40), ("conv", 40), ("conv", 1), ("embedding", 7)])
+@pytest.mark.parametrize("name, chunk", [("mlp", 40), ("conv", 40), ("conv", 1), ("strided", 40), ("strided", 1),
+                                         ("embedding", 7), ("embedding", 1)])
 def test_dense_gram_equals_products_with_materialized_gradients(name, chunk):
     """Each contraction path (T = 1; T > 1 contracted first for k = 1; T > 1 formed for k > 1) against
     the inner products of a random dense stack with `ti.per_example_grads`."""
     params, loss, *_, train, _, _ = _fitted(name)
     factors = fa.factor_fn(loss, call="test", keep=fa.for_dense_products)(params, ti.take(train, slice(0, chunk)))
-    assert "mix.weight" in factors.linear or name == "mlp"
+    assert "mix.weight" in factors.linear or name in ("mlp", "strided")
+    assert {"conv": "conv.weight" in factors.linear, "strided": {"conv.weight", "line.weight"} <= factors.linear.keys(),
+            "embedding": "emb.weight" in factors.embedding}.get(name, True)
     G = ti.per_example_grads(loss, params, ti.take(train, slice(0, chunk)))
     g = torch.Generator().manual_seed(1)
     for k in (1, 3):

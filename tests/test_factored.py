@@ -211,7 +211,7 @@ def test_forward_that_changes_between_calls_is_refused(mlp):
         calls.append(1)
         return loss(p, batch) + (loss(p, batch) if len(calls) == 1 else 0)
 
-    with pytest.raises(RuntimeError, match=r"ti.grad_cos: the forward made other F.linear calls on the parameters under "
+    with pytest.raises(RuntimeError, match=r"ti.grad_cos: the forward made other F.linear, conv or embedding calls on the parameters under "
                                            r"vmap than in a plain call on one example \(expected 4 calls"):
         ti.grad_cos(fickle, ckpts[0][0], train, train, factored=True)
 
@@ -313,10 +313,10 @@ def test_embedding_weight_factored_on_its_indices(options):
     assert F_train.embedding["emb.weight"][0].shape == (10, 6) and F_train.embedding["emb.weight"][1].shape == (10, 6, 4)
 
 
-@pytest.mark.parametrize("options", [{"max_norm": 1.0}, {"scale_grad_by_freq": True}])
-def test_embedding_with_max_norm_or_frequency_scaling_falls_back(options):
+def test_embedding_with_frequency_scaling_falls_back():
+    """(`max_norm` renormalizes the table in place, which no per-example gradient under vmap allows.)"""
     torch.manual_seed(0)
-    apply, params = ti.functionalize(Bag(**options).double())
+    apply, params = ti.functionalize(Bag(scale_grad_by_freq=True).double())
     data = (torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6,)))
     _check_kept(_cross_entropy(apply), params, data, data, linear=["head.weight"], embedding=[])
 

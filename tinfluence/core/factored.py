@@ -38,6 +38,7 @@ layer becomes slower than with `ti.per_example_grads`.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import optree
@@ -56,24 +57,31 @@ __all__ = ["GradFactors", "grad_factors", "grad_factor_fn", "gram", "dense_gram"
 
 
 class GradFactors(NamedTuple):
-    """Per-example gradients of a batch of B examples, linear-layer weights kept as factors.
+    """Per-example gradients of a batch of B examples, layer weights kept as factors.
 
     A pytree whose leaves all have the leading example axis B, so `ti.take`,
     `ti.data.chunk_cat` and `ti.tree.map` apply.
 
     Attributes:
-      linear: `{name: (A, G)}` for weights used only by `F.linear`: A `[B, T, in]` the
-        layer's inputs, G `[B, T, out]` the gradients of each example's loss with respect to
-        the layer's outputs, so that the gradient is `Σ_t G[i, t]ᵀ A[i, t]`, `[out, in]`.
-        Several calls with the same weight are concatenated along T.
+      linear: `{name: (A, G)}` for weights used only by `F.linear` or only by `F.conv1d` /
+        `F.conv2d` (groups = 1): A `[B, T, *in]` the layer's inputs (`in = (in_features,)`;
+        for a convolution `(C, *kernel)`, the im2col patches at its T output positions), G
+        `[B, T, out]` the gradients of each example's loss with respect to the layer's outputs,
+        so that the gradient is `Σ_t G[i, t]ᵀ A[i, t]`, `[out, *in]`. Several calls with the
+        same weight are concatenated along T.
       dense: `{name: [B, *shape]}`, the per-example gradient of every other parameter:
-        biases of linear layers (Σ_t G[i, t]), weights whose factors would cost more than
-        the gradient itself (for `gram`: T² (in + out) >= in·out), and parameters used in
-        any other way.
+        biases (Σ_t G[i, t]), weights whose factors would cost more than the gradient itself
+        (for `gram`: T²·(in + out) >= in·out), and parameters used in any other way.
+      embedding: `{name: (ids, G, rows)}` for weights `[rows, dim]` used only by `F.embedding`
+        (no `max_norm`, no `scale_grad_by_freq`): ids `[B, T]` int64 the looked-up rows, G
+        `[B, T, dim]` the gradients with respect to the looked-up vectors (zero at `padding_idx`),
+        `rows` an empty `[B, rows, 0]` tensor carrying the table's size; the gradient is
+        `Σ_t onehot(ids[i, t]) G[i, t]ᵀ`.
     """
 
     linear: dict
     dense: dict
+    embedding: dict
 
 
 _WEIGHT, _BIAS, _OTHER = "weight", "bias", "other"
@@ -90,23 +98,101 @@ def _holds_tensor(value) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in optree.tree_leaves(value, namespace=""))
 
 
+class _Call(NamedTuple):
+    """A recognised layer call: kind, input (indices for an embedding), weight, bias, options."""
+
+    kind: str           # "linear", "conv", "embedding", "addmm"
+    input: object
+    weight: torch.Tensor
+    bias: object
+    options: tuple      # conv: (stride, padding, dilation); embedding: (padding_idx,)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+
+def _bound(names: tuple, args, kwargs) -> dict:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _layer_call(func, args, kwargs) -> _Call | None:
+    """The call as a factorable layer, or None (grouped convolutions, max_norm embeddings, ...); shared with ti.kfac."""
+    if func is F.linear:
+        a, W, b = _linear_args(args, kwargs)
+        if W.dim() == 2 and (b is None or b.dim() == 1):
+            return _Call("linear", a, W, b, ())
+    elif func in (F.conv1d, F.conv2d):
+        c = _bound(_CONV_ARGS, args, kwargs)
+        if c.get("groups", 1) == 1:
+            return _Call("conv", c["input"], c["weight"], c.get("bias"),
+                         (c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1)))
+    elif func is F.embedding:
+        c = _bound(_EMBEDDING_ARGS, args, kwargs)
+        if c.get("max_norm") is None and not c.get("scale_grad_by_freq", False):
+            return _Call("embedding", c["input"], c["weight"], None, (c.get("padding_idx"),))
+    elif func is torch.addmm:
+        c = _bound(("input", "mat1", "mat2"), args, kwargs)
+        if c.get("beta", 1) == 1 and c.get("alpha", 1) == 1 and c["mat1"].dim() == 2 and c["mat2"].dim() == 2 \
+                and c["input"].dim() == 1:
+            return _Call("addmm", c["mat1"], c["mat2"], c["input"], ())
+    return None
+
+
+def _pairs(n: int, value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _explicit_padding(padding, kernel: tuple, dilation: tuple) -> list:
+    """`[(before, after)]` per spatial axis for an int, tuple, "valid" or "same" padding."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in _pairs(len(kernel), padding)]
+
+
+def _patches(x: torch.Tensor, kernel: tuple, options: tuple) -> torch.Tensor:
+    """im2col: `[N, C, *spatial]` -> `[N, positions, C·prod(kernel)]` (`F.unfold`, output locations row-major)."""
+    stride, padding, dilation = options
+    n = len(kernel)
+    stride, dilation = _pairs(n, stride), _pairs(n, dilation)
+    pads = _explicit_padding(padding, kernel, dilation)
+    x = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
+    if n == 1:
+        x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
+    return F.unfold(x, kernel, dilation=dilation, stride=stride).mT
+
+
+
+
+_LINEAR, _LAYERS = ("linear",), ("linear", "conv", "embedding")
+
+
 class _Uses(TorchFunctionMode):
     """Records how one forward uses each parameter tensor (recognized by identity).
 
-    `roles[name]` collects "weight" (the 2-d weight of F.linear), "bias" (the 1-d bias of
-    F.linear) and "other" (any other call whose result holds a tensor; a call returning only
-    metadata such as `.shape` carries no gradient and is ignored). `calls` lists, per F.linear
-    call touching a parameter, `(weight name, bias name, zeros shaped like its output)`.
+    `roles[name]` collects `("weight", kind)` (the weight of a recognised call of a kind in
+    `kinds`: "linear", "conv", "embedding"), "bias" (the 1-d bias of such a linear or conv call)
+    and "other" (any other call whose result holds a tensor; a call returning only metadata such
+    as `.shape` carries no gradient and is ignored). `calls` lists, per recognised call touching
+    a parameter, `(weight name, bias name, zeros shaped like its output)`, and `layers` the
+    call's `(kind, options, weight shape)`.
     """
 
-    def __init__(self, names: dict):
+    def __init__(self, names: dict, kinds: tuple = _LINEAR):
         super().__init__()
         self.names = names   # id(tensor) -> parameter name
+        self.kinds = kinds
         self.roles: dict = {}
         self.calls: list = []
+        self.layers: list = []
 
-    def _note(self, tensor, role: str):
-        name = self.names.get(id(tensor))
+    def _note(self, tensor, role):
+        name = self.names.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
         if name is not None:
             self.roles.setdefault(name, set()).add(role)
         return name
@@ -114,27 +200,37 @@ class _Uses(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is F.linear:
-            a, W, b = _linear_args(args, kwargs)
-            for leaf in optree.tree_leaves(a, namespace=""):
+        call = _layer_call(func, args, kwargs)
+        if call is not None and call.kind in self.kinds:
+            operands: PyTree = (call.input, call.options)
+            for leaf in optree.tree_leaves(operands, namespace=""):
                 self._note(leaf, _OTHER)
-            w = self._note(W, _WEIGHT if W.dim() == 2 else _OTHER)
-            bias = None if b is None else self._note(b, _BIAS if b.dim() == 1 else _OTHER)
+            w = self._note(call.weight, (_WEIGHT, call.kind))
+            bias = self._note(call.bias, _BIAS)
             if w is not None or bias is not None:
                 self.calls.append((w, bias, torch.zeros_like(out)))
+                self.layers.append((call.kind, call.options, tuple(call.weight.shape)))
         elif _holds_tensor(out):
-            call: PyTree = (args, kwargs)
-            for leaf in optree.tree_leaves(call, namespace=""):
+            operands = (args, kwargs)
+            for leaf in optree.tree_leaves(operands, namespace=""):
                 self._note(leaf, _OTHER)
         return out
 
 
-def _linear_input(func, args, kwargs, probed: set):
-    """The input of an `F.linear` call whose weight or bias is in `probed` (ids), else None."""
-    if func is not F.linear:
-        return None
-    a, W, b = _linear_args(args, kwargs)
-    return a if id(W) in probed or (b is not None and id(b) in probed) else None
+def _recognizer(kinds: tuple) -> Callable:
+    """`(func, args, kwargs, probed) -> input or None`: the input of a recognised call of a kind in
+    `kinds` whose weight or bias is in `probed` (ids)."""
+
+    def recognize(func, args, kwargs, probed: set):
+        call = _layer_call(func, args, kwargs)
+        if call is None or call.kind not in kinds:
+            return None
+        return call.input if id(call.weight) in probed or (call.bias is not None and id(call.bias) in probed) else None
+
+    return recognize
+
+
+_linear_input = _recognizer(_LINEAR)
 
 
 class _Probing(TorchFunctionMode):
@@ -181,36 +277,41 @@ class _Probing(TorchFunctionMode):
 class _Plan(NamedTuple):
     """What one plain forward on one example showed: which parameters factor, and the probed calls."""
 
-    factorable: set    # names of the parameters used only as weights, or only as biases, of F.linear
-    calls: list        # per probed F.linear call: (weight name or None, bias name or None, zero probe)
+    factorable: set    # names of the parameters used only as weights of one kind, or only as biases
+    calls: list        # per probed call: (weight name or None, bias name or None, zero probe)
+    layers: list       # per probed call: (kind, options, weight shape)
 
 
-def _plan(loss: Callable, params: dict, batch, where: str) -> _Plan:
+def _plan(loss: Callable, params: dict, batch, where: str, kinds: tuple = _LINEAR) -> _Plan:
     """Runs `loss` on the first example of `batch` under `_Uses` and classifies the parameters.
 
-    A parameter factors when every use is as the weight (or every use as the bias) of
-    F.linear; a tensor object that appears under two names never factors.
+    A parameter factors when every use is as the weight of recognised calls of one kind in
+    `kinds` (or every use as the bias of linear or conv calls); a tensor object that appears
+    under two names never factors.
     """
     counts: dict = {}
     for t in params.values():
         counts[id(t)] = counts.get(id(t), 0) + 1
     names = {id(t): name for name, t in params.items() if counts[id(t)] == 1}
-    uses = _Uses(names)
+    uses = _Uses(names, kinds)
     with torch.no_grad(), uses:
         per_example(loss, params, D.take(batch, slice(0, 1)), where=where)
-    factorable = {name for name, roles in uses.roles.items() if roles in ({_WEIGHT}, {_BIAS})}
+    factorable = {name for name, roles in uses.roles.items()
+                  if roles == {_BIAS} or (len(roles) == 1 and isinstance(next(iter(roles)), tuple))}
+    kept = [(w in factorable or b in factorable) for w, b, _ in uses.calls]
     calls = [(w if w in factorable else None, b if b in factorable else None, probe)
-             for w, b, probe in uses.calls if w in factorable or b in factorable]
-    return _Plan(factorable, calls)
+             for (w, b, probe), k in zip(uses.calls, kept) if k]
+    return _Plan(factorable, calls, [layer for layer, k in zip(uses.layers, kept) if k])
 
 
-def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str) -> Callable:
+def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str, kinds: tuple = _LAYERS) -> Callable:
     """Returns `(fallback, probes, batch) -> ((fallback grads, probe grads), layer inputs)`,
     one `vmap(grad)` over the examples of `batch`; `rest` (the factorable parameters) is closed over.
     """
+    recognize = _recognizer(kinds)
 
     def example_loss(fallback, probes, example):
-        with _Probing(probed, probes, where) as probing:
+        with _Probing(probed, probes, where, recognize=recognize, what="F.linear, conv or embedding") as probing:
             value = per_example(loss, tr.merge(fallback, rest), D.batch_of_one(example), where=where)[0]
         probing.check_complete()
         return value, tuple(probing.inputs)
@@ -218,38 +319,74 @@ def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str) -> Calla
     return vmap(grad(example_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
 
 
-def for_gram(T: int, n_in: int, out: int) -> bool:
-    """Keep a weight's factors for `gram`: T²·(in + out) < in·out (their products cost less than the gradient's)."""
-    return T * T * (n_in + out) < n_in * out
+def for_gram(T: int, width: int, size: int) -> bool:
+    """Keep a weight's factors for `gram`: T²·width < size, their products cost less than the gradient's.
+
+    `width` is what one position's factors cost in a product (in + out for a linear or conv
+    weight `[out, in]` on patches of `in` numbers; 1 + dim for an embedding row, one index
+    comparison and a dim-long dot product), `size` the gradient's (in·out; rows·dim).
+    """
+    return T * T * width < size
 
 
-def for_dense_products(T: int, n_in: int, out: int) -> bool:
-    """Keep a weight's factors for `dense_gram`: T·(in + out) < in·out (they hold fewer numbers than the gradient)."""
-    return T * (n_in + out) < n_in * out
+def for_dense_products(T: int, width: int, size: int) -> bool:
+    """Keep a weight's factors for `dense_gram`: T·width < size, they hold fewer numbers than the gradient
+    (`width` and `size` as for `for_gram`)."""
+    return T * width < size
+
+
+def _layer_factors(kind: str, options: tuple, shape: tuple, a: torch.Tensor, G: torch.Tensor, B: int) -> tuple:
+    """`(A or ids, G)` of one call for B examples from its recorded input `a` and probe gradient `G`.
+
+    linear: A `[B, T, in]`, G `[B, T, out]`. conv (weight `[out, C, *kernel]`): A the im2col
+    patches `[B, T, C, *kernel]`, T the output positions, G `[B, T, out]`. embedding (weight
+    `[rows, dim]`): ids `[B, T]` int64, G `[B, T, dim]`, zero where the id is `padding_idx`.
+    """
+    if kind == "linear":
+        return a.reshape(B, -1, a.shape[-1]), G.reshape(B, -1, G.shape[-1])
+    if kind == "embedding":
+        ids = a.reshape(B, -1).long()
+        G = G.reshape(B, -1, shape[1])
+        padding_idx = options[0]
+        return ids, G if padding_idx is None else G * (ids != padding_idx % shape[0]).unsqueeze(-1).to(G.dtype)
+    kernel = tuple(shape[2:])
+    patches = _patches(a.reshape(-1, shape[1], *a.shape[-len(kernel):]), kernel, options)   # [B·N, L, C·K]
+    G = G.reshape(B, -1, shape[0], patches.shape[1]).transpose(-1, -2)                    # [B, N, L, out]
+    return patches.reshape(B, -1, shape[1], *kernel), G.reshape(B, -1, shape[0])
 
 
 def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs: tuple, B: int,
               keep: Callable = for_gram) -> GradFactors:
     """GradFactors of B examples from the probe gradients and layer inputs of the probed calls; a weight
-    whose factors `keep(T, in, out)` refuses is formed from them, `Σ_t G_tᵀ A_t`.
+    whose factors `keep(T, width, size)` refuses is formed from them (`materialize`).
     """
     pieces: dict = {}
-    for (w, b, _), G, a in zip(plan.calls, probe_grads, inputs):
-        G = G.reshape(B, -1, G.shape[-1])   # [B, T, out]
+    kinds: dict = {}
+    for (w, b, _), (kind, options, shape), G, a in zip(plan.calls, plan.layers, probe_grads, inputs):
+        A, G = _layer_factors(kind, options, shape, a, G, B)
         if w is not None:
-            pieces.setdefault(w, []).append((a.reshape(B, -1, a.shape[-1]), G))
+            pieces.setdefault(w, []).append((A, G))
+            kinds[w] = kind
         if b is not None:
             dense[b] = G.sum(1) + dense.get(b, 0)
-    linear = {}
+    linear, embedding = {}, {}
     for name, parts in pieces.items():
-        A = torch.cat([a for a, _ in parts], dim=1)   # [B, T, in]
+        A = torch.cat([a for a, _ in parts], dim=1)   # [B, T, *in] (ids [B, T] for an embedding)
         G = torch.cat([g for _, g in parts], dim=1)   # [B, T, out]
-        out_features, in_features = params[name].shape
-        if keep(A.shape[1], in_features, out_features):
-            linear[name] = (A, G)
+        if kinds[name] == "embedding":
+            rows = params[name].shape[0]
+            factors = (A, G, G.new_empty(B, rows, 0))
+            if keep(A.shape[1], 1 + G.shape[-1], rows * G.shape[-1]):
+                embedding[name] = factors
+            else:
+                dense[name] = _materialize_rows(*factors)
         else:
-            dense[name] = G.mT @ A
-    return GradFactors(linear=linear, dense=dense)
+            n_in = math.prod(A.shape[2:])
+            if keep(A.shape[1], n_in + G.shape[-1], n_in * G.shape[-1]):
+                linear[name] = (A, G)
+            else:
+                dense[name] = _materialize_one(A, G)
+    return GradFactors(linear=linear, dense=dense, embedding=embedding)
 
 
 def grad_factor_fn(loss: Callable) -> Callable:
@@ -292,7 +429,7 @@ def factor_fn(loss: Callable, *, call: str, keep: Callable = for_gram) -> Callab
         if not isinstance(params, dict):
             raise TypeError(f"{where}: `params` must be a dict[str, Tensor] (as ti.functionalize returns) to name the "
                             f"linear layers' weights; got {type(params).__name__}.")
-        plan = _plan(loss, params, batch, where)
+        plan = _plan(loss, params, batch, where, _LAYERS)
         factored, fallback = tr.partition(params, lambda name, _: name in plan.factorable)
         probes = tuple(probe for _, _, probe in plan.calls)
         probed = {id(t) for t in factored.values()}
@@ -352,16 +489,45 @@ def _check_factors(where: str, name: str, factors) -> None:
 
 
 def _materialize_one(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Σ_t G[i, t]ᵀ A[i, t] for every i: `[B, out, in]`."""
-    return G.mT @ A
+    """Σ_t G[i, t]ᵀ A[i, t] for every i: `[B, out, *in]`."""
+    return (G.mT @ A.flatten(2)).reshape(G.shape[0], G.shape[-1], *A.shape[2:])
+
+
+def _materialize_rows(ids: torch.Tensor, G: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_t onehot(ids[i, t]) G[i, t]ᵀ for every i: `[B, rows, dim]` (a scatter-add of the rows)."""
+    out = G.new_zeros(G.shape[0], rows.shape[1], G.shape[-1])
+    return out.scatter_add(1, ids.unsqueeze(-1).expand_as(G), G)
+
+
+def _position_gram(KA: torch.Tensor, G1: torch.Tensor, G2: torch.Tensor) -> torch.Tensor:
+    """Σ_{t,s} KA[(i,t),(j,s)] (G1[i,t]·G2[j,s]): `[B1, B2]` from the input-side products `[B1·T1, B2·T2]`."""
+    (B1, T1), (B2, T2) = G1.shape[:2], G2.shape[:2]
+    KG = G1.reshape(B1 * T1, -1) @ G2.reshape(B2 * T2, -1).T
+    return (KA * KG).reshape(B1, T1, B2, T2).sum((1, 3))
 
 
 def _factored_gram(A1, G1, A2, G2) -> torch.Tensor:
     """Σ_{t,s} (G1[i,t]·G2[j,s]) (A1[i,t]·A2[j,s]): `[B1, B2]`, two matrix products."""
-    (B1, T1), (B2, T2) = A1.shape[:2], A2.shape[:2]
-    KA = A1.reshape(B1 * T1, -1) @ A2.reshape(B2 * T2, -1).T
-    KG = G1.reshape(B1 * T1, -1) @ G2.reshape(B2 * T2, -1).T
-    return (KA * KG).reshape(B1, T1, B2, T2).sum((1, 3))
+    return _position_gram(A1.reshape(G1.shape[0] * G1.shape[1], -1) @ A2.reshape(G2.shape[0] * G2.shape[1], -1).T,
+                          G1, G2)
+
+
+def _rows_gram(ids1, G1, _rows1, ids2, G2, _rows2) -> torch.Tensor:
+    """Σ_{t,s} [ids1[i,t] = ids2[j,s]] (G1[i,t]·G2[j,s]): `[B1, B2]`, one comparison and one matrix product."""
+    return _position_gram((ids1.reshape(-1, 1) == ids2.reshape(1, -1)).to(G1.dtype), G1, G2)
+
+
+def _formed(factors: GradFactors, name: str) -> torch.Tensor:
+    """The per-example gradients `[B, *shape]` of one parameter, formed from its factors if need be."""
+    if name in factors.dense:
+        return factors.dense[name]
+    if name in factors.embedding:
+        return _materialize_rows(*factors.embedding[name])
+    return _materialize_one(*factors.linear[name])
+
+
+def _names(factors: GradFactors) -> set:
+    return factors.linear.keys() | factors.dense.keys() | factors.embedding.keys()
 
 
 def _flat_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -385,8 +551,10 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
       ValueError: `F1` and `F2` do not hold the same parameters.
 
     Cost:
-      A weight factored on both sides: B1·B2·T1·T2·(in + out) (two matrix products); a weight
-      dense on either side is materialized on the other and costs B1·B2·in·out, as dense leaves do.
+      A linear or conv weight factored on both sides: B1·B2·T1·T2·(in + out) (two matrix
+      products); an embedding `[rows, dim]`: B1·B2·T1·T2·(1 + dim) (the index matches and one
+      product); a weight dense on either side is materialized on the other and costs
+      B1·B2·size, as dense leaves do.
 
     Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
@@ -397,7 +565,7 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     where = "ti.factored.gram"
     _check_factors(where, "F1", F1)
     _check_factors(where, "F2", F2)
-    names1, names2 = F1.linear.keys() | F1.dense.keys(), F2.linear.keys() | F2.dense.keys()
+    names1, names2 = _names(F1), _names(F2)
     if names1 != names2:
         raise ValueError(f"{where}: `F1` and `F2` must hold the same parameters; only in F1: {sorted(names1 - names2)}, "
                          f"only in F2: {sorted(names2 - names1)}.")
@@ -405,10 +573,10 @@ def gram(F1: GradFactors, F2: GradFactors) -> torch.Tensor:
     for name in sorted(names1):
         if name in F1.linear and name in F2.linear:
             total = total + _factored_gram(*F1.linear[name], *F2.linear[name])
+        elif name in F1.embedding and name in F2.embedding:
+            total = total + _rows_gram(*F1.embedding[name], *F2.embedding[name])
         else:
-            x = F1.dense[name] if name in F1.dense else _materialize_one(*F1.linear[name])
-            y = F2.dense[name] if name in F2.dense else _materialize_one(*F2.linear[name])
-            total = total + _flat_dot(x, y)
+            total = total + _flat_dot(_formed(F1, name), _formed(F2, name))
     return total
 
 
@@ -420,13 +588,21 @@ def _contracted_first(k: int, T: int) -> bool:
 
 
 def _dense_factored(U: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """`[k, c]`: ⟨U[j], Σ_t G[i, t]ᵀ A[i, t]⟩ for U `[k, out, in]`, A `[c, T, in]`, G `[c, T, out]`."""
-    k, out, n_in = U.shape
+    """`[k, c]`: ⟨U[j], Σ_t G[i, t]ᵀ A[i, t]⟩ for U `[k, out, *in]`, A `[c, T, *in]`, G `[c, T, out]`."""
+    k, out = U.shape[:2]
     c, T = A.shape[:2]
     if _contracted_first(k, T):
+        n_in = math.prod(A.shape[2:])
         P = (U.reshape(k * out, n_in) @ A.reshape(c * T, n_in).T).reshape(k, out, c * T)   # no [c, out, in]
         return (P * G.reshape(c * T, out).T).sum(1).reshape(k, c, T).sum(2)
     return U.reshape(k, -1) @ _materialize_one(A, G).reshape(c, -1).T
+
+
+def _dense_rows(U: torch.Tensor, ids: torch.Tensor, G: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
+    """`[k, c]`: ⟨U[j], Σ_t onehot(ids[i, t]) G[i, t]ᵀ⟩ = Σ_t U[j, ids[i, t]]·G[i, t] for U `[k, rows, dim]`."""
+    c, T, dim = G.shape
+    picked = U.index_select(1, ids.reshape(-1))                        # [k, c·T, dim]
+    return (picked * G.reshape(1, c * T, dim)).sum(-1).reshape(-1, c, T).sum(2)
 
 
 def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
@@ -436,7 +612,8 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
     per-example gradients of a factored weight applied at one position: there
     `⟨V_W[j], g_i a_iᵀ⟩ = Σ_o (V_W[j] a_i)_o g_io`. A weight applied at T > 1 positions takes
     the cheaper of contracting V with the factors directly and forming the chunk's gradients
-    from them by one batched product (`materialize`); dense leaves are flattened dot products.
+    from them by one batched product (`materialize`); an embedding picks the looked-up rows of V,
+    `Σ_t V_W[j, ids_it]·g_it`; dense leaves are flattened dot products.
     `ti.influence(factored=True)` scores each training chunk with it (V the solved test stack).
 
     Args:
@@ -452,9 +629,11 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
       ValueError: `V` does not hold the parameters of `factors`, or a leaf is not `[k, *shape]`.
 
     Cost:
-      A factored weight `[out, in]` at T positions: k·c·in·out + k·c·out time and k·c·out
-      memory for T = 1; min(k·c·T·in·out, c·T·in·out + k·c·in·out) time otherwise (memory
-      k·c·T·out or c·in·out). A dense leaf: k·c·size. Never more than the dense products.
+      A factored linear or conv weight `[out, in]` (in = C·prod(kernel) for a convolution) at
+      T positions: k·c·in·out + k·c·out time and k·c·out memory for T = 1; min(k·c·T·in·out,
+      c·T·in·out + k·c·in·out) time otherwise (memory k·c·T·out or c·in·out). An embedding
+      `[rows, dim]`: k·c·T·dim time and memory. A dense leaf: k·c·size. Never more than the
+      dense products.
 
     Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
@@ -465,7 +644,7 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
     """
     where = "ti.factored.dense_gram"
     _check_factors(where, "factors", factors)
-    names = factors.linear.keys() | factors.dense.keys()
+    names = _names(factors)
     if not isinstance(V, dict) or V.keys() != names:
         held = set(V) if isinstance(V, dict) else set()
         raise ValueError(f"{where}: `V` must hold the parameters of `factors` as a dict; only in V: "
@@ -475,7 +654,10 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
     for name in sorted(names):
         if name in factors.linear:
             A, G = factors.linear[name]
-            shape = (G.shape[-1], A.shape[-1])
+            shape = (G.shape[-1], *A.shape[2:])
+        elif name in factors.embedding:
+            _, G, rows = factors.embedding[name]
+            shape = (rows.shape[1], G.shape[-1])
         else:
             shape = tuple(factors.dense[name].shape[1:])
         v = V[name]
@@ -485,15 +667,17 @@ def dense_gram(V: dict, factors: GradFactors) -> torch.Tensor:
             got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{where}: `V[{name!r}]` must be [k, {', '.join(map(str, shape))}] "
                              f"(k = {k}, the stack's size); got {got}.")
-        total = total + (_dense_factored(v, *factors.linear[name]) if name in factors.linear
-                         else _flat_dot(v, factors.dense[name]))
+        total = total + (_dense_factored(v, *factors.linear[name]) if name in factors.linear else
+                         _dense_rows(v, *factors.embedding[name]) if name in factors.embedding else
+                         _flat_dot(v, factors.dense[name]))
     return total
 
 
 def sq_norms(factors: GradFactors) -> torch.Tensor:
     """Returns ‖∇ℓ(z_i)‖² for every example of the batch, `[B]`.
 
-    A factored weight contributes Σ_{t,s} (G_it·G_is)(A_it·A_is).
+    A factored linear or conv weight contributes Σ_{t,s} (G_it·G_is)(A_it·A_is), an embedding
+    Σ_{t,s} [ids_it = ids_is] (G_it·G_is).
 
     Args:
       factors: `GradFactors` of B examples.
@@ -505,7 +689,8 @@ def sq_norms(factors: GradFactors) -> torch.Tensor:
       TypeError: `factors` is not a `GradFactors`.
 
     Cost:
-      B·T²·(in + out) per factored weight, B·size per dense leaf.
+      B·T²·(in + out) per factored linear or conv weight, B·T²·(1 + dim) per embedding,
+      B·size per dense leaf.
 
     Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
@@ -515,7 +700,10 @@ def sq_norms(factors: GradFactors) -> torch.Tensor:
     _check_factors("ti.factored.sq_norms", "factors", factors)
     total = torch.zeros(())   # a 0-d zero adds as the int 0 does (no dtype promotion, any device), typed a Tensor
     for A, G in factors.linear.values():
+        A = A.flatten(2)
         total = total + ((A @ A.mT) * (G @ G.mT)).sum((1, 2))
+    for ids, G, _ in factors.embedding.values():
+        total = total + ((ids.unsqueeze(2) == ids.unsqueeze(1)).to(G.dtype) * (G @ G.mT)).sum((1, 2))
     for leaf in factors.dense.values():
         total = total + leaf.reshape(leaf.shape[0], -1).pow(2).sum(1)
     return total
@@ -524,7 +712,8 @@ def sq_norms(factors: GradFactors) -> torch.Tensor:
 def materialize(factors: GradFactors) -> dict:
     """Returns the per-example gradients as `ti.per_example_grads` does: `{name: [B, *shape]}`.
 
-    A factored weight becomes `Σ_t G[i, t]ᵀ A[i, t]`.
+    A factored linear or conv weight becomes `Σ_t G[i, t]ᵀ A[i, t]` (reshaped to the weight's
+    shape), an embedding the scatter-add of `G[i, t]` into the rows `ids[i, t]`.
 
     Args:
       factors: `GradFactors` of B examples.
@@ -536,7 +725,8 @@ def materialize(factors: GradFactors) -> dict:
       TypeError: `factors` is not a `GradFactors`.
 
     Cost:
-      B·T·in·out per factored weight; memory B·P (writing the result dominates).
+      B·T·in·out per factored linear or conv weight, B·(rows + T)·dim per embedding; memory
+      B·P (writing the result dominates).
 
     Examples:
       >>> G = ti.factored.materialize(ti.factored.grad_factors(loss, params, train))
@@ -544,4 +734,4 @@ def materialize(factors: GradFactors) -> dict:
       True
     """
     _check_factors("ti.factored.materialize", "factors", factors)
-    return {**factors.dense, **{name: _materialize_one(A, G) for name, (A, G) in factors.linear.items()}}
+    return {name: _formed(factors, name) for name in _names(factors)}

@@ -54,7 +54,7 @@ from ..core import checks
 from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
-from ..core.factored import _holds_tensor, _linear_args, _Probing
+from ..core.factored import _Call, _holds_tensor, _layer_call, _patches, _Probing
 from ..core.objective import per_example
 from ..core.operator import LinearOperator
 from ..core.transforms import hessian_fn
@@ -283,48 +283,7 @@ def _solve(curv: Curvature, v) -> Solution:
 
 # ---------------------------------------------------------------- recognising layer calls
 
-class _Call(NamedTuple):
-    """A recognised layer call: kind, input (indices for an embedding), weight, bias, options."""
-
-    kind: str           # "linear", "conv", "embedding", "addmm"
-    input: object
-    weight: torch.Tensor
-    bias: object
-    options: tuple      # conv: (stride, padding, dilation); embedding: (padding_idx,)
-
-
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 _ACTIVATION_SIDE = {"linear": "right", "conv": "right", "embedding": "left", "addmm": "left"}
-
-
-def _bound(names: tuple, args, kwargs) -> dict:
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    return bound
-
-
-def _layer_call(func, args, kwargs) -> _Call | None:
-    """The call as a Kronecker-factorable layer, or None (grouped convolutions, max_norm embeddings, ...)."""
-    if func is F.linear:
-        a, W, b = _linear_args(args, kwargs)
-        if W.dim() == 2 and (b is None or b.dim() == 1):
-            return _Call("linear", a, W, b, ())
-    elif func in (F.conv1d, F.conv2d):
-        c = _bound(_CONV_ARGS, args, kwargs)
-        if c.get("groups", 1) == 1:
-            return _Call("conv", c["input"], c["weight"], c.get("bias"),
-                         (c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1)))
-    elif func is F.embedding:
-        c = _bound(_EMBEDDING_ARGS, args, kwargs)
-        if c.get("max_norm") is None and not c.get("scale_grad_by_freq", False):
-            return _Call("embedding", c["input"], c["weight"], None, (c.get("padding_idx"),))
-    elif func is torch.addmm:
-        c = _bound(("input", "mat1", "mat2"), args, kwargs)
-        if c.get("beta", 1) == 1 and c.get("alpha", 1) == 1 and c["mat1"].dim() == 2 and c["mat2"].dim() == 2 \
-                and c["input"].dim() == 1:
-            return _Call("addmm", c["mat1"], c["mat2"], c["input"], ())
-    return None
 
 
 def _kind_name(call: _Call) -> str:
@@ -446,32 +405,6 @@ class _Index(NamedTuple):
 
     def dense(self) -> torch.Tensor:
         return (F.one_hot(self.ids, self.size).to(self.weight.dtype) * self.weight[..., None])[:, None]
-
-
-def _pairs(n: int, value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
-def _explicit_padding(padding, kernel: tuple, dilation: tuple) -> list:
-    """`[(before, after)]` per spatial axis for an int, tuple, "valid" or "same" padding."""
-    if padding == "valid":
-        return [(0, 0)] * len(kernel)
-    if padding == "same":
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-        return [(t // 2, t - t // 2) for t in totals]
-    return [(p, p) for p in _pairs(len(kernel), padding)]
-
-
-def _patches(x: torch.Tensor, kernel: tuple, options: tuple) -> torch.Tensor:
-    """im2col: `[N, C, *spatial]` -> `[N, positions, C·prod(kernel)]` (`F.unfold`, output locations row-major)."""
-    stride, padding, dilation = options
-    n = len(kernel)
-    stride, dilation = _pairs(n, stride), _pairs(n, dilation)
-    pads = _explicit_padding(padding, kernel, dilation)
-    x = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
-    if n == 1:
-        x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
-    return F.unfold(x, kernel, dilation=dilation, stride=stride).mT
 
 
 def _sides(kind: str, options: tuple, shape, x, g: torch.Tensor):

@@ -344,6 +344,9 @@ def test_methods_factored_equal_formed_for_conv_and_embedding():
     train, test = ti.take(data, slice(0, 24)), ti.take(data, slice(24, 30))
     factors = fa.grad_factors(loss, params, train)
     assert (sorted(factors.linear), sorted(factors.embedding)) == (["conv.weight", "head.weight"], ["emb.weight"])
+    chunked, G = fa.grad_factors(loss, params, train, chunk_size=5), loop_grads(loss, params, train)
+    assert sorted(chunked.embedding) == ["emb.weight"] and chunked.embedding["emb.weight"][2].shape == (24, 30, 0)
+    _close(fa.gram(chunked, factors), ti.tree.pairwise_vdot(G, G))
     for method in (ti.grad_dot, ti.grad_cos):
         _close(method(loss, params, train, test, factored=True, chunk_size=10), method(loss, params, train, test))
     ckpts = [(params, 0.1), (ti.tree.map(lambda p: 0.9 * p, params), 0.2)]

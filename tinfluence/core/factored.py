@@ -1,4 +1,4 @@
-"""Per-example gradients of linear layers kept as factors: exact Gram matrices without forming them.
+"""Per-example gradients of linear, conv and embedding layers kept as factors: exact Gram matrices without forming them.
 
 For a weight W `[out, in]` used as `F.linear(a, W, b)`, the gradient of example i's loss is
 a sum of outer products over the positions t at which the layer is applied (T = 1 for an
@@ -8,32 +8,41 @@ MLP, the sequence length for a layer applied token by token):
 
 so ⟨∇_W ℓ_i, ∇_W ℓ_j⟩ = Σ_{t,s} (G_it·G_js)(A_it·A_js) costs T_i·T_j·(in + out) instead of
 in·out, and the n × P per-example gradients are never formed; against a dense stack V (e.g.
-solved test gradients), ⟨V_W, ∇_W ℓ_i⟩ = Σ_t G_itᵀ V_W A_it (`dense_gram`). `grad_factors` captures A and G
-for every parameter that the forward uses only as the weight or bias of `F.linear`
-(`nn.Linear`, and any module calling `F.linear`), and takes `vmap(grad)` per-example
-gradients of every other parameter (convolutions, embeddings, norms, tied weights); one
-vectorized backward gives both. `gram`, `sq_norms` and `materialize` then equal
-`ti.tree.pairwise_vdot`, the squared row norms and `ti.per_example_grads` to round-off, and
-`dense_gram(V, factors)` equals `ti.tree.pairwise_vdot(V, materialize(factors))`.
+solved test gradients), ⟨V_W, ∇_W ℓ_i⟩ = Σ_t G_itᵀ V_W A_it (`dense_gram`). A convolution
+(`F.conv1d`, `F.conv2d`, groups = 1) with weight `[out, C, *kernel]` is the same linear layer
+on its im2col patches (`F.unfold` with the call's stride, padding and dilation): A_it
+`[C, *kernel]` the patch under output position t, G_it ∈ R^out. An embedding `[rows, dim]`
+has ∇_W ℓ_i = Σ_t onehot(id_it) G_itᵀ, so its products are sums over matching ids:
+Σ_{t,s} [id_it = id_js] (G_it·G_js), and Σ_t V_W[id_it]·G_it against V.
+
+`grad_factors` captures the factors for every parameter that the forward uses only as the
+weight or bias of such calls (`nn.Linear`, `nn.Conv1d`, `nn.Conv2d`, `nn.Embedding`, and any
+module calling those functions), and takes `vmap(grad)` per-example gradients of every other
+parameter (norms, grouped convolutions, embeddings with `max_norm` or `scale_grad_by_freq`,
+tied weights); one vectorized backward gives both. `gram`, `sq_norms` and `materialize` then
+equal `ti.tree.pairwise_vdot`, the squared row norms and `ti.per_example_grads` to round-off,
+and `dense_gram(V, factors)` equals `ti.tree.pairwise_vdot(V, materialize(factors))`.
 
 Capture: the loss is evaluated for each example separately (`vmap` over the batch, each
 example a batch of one, exactly as `ti.per_example_grads` does) under a
 `torch.overrides.TorchFunctionMode` that sees every call receiving a parameter tensor.
 `torch.func.functional_call` (hence `ti.functionalize`'s `apply`) hands the very tensor
 objects of `params` to the modules, so a use is recognized by identity. A zero "probe" is
-added to the output of each such `F.linear` call, and the gradient with respect to the
-probes is G. Because every example runs on its own, per-example gradients mean what they
-mean for `ti.per_example_grads` (a model in training mode with batch statistics is evaluated
-per example there too); models should be in eval mode.
+added to the output of each recognised call, and the gradient with respect to the probes is
+G. Because every example runs on its own, per-example gradients mean what they mean for
+`ti.per_example_grads` (a model in training mode with batch statistics is evaluated per
+example there too); models should be in eval mode.
 
-Which parameters factor: those whose every use in the forward is as the 2-d weight (or every
-use as the 1-d bias) of `F.linear`; several calls with one weight are concatenated along T,
-an input without an example axis is repeated for every example. Any other use (a weight tied
-to an embedding, `W.t()`, a convolution, a custom op) sends the parameter to `vmap(grad)`; a
-call that returns only metadata, such as `W.shape`, is not a use. A weight whose factors cost
-more than its gradient (for Gram matrices T²·(in + out) >= in·out, long sequences; for
-`dense_gram` T·(in + out) >= in·out) has its gradient formed from the factors instead, so no
-layer becomes slower than with `ti.per_example_grads`.
+Which parameters factor: those whose every use in the forward is as the weight of calls of
+one kind (linear, conv or embedding), or every use as the 1-d bias of linear or conv calls;
+several calls with one weight are concatenated along T, an input without an example axis is
+repeated for every example. Any other use (a weight tied to an embedding, `W.t()`, a custom
+op) sends the parameter to `vmap(grad)`; a call that returns only metadata, such as
+`W.shape`, is not a use. A weight whose factors cost more than its gradient has its gradient
+formed from the factors instead, so no layer becomes slower than with `ti.per_example_grads`:
+with width = in + out per position (1 + dim for an embedding) and size = in·out (rows·dim),
+for Gram matrices T²·width >= size (long sequences, large feature maps), for `dense_gram`
+T·width >= size.
 """
 
 from __future__ import annotations
@@ -219,7 +228,8 @@ class _Uses(TorchFunctionMode):
 
 def _recognizer(kinds: tuple) -> Callable:
     """`(func, args, kwargs, probed) -> input or None`: the input of a recognised call of a kind in
-    `kinds` whose weight or bias is in `probed` (ids)."""
+    `kinds` whose weight or bias is in `probed` (ids).
+    """
 
     def recognize(func, args, kwargs, probed: set):
         call = _layer_call(func, args, kwargs)
@@ -331,7 +341,8 @@ def for_gram(T: int, width: int, size: int) -> bool:
 
 def for_dense_products(T: int, width: int, size: int) -> bool:
     """Keep a weight's factors for `dense_gram`: T·width < size, they hold fewer numbers than the gradient
-    (`width` and `size` as for `for_gram`)."""
+    (`width` and `size` as for `for_gram`).
+    """
     return T * width < size
 
 
@@ -392,9 +403,10 @@ def _assemble(plan: _Plan, params: dict, dense: dict, probe_grads: tuple, inputs
 def grad_factor_fn(loss: Callable) -> Callable:
     """Returns `(params, batch) -> GradFactors`, the per-example gradients of a batch, factored.
 
-    Like `ti.per_example_grad_fn`, but linear-layer weights come as `(A, G)` (see `GradFactors`).
-    Each call runs the loss once on the batch's first example (no gradient) to see which
-    parameters are used only by `F.linear`, then one `vmap(grad)` over the batch returns their
+    Like `ti.per_example_grad_fn`, but linear and conv weights come as `(A, G)`, embedding
+    weights as `(ids, G, rows)` (see `GradFactors`). Each call runs the loss once on the batch's
+    first example (no gradient) to see which parameters are used only by such layer calls,
+    then one `vmap(grad)` over the batch returns their
     factors and the per-example gradients of all other parameters. Assumes each example's loss
     depends on that example only and that the forward runs the same layers for every example.
 
@@ -406,7 +418,7 @@ def grad_factor_fn(loss: Callable) -> Callable:
 
     Raises:
       TypeError: (when called) `params` is not a `dict[str, Tensor]`.
-      RuntimeError: (when called) the forward under vmap made other F.linear calls than the plain one.
+      RuntimeError: (when called) the forward under vmap made other layer calls than the plain one.
 
     Cost:
       As `grad_factors` for one chunk.
@@ -441,7 +453,7 @@ def factor_fn(loss: Callable, *, call: str, keep: Callable = for_gram) -> Callab
 
 
 def grad_factors(loss: Callable, params: dict, data: PyTree, *, chunk_size: int | None = None) -> GradFactors:
-    """Returns the per-example gradients of `data` with linear-layer weights kept as factors.
+    """Returns the per-example gradients of `data` with linear, conv and embedding weights kept as factors.
 
     `materialize(grad_factors(loss, params, data))` equals `ti.per_example_grads(loss, params,
     data)`; `gram`, `dense_gram` and `sq_norms` use the factors directly. Computed chunk by chunk
@@ -460,17 +472,25 @@ def grad_factors(loss: Callable, params: dict, data: PyTree, *, chunk_size: int 
     Raises:
       TypeError: `loss` not callable, `params` not a dict of floating tensors.
       ValueError: bad data, a loss that is not per-example, or a bad `chunk_size`.
-      RuntimeError: the forward under vmap made other F.linear calls than the plain one.
+      RuntimeError: the forward under vmap made other layer calls than the plain one.
 
     Cost:
-      One vectorized backward per chunk plus a forward of one example. Memory: n·T·(in + out)
-      per factored weight instead of n·in·out; other parameters n·size.
+      One vectorized backward per chunk plus a forward of one example (and, per conv call, an
+      im2col of its input). Memory: n·T·(in + out) per factored linear or conv weight (in =
+      C·prod(kernel)) instead of n·in·out, n·T·(1 + dim) per embedding instead of n·rows·dim;
+      other parameters n·size.
 
     Examples:
       >>> factors = ti.factored.grad_factors(loss, params, train)
       >>> A, G = factors.linear["weight"]
       >>> A.shape, G.shape
       (torch.Size([60, 1, 8]), torch.Size([60, 1, 3]))
+      >>> conv_apply, conv_params = ti.functionalize(torch.nn.Conv2d(2, 4, 3, stride=2))
+      >>> conv_loss = lambda p, b: F.cross_entropy(conv_apply(p, b[0]).flatten(1), b[1], reduction="none")
+      >>> batch = (torch.randn(6, 2, 3, 3), torch.randint(0, 4, (6,)))
+      >>> A, G = ti.factored.grad_factors(conv_loss, conv_params, batch).linear["weight"]   # 1 output position
+      >>> A.shape, G.shape
+      (torch.Size([6, 1, 2, 3, 3]), torch.Size([6, 1, 4]))
     """
     where = "ti.factored.grad_factors"
     checks.function(where, "loss", loss, "(params, batch) -> Tensor[B]")
@@ -731,6 +751,14 @@ def materialize(factors: GradFactors) -> dict:
     Examples:
       >>> G = ti.factored.materialize(ti.factored.grad_factors(loss, params, train))
       >>> torch.allclose(G["weight"], ti.per_example_grads(loss, params, train)["weight"])
+      True
+      >>> emb_apply, emb_params = ti.functionalize(torch.nn.Embedding(10, 4, padding_idx=0))
+      >>> emb_loss = lambda p, ids: emb_apply(p, ids).pow(2).sum((1, 2))
+      >>> ids = torch.tensor([[0, 3], [3, 3], [5, 9]])
+      >>> factors = ti.factored.grad_factors(emb_loss, emb_params, ids)
+      >>> sorted(factors.embedding)
+      ['weight']
+      >>> torch.allclose(ti.factored.materialize(factors)["weight"], ti.per_example_grads(emb_loss, emb_params, ids)["weight"])
       True
     """
     _check_factors("ti.factored.materialize", "factors", factors)

@@ -149,7 +149,7 @@ def over_train(fn: Callable, loss: Callable, params: PyTree, train: PyTree, *, c
       where: the public call errors name.
       group: a process group; the shards' results are all-gathered in rank order.
       factored: give `fn` `GradFactors` (`ti.factored`) instead of a pytree.
-      keep: with `factored`, which weights stay factors, `(T, in, out) -> bool`
+      keep: with `factored`, which weights stay factors, `(T, width, size) -> bool`
         (`ti.factored.for_gram` for factor-factor products, `for_dense_products` against a dense stack).
       data_name: the data argument's name in a finiteness error.
 

@@ -68,8 +68,8 @@ def influence(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ih
       gather: with a group, all-gather the full `[n_test, n_train]` (True) or return this rank's
         columns `[n_test, n_local]` (False). With `candidates` every rank returns `[n_test, k]`.
       return_info: also return the `ti.SolveInfo` of the test-gradient solve (needs `ihvp.solve`).
-      factored: True takes each training chunk's linear-layer gradients as their factors (layer
-        inputs and output gradients, `ti.factored`) and meets them with the solved test stack by
+      factored: True takes each training chunk's gradients of linear, conv and embedding weights as
+        their factors (layer inputs or patches or ids, and output gradients, `ti.factored`) and meets them with the solved test stack by
         `ti.factored.dense_gram`, never forming them; other parameters as usual. The same scores
         to round-off, with `candidates` and `group` alike.
 
@@ -83,7 +83,8 @@ def influence(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ih
         (`gather`, `return_info`, `factored`) or `candidates` (not integer ids `[n_test, k]` in [0, n)).
       ValueError: `ihvp` returns other than a finite stack shaped like its input (TypeError for a
         non-tensor leaf); with a group, the ranks' `params` or `test` differ.
-      RuntimeError: with `factored=True`, the forward makes other `F.linear` calls under vmap.
+      RuntimeError: with `factored=True`, the forward makes other `F.linear`, conv or embedding calls
+        under vmap.
       ti.distributed.CollectiveError: with a group, a peer died or stalled past the timeout.
 
     Cost:

@@ -36,7 +36,8 @@ def grad_dot(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, mea
         (`ti.distributed.shard`); `params` and `test` must be the same on every rank (checked),
         the shards' columns are all-gathered in rank order and every rank returns the
         single-process result.
-      factored: True computes linear layers' gradient products from their factors
+      factored: True computes the gradient products of linear, conv and embedding weights from their
+        factors
         (`ti.factored`: layer inputs and output gradients) without forming per-example
         gradients, for the test side (`measure`) as for the training side; the same result
         to round-off.
@@ -99,7 +100,8 @@ def grad_cos(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, mea
       measure: `(params, batch) -> Tensor[B]`, the test quantity m; default `loss`.
       chunk_size: examples per vectorized backward (default 1024).
       group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`).
-      factored: True computes linear layers' products and norms from their factors (as `ti.grad_dot`).
+      factored: True computes linear, conv and embedding weights' products and norms from their
+        factors (as `ti.grad_dot`).
 
     Returns:
       `[n_test, n_train]` tensor in [-1, 1], dtype and device of the parameters.

@@ -140,7 +140,8 @@ def tracin(loss: Callable, checkpoints: Sequence[tuple], train: PyTree, test: Py
       chunk_size: examples per vectorized backward (default 1024).
       group: a process group when `train` is this rank's contiguous shard (as `ti.grad_dot`;
         the checkpoints, `test` and `generator` are checked alike on every rank).
-      factored: linear layers' products from their factors (as `ti.grad_dot`); not with `projection_dim`.
+      factored: linear, conv and embedding weights' products from their factors (as `ti.grad_dot`);
+        not with `projection_dim`.
 
     Returns:
       `[n_test, n_train]` tensor, dtype and device of the parameters; positive = helpful.
@@ -221,7 +222,8 @@ def tracin_self_influence(loss: Callable, checkpoints: Sequence[tuple], train: P
       group: a `torch.distributed` process group when `train` is this rank's contiguous shard
         (`ti.distributed.shard`); the checkpoints must be the same on every rank (checked),
         and every rank returns the single-process result, gathered in rank order.
-      factored: True computes linear layers' squared gradient norms from their factors
+      factored: True computes linear, conv and embedding weights' squared gradient norms from their
+        factors
         (`ti.factored.sq_norms`, n·T²·(in + out) per layer) without forming per-example
         gradients; the same result to round-off.
 

@@ -99,7 +99,7 @@ def influence_cg(task):
 
 
 def _factored(task) -> bool:
-    return task.kind != "cnn"          # ti.factored covers linear layers; the CNN has a convolution
+    return task.kind != "cnn"          # the CNN rows were measured with dense per-example gradients
 
 
 def tracin(task):

@@ -185,20 +185,19 @@ class _Uses(TorchFunctionMode):
     """Records how one forward uses each parameter tensor (recognized by identity).
 
     `roles[name]` collects `("weight", kind)` (the weight of a recognised call of a kind in
-    `kinds`: "linear", "conv", "embedding"), "bias" (the 1-d bias of such a linear or conv call)
-    and "other" (any other call whose result holds a tensor; a call returning only metadata such
-    as `.shape` carries no gradient and is ignored). `calls` lists, per recognised call touching
-    a parameter, `(weight name, bias name, zeros shaped like its output)`, and `layers` the
-    call's `(kind, options, weight shape)`.
+    `kinds`: "linear", "conv", "embedding", "addmm"), `("bias", weight name or None, kind)` (the
+    bias of such a call) and "other" (any other call whose result holds a tensor; a call
+    returning only metadata such as `.shape` carries no gradient and is ignored). `calls`
+    lists, per recognised call touching a parameter, `(call, weight name, bias name, zeros
+    shaped like its output)`. Shared by `ti.factored` and `ti.kfac`, which classify from it.
     """
 
-    def __init__(self, names: dict, kinds: tuple = _LINEAR):
+    def __init__(self, names: dict, kinds: tuple):
         super().__init__()
         self.names = names   # id(tensor) -> parameter name
         self.kinds = kinds
         self.roles: dict = {}
         self.calls: list = []
-        self.layers: list = []
 
     def _note(self, tensor, role):
         name = self.names.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
@@ -215,15 +214,28 @@ class _Uses(TorchFunctionMode):
             for leaf in optree.tree_leaves(operands, namespace=""):
                 self._note(leaf, _OTHER)
             w = self._note(call.weight, (_WEIGHT, call.kind))
-            bias = self._note(call.bias, _BIAS)
+            bias = self._note(call.bias, (_BIAS, w, call.kind))
             if w is not None or bias is not None:
-                self.calls.append((w, bias, torch.zeros_like(out)))
-                self.layers.append((call.kind, call.options, tuple(call.weight.shape)))
+                self.calls.append((call, w, bias, torch.zeros_like(out)))
         elif _holds_tensor(out):
             operands = (args, kwargs)
             for leaf in optree.tree_leaves(operands, namespace=""):
                 self._note(leaf, _OTHER)
         return out
+
+
+def _record_uses(run: Callable, params: dict, kinds: tuple) -> tuple[_Uses, dict]:
+    """`(uses, counts)`: `run()` (one plain forward, without gradients) under `_Uses`, and how many
+    names each parameter tensor has (`counts[id(tensor)]`); a tensor under two names is not
+    tracked (it never factors).
+    """
+    counts: dict = {}
+    for t in params.values():
+        counts[id(t)] = counts.get(id(t), 0) + 1
+    uses = _Uses({id(t): name for name, t in params.items() if counts[id(t)] == 1}, kinds)
+    with torch.no_grad(), uses:
+        run()
+    return uses, counts
 
 
 def _recognizer(kinds: tuple) -> Callable:
@@ -299,19 +311,15 @@ def _plan(loss: Callable, params: dict, batch, where: str, kinds: tuple = _LINEA
     `kinds` (or every use as the bias of linear or conv calls); a tensor object that appears
     under two names never factors.
     """
-    counts: dict = {}
-    for t in params.values():
-        counts[id(t)] = counts.get(id(t), 0) + 1
-    names = {id(t): name for name, t in params.items() if counts[id(t)] == 1}
-    uses = _Uses(names, kinds)
-    with torch.no_grad(), uses:
-        per_example(loss, params, D.take(batch, slice(0, 1)), where=where)
+    uses, _ = _record_uses(lambda: per_example(loss, params, D.take(batch, slice(0, 1)), where=where), params, kinds)
     factorable = {name for name, roles in uses.roles.items()
-                  if roles == {_BIAS} or (len(roles) == 1 and isinstance(next(iter(roles)), tuple))}
-    kept = [(w in factorable or b in factorable) for w, b, _ in uses.calls]
+                  if (len(roles) == 1 and next(iter(roles))[0] == _WEIGHT)
+                  or all(isinstance(r, tuple) and r[0] == _BIAS for r in roles)}
+    kept = [(w in factorable or b in factorable) for _, w, b, _ in uses.calls]
     calls = [(w if w in factorable else None, b if b in factorable else None, probe)
-             for (w, b, probe), k in zip(uses.calls, kept) if k]
-    return _Plan(factorable, calls, [layer for layer, k in zip(uses.layers, kept) if k])
+             for (_, w, b, probe), k in zip(uses.calls, kept) if k]
+    layers = [(call.kind, call.options, tuple(call.weight.shape)) for (call, *_), k in zip(uses.calls, kept) if k]
+    return _Plan(factorable, calls, layers)
 
 
 def _factor_kernel(loss: Callable, rest: dict, probed: set, where: str, kinds: tuple = _LAYERS) -> Callable:

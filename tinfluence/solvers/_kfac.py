@@ -48,13 +48,12 @@ import optree
 import torch
 import torch.nn.functional as F
 from torch.func import vjp, vmap
-from torch.overrides import TorchFunctionMode
 
 from ..core import checks
 from ..core import collectives as dd
 from ..core import data as D
 from ..core import tree as tr
-from ..core.factored import _Call, _holds_tensor, _layer_call, _patches, _Probing
+from ..core.factored import _Call, _layer_call, _patches, _Probing, _record_uses
 from ..core.objective import per_example
 from ..core.operator import LinearOperator
 from ..core.transforms import hessian_fn
@@ -292,44 +291,6 @@ def _kind_name(call: _Call) -> str:
     return "conv1d (GPT-2, addmm)" if call.kind == "addmm" else call.kind
 
 
-class _Uses(TorchFunctionMode):
-    """Records, in one forward, how every parameter tensor is used (recognised by identity).
-
-    `roles[name]`: "weight" (the weight of a recognised layer call), ("bias", weight name,
-    activation side) or "other" (any other call whose result holds a tensor). `calls`: per
-    recognised call with a parameter weight, `(call, weight name, bias name, zero probe)`.
-    """
-
-    def __init__(self, names: dict):
-        super().__init__()
-        self.names = names
-        self.roles: dict = {}
-        self.calls: list = []
-
-    def _note(self, tensor, role):
-        name = self.names.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
-        if name is not None:
-            self.roles.setdefault(name, set()).add(role)
-        return name
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        call = _layer_call(func, args, kwargs)
-        if call is not None and (w := self.names.get(id(call.weight))) is not None:
-            operands: PyTree = (call.input, call.options)
-            for leaf in optree.tree_leaves(operands, namespace=""):
-                self._note(leaf, "other")
-            self._note(call.weight, "weight")
-            b = self._note(call.bias, ("bias", w, _ACTIVATION_SIDE[call.kind]))
-            self.calls.append((call, w, b, torch.zeros_like(out)))
-        elif _holds_tensor(out):
-            operands = (args, kwargs)
-            for leaf in optree.tree_leaves(operands, namespace=""):
-                self._note(leaf, "other")
-        return out
-
-
 def _layer_input(func, args, kwargs, probed: set):
     """The input of a recognised layer call whose weight is in `probed` (ids), else None."""
     call = _layer_call(func, args, kwargs)
@@ -347,28 +308,22 @@ class _Plan(NamedTuple):
 
 
 def _plan(predict: Callable, params: dict, example_batch, where: str) -> _Plan:
-    """Runs `predict` on one example under `_Uses` and classifies the parameters.
+    """Runs `predict` on one example under `ti.factored`'s `_Uses` and classifies the parameters.
 
     A weight is factored when every use is as the weight of a recognised layer call and no
     other name holds the same tensor; a bias is folded into its weight when every use is as
     the bias of calls of that one factored weight with one activation side (the first such
     bias per weight; others fall back).
     """
-    counts: dict = {}
-    for t in params.values():
-        counts[id(t)] = counts.get(id(t), 0) + 1
-    names = {id(t): name for name, t in params.items() if counts[id(t)] == 1}
-    uses = _Uses(names)
-    with torch.no_grad(), uses:
-        predict(params, example_batch)
-    weights = {name for name, roles in uses.roles.items() if roles == {"weight"}}
+    uses, counts = _record_uses(lambda: predict(params, example_batch), params, tuple(_ACTIVATION_SIDE))
+    weights = {name for name, roles in uses.roles.items() if all(isinstance(r, tuple) and r[0] == "weight" for r in roles)}
     biases: dict[str, tuple[str, str]] = {}   # weight name -> (the bias folded into it, its side)
     for name, roles in uses.roles.items():
         if name in weights or len(roles) != 1:
             continue
         (role,) = roles
-        if isinstance(role, tuple) and role[1] in weights and role[1] not in biases:
-            biases[role[1]] = (name, role[2])
+        if isinstance(role, tuple) and role[0] == "bias" and role[1] in weights and role[1] not in biases:
+            biases[role[1]] = (name, _ACTIVATION_SIDE[role[2]])
     calls: list = []
     kinds: dict[str, list[str]] = {}
     firsts: dict[str, str] = {}
@@ -389,7 +344,7 @@ def _plan(predict: Callable, params: dict, example_batch, where: str) -> _Plan:
         roles = uses.roles.get(name)
         reasons[name] = ("not used by predict" if roles is None else
                          "one tensor under several names" if counts[id(params[name])] > 1 else
-                         "bias outside a factored layer" if all(isinstance(r, tuple) for r in roles) else
+                         "bias outside a factored layer" if all(isinstance(r, tuple) and r[0] == "bias" for r in roles) else
                          "used outside a recognised layer")
     return _Plan(kronecker, reasons, calls)
 

@@ -98,3 +98,18 @@ def digits_mlp(hidden: int, seed: int = 0):
         return F.cross_entropy(apply(p, batch[0]), batch[1], reduction="none")
 
     return apply, params, loss
+
+
+def loop_grad_rows(loss, params, data) -> torch.Tensor:
+    """`[n, P]` reference per-example gradients from an explicit autograd loop (`ti.testing.loop_grads`), raveled."""
+    from tinfluence.testing import loop_grads
+
+    return ti.ravel(loop_grads(loss, params, data), batch_ndim=1)
+
+
+def class0_probability(apply):
+    """A test measure m(θ, z) = w · softmax(f_θ(x))[0] on a dict batch {"x", "w"}: no label, and
+    another structure than the training batches `(x, y)`."""
+    def measure(p, batch):
+        return batch["w"] * apply(p, batch["x"]).softmax(1)[:, 0]
+    return measure

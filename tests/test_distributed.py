@@ -80,6 +80,14 @@ def _spawn(world, fn, args, out, *, timeout=60.0, deadline=60.0):
     return [torch.load(path) if os.path.exists(path) else None for path in paths]   # None: the rank died
 
 
+def exit_rank() -> None:
+    """Ends a spawned rank whose group is destroyed without interpreter shutdown, where gloo can
+    abort (SIGABRT) after a clean run (as the CLI ends)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _rank_main(rank, world, port, fn, args, out, timeout):
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -89,9 +97,7 @@ def _rank_main(rank, world, port, fn, args, out, timeout):
         torch.save(fn(rank, world, *args), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)         # skip interpreter shutdown, where gloo can abort (SIGABRT) after a clean run, as the CLI does
+    exit_rank()
 
 
 def _worker(rank, world, port, params, train, test, out):
@@ -103,9 +109,7 @@ def _worker(rank, world, port, params, train, test, out):
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)         # as in _rank_main
+    exit_rank()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from models import class0_probability
 
 import tinfluence as ti
 
@@ -133,17 +134,10 @@ def test_errors(case):
 
 # --- a test measure of its own: the test side perturbs along ∇m and measures m's change --------------------
 
-def _class0_probability(apply):
-    """m(θ, z) = w · softmax(f_θ(x))[0] on a dict batch {"x", "w"}: no label, another structure than `(x, y)`."""
-    def measure(p, batch):
-        return batch["w"] * apply(p, batch["x"]).softmax(1)[:, 0]
-    return measure
-
-
 @pytest.fixture(scope="module")
 def measured(digits_lr, case):
     _, _, _, test = case
-    return _class0_probability(digits_lr.apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
+    return class0_probability(digits_lr.apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
 
 
 def test_measure_ascent_descent_equals_a_loop_over_test_points(case, measured):

@@ -463,9 +463,9 @@ def test_errors(mlp_fit):
 
 def _sharded_fit(rank, world, port, data, out):
     import os
-    import sys
 
     import torch.distributed as dist
+    from test_distributed import exit_rank
 
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -480,9 +480,7 @@ def _sharded_fit(rank, world, port, data, out):
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)         # skip interpreter shutdown, where gloo can abort after a clean run
+    exit_rank()
 
 
 @pytest.mark.slow

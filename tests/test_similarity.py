@@ -2,15 +2,9 @@
 
 import pytest
 import torch
-from models import digits_mlp
+from models import class0_probability, digits_mlp, loop_grad_rows
 
 import tinfluence as ti
-from tinfluence.testing import loop_grads as _loop_grads
-
-
-def loop_grads(loss, params, data):
-    """[n, P] reference gradients from an explicit per-example autograd loop."""
-    return ti.ravel(_loop_grads(loss, params, data), batch_ndim=1)
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +17,13 @@ def mlp(digits_lr):
 
 def test_grad_dot_matches_loop(mlp):
     loss, params, train, test = mlp
-    expected = loop_grads(loss, params, test) @ loop_grads(loss, params, train).T
+    expected = loop_grad_rows(loss, params, test) @ loop_grad_rows(loss, params, train).T
     torch.testing.assert_close(ti.grad_dot(loss, params, train, test), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_grad_cos_matches_loop(mlp):
     loss, params, train, test = mlp
-    Gt, Gz = loop_grads(loss, params, test), loop_grads(loss, params, train)
+    Gt, Gz = loop_grad_rows(loss, params, test), loop_grad_rows(loss, params, train)
     expected = (Gt / Gt.norm(dim=1, keepdim=True)) @ (Gz / Gz.norm(dim=1, keepdim=True)).T
     got = ti.grad_cos(loss, params, train, test)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -66,26 +60,19 @@ def test_errors(mlp):
 
 # --- a test measure of its own: ⟨∇m(z_test), ∇ℓ(z)⟩, with test data shaped unlike train ---------------------
 
-def _class0_probability(apply):
-    """m(θ, z) = w · softmax(f_θ(x))[0] on a dict batch {"x", "w"}: no label, another structure than `(x, y)`."""
-    def measure(p, batch):
-        return batch["w"] * apply(p, batch["x"]).softmax(1)[:, 0]
-    return measure
-
-
 @pytest.fixture(scope="module")
 def measured(mlp):
     """The MLP's measure and a dict test set (x, weights w) for it."""
     apply, _, _ = digits_mlp(16)
     _, _, _, test = mlp
-    return _class0_probability(apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
+    return class0_probability(apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
 
 
 @pytest.mark.parametrize("factored", [False, True])
 def test_measure_gradients_meet_training_gradients(mlp, measured, factored):
     loss, params, train, _ = mlp
     measure, test = measured
-    Gm, Gz = loop_grads(measure, params, test), loop_grads(loss, params, train)          # reference: autograd loops
+    Gm, Gz = loop_grad_rows(measure, params, test), loop_grad_rows(loss, params, train)          # reference: autograd loops
     dot = ti.grad_dot(loss, params, train, test, measure=measure, factored=factored, chunk_size=16)
     torch.testing.assert_close(dot, Gm @ Gz.T, rtol=1e-10, atol=1e-12)
     cos = ti.grad_cos(loss, params, train, test, measure=measure, factored=factored, chunk_size=16)

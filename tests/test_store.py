@@ -14,6 +14,7 @@ import store_job
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import exit_rank
 
 import tinfluence as ti
 
@@ -91,9 +92,7 @@ def _worker(rank, world, port, folder):
         store_job.write(folder, "float32", group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)         # skip interpreter shutdown, where gloo can abort after a clean run
+    exit_rank()
 
 
 @pytest.mark.slow

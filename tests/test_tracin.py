@@ -2,15 +2,10 @@
 
 import pytest
 import torch
-from models import digits_mlp
+from models import class0_probability, digits_mlp, loop_grad_rows
 
 import tinfluence as ti
-from tinfluence.testing import loop_grads as _loop_grads
-
-
-def loop_grads(loss, params, data):
-    """[n, P] reference gradients from an explicit per-example autograd loop."""
-    return ti.ravel(_loop_grads(loss, params, data), batch_ndim=1)
+from tinfluence.testing import loop_grads
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +27,7 @@ def run(digits_lr):
 def test_one_checkpoint_is_lr_times_loop_dot_product(run):
     loss, ckpts, train, test = run
     params, lr = ckpts[0]
-    expected = lr * loop_grads(loss, params, test) @ loop_grads(loss, params, ti.take(train, slice(0, 40))).T
+    expected = lr * loop_grad_rows(loss, params, test) @ loop_grad_rows(loss, params, ti.take(train, slice(0, 40))).T
     got = ti.tracin(loss, [(params, lr)], ti.take(train, slice(0, 40)), test)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
@@ -40,7 +35,7 @@ def test_one_checkpoint_is_lr_times_loop_dot_product(run):
 def test_checkpoints_sum_with_their_learning_rates(run):
     loss, ckpts, train, test = run
     small = ti.take(train, slice(0, 30))
-    expected = sum(lr * loop_grads(loss, p, test) @ loop_grads(loss, p, small).T for p, lr in ckpts)
+    expected = sum(lr * loop_grad_rows(loss, p, test) @ loop_grad_rows(loss, p, small).T for p, lr in ckpts)
     torch.testing.assert_close(ti.tracin(loss, ckpts, small, test), expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ti.tracin(loss, ckpts, small, test, chunk_size=7), expected, rtol=1e-10, atol=1e-12)
 
@@ -48,7 +43,7 @@ def test_checkpoints_sum_with_their_learning_rates(run):
 def test_self_influence_is_the_diagonal(run):
     loss, ckpts, train, _ = run
     small = ti.take(train, slice(0, 30))
-    expected = sum(lr * loop_grads(loss, p, small).pow(2).sum(1) for p, lr in ckpts)
+    expected = sum(lr * loop_grad_rows(loss, p, small).pow(2).sum(1) for p, lr in ckpts)
     torch.testing.assert_close(ti.tracin_self_influence(loss, ckpts, small, chunk_size=8), expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ti.tracin(loss, ckpts, small, small).diagonal(), expected, rtol=1e-10, atol=1e-12)
 
@@ -162,18 +157,11 @@ def test_load_checkpoints_errors(tmp_path):
 
 # --- a test measure of its own: Σ_t lr_t ⟨∇m(z_test; θ_t), ∇ℓ(z; θ_t)⟩ -----------------------------------------
 
-def _class0_probability(apply):
-    """m(θ, z) = w · softmax(f_θ(x))[0] on a dict batch {"x", "w"}: no label, another structure than `(x, y)`."""
-    def measure(p, batch):
-        return batch["w"] * apply(p, batch["x"]).softmax(1)[:, 0]
-    return measure
-
-
 @pytest.fixture(scope="module")
 def measured(run):
     apply, _, _ = digits_mlp(32)
     _, _, _, test = run
-    return _class0_probability(apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
+    return class0_probability(apply), {"x": test[0], "w": torch.linspace(0.5, 2.0, ti.num_examples(test))}
 
 
 @pytest.mark.parametrize("factored", [False, True])
@@ -181,7 +169,7 @@ def test_measure_is_summed_over_checkpoints(run, measured, factored):
     loss, ckpts, train, _ = run
     measure, test = measured
     small = ti.take(train, slice(0, 30))
-    expected = sum(lr * loop_grads(measure, p, test) @ loop_grads(loss, p, small).T for p, lr in ckpts)
+    expected = sum(lr * loop_grad_rows(measure, p, test) @ loop_grad_rows(loss, p, small).T for p, lr in ckpts)
     got = ti.tracin(loss, ckpts, small, test, measure=measure, factored=factored, chunk_size=7)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
@@ -193,8 +181,8 @@ def test_measure_at_each_checkpoints_full_state(run, measured):
     small = ti.take(train, slice(0, 20))
     last = lambda p: {k: v for k, v in p.items() if k.startswith("2.")}  # noqa: E731  the attributed subset
     split = [ti.Checkpoint(last(p), lr, {k: v for k, v in p.items() if k not in last(p)}) for p, lr in ckpts]
-    expected = sum(lr * ti.ravel(last(_loop_grads(measure, p, test)), batch_ndim=1)
-                   @ ti.ravel(last(_loop_grads(loss, p, small)), batch_ndim=1).T for p, lr in ckpts)
+    expected = sum(lr * ti.ravel(last(loop_grads(measure, p, test)), batch_ndim=1)
+                   @ ti.ravel(last(loop_grads(loss, p, small)), batch_ndim=1).T for p, lr in ckpts)
     torch.testing.assert_close(ti.tracin(loss, split, small, test, measure=measure), expected, rtol=1e-10, atol=1e-12)
 
 

@@ -27,7 +27,7 @@ from .tree import PyTree
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["check_inputs", "stacked_grads", "over_train", "row_sq_norms", "grad_products", "check_factored"]
+__all__ = ["check_inputs", "grad_kernel", "stacked_grads", "over_train", "row_sq_norms", "grad_products", "check_factored"]
 
 
 def check_inputs(call: str, loss: Callable, params: PyTree, train: PyTree, test: PyTree | None = None, *,
@@ -77,7 +77,7 @@ def measure_or_loss(call: str, loss: Callable, measure: Callable | None) -> tupl
     return checks.function(call, "measure", measure, "(params, batch) -> Tensor[B]"), "measure"
 
 
-def _grad_kernel(loss: Callable, factored: bool, where: str, name: str, keep: Callable = fa.for_gram) -> Callable:
+def grad_kernel(loss: Callable, factored: bool, where: str, name: str, keep: Callable = fa.for_gram) -> Callable:
     """`(params, batch) -> ` the batch's per-example gradients: a pytree, or `GradFactors` if `factored`
     (`keep` the rule for which weights stay factors: `ti.factored.for_gram` or `for_dense_products`).
     """
@@ -127,7 +127,7 @@ def stacked_grads(loss: Callable, params: PyTree, data: PyTree, *, chunk_size: i
       One vectorized backward per chunk; one reduction per gradient leaf and chunk for the check.
       Memory: chunk_size·P for one chunk's gradients plus the concatenated result.
     """
-    kernel = _checked(_grad_kernel(loss, factored, where, name), params, where, data_name)
+    kernel = _checked(grad_kernel(loss, factored, where, name), params, where, data_name)
     return D._chunk_cat(lambda start, chunk: transform(kernel(start, chunk)), data, chunk_size, call=where,
                        indexed=True)
 
@@ -164,7 +164,7 @@ def over_train(fn: Callable, loss: Callable, params: PyTree, train: PyTree, *, c
     Cost:
       One vectorized backward and one `fn` per chunk; memory chunk_size·P (or its factors) plus the result.
     """
-    kernel = _grad_kernel(loss, factored, where, "loss", keep)
+    kernel = grad_kernel(loss, factored, where, "loss", keep)
 
     def columns(start, chunk):
         G = kernel(params, chunk)

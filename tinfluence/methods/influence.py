@@ -14,7 +14,7 @@ from ..core import collectives as dd
 from ..core import data as D
 from ..core import factored as fa
 from ..core import tree as tr
-from ..core.scoring import check_factored, check_inputs, over_train
+from ..core.scoring import check_factored, check_inputs, grad_kernel, over_train
 from ..core.transforms import grad_fn, grads
 from ..core.tree import PyTree
 from ..solvers._result import SolveInfo, report
@@ -121,7 +121,7 @@ def influence(loss: Callable, params: PyTree, train: PyTree, test: PyTree, *, ih
     U, info = checked_solve(call, ihvp, G_test, with_info=return_info)                        # leaves [n_test, ...]
     pairwise = fa.dense_gram if factored else tr.pairwise_vdot
     if candidates is not None:
-        kernel = fa.factor_fn(loss, call=call, keep=fa.for_dense_products) if factored else grad_fn(loss, call=call)
+        kernel = grad_kernel(loss, factored, call, "loss", keep=fa.for_dense_products)
         scores = _candidate_scores(kernel, pairwise, params, train, U, candidates, start, n_local, chunk_size,
                                    group) / n
     else:

@@ -1,6 +1,7 @@
 """Conformance table for the inverse-curvature solvers (in the style of lineax's solver table).
 
-Every solver (direct, cg, cg with a Nyström preconditioner, lissa) × one vector / a stack ×
+Every solver (direct, cg, cg with a Nyström preconditioner, lissa, and the K-FAC family's `ihvp`
+where its factorisation is exact) × one vector / a stack ×
 float32 / float64 × operator kind (ti.hvp, ti.ggn_vp, a dense-matrix operator, a plain
 function wrapped with ti.LinearOperator) is checked against `torch.linalg.solve` of the
 damped dense matrix, built independently by `torch.autograd.functional.hessian` in float64.
@@ -161,4 +162,25 @@ def test_preconditioned_lissa_table(problem, dtype, stacked):
     ihvp = ti.lissa(_loss(apply), params, one, l2=1e-2, damping=1.0, depth=400, batch_size=1, preconditioner=M, x0=warm)
     V = _rhs(params, stacked, dtype)
     x, info = ihvp.solve(V)
+    _check(x, info, V, A64, dtype, stacked, TOL[dtype])
+
+
+@pytest.mark.parametrize("fit", ["kfac", "ekfac"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["single", "stack"])
+def test_kronecker_table(problem, fit, dtype, stacked):
+    """The K-FAC family's `ihvp` on one training example, where the factorisation is exact: for one
+    linear layer (bias folded in) and one example, the Gauss-Newton matrix (here the Hessian of the
+    example's loss: the model is linear in θ) is S ⊗ A exactly, and EK-FAC's corrected eigenvalues
+    are its own; so `ihvp` must solve (H₁ + λI) x = v against the same float64 reference."""
+    apply, params64, train64 = problem
+    one64 = ti.take(train64, slice(0, 1))
+    A64 = _reference(_loss(apply), params64, one64, 0.0)
+    params, one = _cast(params64, dtype), _cast(one64, dtype)
+    curvature = getattr(ti, fit)(_loss(apply), params, one, predict=lambda p, b: apply(p, b[0]),
+                                 output_loss=lambda o, b: F.cross_entropy(o, b[1], reduction="none"), fisher="ggn",
+                                 damping=DAMPING)
+    V = _rhs(params, stacked, dtype)
+    x, info = curvature.ihvp.solve(V)
+    assert ti.ravel(x, batch_ndim=int(stacked)).dtype == dtype
     _check(x, info, V, A64, dtype, stacked, TOL[dtype])
